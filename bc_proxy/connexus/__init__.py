@@ -1,0 +1,1 @@
+"""Connexus upstream: the HTTP client, token management, wire models and an emulator."""

@@ -1,0 +1,1 @@
+"""Legacy Bulletin Connect surface: routes, credential checks and exact wire formats."""

@@ -1,0 +1,179 @@
+"""Prometheus metrics: the metric families, the request middleware and the /metrics handler.
+
+Owns metric names and label sets (all bounded: tenant names, route templates, status codes,
+upstream operations, outcomes, record kinds). Metrics live in an injectable registry so tests
+and several apps in one process never collide. Does not own any business logic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+LEGACY_ROUTES = (
+    "/api/1/sms/out",
+    "/api/1/sms/test",
+    "/api/1/sms/in",
+    "/api/1/sms/status",
+    "/api/1/sms/queue",
+)
+UPSTREAM_OPERATIONS = ("token", "sms_out", "sms_out_bulk", "mo_query", "configure", "passthrough")
+RECORD_KINDS = ("in", "status")
+WEBHOOK_TYPES = ("mo", "dlr", "unknown")
+WEBHOOK_OUTCOMES = ("stored", "duplicate", "unmatched", "rejected")
+PUSH_OUTCOMES = ("success", "failure", "dead")
+TOKEN_OUTCOMES = ("success", "failure")
+NO_TENANT = "-"
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Metrics:
+    """Every metric family of bc-proxy, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        r = self.registry
+        self.legacy_requests = Counter(
+            "bc_proxy_legacy_requests_total",
+            "Legacy API requests by route template, tenant and HTTP status.",
+            ["route", "tenant", "status"],
+            registry=r,
+        )
+        self.legacy_duration = Histogram(
+            "bc_proxy_legacy_request_duration_seconds",
+            "Time to answer a legacy API request (long-poll waits included).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "bc_proxy_upstream_requests_total",
+            "Requests to Connexus by operation and HTTP status (or timeout/error).",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "bc_proxy_upstream_request_duration_seconds",
+            "Connexus request duration by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            "bc_proxy_token_refreshes_total",
+            "Connexus access token fetches by tenant and outcome.",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "bc_proxy_token_expiry_seconds",
+            "Seconds until the tenant's current Connexus token expires (0 when none).",
+            ["tenant"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "bc_proxy_webhooks_total",
+            "Connexus webhooks received by type and outcome.",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.records_waiting = Gauge(
+            "bc_proxy_records_waiting",
+            "Legacy records stored and not yet handed to the legacy client, by tenant and kind.",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.records_oldest_age = Gauge(
+            "bc_proxy_records_oldest_age_seconds",
+            "Age of the oldest waiting legacy record, by tenant and kind (0 when none wait).",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.push_attempts = Counter(
+            "bc_proxy_push_attempts_total",
+            "Pushes of legacy records to the tenant's callback URL, by outcome.",
+            ["tenant", "kind", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "bc_proxy_dead_letters",
+            "Records whose push gave up and wait in the dead-letter list.",
+            registry=r,
+        )
+        self.messages_sent = Counter(
+            "bc_proxy_messages_sent_total",
+            "Legacy send calls accepted upstream, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.recipients_sent = Counter(
+            "bc_proxy_recipients_sent_total",
+            "Recipients accepted by Connexus, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.recipients_rejected = Counter(
+            "bc_proxy_recipients_rejected_total",
+            "Recipients Connexus rejected inside an accepted request, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.recovered = Counter(
+            "bc_proxy_recovered_messages_total",
+            "Incoming messages found by the mo/query sweep that no webhook had delivered.",
+            registry=r,
+        )
+
+    def initialise(self, tenants: Iterable[str]) -> None:
+        """Create every bounded label combination so series exist from the first scrape."""
+        names = [*tenants, NO_TENANT]
+        for route in LEGACY_ROUTES:
+            self.legacy_duration.labels(route)
+            for tenant in names:
+                for status in ("200", "204", "400", "401", "500"):
+                    self.legacy_requests.labels(route, tenant, status)
+        for op in UPSTREAM_OPERATIONS:
+            self.upstream_duration.labels(op)
+        for tenant in names[:-1]:
+            for outcome in TOKEN_OUTCOMES:
+                self.token_refreshes.labels(tenant, outcome)
+            self.token_expiry.labels(tenant)
+            self.messages_sent.labels(tenant)
+            self.recipients_sent.labels(tenant)
+            self.recipients_rejected.labels(tenant)
+            for kind in RECORD_KINDS:
+                self.records_waiting.labels(tenant, kind)
+                self.records_oldest_age.labels(tenant, kind)
+                for outcome in PUSH_OUTCOMES:
+                    self.push_attempts.labels(tenant, kind, outcome)
+        for wtype in WEBHOOK_TYPES:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhooks.labels(wtype, outcome)
+
+    def handler(self) -> Handler:
+        """The /metrics handler (prometheus-client's aiohttp exposition)."""
+        return make_aiohttp_handler(self.registry)
+
+
+def observe_request(
+    metrics: Metrics, route: str, tenant: str, status: int, started: float
+) -> None:
+    """Count one legacy request and its duration."""
+    metrics.legacy_requests.labels(route, tenant, str(status)).inc()
+    metrics.legacy_duration.labels(route).observe(time.perf_counter() - started)
