@@ -33,7 +33,21 @@ TOKEN_OUTCOMES = ("success", "failure")
 NO_TENANT = "-"
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -171,9 +185,7 @@ class Metrics:
         return make_aiohttp_handler(self.registry)
 
 
-def observe_request(
-    metrics: Metrics, route: str, tenant: str, status: int, started: float
-) -> None:
+def observe_request(metrics: Metrics, route: str, tenant: str, status: int, started: float) -> None:
     """Count one legacy request and its duration."""
     metrics.legacy_requests.labels(route, tenant, str(status)).inc()
     metrics.legacy_duration.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,201 @@
+"""Command line: serve, demo, emulator, check-config, hash-password, dead-letters.
+
+Owns argument parsing, exit codes and what is printed for operators. Everything it runs
+lives elsewhere: it only loads settings and calls into the app, the store or the emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from bc_proxy.config import Settings, load
+from bc_proxy.errors import BcProxyError, ConfigError
+
+ENV_CONFIG = "BC_PROXY_CONFIG"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get(ENV_CONFIG)
+    if not path:
+        raise ConfigError(f"no configuration: pass --config FILE or set {ENV_CONFIG}")
+    return load(path)
+
+
+def _secrets(settings: Settings) -> list[str]:
+    out = [settings.webhook.secret.get_secret_value()]
+    for t in settings.tenants:
+        for s in (t.legacy.password, t.connexus.client_secret, t.connexus.password):
+            if s is not None:
+                out.append(s.get_secret_value())
+    if "@" in settings.store.url and ":" in settings.store.url.split("@")[0][13:]:
+        out.append(settings.store.url.split("@")[0].rsplit(":", 1)[1])
+    return out
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional speed-up
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from bc_proxy import log
+    from bc_proxy.app import create_app
+
+    settings = _settings(args)
+    log.setup(settings.log.level, settings.log.format, _secrets(settings))
+    _install_uvloop()
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    names = ", ".join(t.name for t in settings.tenants)
+    print(f"configuration OK: {len(settings.tenants)} tenant(s): {names}")
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from bc_proxy.legacy.auth import hash_password
+
+    if args.password is not None:
+        password = args.password
+    elif sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from bc_proxy.connexus.emulator import Emulator, serve_emulator
+
+    emu = Emulator(token_ttl=args.token_ttl)
+    emu.webhook_url = args.webhook_url
+    emu.auto_dlr = args.auto_dlr
+    print(f"Connexus emulator on http://{args.host}:{args.port}/api/connexus", flush=True)
+    _install_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_emulator(args.host, args.port, emu))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bc_proxy.demo import run_demo
+
+    _install_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(args.port, args.emulator_port, args.data_dir))
+    return 0
+
+
+async def _dead_letters(settings: Settings, action: str, ids: Sequence[int] | None) -> int:
+    from bc_proxy.app import _deliveries
+    from bc_proxy.store import open_store
+    from bc_proxy.translate import render_record
+
+    store = open_store(settings.store.url, _deliveries(settings))
+    await store.open()
+    try:
+        if action == "list":
+            rows = await store.dead_letters()
+            maps = {t.name: settings.status_map_for(t) for t in settings.tenants}
+            for r in rows:
+                body = render_record(r, maps.get(r.tenant, {})).decode()
+                print(f"{r.id}\t{r.tenant}\t{r.kind}\t{r.push_attempts}\t{r.push_error}\t{body}")
+            print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+            return 0
+        n = await store.replay(ids, time.time())
+        print(f"{n} dead letter(s) queued for push again")
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    ids = None if args.action == "list" or args.all or not args.ids else args.ids
+    if args.action == "replay" and not args.all and not args.ids:
+        print("error: replay needs --all or one or more ids", file=sys.stderr)
+        return 2
+    return asyncio.run(_dead_letters(settings, args.action, ids))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bc-proxy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help=f"YAML configuration (default: ${ENV_CONFIG})")
+
+    p = sub.add_parser("serve", help="run the gateway")
+    with_config(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-password", help="print an argon2 hash for legacy.password_hash")
+    p.add_argument("password", nargs="?", help="read from the terminal or stdin when omitted")
+    p.set_defaults(func=cmd_hash_password)
+
+    p = sub.add_parser("emulator", help="run the built-in Connexus emulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9080)
+    p.add_argument("--token-ttl", type=int, default=86400)
+    p.add_argument("--webhook-url", default=None)
+    p.add_argument("--auto-dlr", type=int, default=None, help="fire this dlr statusCode per send")
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("demo", help="gateway + emulator on loopback, with curl examples")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--emulator-port", type=int, default=9080)
+    p.add_argument("--data-dir", default=None, help="where the demo store lives (temp dir)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dead-letters", help="list or replay records whose push gave up")
+    with_config(p)
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("ids", nargs="*", type=int, help="record ids to replay")
+    p.add_argument("--all", action="store_true", help="replay every dead letter")
+    p.set_defaults(func=cmd_dead_letters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BcProxyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

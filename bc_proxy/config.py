@@ -1,0 +1,264 @@
+"""Configuration: frozen pydantic models in the shape of design.md section 2, and `load()`.
+
+Owns `${VAR}` / `${VAR:-default}` expansion, validation and defaults. Secrets are `SecretStr`
+so they never print. Does not own what the settings mean at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bc_proxy.errors import ConfigError
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+LEGACY_STATUS_CODES = ("SNT", "RCV", "NUR", "NRCV", "EXP", "ERR", "INF")
+
+DEFAULT_STATUS_MAP: dict[int, str] = {1: "RCV", 2: "NRCV", 4: "SNT", 8: "SNT", 16: "NUR"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = None
+    max_body_bytes: int = Field(65536, ge=1024)
+    shutdown_timeout_seconds: float = Field(8, gt=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+
+class UpstreamSettings(_Model):
+    base_url: str = "https://websms.co.nz/api/connexus"
+    timeout_seconds: float = Field(10, gt=0)
+    max_connections: int = Field(100, ge=1)
+    mo_query_interval_seconds: float = Field(300, ge=0)  # 0 turns the missed-webhook sweep off
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class StoreSettings(_Model):
+    url: str = "sqlite:///bc-proxy.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///path or postgresql://user:pw@host/db")
+        return v
+
+
+class WebhookSettings(_Model):
+    secret: SecretStr
+    register_on_start: bool = False
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 8:
+            raise ValueError("must be at least 8 characters")
+        return v
+
+
+class LegacyCredentials(_Model):
+    user_id: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_hash: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> LegacyCredentials:
+        if (self.password is None) == (self.password_hash is None):
+            raise ValueError("set exactly one of password or password_hash")
+        if self.password_hash is not None and not self.password_hash.get_secret_value().startswith(
+            "$argon2"
+        ):
+            raise ValueError("password_hash must be an argon2 hash (bc-proxy hash-password)")
+        return self
+
+
+class ConnexusCredentials(_Model):
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    user_id: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> ConnexusCredentials:
+        token = self.client_id is not None or self.client_secret is not None
+        pw = self.user_id is not None or self.password is not None
+        if token == pw:
+            raise ValueError("set client_id/client_secret (token auth) or user_id/password")
+        if token and (not self.client_id or self.client_secret is None):
+            raise ValueError("token auth needs both client_id and client_secret")
+        if pw and (not self.user_id or self.password is None):
+            raise ValueError("password auth needs both user_id and password")
+        return self
+
+    @property
+    def token_auth(self) -> bool:
+        return self.client_id is not None
+
+
+class PushSettings(_Model):
+    incoming_url: str | None = None
+    status_url: str | None = None
+    keep_for_polling: bool = False
+    max_age_hours: float = Field(48, gt=0)
+    timeout_seconds: float = Field(10, gt=0)
+
+
+class TenantSettings(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    legacy: LegacyCredentials
+    connexus: ConnexusCredentials
+    default_from: str | None = None
+    senders: tuple[str, ...] = ()
+    poll_wait_seconds: float = Field(30, ge=0, le=300)
+    push: PushSettings | None = None
+    status_map: dict[int, str] = Field(default_factory=dict)
+
+    @field_validator("status_map")
+    @classmethod
+    def _legacy_codes(cls, v: dict[int, str]) -> dict[int, str]:
+        for code, legacy in v.items():
+            if legacy not in LEGACY_STATUS_CODES:
+                raise ValueError(
+                    f"{code}: {legacy!r} is not one of {', '.join(LEGACY_STATUS_CODES)}"
+                )
+        return v
+
+    @field_validator("senders")
+    @classmethod
+    def _no_plus(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(s.lstrip("+") for s in v)
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    requests: bool = True  # one line per legacy/webhook request
+
+
+class Settings(_Model):
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    store: StoreSettings = StoreSettings()
+    webhook: WebhookSettings
+    tenants: tuple[TenantSettings, ...] = Field(min_length=1)
+    status_map: dict[int, str] = Field(default_factory=dict)
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        for attr in ("name",):
+            seen: set[str] = set()
+            for t in self.tenants:
+                value = getattr(t, attr)
+                if value in seen:
+                    raise ValueError(f"tenants: duplicate {attr} {value!r}")
+                seen.add(value)
+        users = [t.legacy.user_id for t in self.tenants]
+        if len(set(users)) != len(users):
+            raise ValueError("tenants: two tenants share a legacy user_id")
+        owners: dict[str, str] = {}
+        for t in self.tenants:
+            for s in t.senders:
+                if s in owners:
+                    raise ValueError(f"tenants: sender {s!r} belongs to {owners[s]} and {t.name}")
+                owners[s] = t.name
+        for code, legacy in self.status_map.items():
+            if legacy not in LEGACY_STATUS_CODES:
+                raise ValueError(f"status_map: {code}: {legacy!r} is not a legacy status code")
+        return self
+
+    def status_map_for(self, tenant: TenantSettings) -> dict[int, str]:
+        """Connexus statusCode -> legacy statusCode for one tenant (defaults, global, tenant)."""
+        return {**DEFAULT_STATUS_MAP, **self.status_map, **tenant.status_map}
+
+
+def expand_env(value: Any, env: Mapping[str, str] | None = None) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    environ = os.environ if env is None else env
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            got = environ.get(name)
+            if got is None or (got == "" and default is not None):
+                if default is None:
+                    raise ConfigError(f"environment variable {name} is not set")
+                return default
+            return got
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, environ) for v in value]
+    return value
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """Render a pydantic error location with tenant names instead of list indexes."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and item < len(node):
+            node = node[item]
+            name = node.get("name") if isinstance(node, dict) else None
+            parts.append(f"[{name}]" if name else f"[{item}]")
+            continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts)
+
+
+def parse(data: Any, env: dict[str, str] | None = None) -> Settings:
+    """Validate an already-parsed YAML tree; raises ConfigError naming the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a YAML mapping")
+    expanded = expand_env(data, env)
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = _location(tuple(err["loc"]), expanded) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+def load(path: str | Path, env: dict[str, str] | None = None) -> Settings:
+    """Read, expand and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse(data, env)

@@ -1,0 +1,320 @@
+"""The Connexus HTTP client: one shared ClientSession, per-tenant auth, send/query calls.
+
+Owns the upstream wire: timeouts and connection limits, the token-injecting client
+middleware (a 401 discards the token, refreshes once and retries once), password-auth
+parameters, single vs bulk sms/out, and mapping upstream failures to LegacyErrors.
+Does not own validation of legacy input or what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import stamina
+from aiohttp import (
+    ClientError,
+    ClientHandlerType,
+    ClientRequest,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    TCPConnector,
+)
+
+from bc_proxy.config import Settings, TenantSettings
+from bc_proxy.connexus.tokens import TokenManager
+from bc_proxy.errors import BadRequest, Forbidden, GatewayError
+from bc_proxy.metrics import Metrics
+from bc_proxy.translate import (
+    RecipientOutcome,
+    SendRequest,
+    bulk_bodies,
+    bulk_outcomes,
+    single_form,
+    single_outcome,
+    upstream_reason,
+)
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class _Retryable(Exception):
+    """A token fetch failed in a way worth one more try (5xx, connection error)."""
+
+
+class TenantAuth:
+    """Client middleware of one token-auth tenant: inject the bearer, recover from one 401."""
+
+    def __init__(self, tokens: TokenManager) -> None:
+        self.tokens = tokens
+
+    async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        token = await self.tokens.get()
+        req.headers["Authorization"] = f"Bearer {token}"
+        resp = await handler(req)
+        if resp.status != 401:
+            return resp
+        resp.release()
+        self.tokens.invalidate(token)
+        token = await self.tokens.get()
+        req.headers["Authorization"] = f"Bearer {token}"
+        return await handler(req)
+
+
+class ConnexusClient:
+    """Calls Connexus on behalf of tenants."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.base = settings.upstream.base_url
+        self.timeout = settings.upstream.timeout_seconds
+        self._max_conn = settings.upstream.max_connections
+        self.metrics = metrics
+        self._session: ClientSession | None = None
+        self.tenants = {t.name: t for t in settings.tenants}
+        self.tokens: dict[str, TokenManager] = {}
+        self._auth: dict[str, tuple[TenantAuth, ...]] = {}
+        self._password: dict[str, dict[str, str]] = {}
+        for t in settings.tenants:
+            c = t.connexus
+            if c.token_auth:
+                mgr = TokenManager(t.name, self._token_fetcher(t), metrics)
+                self.tokens[t.name] = mgr
+                self._auth[t.name] = (TenantAuth(mgr),)
+            else:
+                assert c.user_id is not None
+                assert c.password is not None
+                self._auth[t.name] = ()
+                self._password[t.name] = {
+                    "userId": c.user_id,
+                    "password": c.password.get_secret_value(),
+                }
+        self._url_out = f"{self.base}/sms/out"
+        # cached label children, keyed by status: the send path skips labels() lookups
+        self._out_status: dict[str, dict[str, Any]] = {op: {} for op in ("sms_out", "sms_out_bulk")}
+        self._out_duration = {
+            op: metrics.upstream_duration.labels(op) for op in ("sms_out", "sms_out_bulk")
+        }
+
+    @property
+    def session(self) -> ClientSession:
+        if self._session is None:
+            raise RuntimeError("ConnexusClient.start() was not awaited")
+        return self._session
+
+    async def start(self) -> None:
+        connector = TCPConnector(
+            limit=self._max_conn,
+            limit_per_host=self._max_conn,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+        )
+        self._session = ClientSession(
+            connector=connector,
+            timeout=ClientTimeout(total=self.timeout, connect=min(self.timeout, 5.0)),
+            raise_for_status=False,
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- metrics helpers ---------------------------------------------------------------------
+
+    def _count(self, op: str, status: str, started: float) -> None:
+        children = self._out_status.get(op)
+        if children is not None:
+            child = children.get(status)
+            if child is None:
+                child = children[status] = self.metrics.upstream_requests.labels(op, status)
+            child.inc()
+            self._out_duration[op].observe(time.perf_counter() - started)
+            return
+        self.metrics.upstream_requests.labels(op, status).inc()
+        self.metrics.upstream_duration.labels(op).observe(time.perf_counter() - started)
+
+    # -- auth --------------------------------------------------------------------------------
+
+    def _token_fetcher(self, tenant: TenantSettings) -> Any:
+        creds = tenant.connexus
+
+        async def fetch() -> tuple[str, float]:
+            assert creds.client_id is not None
+            assert creds.client_secret is not None
+            form = {
+                "client_id": creds.client_id,
+                "client_secret": creds.client_secret.get_secret_value(),
+            }
+            async for attempt in stamina.retry_context(
+                on=_Retryable, attempts=3, timeout=self.timeout, wait_initial=0.05, wait_max=1.0
+            ):
+                with attempt:
+                    return await self._fetch_token_once(form)
+            raise GatewayError("Connexus token endpoint unavailable")  # pragma: no cover
+
+        return fetch
+
+    async def _fetch_token_once(self, form: Mapping[str, str]) -> tuple[str, float]:
+        started = time.perf_counter()
+        try:
+            async with self.session.post(f"{self.base}/auth/token", data=form) as resp:
+                status = resp.status
+                body = await resp.read()
+        except (ClientError, TimeoutError) as exc:
+            self._count("token", "timeout" if isinstance(exc, TimeoutError) else "error", started)
+            raise _Retryable(type(exc).__name__) from exc
+        self._count("token", str(status), started)
+        if status >= 500:
+            raise _Retryable(f"token endpoint answered {status}")
+        answer = _json(body)
+        if status != 200:
+            reason = upstream_reason(answer, f"HTTP {status}")
+            raise GatewayError(f"Connexus refused the token request: {reason}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+            raise GatewayError("Connexus token answer had no access_token")
+        expires_in = answer.get("expires_in", 86400)
+        if not isinstance(expires_in, int | float) or expires_in <= 0:
+            expires_in = 86400
+        return answer["access_token"], float(expires_in)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        op: str,
+        tenant: str,
+        path_or_url: str,
+        *,
+        form: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+        method: str = "POST",
+    ) -> tuple[int, Any]:
+        """One upstream request with the tenant's auth; (status, parsed JSON or None)."""
+        url = path_or_url if path_or_url.startswith("http") else f"{self.base}/{path_or_url}"
+        extra = self._password.get(tenant)
+        kwargs: dict[str, Any] = {"middlewares": self._auth[tenant]}
+        if body is not None:
+            payload = {**body, **extra} if extra else body
+            kwargs["data"] = json.dumps(payload, separators=(",", ":"))
+            kwargs["headers"] = _JSON
+        elif form is not None or extra:
+            kwargs["data"] = {**(form or {}), **(extra or {})}
+        started = time.perf_counter()
+        try:
+            async with self.session.request(method, url, **kwargs) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except GatewayError:
+            self._count(op, "error", started)
+            raise
+        except TimeoutError:
+            self._count(op, "timeout", started)
+            raise GatewayError("Connexus did not answer in time") from None
+        except ClientError as exc:
+            self._count(op, "error", started)
+            raise GatewayError(f"Connexus unreachable ({type(exc).__name__})") from None
+        self._count(op, str(status), started)
+        return status, _json(raw)
+
+    async def send(
+        self, tenant: str, req: SendRequest, upstream_ref: str
+    ) -> list[RecipientOutcome]:
+        """Send to every recipient; per-recipient outcomes, or a LegacyError for the call."""
+        if len(req.recipients) == 1:
+            status, answer = await self._call(
+                "sms_out", tenant, self._url_out, form=single_form(req, upstream_ref)
+            )
+            _raise_for(status, answer)
+            return [single_outcome(answer, req.recipients[0])]
+        bodies = bulk_bodies(req, upstream_ref)
+        results = await asyncio.gather(
+            *(self._call("sms_out_bulk", tenant, self._url_out, body=b) for b in bodies),
+            return_exceptions=True,
+        )
+        outcomes: list[RecipientOutcome] = []
+        first_error: BaseException | None = None
+        for b, result in zip(bodies, results, strict=True):
+            chunk: list[str] = b["to"]
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                outcomes.extend(RecipientOutcome(r, None, error=_short(result)) for r in chunk)
+                continue
+            status, answer = result
+            try:
+                _raise_for(status, answer)
+            except (GatewayError, BadRequest, Forbidden) as exc:
+                first_error = first_error or exc
+                outcomes.extend(RecipientOutcome(r, None, error=exc.reason) for r in chunk)
+                continue
+            outcomes.extend(bulk_outcomes(answer, chunk))
+        if first_error is not None and not any(o.connexus_id for o in outcomes):
+            # Nothing went out: the legacy client may safely retry the whole call.
+            if isinstance(first_error, Exception):
+                raise first_error
+            raise GatewayError("send failed")
+        return outcomes
+
+    async def mo_query(self, tenant: str, params: Mapping[str, str]) -> Any:
+        status, answer = await self._call("mo_query", tenant, "mo/query", form=params)
+        if status != 200:
+            raise GatewayError(f"mo/query answered {status}")
+        return answer
+
+    async def configure_webhook(self, tenant: str, url: str) -> None:
+        status, answer = await self._call(
+            "configure", tenant, "configure", body={"webhook_url": url}
+        )
+        if status >= 300:
+            raise GatewayError(f"configure answered {status}: {upstream_reason(answer, '')}")
+
+    async def ready(self, tenant: str) -> str | None:
+        """None when the tenant holds or can obtain a token, else why not."""
+        mgr = self.tokens.get(tenant)
+        if mgr is None or mgr.has_valid_token:
+            return None
+        try:
+            await mgr.get()
+        except Exception as exc:
+            return _short(exc)
+        return None
+
+    def auth_middlewares(self, tenant: str) -> tuple[TenantAuth, ...]:
+        return self._auth[tenant]
+
+    def password_params(self, tenant: str) -> Mapping[str, str] | None:
+        return self._password.get(tenant)
+
+    def tenant_tokens(self) -> Sequence[TokenManager]:
+        return list(self.tokens.values())
+
+
+def _json(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) else type(exc).__name__
+
+
+def _raise_for(status: int, answer: Any) -> None:
+    """Map a Connexus sms/out HTTP status to the legacy answer (design.md section 4)."""
+    if status == 200 or status == 201:
+        return
+    if status == 400:
+        raise BadRequest(upstream_reason(answer, "Rejected by Connexus"))
+    if status in (402, 403):
+        raise Forbidden(upstream_reason(answer, "Insufficient funds"))
+    if status == 401:
+        raise GatewayError("Connexus refused the gateway's credentials")
+    raise GatewayError(f"Connexus error {status}")

@@ -1,0 +1,592 @@
+"""A scriptable WebSMS Connexus emulator served as a real aiohttp app (tests, demo, benchmarks).
+
+Owns the emulated upstream: token issue and expiry, auth, sms/out (single and bulk), balance,
+mo/query, configure, outgoing mo/dlr webhooks with retries, and the /_emulator/ control paths.
+Does not own anything of the proxy itself; it only records what it was asked, for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import itertools
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import aiohttp
+from aiohttp import web
+
+API_PREFIX = "/api/connexus/"
+DEFAULT_CLIENTS = {"cid_demo": "csk_demo"}
+DEFAULT_USERS = {"demo@example.org": "demo-password"}
+DEFAULT_SENDER = "552"
+FIRST_MESSAGE_ID = 1158493
+MAX_BULK = 200
+MAX_MESSAGE_ID_LEN = 36
+WEBHOOK_RETRIES = 3
+WEBHOOK_TIMEOUT = 5.0
+DLR_STATUS_NAMES = {1: "DELIVRD", 2: "UNDELIV", 4: "QUEUED", 8: "ACCEPTD", 16: "UNDELIV"}
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+Params = dict[str, Any]
+
+
+@dataclass(slots=True)
+class SentMessage:
+    """One recipient accepted or rejected by sms/out."""
+
+    message_id: str
+    to: str
+    body: str
+    sender: str
+    upstream_message_id: str | None
+    accepted: bool
+    error: str
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One HTTP request to an API path; status is 0 until it has been answered."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+
+class Emulator:
+    """Emulated Connexus state: scripted behaviour (plain attributes) and records of traffic."""
+
+    def __init__(
+        self,
+        *,
+        clients: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        token_ttl: int = 86400,
+    ) -> None:
+        self.clients = dict(DEFAULT_CLIENTS if clients is None else clients)
+        self.users = dict(DEFAULT_USERS if users is None else users)
+        self.token_ttl = token_ttl
+        self.latency = 0.0
+        self.fail_next: list[int] = []
+        self.fail_token_next: list[int] = []
+        self.reject: dict[str, str] = {}
+        self.insufficient_funds = False
+        self.send_response_delay = 0.0
+        self.auto_dlr: int | None = None
+        self.webhook_url: str | None = None
+        self.token_requests = 0
+        self.requests: list[RecordedRequest] = []
+        self.sent: list[SentMessage] = []
+        self.mo: list[dict[str, Any]] = []
+        self.webhook_deliveries: list[tuple[dict[str, Any], int]] = []
+        self._tokens: dict[str, float] = {}
+        self._message_ids = itertools.count(FIRST_MESSAGE_ID)
+        self._mo_ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def issue_token(self) -> str:
+        """Issue a fresh bearer token valid for token_ttl seconds."""
+        now = time.monotonic()
+        if len(self._tokens) > 1000:  # keep long benchmark runs from growing without bound
+            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+        token = "wst_" + secrets.token_hex(20)
+        self._tokens[token] = now + self.token_ttl
+        return token
+
+    def token_valid(self, token: str) -> bool:
+        """Whether token was issued, not revoked and not expired."""
+        expiry = self._tokens.get(token)
+        return expiry is not None and time.monotonic() < expiry
+
+    def revoke_tokens(self) -> None:
+        """Invalidate every issued token; the next use of any of them gets 401."""
+        self._tokens.clear()
+
+    def sms_out_requests(self) -> list[RecordedRequest]:
+        """The recorded requests to sms/out."""
+        path = API_PREFIX + "sms/out"
+        return [r for r in self.requests if r.path.rstrip("/") == path]
+
+    async def fire_mo(
+        self,
+        from_: str,
+        to: str,
+        body: str,
+        *,
+        related_message_id: str | None = None,
+        deliver: bool = True,
+        received_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Record an incoming message for mo/query, POST it to the webhook; return the payload."""
+        when = received_at or datetime.now(UTC)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        message_id = str(next(self._mo_ids))
+        timestamp = int(when.timestamp())
+        record: dict[str, Any] = {
+            "messageId": message_id,
+            "from": from_,
+            "to": to,
+            "body": body,
+            "receivedTime": when.astimezone(UTC).strftime(_TIME_FORMAT),
+            "timestamp": timestamp,
+        }
+        if related_message_id is not None:
+            record["relatedMessageId"] = related_message_id
+        self.mo.append(record)
+        payload: dict[str, Any] = {
+            "type": "mo",
+            "messageId": message_id,
+            "from": from_,
+            "to": to,
+            "body": body,
+            "timestamp": timestamp,
+            "encoding": "text/plain",
+            "network": "emulator",
+        }
+        url = self.webhook_url
+        if deliver and url:
+            record["callbackUrl"] = url
+            status, text = await self._post_webhook(url, payload)
+            if status:
+                record["callbackStatus"] = str(status)
+            if text:
+                record["callbackResponse"] = text[:255]
+        return payload
+
+    async def fire_dlr(self, message_id: str, status_code: int) -> dict[str, Any]:
+        """POST a delivery report for message_id to the webhook (if set); return the payload."""
+        payload: dict[str, Any] = {
+            "type": "dlr",
+            "messageId": message_id,
+            "status": DLR_STATUS_NAMES.get(status_code, "UNKNOWN"),
+            "statusCode": status_code,
+            "timestamp": int(time.time()),
+            "details": {"smsc": "emulator", "smscid": secrets.token_hex(8)},
+        }
+        if self.webhook_url:
+            await self._post_webhook(self.webhook_url, payload)
+        return payload
+
+    async def close(self) -> None:
+        """Cancel background webhook tasks and close the webhook ClientSession."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _spawn_dlr(self, message_id: str, status_code: int) -> None:
+        task = asyncio.create_task(self.fire_dlr(message_id, status_code))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post_webhook(self, url: str, payload: dict[str, Any]) -> tuple[int, str]:
+        # Like the real service: a receiver that does not answer 200 is retried up to 3 times.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT)
+            )
+        status, text = 0, ""
+        for attempt in range(1, WEBHOOK_RETRIES + 2):
+            try:
+                async with self._session.post(url, json=payload) as resp:
+                    status = resp.status
+                    text = await resp.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError):
+                status, text = 0, ""
+            self.webhook_deliveries.append((payload, status))
+            if status == 200 or attempt > WEBHOOK_RETRIES:
+                break
+            await asyncio.sleep(0.05 * attempt)
+        return status, text
+
+
+EMULATOR_KEY = web.AppKey("connexus_emulator", Emulator)
+
+_Handler = Callable[[Emulator, web.Request, Params], Awaitable[web.Response]]
+
+
+def _error(status: int, error: str) -> web.Response:
+    return web.json_response({"success": False, "error": error}, status=status)
+
+
+def _text(value: Any) -> str | None:
+    """A scalar parameter as a string (JSON numbers too); None for missing or non-scalars."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _parse_body(request: web.Request, body: bytes) -> Params | None:
+    """Form or JSON parameters of a request (query string as fallback); None if JSON is bad."""
+    params: Params = dict(request.query) if request.query_string else {}
+    if not body:
+        return params
+    ctype = request.content_type
+    if ctype == "application/json" or (
+        ctype != "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"
+    ):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        params.update(data)
+    else:
+        params.update(parse_qsl(body.decode(request.charset or "utf-8", "replace")))
+    return params
+
+
+def _authorized(emu: Emulator, request: web.Request, params: Params) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and emu.token_valid(credentials.strip()):
+        return True
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            decoded = ""
+        login, sep, secret = decoded.partition(":")
+        if sep and _user_ok(emu, login, secret):
+            return True
+    user, password = _text(params.get("userId")), _text(params.get("password"))
+    return user is not None and password is not None and _user_ok(emu, user, password)
+
+
+def _user_ok(emu: Emulator, user: str, password: str) -> bool:
+    expected = emu.users.get(user)
+    return expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+
+
+async def _token(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    client_id, secret = _text(params.get("client_id")), _text(params.get("client_secret"))
+    if not client_id or not secret:
+        return web.json_response(
+            {"error": "invalid_request", "error_description": "Missing client_id or client_secret"},
+            status=400,
+        )
+    expected = emu.clients.get(client_id)
+    if expected is None or not hmac.compare_digest(expected.encode(), secret.encode()):
+        return web.json_response(
+            {"error": "invalid_client", "error_description": "Invalid client credentials"},
+            status=401,
+        )
+    return web.json_response(
+        {"access_token": emu.issue_token(), "token_type": "Bearer", "expires_in": emu.token_ttl}
+    )
+
+
+def _send_one(
+    emu: Emulator, to: str, body: str, sender: str, upstream_id: str | None
+) -> dict[str, Any]:
+    reason = emu.reject.get(to)
+    if reason is not None:
+        emu.sent.append(SentMessage("", to, body, sender, upstream_id, False, reason))
+        return {"success": False, "status": "rejected", "to": to, "error": reason}
+    message_id = str(next(emu._message_ids))
+    emu.sent.append(SentMessage(message_id, to, body, sender, upstream_id, True, ""))
+    if emu.auto_dlr is not None:
+        emu._spawn_dlr(message_id, emu.auto_dlr)
+    return {
+        "success": True,
+        "status": "accepted",
+        "message_id": message_id,
+        "to": to,
+        "from": sender,
+        "parts": 1,
+    }
+
+
+async def _sms_out(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    raw_to = params.get("to")
+    recipients: list[str | None]
+    if isinstance(raw_to, list):
+        if len(raw_to) > MAX_BULK:
+            return _error(400, f"Maximum {MAX_BULK} recipients per bulk request")
+        recipients = [_text(r) for r in raw_to]
+    else:
+        recipients = [_text(raw_to)]
+    body = _text(params.get("body"))
+    if not body or not recipients or not all(recipients):
+        return _error(400, "Missing parameters")
+    upstream_id = _text(params.get("messageId"))
+    if upstream_id is not None and len(upstream_id) > MAX_MESSAGE_ID_LEN:
+        return _error(400, f"messageId exceeds {MAX_MESSAGE_ID_LEN} characters")
+    if emu.insufficient_funds:
+        return _error(403, "Insufficient funds")
+    sender = _text(params.get("from")) or DEFAULT_SENDER
+    results = [_send_one(emu, str(to), body, sender, upstream_id) for to in recipients]
+    if emu.send_response_delay > 0:
+        await asyncio.sleep(emu.send_response_delay)
+    if not isinstance(raw_to, list):
+        return web.json_response(results[0])
+    sent = sum(1 for r in results if r["success"])
+    return web.json_response(
+        {
+            "success": sent == len(results),
+            "messages": results,
+            "summary": {"total": len(results), "sent": sent, "failed": len(results) - sent},
+        }
+    )
+
+
+async def _balance(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    return web.json_response({"balance": "125.50", "currency": "NZD"})
+
+
+def _date_filter(value: Any, *, end: bool) -> str | None:
+    """A Y-m-d or Y-m-d H:i:s filter as Y-m-d H:i:s (whole day for a bare date); ValueError."""
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, _TIME_FORMAT).strftime(_TIME_FORMAT)
+    except ValueError:
+        day = datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
+        return f"{day} 23:59:59" if end else f"{day} 00:00:00"
+
+
+async def _mo_query(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    sender = _text(params.get("from")) or None
+    to = _text(params.get("to")) or None
+    callback_status = _text(params.get("callback_status")) or None
+    try:
+        start = _date_filter(params.get("start_date"), end=False)
+        end = _date_filter(params.get("end_date"), end=True)
+    except ValueError:
+        return _error(400, "Invalid date format, use Y-m-d or Y-m-d H:i:s")
+    limit = min(max(_int(params.get("limit"), 100), 1), 200)
+    page = max(_int(params.get("page"), 1), 1)
+    matched = [
+        m
+        for m in emu.mo
+        if (sender is None or m["from"] == sender)
+        and (to is None or m["to"] == to)
+        and (callback_status is None or m.get("callbackStatus") == callback_status)
+        and (start is None or m["receivedTime"] >= start)
+        and (end is None or m["receivedTime"] <= end)
+    ]
+    total = len(matched)
+    pages = math.ceil(total / limit)
+    return web.json_response(
+        {
+            "status": "success",
+            "messages": matched[(page - 1) * limit : page * limit],
+            "pagination": {
+                "page": page,
+                "limit": limit,
+                "totalRecords": total,
+                "totalPages": pages,
+                "hasNextPage": page < pages,
+                "hasPreviousPage": page > 1,
+            },
+            "filters": {
+                "from": sender,
+                "to": to,
+                "callback_status": callback_status,
+                "start_date": start,
+                "end_date": end,
+            },
+        }
+    )
+
+
+async def _configure(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    if request.method == "POST":
+        url = params.get("webhook_url")
+        if url is not None and not isinstance(url, str):
+            return _error(400, "Invalid webhook_url")
+        emu.webhook_url = url or None
+        return web.json_response({"success": True, "webhook_url": emu.webhook_url})
+    return web.json_response({"webhook_url": emu.webhook_url})
+
+
+_ROUTES: dict[str, tuple[frozenset[str], _Handler]] = {
+    "sms/out": (frozenset({"POST"}), _sms_out),
+    "sms/balance": (frozenset({"GET", "POST"}), _balance),
+    "mo/query": (frozenset({"GET", "POST"}), _mo_query),
+    "configure": (frozenset({"GET", "POST"}), _configure),
+}
+
+
+async def _api(request: web.Request) -> web.Response:
+    """Every /api/connexus/ request: record, sleep latency, scripted failure, auth, dispatch."""
+    emu = request.config_dict[EMULATOR_KEY]
+    if request.content_type == "multipart/form-data":
+        body, form = b"", await request.post()
+        params: Params | None = {k: v for k, v in form.items() if isinstance(v, str)}
+    else:
+        body = await request.read()
+        params = None
+    record = RecordedRequest(request.method, request.path, dict(request.headers), body, 0)
+    emu.requests.append(record)
+    response = await _answer(emu, request, body, params)
+    record.status = response.status
+    return response
+
+
+async def _answer(
+    emu: Emulator, request: web.Request, body: bytes, params: Params | None
+) -> web.Response:
+    name = request.match_info["tail"].strip("/")
+    is_token = name == "auth/token"
+    if is_token and request.method == "POST":
+        emu.token_requests += 1
+    if emu.latency > 0:
+        await asyncio.sleep(emu.latency)
+    failures = emu.fail_token_next if is_token else emu.fail_next
+    if failures:
+        status = failures.pop(0)
+        if status in (204, 304):
+            return web.Response(status=status)
+        return _error(status, "Server error")
+    if params is None:
+        params = _parse_body(request, body)
+    if is_token:
+        if request.method != "POST":
+            return web.json_response(
+                {"error": "method_not_allowed", "error_description": "Only POST is accepted"},
+                status=405,
+            )
+        return await _token(emu, request, params or {})
+    route = _ROUTES.get(name)
+    if route is None:
+        return _error(404, "Not found")
+    methods, handler = route
+    if request.method not in methods:
+        return _error(405, "Method not allowed")
+    if not _authorized(emu, request, params or {}):
+        return _error(401, "Unauthorized")
+    if params is None:
+        return _error(400, "Invalid JSON")
+    return await handler(emu, request, params)
+
+
+_SCRIPT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "latency": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
+    "send_response_delay": lambda v: (
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+    ),
+    "fail_next": lambda v: isinstance(v, list) and all(type(s) is int for s in v),
+    "fail_token_next": lambda v: isinstance(v, list) and all(type(s) is int for s in v),
+    "reject": lambda v: isinstance(v, dict) and all(isinstance(r, str) for r in v.values()),
+    "insufficient_funds": lambda v: isinstance(v, bool),
+    "auto_dlr": lambda v: v is None or type(v) is int,
+    "token_ttl": lambda v: type(v) is int and v > 0,
+    "webhook_url": lambda v: v is None or isinstance(v, str),
+}
+
+
+def _script_state(emu: Emulator) -> dict[str, Any]:
+    return {name: getattr(emu, name) for name in _SCRIPT_FIELDS}
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text='{"error": "expected a JSON object"}', content_type="application/json"
+        )
+    return data
+
+
+async def _control_script(request: web.Request) -> web.Response:
+    emu = request.config_dict[EMULATOR_KEY]
+    if request.method == "POST":
+        data = await _json_object(request)
+        bad = [k for k, v in data.items() if k not in _SCRIPT_FIELDS or not _SCRIPT_FIELDS[k](v)]
+        if bad:
+            return web.json_response({"error": f"invalid fields: {', '.join(bad)}"}, status=400)
+        for key, value in data.items():
+            setattr(emu, key, value)
+    return web.json_response(_script_state(emu))
+
+
+async def _control_mo(request: web.Request) -> web.Response:
+    data = await _json_object(request)
+    sender, to, body = _text(data.get("from")), _text(data.get("to")), _text(data.get("body"))
+    if not sender or not to or body is None:
+        return web.json_response({"error": "from, to and body are required"}, status=400)
+    related = _text(data.get("relatedMessageId"))
+    payload = await request.config_dict[EMULATOR_KEY].fire_mo(
+        sender, to, body, related_message_id=related, deliver=data.get("deliver", True) is not False
+    )
+    return web.json_response(payload)
+
+
+async def _control_dlr(request: web.Request) -> web.Response:
+    data = await _json_object(request)
+    message_id, code = _text(data.get("messageId")), data.get("statusCode")
+    if not message_id or type(code) is not int:
+        return web.json_response({"error": "messageId and integer statusCode required"}, status=400)
+    return web.json_response(await request.config_dict[EMULATOR_KEY].fire_dlr(message_id, code))
+
+
+async def _control_sent(request: web.Request) -> web.Response:
+    return web.json_response([asdict(m) for m in request.config_dict[EMULATOR_KEY].sent])
+
+
+async def _control_revoke(request: web.Request) -> web.Response:
+    request.config_dict[EMULATOR_KEY].revoke_tokens()
+    return web.json_response({"revoked": True})
+
+
+def create_emulator_app(emulator: Emulator) -> web.Application:
+    """The emulator app: the Connexus API under /api/connexus/, controls under /_emulator/."""
+    app = web.Application()
+    app[EMULATOR_KEY] = emulator
+
+    async def close_emulator(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[EMULATOR_KEY].close()
+
+    app.cleanup_ctx.append(close_emulator)
+    app.router.add_route("*", API_PREFIX + "{tail:.*}", _api)
+    app.router.add_get("/_emulator/script", _control_script)
+    app.router.add_post("/_emulator/script", _control_script)
+    app.router.add_post("/_emulator/mo", _control_mo)
+    app.router.add_post("/_emulator/dlr", _control_dlr)
+    app.router.add_get("/_emulator/sent", _control_sent)
+    app.router.add_post("/_emulator/revoke", _control_revoke)
+    return app
+
+
+async def serve_emulator(host: str, port: int, emulator: Emulator | None = None) -> None:
+    """Serve the emulator on host:port until cancelled."""
+    app = create_emulator_app(Emulator() if emulator is None else emulator)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,31 @@
+"""Every `web.AppKey` of bc-proxy in one place: the shared objects the app factory wires."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from bc_proxy.config import Settings, TenantSettings
+from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.legacy.auth import Authenticator
+from bc_proxy.metrics import Metrics
+from bc_proxy.store import Store
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Mutable process state shared by handlers."""
+
+    shutting_down: bool = False
+    status_maps: dict[str, dict[int, str]] = field(default_factory=dict)
+    tenants: dict[str, TenantSettings] = field(default_factory=dict)
+    fallback_tenant: str | None = None  # the only tenant, when there is exactly one
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+RUNTIME = web.AppKey("runtime", Runtime)
+STORE = web.AppKey("store", Store)
+CLIENT = web.AppKey("client", ConnexusClient)
+AUTH = web.AppKey("auth", Authenticator)

@@ -1,0 +1,634 @@
+"""Embedded SQLite backend (WAL) with group commit.
+
+Every write is a small function run on one writer thread; writes that arrive while a commit
+is in progress are gathered and committed together in the next transaction (one fsync for
+the whole group, a savepoint per write so one failure does not sink its neighbours). Reads
+use a second connection on their own thread, so a poll never waits behind an fsync.
+Claims of pollable records are held in memory: one process owns a SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store import (
+    KINDS,
+    Delivery,
+    DlrEvent,
+    IngestResult,
+    Kind,
+    LegacyRecord,
+    MoEvent,
+    Notifier,
+    SendRecord,
+    StatusRecord,
+    WaitingStat,
+)
+
+T = TypeVar("T")
+Wakes = set[tuple[str, str]]
+Op = Callable[[sqlite3.Connection, Wakes], Any]
+
+REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    legacy_id TEXT,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    connexus_id TEXT,
+    upstream_ref TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_connexus ON sends (connexus_id) WHERE connexus_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sends_ref ON sends (upstream_ref) WHERE upstream_ref IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sends_recipient ON sends (recipient, id);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT,
+    kind TEXT NOT NULL,
+    dedupe_key TEXT UNIQUE,
+    ref TEXT,
+    receipt_id TEXT NOT NULL,
+    msisdn_from TEXT NOT NULL DEFAULT '',
+    msisdn_to TEXT NOT NULL DEFAULT '',
+    body TEXT NOT NULL DEFAULT '',
+    rate_code TEXT NOT NULL DEFAULT '',
+    in_reply_to TEXT NOT NULL DEFAULT '',
+    status_code TEXT NOT NULL DEFAULT '',
+    dlr_status INTEGER,
+    error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    pollable INTEGER NOT NULL DEFAULT 0,
+    push_due REAL,
+    push_attempts INTEGER NOT NULL DEFAULT 0,
+    push_deadline REAL,
+    push_error TEXT NOT NULL DEFAULT '',
+    dead INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS records_poll ON records (tenant, kind, id) WHERE pollable = 1;
+CREATE INDEX IF NOT EXISTS records_unmatched ON records (ref) WHERE tenant IS NULL;
+CREATE INDEX IF NOT EXISTS records_push ON records (push_due) WHERE push_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_dead ON records (id) WHERE dead = 1;
+"""
+
+_RECORD_COLUMNS = (
+    "id, tenant, kind, receipt_id, msisdn_from, msisdn_to, body, rate_code, in_reply_to, "
+    "status_code, dlr_status, error, created_at, push_attempts, push_error"
+)
+
+_INSERT_RECORD = (
+    "INSERT OR IGNORE INTO records (tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
+    "msisdn_to, body, rate_code, in_reply_to, status_code, dlr_status, error, created_at, "
+    "pollable, push_due, push_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _row_to_record(row: tuple[Any, ...]) -> LegacyRecord:
+    return LegacyRecord(*row)
+
+
+def receipt_id() -> str:
+    """A unique legacy receipt id (32 hex chars, well under the 50 allowed)."""
+    return uuid.uuid4().hex
+
+
+class SQLiteStore:
+    """The default store: one SQLite file in WAL mode, written with group commit."""
+
+    def __init__(self, path: str, delivery: Mapping[str, Delivery], *, synchronous: str = "FULL"):
+        self.path = path
+        self.delivery = dict(delivery)
+        self.notifier = Notifier()
+        self._synchronous = synchronous
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="bc-store-w")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="bc-store-r")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._claimed: dict[tuple[str, str], set[int]] = {}
+        self._push_claimed: set[int] = set()
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._writer, self._open_writer)
+            await loop.run_in_executor(self._reader, self._open_reader)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def _open_writer(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.executescript(SCHEMA)
+        self._wconn = conn
+
+    def _open_reader(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = 1")
+        self._rconn = conn
+
+    async def close(self) -> None:
+        """Finish pending writes, then close both connections (idempotent)."""
+        if self._closed:
+            return
+        self.notifier.close()
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._wconn is not None:
+            wconn = self._wconn
+            await loop.run_in_executor(self._writer, self._close_conn, wconn, True)
+        if self._rconn is not None:
+            await loop.run_in_executor(self._reader, self._close_conn, self._rconn, False)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    @staticmethod
+    def _close_conn(conn: sqlite3.Connection, checkpoint: bool) -> None:
+        if checkpoint:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    async def ping(self) -> None:
+        await self._read(lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- the group-commit writer -----------------------------------------------------------
+
+    async def _write(self, op: Op) -> Any:
+        if self._closed:
+            raise StoreError("store is closed")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results, wakes = await loop.run_in_executor(
+                        self._writer, self._run_batch, [op for op, _ in batch]
+                    )
+                except BaseException as exc:  # the commit itself failed: every write failed
+                    err = exc if isinstance(exc, StoreError) else StoreError(f"commit: {exc!r}")
+                    results, wakes = [err] * len(batch), set()
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+                for tenant, kind in wakes:
+                    self.notifier.notify(tenant, kind)
+        finally:
+            self._flusher = None
+
+    def _run_batch(self, ops: list[Op]) -> tuple[list[Any], Wakes]:
+        conn = self._wconn
+        if conn is None:
+            raise StoreError("store is not open")
+        results: list[Any] = []
+        wakes: Wakes = set()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            single = len(ops) == 1
+            for op in ops:
+                if single:
+                    results.append(op(conn, wakes))
+                    continue
+                conn.execute("SAVEPOINT w")
+                op_wakes: Wakes = set()
+                try:
+                    results.append(op(conn, op_wakes))
+                    conn.execute("RELEASE w")
+                    wakes |= op_wakes
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    results.append(_as_store_error(exc))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if single:
+                return [_as_store_error(exc)], set()
+            raise
+        return results, wakes
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed or self._rconn is None:
+            raise StoreError("store is closed")
+        conn = self._rconn
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"read: {exc}") from exc
+
+    # -- placement of a new record ------------------------------------------------------------
+
+    def _placement(
+        self, tenant: str | None, kind: Kind, now: float
+    ) -> tuple[int, float | None, float | None]:
+        """(pollable, push_due, push_deadline) for a new record of this tenant and kind."""
+        if tenant is None:
+            return 0, None, None
+        d = self.delivery.get(tenant, _POLL_ONLY)
+        if d.pushes(kind):
+            return int(d.pollable(kind)), now, now + d.max_age_seconds
+        return 1, None, None
+
+    def _wake(self, wakes: Wakes, tenant: str | None, kind: Kind) -> None:
+        if tenant is not None:
+            wakes.add((tenant, kind))
+
+    # -- sends --------------------------------------------------------------------------------
+
+    async def record_sends(
+        self, sends: Sequence[SendRecord], statuses: Sequence[StatusRecord] = ()
+    ) -> None:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
+            conn.executemany(
+                "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, "
+                "upstream_ref, created_at) VALUES (?,?,?,?,?,?,?)",
+                [
+                    (
+                        s.tenant,
+                        s.legacy_id,
+                        s.recipient,
+                        s.sender,
+                        s.connexus_id,
+                        s.upstream_ref,
+                        now,
+                    )
+                    for s in sends
+                ],
+            )
+            for s in statuses:
+                pollable, due, deadline = self._placement(s.tenant, "status", now)
+                conn.execute(
+                    _INSERT_RECORD,
+                    (
+                        s.tenant,
+                        "status",
+                        None,
+                        None,
+                        receipt_id(),
+                        s.recipient,
+                        s.sender,
+                        "",
+                        "",
+                        s.legacy_id or "",
+                        s.status_code,
+                        None,
+                        s.error,
+                        now,
+                        pollable,
+                        due,
+                        deadline,
+                    ),
+                )
+                self._wake(wakes, s.tenant, "status")
+            self._match_early_reports(conn, wakes, sends, now)
+
+        await self._write(op)
+
+    def _match_early_reports(
+        self, conn: sqlite3.Connection, wakes: Wakes, sends: Sequence[SendRecord], now: float
+    ) -> None:
+        """Give delivery reports that arrived before their send to the send's tenant."""
+        refs = {}
+        for s in sends:
+            if s.connexus_id:
+                refs[s.connexus_id] = s
+            if s.upstream_ref:
+                refs.setdefault(s.upstream_ref, s)
+        if not refs:
+            return
+        # One cheap probe first: the unmatched index is almost always empty.
+        if conn.execute("SELECT 1 FROM records WHERE tenant IS NULL LIMIT 1").fetchone() is None:
+            return
+        for ref, s in refs.items():
+            pollable, due, deadline = self._placement(s.tenant, "status", now)
+            cur = conn.execute(
+                "UPDATE records SET tenant=?, msisdn_from=?, msisdn_to=?, in_reply_to=?, "
+                "pollable=?, push_due=?, push_deadline=? WHERE tenant IS NULL AND ref=? "
+                "AND kind='status'",
+                (s.tenant, s.recipient, s.sender, s.legacy_id or "", pollable, due, deadline, ref),
+            )
+            if cur.rowcount:
+                self._wake(wakes, s.tenant, "status")
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_send(conn: sqlite3.Connection, ref: str) -> tuple[str, str, str, str | None] | None:
+        row = conn.execute(
+            "SELECT tenant, recipient, sender, legacy_id FROM sends WHERE connexus_id=? "
+            "ORDER BY id DESC LIMIT 1",
+            (ref,),
+        ).fetchone()
+        if row is None:
+            row = conn.execute(
+                "SELECT tenant, recipient, sender, legacy_id FROM sends WHERE upstream_ref=? "
+                "ORDER BY id DESC LIMIT 1",
+                (ref,),
+            ).fetchone()
+        return cast("tuple[str, str, str, str | None] | None", row)
+
+    async def add_dlr(self, event: DlrEvent) -> IngestResult:
+        key = f"dlr:{event.message_id}:{event.status}"
+        now = time.time()
+
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> IngestResult:
+            send = self._find_send(conn, event.message_id)
+            tenant, recipient, sender, legacy_id = send if send else (None, "", "", None)
+            pollable, due, deadline = self._placement(tenant, "status", now)
+            cur = conn.execute(
+                _INSERT_RECORD,
+                (
+                    tenant,
+                    "status",
+                    key,
+                    event.message_id,
+                    receipt_id(),
+                    recipient,
+                    sender,
+                    "",
+                    "",
+                    legacy_id or "",
+                    "",
+                    event.status,
+                    event.status_text,
+                    now,
+                    pollable,
+                    due,
+                    deadline,
+                ),
+            )
+            if cur.rowcount == 0:
+                return IngestResult(stored=False, tenant=tenant)
+            self._wake(wakes, tenant, "status")
+            return IngestResult(stored=True, tenant=tenant)
+
+        return cast(IngestResult, await self._write(op))
+
+    async def add_mo(self, event: MoEvent, *, fallback_tenant: str | None) -> IngestResult:
+        key = f"mo:{event.message_id}"
+        now = time.time()
+
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> IngestResult:
+            if conn.execute("SELECT 1 FROM records WHERE dedupe_key=?", (key,)).fetchone():
+                return IngestResult(stored=False, tenant=None)
+            tenant, in_reply_to = self._route_mo(conn, event, now)
+            tenant = tenant or fallback_tenant
+            pollable, due, deadline = self._placement(tenant, "in", now)
+            conn.execute(
+                _INSERT_RECORD,
+                (
+                    tenant,
+                    "in",
+                    key,
+                    event.message_id,
+                    receipt_id(),
+                    event.sender,
+                    event.to,
+                    event.body,
+                    "",
+                    in_reply_to,
+                    "",
+                    None,
+                    "",
+                    now,
+                    pollable,
+                    due,
+                    deadline,
+                ),
+            )
+            self._wake(wakes, tenant, "in")
+            return IngestResult(stored=True, tenant=tenant)
+
+        return cast(IngestResult, await self._write(op))
+
+    def _route_mo(
+        self, conn: sqlite3.Connection, event: MoEvent, now: float
+    ) -> tuple[str | None, str]:
+        """(tenant, inReplyToId) of an incoming message."""
+        if event.related_id:
+            send = self._find_send(conn, event.related_id)
+            if send is not None and (event.owner is None or send[0] == event.owner):
+                return send[0], send[3] or ""
+        since = now - REPLY_WINDOW_SECONDS
+        if event.owner is not None:
+            row = conn.execute(
+                "SELECT legacy_id FROM sends WHERE recipient=? AND tenant=? AND created_at>? "
+                "ORDER BY id DESC LIMIT 1",
+                (event.sender, event.owner, since),
+            ).fetchone()
+            return event.owner, (row[0] or "") if row else ""
+        row = conn.execute(
+            "SELECT tenant, legacy_id FROM sends WHERE recipient=? AND created_at>? "
+            "ORDER BY id DESC LIMIT 1",
+            (event.sender, since),
+        ).fetchone()
+        if row is None:
+            return None, ""
+        return row[0], row[1] or ""
+
+    async def has_mo(self, message_ids: Sequence[str]) -> set[str]:
+        keys = [f"mo:{m}" for m in message_ids]
+        if not keys:
+            return set()
+
+        def fn(conn: sqlite3.Connection) -> set[str]:
+            marks = ",".join("?" * len(keys))
+            rows = conn.execute(
+                f"SELECT dedupe_key FROM records WHERE dedupe_key IN ({marks})", keys
+            ).fetchall()
+            return {r[0][3:] for r in rows}
+
+        return await self._read(fn)
+
+    # -- polling ------------------------------------------------------------------------------
+
+    async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
+        claimed = self._claimed.setdefault((tenant, kind), set())
+        limit = len(claimed) + 1
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE tenant=? AND kind=? AND pollable=1 "
+                "ORDER BY id LIMIT ?",
+                (tenant, kind, limit),
+            ).fetchall()
+
+        for row in await self._read(fn):
+            if row[0] not in claimed:
+                claimed.add(row[0])
+                return _row_to_record(row)
+        return None
+
+    async def ack(self, record: LegacyRecord) -> None:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
+            conn.execute("UPDATE records SET pollable=0 WHERE id=?", (record.id,))
+
+        try:
+            await self._write(op)
+        finally:
+            self.release(record)
+
+    def release(self, record: LegacyRecord) -> None:
+        self._claimed.get((record.tenant, record.kind), set()).discard(record.id)
+
+    async def queue_depth(self, tenant: str) -> tuple[int, int]:
+        def fn(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = dict(
+                conn.execute(
+                    "SELECT kind, count(*) FROM records WHERE tenant=? AND pollable=1 "
+                    "GROUP BY kind",
+                    (tenant,),
+                ).fetchall()
+            )
+            return int(rows.get("in", 0)), int(rows.get("status", 0))
+
+        return await self._read(fn)
+
+    async def waiting(self) -> list[WaitingStat]:
+        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT tenant, kind, count(*), min(created_at) FROM records "
+                "WHERE tenant IS NOT NULL AND (pollable=1 OR push_due IS NOT NULL) "
+                "GROUP BY tenant, kind"
+            ).fetchall()
+
+        rows = await self._read(fn)
+        return [WaitingStat(r[0], r[1], int(r[2]), r[3]) for r in rows if r[1] in KINDS]
+
+    # -- push ---------------------------------------------------------------------------------
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        skip = len(self._push_claimed)
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE push_due IS NOT NULL "
+                "AND push_due<=? ORDER BY push_due LIMIT ?",
+                (now, limit + skip),
+            ).fetchall()
+
+        out: list[LegacyRecord] = []
+        for row in await self._read(fn):
+            if row[0] in self._push_claimed or len(out) >= limit:
+                continue
+            self._push_claimed.add(row[0])
+            out.append(_row_to_record(row))
+        return out
+
+    async def push_done(self, record: LegacyRecord) -> None:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
+            conn.execute(
+                "UPDATE records SET push_due=NULL, push_attempts=push_attempts+1, push_error='' "
+                "WHERE id=?",
+                (record.id,),
+            )
+
+        try:
+            await self._write(op)
+        finally:
+            self._push_claimed.discard(record.id)
+
+    async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
+            conn.execute(
+                "UPDATE records SET push_due=?, push_attempts=push_attempts+1, push_error=?, "
+                "dead=? WHERE id=?",
+                (next_at, error[:200], int(next_at is None), record.id),
+            )
+
+        try:
+            await self._write(op)
+        finally:
+            self._push_claimed.discard(record.id)
+
+    async def dead_letters(self) -> list[LegacyRecord]:
+        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE dead=1 ORDER BY id"
+            ).fetchall()
+
+        return [_row_to_record(r) for r in await self._read(fn)]
+
+    async def replay(self, ids: Sequence[int] | None, now: float) -> int:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> int:
+            sql = "SELECT id, tenant FROM records WHERE dead=1"
+            params: list[Any] = []
+            if ids is not None:
+                if not ids:
+                    return 0
+                sql += f" AND id IN ({','.join('?' * len(ids))})"
+                params = list(ids)
+            rows = conn.execute(sql, params).fetchall()
+            for rid, tenant in rows:
+                d = self.delivery.get(tenant, _POLL_ONLY)
+                conn.execute(
+                    "UPDATE records SET dead=0, push_due=?, push_deadline=?, push_attempts=0, "
+                    "push_error='' WHERE id=?",
+                    (now, now + d.max_age_seconds, rid),
+                )
+            return len(rows)
+
+        return cast(int, await self._write(op))
+
+    async def purge(self, before: float) -> int:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> int:
+            a = conn.execute(
+                "DELETE FROM records WHERE created_at<? AND pollable=0 AND push_due IS NULL "
+                "AND dead=0 AND tenant IS NOT NULL",
+                (before,),
+            ).rowcount
+            b = conn.execute("DELETE FROM sends WHERE created_at<?", (before,)).rowcount
+            return a + b
+
+        return cast(int, await self._write(op))
+
+    # -- helpers for tests and the CLI -----------------------------------------------------------
+
+    async def count(self, table: str) -> int:
+        """Rows in `sends` or `records` (diagnostics and tests)."""
+        if table not in ("sends", "records"):
+            raise ValueError(table)
+        sql = f"SELECT count(*) FROM {table}"
+        return cast(int, await self._read(lambda c: c.execute(sql).fetchone()[0]))
+
+
+_POLL_ONLY = Delivery()
+
+
+def _as_store_error(exc: BaseException) -> StoreError:
+    return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,209 @@
+"""Pure translation between the legacy protocol and Connexus: no I/O, table-tested.
+
+Owns legacy send validation, recipient splitting, the Connexus request bodies, reading the
+Connexus send answer per recipient, the delivery-status table and legacy record rendering.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus
+
+from bc_proxy.errors import BadRequest
+from bc_proxy.store import LegacyRecord
+
+BULK_LIMIT = 200
+MAX_MESSAGE_ID = 36
+_SPLIT = re.compile(r"[\s,;]+")
+
+IN_KEYS = ("messageId", "from", "to", "body", "rateCode", "inReplyToId")
+STATUS_KEYS = ("messageId", "from", "to", "statusCode", "inReplyToId", "error")
+PASSTHROUGH = ("from", "rateCode", "contentType", "fragmentationLimit", "schedule")
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """A validated legacy send."""
+
+    recipients: tuple[str, ...]
+    body: str
+    message_id: str | None
+    options: tuple[tuple[str, str], ...]  # pass-through Connexus params (from, rateCode, ...)
+
+    @property
+    def sender(self) -> str:
+        opts = dict(self.options)
+        return opts.get("from") or opts.get("rateCode") or ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    """What Connexus said about one recipient."""
+
+    recipient: str
+    connexus_id: str | None  # None: rejected
+    error: str = ""
+    sender: str = ""
+
+
+def split_recipients(to: str) -> tuple[str, ...]:
+    """Numbers separated by spaces, commas or semicolons; leading '+' dropped; de-duplicated."""
+    seen: dict[str, None] = {}
+    for part in _SPLIT.split(to):
+        number = part.lstrip("+")
+        if number:
+            seen.setdefault(number, None)
+    return tuple(seen)
+
+
+def parse_send(params: Mapping[str, str], default_from: str | None) -> SendRequest:
+    """Validate legacy send parameters (design.md section 3); raises BadRequest."""
+    to = params.get("to", "")
+    body = params.get("body", "")
+    if not to.strip():
+        raise BadRequest("Missing parameter: to")
+    if body == "":
+        raise BadRequest("Missing parameter: body")
+    recipients = split_recipients(to)
+    if not recipients:
+        raise BadRequest("Invalid parameter: to has no number")
+    message_id = params.get("messageId") or None
+    if message_id is not None and len(message_id) > MAX_MESSAGE_ID:
+        raise BadRequest("Invalid parameter: messageId longer than 36 characters")
+    if params.get("from") and params.get("rateCode"):
+        raise BadRequest("Invalid parameters: from cannot be used with rateCode")
+    frag = params.get("fragmentationLimit", "")
+    if frag != "" and (not frag.isdigit() or not 0 <= int(frag) <= 3):
+        raise BadRequest("Invalid parameter: fragmentationLimit must be 0-3")
+    sched = params.get("schedule", "")
+    if sched != "" and not sched.isdigit():
+        raise BadRequest("Invalid parameter: schedule must be a Unix timestamp")
+    options = [(k, params[k]) for k in PASSTHROUGH if params.get(k)]
+    if default_from and not params.get("from") and not params.get("rateCode"):
+        options.insert(0, ("from", default_from))
+    return SendRequest(recipients, body, message_id, tuple(options))
+
+
+def single_form(req: SendRequest, upstream_ref: str) -> dict[str, str]:
+    """Form fields of a one-recipient Connexus sms/out."""
+    form = {"to": req.recipients[0], "body": req.body, "messageId": upstream_ref}
+    form.update(req.options)
+    return form
+
+
+def bulk_bodies(req: SendRequest, upstream_ref: str) -> list[dict[str, Any]]:
+    """JSON bodies of Connexus bulk sms/out, at most BULK_LIMIT recipients each."""
+    base: dict[str, Any] = {"body": req.body, "messageId": upstream_ref}
+    for key, value in req.options:
+        base[key] = int(value) if key == "fragmentationLimit" else value
+    rs = req.recipients
+    return [{**base, "to": list(rs[i : i + BULK_LIMIT])} for i in range(0, len(rs), BULK_LIMIT)]
+
+
+def _one_outcome(item: Mapping[str, Any], fallback_to: str) -> RecipientOutcome:
+    to = str(item.get("to") or fallback_to).lstrip("+")
+    sender = str(item.get("from") or "")
+    if item.get("success") is True and item.get("message_id") not in (None, ""):
+        return RecipientOutcome(to, str(item["message_id"]), sender=sender)
+    reason = item.get("error") or item.get("message") or item.get("status") or "rejected"
+    return RecipientOutcome(to, None, error=str(reason)[:200], sender=sender)
+
+
+def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
+    """Read a Connexus single-send answer (HTTP 200)."""
+    if not isinstance(answer, dict):
+        return RecipientOutcome(recipient, None, error="unreadable answer from Connexus")
+    return _one_outcome(answer, recipient)
+
+
+def bulk_outcomes(answer: Any, recipients: list[str]) -> list[RecipientOutcome]:
+    """Read a Connexus bulk-send answer (HTTP 200); recipients it does not mention count as ERR."""
+    items = answer.get("messages") if isinstance(answer, dict) else None
+    if not isinstance(items, list):
+        items = []
+    out: list[RecipientOutcome] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        fallback = recipients[i] if i < len(recipients) else ""
+        outcome = _one_outcome(item, fallback)
+        if outcome.recipient in seen or outcome.recipient == "":
+            continue
+        seen.add(outcome.recipient)
+        out.append(outcome)
+    out.extend(
+        RecipientOutcome(r, None, error="not acknowledged by Connexus")
+        for r in recipients
+        if r not in seen
+    )
+    return out
+
+
+def rejection_code(reason: str) -> str:
+    """Legacy status for a recipient Connexus refused at send time: NUR, INF or ERR."""
+    low = reason.lower()
+    if "fund" in low or "balance" in low or "credit" in low:
+        return "INF"
+    if any(w in low for w in ("number", "recipient", "blocked", "invalid", "reject", "prefix")):
+        return "NUR"
+    return "ERR"
+
+
+def upstream_reason(answer: Any, default: str) -> str:
+    """A short, safe reason from a Connexus error answer."""
+    if isinstance(answer, dict):
+        for key in ("message", "error_description", "error"):
+            value = answer.get(key)
+            if isinstance(value, str) and value:
+                return " ".join(value.split())[:200]
+    return default
+
+
+def legacy_status(dlr_status: int, status_text: str, table: Mapping[int, str]) -> tuple[str, str]:
+    """(statusCode, error) of a Connexus delivery report, by the status table."""
+    code = table.get(dlr_status)
+    if code is None:
+        return "ERR", f"{status_text or 'UNKNOWN'} ({dlr_status})"
+    return code, ""
+
+
+def _encode(pairs: tuple[tuple[str, str], ...]) -> bytes:
+    return "&".join(f"{k}={quote_plus(v)}" for k, v in pairs).encode()
+
+
+def record_pairs(record: LegacyRecord, table: Mapping[int, str]) -> tuple[tuple[str, str], ...]:
+    """The legacy key/value pairs of a record, every key present."""
+    if record.kind == "in":
+        return (
+            ("messageId", record.receipt_id),
+            ("from", record.msisdn_from),
+            ("to", record.msisdn_to),
+            ("body", record.body),
+            ("rateCode", record.rate_code),
+            ("inReplyToId", record.in_reply_to),
+        )
+    code, error = record.status_code, record.error
+    if not code:
+        code, error = legacy_status(record.dlr_status or 0, record.error, table)
+    return (
+        ("messageId", record.receipt_id),
+        ("from", record.msisdn_from),
+        ("to", record.msisdn_to),
+        ("statusCode", code),
+        ("inReplyToId", record.in_reply_to),
+        ("error", error),
+    )
+
+
+def render_record(record: LegacyRecord, table: Mapping[int, str]) -> bytes:
+    """A record as the legacy form-encoded body (poll answer and push body alike)."""
+    return _encode(record_pairs(record, table))
+
+
+def render_queue(in_count: int, status_count: int) -> bytes:
+    """Exactly `inCount=N&statusCount=M`."""
+    return f"inCount={in_count}&statusCount={status_count}".encode()
