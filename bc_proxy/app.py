@@ -19,13 +19,16 @@ from typing import Any
 from aiohttp import web
 
 from bc_proxy import health, keys, webhooks
+from bc_proxy.backlog import backlog_loop
 from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.delivery import push_worker
 from bc_proxy.errors import LegacyError, StoreError
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import LEGACY_ROUTES, NO_TENANT, Metrics
+from bc_proxy.recovery import recovery_loop
 from bc_proxy.store import Delivery, open_store
 
 log = get_logger("bc_proxy.http")
@@ -115,8 +118,33 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     client = app[keys.CLIENT]
     await client.start()
+    settings = app[keys.SETTINGS]
+    if settings.webhook.register_on_start and settings.server.public_url:
+        secret = settings.webhook.secret.get_secret_value()
+        url = f"{settings.server.public_url.rstrip('/')}/webhooks/connexus/{secret}"
+        for tenant in app[keys.RUNTIME].tenants:
+            try:
+                await client.configure_webhook(tenant, url)
+            except LegacyError as exc:
+                log.error("webhook_registration_failed", tenant=tenant, error=exc.reason)
     yield
     await client.close()
+
+
+async def _metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serve /metrics on `server.metrics_port` too, so it need not be public."""
+    settings = app[keys.SETTINGS]
+    port = settings.server.metrics_port
+    if port is None:
+        yield
+        return
+    side = web.Application()
+    side.router.add_get("/metrics", app[keys.METRICS].handler())
+    runner = web.AppRunner(side, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.server.host, port).start()
+    yield
+    await runner.cleanup()
 
 
 BACKGROUND = web.AppKey("background", list[Callable[[web.Application], Coroutine[Any, Any, None]]])
@@ -126,7 +154,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(job(app)) for job in app[BACKGROUND]]
     tasks += [asyncio.create_task(m.keep_fresh()) for m in app[keys.CLIENT].tenant_tokens()]
     yield
-    for task in tasks:
+    for task in reversed(tasks):
         task.cancel()
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
@@ -156,13 +184,15 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[keys.AUTH] = Authenticator(settings.tenants)
     app[keys.CLIENT] = ConnexusClient(settings, metrics)
-    app[BACKGROUND] = []
+    app[BACKGROUND] = [backlog_loop, recovery_loop, push_worker]  # push worker: last up
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
+    app.cleanup_ctx.append(_metrics_port_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_on_shutdown)
     legacy_routes.setup(app)
     webhooks.setup(app)
     health.setup(app)
-    app.router.add_get("/metrics", metrics.handler())
+    if settings.server.metrics_port is None:
+        app.router.add_get("/metrics", metrics.handler())
     return app

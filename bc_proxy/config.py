@@ -61,6 +61,7 @@ class UpstreamSettings(_Model):
 
 class StoreSettings(_Model):
     url: str = "sqlite:///bc-proxy.db"
+    retention_days: float = Field(30, gt=0)  # consumed records and sends older than this go
 
     @field_validator("url")
     @classmethod
@@ -127,6 +128,8 @@ class PushSettings(_Model):
     keep_for_polling: bool = False
     max_age_hours: float = Field(48, gt=0)
     timeout_seconds: float = Field(10, gt=0)
+    retry_initial_seconds: float = Field(5, gt=0)  # first retry delay; doubles per attempt
+    retry_max_seconds: float = Field(900, gt=0)  # the longest delay between two attempts
 
 
 class TenantSettings(_Model):

@@ -21,7 +21,7 @@ from bc_proxy.log import get_logger
 from bc_proxy.store import Kind, SendRecord, StatusRecord
 from bc_proxy.translate import parse_send, rejection_code, render_queue, render_record
 
-TENANT: Final = "bc_proxy.tenant"
+TENANT: Final = web.RequestKey("tenant", str)
 FORM_CT: Final = "application/x-www-form-urlencoded"
 
 log = get_logger("bc_proxy.legacy")

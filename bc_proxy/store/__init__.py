@@ -8,6 +8,7 @@ here does I/O.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -80,6 +81,7 @@ class LegacyRecord:
     created_at: float
     push_attempts: int = 0
     push_error: str = ""
+    push_deadline: float | None = None  # when pushing gives up (dead letter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class Notifier:
     def __init__(self) -> None:
         self._gen: dict[tuple[str, str], int] = {}
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._any: asyncio.Event | None = None
         self.closed = False
 
     def generation(self, tenant: str, kind: str) -> int:
@@ -135,6 +138,19 @@ class Notifier:
         event = self._events.pop(key, None)
         if event is not None:
             event.set()
+        if self._any is not None:
+            self._any.set()
+            self._any = None
+
+    async def wait_any(self, within: float) -> None:
+        """Wait until anything is stored, at most `within` seconds (the push worker's nap)."""
+        if self.closed:
+            return
+        if self._any is None:
+            self._any = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._any.wait()
 
     async def wait(self, tenant: str, kind: str, seen: int, within: float) -> bool:
         """Wait until something is stored after generation `seen`; False on timeout/close."""
@@ -159,6 +175,8 @@ class Notifier:
         for event in self._events.values():
             event.set()
         self._events.clear()
+        if self._any is not None:
+            self._any.set()
 
 
 class Store(Protocol):

@@ -83,7 +83,7 @@ CREATE INDEX IF NOT EXISTS records_dead ON records (id) WHERE dead = 1;
 
 _RECORD_COLUMNS = (
     "id, tenant, kind, receipt_id, msisdn_from, msisdn_to, body, rate_code, in_reply_to, "
-    "status_code, dlr_status, error, created_at, push_attempts, push_error"
+    "status_code, dlr_status, error, created_at, push_attempts, push_error, push_deadline"
 )
 
 _INSERT_RECORD = (
