@@ -147,7 +147,8 @@ async def _metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
     await runner.cleanup()
 
 
-BACKGROUND = web.AppKey("background", list[Callable[[web.Application], Coroutine[Any, Any, None]]])
+Job = Callable[[web.Application], Coroutine[Any, Any, None]]
+BACKGROUND = web.AppKey("background", list[Job])
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -184,7 +185,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[keys.AUTH] = Authenticator(settings.tenants)
     app[keys.CLIENT] = ConnexusClient(settings, metrics)
-    app[BACKGROUND] = [backlog_loop, recovery_loop, push_worker]  # push worker: last up
+    jobs: list[Job] = [backlog_loop, recovery_loop, push_worker]  # push worker: last up
+    app[BACKGROUND] = jobs
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_metrics_port_ctx)

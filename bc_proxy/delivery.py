@@ -33,7 +33,7 @@ _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 def next_delay(attempts: int, push: PushSettings, rng: random.Random | None = None) -> float:
     """Delay before the next attempt after `attempts` failures: capped doubling, full jitter."""
     ceiling = min(push.retry_max_seconds, push.retry_initial_seconds * 2 ** max(attempts - 1, 0))
-    r = (rng or random).uniform(0.5, 1.0)
+    r: float = (rng or random).uniform(0.5, 1.0)
     return ceiling * r
 
 
