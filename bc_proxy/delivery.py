@@ -27,14 +27,14 @@ log = get_logger("bc_proxy.delivery")
 
 BATCH = 50
 IDLE_NAP = 0.5
+_RNG = random.Random()
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def next_delay(attempts: int, push: PushSettings, rng: random.Random | None = None) -> float:
     """Delay before the next attempt after `attempts` failures: capped doubling, full jitter."""
-    ceiling = min(push.retry_max_seconds, push.retry_initial_seconds * 2 ** max(attempts - 1, 0))
-    r: float = (rng or random).uniform(0.5, 1.0)
-    return ceiling * r
+    ceiling = min(push.retry_max_seconds, push.retry_initial_seconds * 2.0 ** max(attempts - 1, 0))
+    return ceiling * (rng or _RNG).uniform(0.5, 1.0)
 
 
 class PushWorker:
