@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bc_proxy import health, keys, webhooks
+from bc_proxy import health, keys, passthrough, webhooks
 from bc_proxy.backlog import backlog_loop
 from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
@@ -195,6 +195,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     legacy_routes.setup(app)
     webhooks.setup(app)
     health.setup(app)
+    passthrough.setup(app)
     if settings.server.metrics_port is None:
         app.router.add_get("/metrics", metrics.handler())
     return app
