@@ -59,6 +59,11 @@ def split_recipients(to: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
+def _ascii_digits(value: str) -> bool:
+    """0-9 only: str.isdigit() also accepts '²' (int() then fails) and non-ASCII digits."""
+    return value.isascii() and value.isdigit()
+
+
 def parse_send(params: Mapping[str, str], default_from: str | None) -> SendRequest:
     """Validate legacy send parameters (design.md section 3); raises BadRequest."""
     to = params.get("to", "")
@@ -76,10 +81,10 @@ def parse_send(params: Mapping[str, str], default_from: str | None) -> SendReque
     if params.get("from") and params.get("rateCode"):
         raise BadRequest("Invalid parameters: from cannot be used with rateCode")
     frag = params.get("fragmentationLimit", "")
-    if frag != "" and (not frag.isdigit() or not 0 <= int(frag) <= 3):
+    if frag != "" and (not _ascii_digits(frag) or not 0 <= int(frag) <= 3):
         raise BadRequest("Invalid parameter: fragmentationLimit must be 0-3")
     sched = params.get("schedule", "")
-    if sched != "" and not sched.isdigit():
+    if sched != "" and not _ascii_digits(sched):
         raise BadRequest("Invalid parameter: schedule must be a Unix timestamp")
     options = [(k, params[k]) for k in PASSTHROUGH if params.get(k)]
     if default_from and not params.get("from") and not params.get("rateCode"):

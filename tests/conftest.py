@@ -93,7 +93,9 @@ GatewayFactory = Callable[..., Awaitable[GatewayClient]]
 def gateway(aiohttp_client: AiohttpClient) -> GatewayFactory:
     """Start the real gateway app for a configuration dict (or Settings) on 127.0.0.1."""
 
-    async def start(config: dict[str, Any] | Settings, metrics: Metrics | None = None) -> GatewayClient:
+    async def start(
+        config: dict[str, Any] | Settings, metrics: Metrics | None = None
+    ) -> GatewayClient:
         settings = config if isinstance(config, Settings) else parse(config)
         app = create_app(settings, metrics=metrics)
         return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})

@@ -29,7 +29,9 @@ def _assert_upstream(connexus: Connexus, to: str, body: str) -> None:
     assert "password" not in form
 
 
-async def test_php_library_form_post(connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]) -> None:
+async def test_php_library_form_post(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
     """spronkey/bulletinlibs: a form POST with to, body, messageId, userId, password -> 204."""
     client = await gateway(cfg)
     body = (
@@ -61,7 +63,9 @@ async def test_groovy_service_query_only_post(
         "&body=Your+VHR+%27SMS+Code%27+to+reset+your+lost+password+is%3A+123456"
     )
     resp = await client.post(
-        f"/api/1/sms/out?{query}", headers={"Accept": "*/*", "Content-Length": "0"}, skip_auto_headers=["Content-Type"]
+        f"/api/1/sms/out?{query}",
+        headers={"Accept": "*/*", "Content-Length": "0"},
+        skip_auto_headers=["Content-Type"],
     )
     assert resp.status == 204
     assert await resp.read() == b""

@@ -150,11 +150,22 @@ class ConnexusClient:
                 "client_id": creds.client_id,
                 "client_secret": creds.client_secret.get_secret_value(),
             }
-            async for attempt in stamina.retry_context(
-                on=_Retryable, attempts=3, timeout=self.timeout, wait_initial=0.05, wait_max=1.0
-            ):
-                with attempt:
-                    return await self._fetch_token_once(form)
+            # Backoff scaled to the upstream timeout: a waiting request that joins this
+            # refresh must still see the next attempt within its own timeout.
+            pause = min(1.0, self.timeout / 4)
+            try:
+                async for attempt in stamina.retry_context(
+                    on=_Retryable,
+                    attempts=3,
+                    timeout=self.timeout,
+                    wait_initial=min(0.05, pause),
+                    wait_max=pause,
+                    wait_jitter=pause,
+                ):
+                    with attempt:
+                        return await self._fetch_token_once(form)
+            except _Retryable as exc:  # retries used up: a legacy 500, not an unhandled error
+                raise GatewayError(f"Connexus token endpoint unavailable ({exc})") from None
             raise GatewayError("Connexus token endpoint unavailable")  # pragma: no cover
 
         return fetch
