@@ -182,9 +182,13 @@ class Settings(_Model):
                 if value in seen:
                     raise ValueError(f"tenants: duplicate {attr} {value!r}")
                 seen.add(value)
-        users = [t.legacy.user_id for t in self.tenants]
-        if len(set(users)) != len(users):
-            raise ValueError("tenants: two tenants share a legacy user_id")
+        users: dict[str, str] = {}
+        for t in self.tenants:
+            first = users.setdefault(t.legacy.user_id, t.name)
+            if first != t.name:
+                raise ValueError(
+                    f"tenants: legacy user_id {t.legacy.user_id!r} belongs to {first} and {t.name}"
+                )
         owners: dict[str, str] = {}
         for t in self.tenants:
             for s in t.senders:
@@ -201,7 +205,7 @@ class Settings(_Model):
         return {**DEFAULT_STATUS_MAP, **self.status_map, **tenant.status_map}
 
 
-def expand_env(value: Any, env: Mapping[str, str] | None = None) -> Any:
+def expand_env(value: Any, env: Mapping[str, str] | None = None, _where: str = "") -> Any:
     """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
     environ = os.environ if env is None else env
     if isinstance(value, str):
@@ -211,15 +215,23 @@ def expand_env(value: Any, env: Mapping[str, str] | None = None) -> Any:
             got = environ.get(name)
             if got is None or (got == "" and default is not None):
                 if default is None:
-                    raise ConfigError(f"environment variable {name} is not set")
+                    where = f"{_where}: " if _where else ""
+                    raise ConfigError(f"{where}environment variable {name} is not set")
                 return default
             return got
 
         return _ENV_RE.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, environ) for k, v in value.items()}
+        return {
+            k: expand_env(v, environ, f"{_where}.{k}" if _where else str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [expand_env(v, environ) for v in value]
+        out = []
+        for i, v in enumerate(value):
+            name = v.get("name") if isinstance(v, dict) else None
+            out.append(expand_env(v, environ, f"{_where}[{name if name else i}]"))
+        return out
     return value
 
 
