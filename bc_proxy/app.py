@@ -108,7 +108,7 @@ def _deliveries(settings: Settings) -> dict[str, Delivery]:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    store = open_store(settings.store.url, _deliveries(settings))
+    store = open_store(settings.store.url, _deliveries(settings), fsync=settings.store.fsync)
     await store.open()
     app[keys.STORE] = store
     yield

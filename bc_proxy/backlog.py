@@ -33,7 +33,7 @@ async def refresh_gauges(app: web.Application) -> None:
             metrics.records_oldest_age.labels(tenant, kind).set(
                 max(0.0, now - oldest) if oldest else 0.0
             )
-    metrics.dead_letters.set(len(await store.dead_letters()))
+    metrics.dead_letters.set(await store.dead_letter_count())
 
 
 async def backlog_loop(app: web.Application) -> None:

@@ -61,7 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app,
         host=settings.server.host,
         port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        # aiohttp waits up to shutdown_timeout for in-flight handlers, then cancels them and
+        # waits up to shutdown_timeout again: halve it so the whole drain fits the setting.
+        shutdown_timeout=settings.server.shutdown_timeout_seconds / 2,
         access_log=None,
         print=None,
         handle_signals=True,

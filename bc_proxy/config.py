@@ -61,6 +61,7 @@ class UpstreamSettings(_Model):
 
 class StoreSettings(_Model):
     url: str = "sqlite:///bc-proxy.db"
+    fsync: bool = False  # true: also survive power loss (one fsync per commit group)
     retention_days: float = Field(30, gt=0)  # consumed records and sends older than this go
 
     @field_validator("url")

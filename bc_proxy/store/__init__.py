@@ -230,6 +230,8 @@ class Store(Protocol):
 
     async def dead_letters(self) -> list[LegacyRecord]: ...
 
+    async def dead_letter_count(self) -> int: ...
+
     async def replay(self, ids: Sequence[int] | None, now: float) -> int:
         """Move dead letters (all, or these ids) back to the push queue; returns how many."""
 
@@ -237,12 +239,12 @@ class Store(Protocol):
         """Delete consumed records and sends older than `before`; returns rows deleted."""
 
 
-def open_store(url: str, delivery: Mapping[str, Delivery]) -> Store:
+def open_store(url: str, delivery: Mapping[str, Delivery], *, fsync: bool = False) -> Store:
     """Build the backend named by a SQLAlchemy-style URL (call `await store.open()` next)."""
     if url.startswith("sqlite:///"):
         from bc_proxy.store.sqlite import SQLiteStore
 
-        return SQLiteStore(sqlite_path(url), delivery)
+        return SQLiteStore(sqlite_path(url), delivery, fsync=fsync)
     if url.startswith(("postgresql://", "postgres://")):
         from bc_proxy.errors import ConfigError
 

@@ -1,0 +1,1421 @@
+#!/usr/bin/env python3
+"""Benchmark runner for bc-proxy (the performance issue): every bar, measured side by side.
+
+    python bench/run.py [--runs 3] [--duration 10] [--quick] [--only SCENARIO ...]
+
+Needs the project installed plus Debian's `wrk` and `nginx`. All traffic stays on 127.0.0.1.
+It starts a fixed-response Connexus stub (nginx), the gateway under test (`bc-proxy serve`)
+and the reference pass-through proxy (`bench/baseline_proxy.py`), one process under test at a
+time. The process under test is pinned to the first CPU (`taskset -c 0`); wrk, nginx and this
+script (which is the Python load client) to the second. Every wait is bounded, and everything
+started is stopped at the end, also on Ctrl-C or an error (each child is its own process group).
+
+Scenarios (see bench/README.md): send32, send1, webhook, wakeup, memory. Results go to
+bench/results/<UTC timestamp>-<hostname>.json and .md; the exit status is 1 when a correctness
+check failed (a 204 without its stored send, a lost or duplicated receipt, a crash), 3 with
+--require-bars when a bar failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+
+from bc_proxy.store.sqlite import SCHEMA
+
+BENCH = Path(__file__).resolve().parent
+SCENARIOS = ("send32", "send1", "webhook", "wakeup", "memory")
+TENANT = "bench"
+USER = "bench"
+PASSWORD = "bench-password"
+SECRET = "bench-webhook-secret"
+SENDER = "552"
+HANDSET = "6421000000"
+CREDS = {"userId": USER, "password": PASSWORD}
+WARMUP_SECONDS = 2
+MB = 1_000_000  # decimal megabytes: the stricter reading of the 150 MB bar
+RSS_INTERVAL = 5.0
+
+# Bars of the performance issue: (key, label, threshold text).
+BARS = (
+    ("send32_ratio", "send throughput at c32, gateway / baseline", ">= 1.0x"),
+    ("send1_added_ratio", "added p50 latency at c1, gateway / baseline", "<= 1.2x"),
+    ("send32_tail", "gateway p99 / p50 at c32", "<= 3"),
+    ("webhook_rate", "webhook ingest, durably committed (/s)", ">= 5000"),
+    ("wakeup_p99", "poll wake-up p99 (ms)", "< 5"),
+    ("memory", "gateway RSS after load (MB), growth", "< 150, not growing"),
+)
+
+
+class CheckFailed(Exception):
+    """A correctness check failed: the figures of that run cannot be trusted."""
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def median(values: Sequence[float]) -> float | None:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(clean) if clean else None
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:,.{digits}f}"
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """Status of a GET (any HTTP answer counts), or None when nothing answers."""
+    try:
+        with _NO_PROXY.open(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pinning:
+    under_test: list[str]
+    load: list[str]
+    load_cpu: int | None
+    description: str
+
+
+def choose_pinning() -> Pinning:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return Pinning([], [], None, f"unpinned: only {len(cpus)} CPU available")
+    if shutil.which("taskset") is None:
+        return Pinning([], [], None, "unpinned: taskset not found")
+    a, b = cpus[0], cpus[1]
+    return Pinning(
+        ["taskset", "-c", str(a)],
+        ["taskset", "-c", str(b)],
+        b,
+        f"process under test on CPU {a} (taskset -c {a}); wrk, nginx and the Python load "
+        f"client on CPU {b} (taskset -c {b})",
+    )
+
+
+class Procs:
+    """Every child this script starts, each in its own session, all stopped at the end."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+        self.commands: list[str] = []
+
+    def start(self, name: str, cmd: list[str], out: Path) -> subprocess.Popen[bytes]:
+        text = shlex.join(cmd)
+        if text not in self.commands:
+            self.commands.append(text)
+        with out.open("ab") as fh:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.live[proc.pid] = (name, proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 15.0) -> int | None:
+        """SIGTERM the child's process group, SIGKILL it after `grace` s; the exit code."""
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            # Anything the child left in its group (nginx workers) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            self.live.pop(proc.pid, None)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for _, proc in list(self.live.values()):
+            with contextlib.suppress(Exception):
+                self.stop(proc, grace=5.0)
+
+
+def wait_until(
+    proc: subprocess.Popen[bytes],
+    name: str,
+    logfile: Path,
+    ready: Callable[[], bool],
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CheckFailed(
+                f"{name} exited with {proc.returncode} while starting:\n  "
+                + "\n  ".join(tail(logfile))
+            )
+        if ready():
+            return
+        time.sleep(0.1)
+    raise CheckFailed(f"{name} not ready after {timeout:.0f} s:\n  " + "\n  ".join(tail(logfile)))
+
+
+# -- wrk --------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if m is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(raw: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s*{pct}%\s+(\S+)", raw, re.M)
+        out[f"p{pct}_ms"] = _ms(m.group(1)) if m else None
+    m = re.search(r"^\s*(\d+) requests in ([\d.]+\w+)", raw, re.M)
+    out["requests"] = int(m.group(1)) if m else None
+    out["seconds"] = _ms(m.group(2)) / 1e3 if m else None
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", raw, re.M)
+    out["rps"] = float(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", raw)
+    out["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", raw)
+    out["socket_errors"] = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True))
+        if m
+        else {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    )
+    if out["rps"] is None or out["p50_ms"] is None or out["requests"] is None:
+        raise CheckFailed(f"could not parse wrk output:\n{raw}")
+    return out
+
+
+# -- the run context ----------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    tmp: Path
+    procs: Procs
+    pin: Pinning
+    nginx_port: int
+    baseline_port: int
+    gateway_port: int
+    gateway_exe: str
+    failures: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seq: int = 0
+
+    def path(self, stem: str) -> Path:
+        self.seq += 1
+        return self.tmp / f"{self.seq:03d}-{stem}"
+
+    @property
+    def upstream(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}/api/connexus"
+
+    def fail(self, msg: str) -> None:
+        self.failures.append(msg)
+        print(f"\n!!! CHECK FAILED: {msg}\n", file=sys.stderr, flush=True)
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+        log(f"problem: {msg}")
+
+    def wrk(
+        self,
+        url: str,
+        connections: int,
+        seconds: int,
+        *,
+        pid: int | None = None,
+        record: bool = True,
+    ) -> dict[str, Any]:
+        cmd = [
+            *self.pin.load,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / "send.lua"),
+            url,
+        ]
+        out = self.path(f"wrk-c{connections}.txt")
+        cpu0 = cpu_seconds(pid) if pid else None
+        started = time.monotonic()
+        proc = self.procs.start("wrk", cmd, out)
+        try:
+            proc.wait(seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(proc)
+            raise CheckFailed(f"wrk did not finish: {shlex.join(cmd)}") from None
+        self.procs.stop(proc)
+        elapsed = time.monotonic() - started
+        raw = out.read_text(errors="replace")
+        if proc.returncode != 0:
+            raise CheckFailed(f"wrk exited {proc.returncode}: {raw}")
+        if not record:
+            return {}
+        result = parse_wrk(raw)
+        result["raw"] = raw
+        result["command"] = shlex.join(cmd)
+        if pid is not None and cpu0 is not None:
+            cpu1 = cpu_seconds(pid)
+            if cpu1 is not None:
+                result["under_test_cpu"] = round((cpu1 - cpu0) / elapsed, 3)
+        return result
+
+
+# -- gateway and baseline -----------------------------------------------------------------------
+
+
+class Gateway:
+    """One `bc-proxy serve` with a fresh SQLite store in the temp dir."""
+
+    def __init__(self, ctx: Ctx, name: str, poll_wait: float) -> None:
+        self.ctx = ctx
+        self.name = name
+        d = ctx.path(f"gw-{name}")
+        d.mkdir()
+        self.dir = d
+        self.db = d / "gw.db"
+        self.log = d / "gateway.log"
+        self.config = d / "gw.yaml"
+        self.base = f"http://127.0.0.1:{ctx.gateway_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        settings = {
+            "server": {
+                "host": "127.0.0.1",
+                "port": ctx.gateway_port,
+                "shutdown_timeout_seconds": 3,
+            },
+            "upstream": {
+                "base_url": ctx.upstream,
+                "timeout_seconds": 10,
+                "mo_query_interval_seconds": 0,
+            },
+            "store": {"url": f"sqlite:///{self.db}"},
+            "webhook": {"secret": SECRET},
+            "log": {"level": "warning", "requests": False},
+            "tenants": [
+                {
+                    "name": TENANT,
+                    "legacy": {"user_id": USER, "password": PASSWORD},
+                    "connexus": {"client_id": "cid_bench", "client_secret": "csk_bench"},
+                    "default_from": SENDER,
+                    "senders": [SENDER],
+                    "poll_wait_seconds": poll_wait,
+                }
+            ],
+        }
+        # JSON is YAML: no need for a YAML writer.
+        self.config.write_text(json.dumps(settings, indent=2) + "\n")
+
+    def create_store(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def start(self, ready_timeout: float = 30.0) -> int:
+        cmd = [
+            *self.ctx.pin.under_test,
+            self.ctx.gateway_exe,
+            "serve",
+            "--config",
+            str(self.config),
+        ]
+        self.proc = self.ctx.procs.start("gateway", cmd, self.log)
+        url = f"{self.base}/readyz"
+        wait_until(self.proc, "gateway", self.log, lambda: http_status(url) == 200, ready_timeout)
+        return self.proc.pid
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def sends(self) -> int:
+        return self.count("SELECT count(*) FROM sends")
+
+    def count(self, sql: str, *params: Any) -> int:
+        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
+            return int(conn.execute(sql, params).fetchone()[0])
+
+    def stable_sends(self, timeout: float = 10.0) -> int:
+        """The sends row count once it stops moving (requests wrk abandoned may still land)."""
+        last = self.sends()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = self.sends()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def stop(self) -> None:
+        """Stop it; a crash, a bad exit or anything it logged is a reported problem."""
+        if self.proc is None:
+            return
+        died = self.proc.poll()
+        code = self.ctx.procs.stop(self.proc)
+        if died is not None:
+            self.ctx.fail(f"gateway ({self.name}) died during the run with exit code {died}")
+        elif code not in (0, -signal.SIGTERM):
+            self.ctx.problem(f"gateway ({self.name}) exited {code} on SIGTERM")
+        lines = [ln for ln in tail(self.log, 10_000) if ln.strip()]
+        if lines:
+            self.ctx.problem(
+                f"gateway ({self.name}) logged {len(lines)} line(s) at warning level or above; "
+                "first: " + " | ".join(lines[:5])
+            )
+        self.proc = None
+
+
+class Baseline:
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.log = ctx.path("baseline.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> int:
+        cmd = [
+            *self.ctx.pin.under_test,
+            sys.executable,
+            str(BENCH / "baseline_proxy.py"),
+            "--port",
+            str(self.ctx.baseline_port),
+            "--upstream",
+            self.ctx.upstream,
+        ]
+        self.proc = self.ctx.procs.start("baseline", cmd, self.log)
+        url = f"http://127.0.0.1:{self.ctx.baseline_port}/api/1/sms/out"
+        wait_until(self.proc, "baseline", self.log, lambda: http_status(url) is not None, 30)
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is not None:
+                self.ctx.fail(f"baseline proxy died with exit code {self.proc.returncode}")
+            self.ctx.procs.stop(self.proc)
+            self.proc = None
+
+
+def start_nginx(ctx: Ctx) -> subprocess.Popen[bytes]:
+    d = ctx.tmp / "nginx"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    template = (BENCH / "nginx.conf.template").read_text()
+    conf.write_text(template.format(dir=d, port=ctx.nginx_port))
+    cmd = [*ctx.pin.load, "nginx", "-c", str(conf), "-p", str(d), "-e", str(d / "startup.log")]
+    out = d / "stdout.log"
+    proc = ctx.procs.start("nginx", cmd, out)
+    url = f"{ctx.upstream}/auth/token"
+    wait_until(proc, "nginx", out, lambda: http_status(url) == 200, 15)
+    return proc
+
+
+# -- scenarios 1 and 2: send at c32 and c1 ------------------------------------------------------
+
+
+def run_send(ctx: Ctx, conns: list[int]) -> dict[int, dict[str, Any]]:
+    """Direct stub, baseline and gateway (one after the other) at each connection count."""
+    dur = ctx.args.duration
+    out: dict[int, dict[str, Any]] = {c: {} for c in conns}
+    direct = f"{ctx.upstream}/sms/out"
+    for c in conns:
+        log(f"  direct stub  c{c}: warm-up {WARMUP_SECONDS} s, measure {dur} s")
+        ctx.wrk(direct, c, WARMUP_SECONDS, record=False)
+        out[c]["direct"] = ctx.wrk(direct, c, dur)
+
+    base = Baseline(ctx)
+    try:
+        pid = base.start()
+        url = f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out"
+        for c in conns:
+            log(f"  baseline     c{c}: warm-up {WARMUP_SECONDS} s, measure {dur} s")
+            ctx.wrk(url, c, WARMUP_SECONDS, record=False)
+            out[c]["baseline"] = ctx.wrk(url, c, dur, pid=pid)
+            check_core(ctx, "baseline", c, out[c]["baseline"])
+    finally:
+        base.stop()
+
+    gw = Gateway(ctx, "send", poll_wait=0)
+    try:
+        pid = gw.start()
+        url = f"{gw.base}/api/1/sms/out"
+        for c in conns:
+            log(f"  gateway      c{c}: warm-up {WARMUP_SECONDS} s, measure {dur} s")
+            ctx.wrk(url, c, WARMUP_SECONDS, record=False)
+            before = gw.stable_sends()
+            res = ctx.wrk(url, c, dur, pid=pid)
+            after = gw.stable_sends()
+            res["store_check"] = check_sends(ctx, res, c, after - before)
+            check_core(ctx, "gateway", c, res)
+            if not gw.alive():
+                ctx.fail(f"gateway died during the c{c} send run")
+            out[c]["gateway"] = res
+    finally:
+        gw.stop()
+    return out
+
+
+def check_core(ctx: Ctx, name: str, conns: int, res: dict[str, Any]) -> None:
+    """At c32 the process under test should use its whole core; if not, the core was busy."""
+    cpu = res.get("under_test_cpu")
+    if conns >= 32 and cpu is not None and cpu < 0.8:
+        ctx.problem(
+            f"{name} used only {cpu:.0%} of its CPU at c{conns}: something else was running "
+            "on that core (or the process is not CPU-bound), so this run is not representative"
+        )
+
+
+def check_sends(ctx: Ctx, res: dict[str, Any], conns: int, rows: int) -> dict[str, Any]:
+    """One `sends` row per 204 wrk counted: never fewer; more only for abandoned requests."""
+    ok = res["requests"] - res["non2xx"]
+    sock = res["socket_errors"]
+    slack = res["non2xx"] + conns + sock["read"] + sock["write"] + sock["timeout"]
+    check = {
+        "responses_2xx": ok,
+        "rows_added": rows,
+        "allowed_extra": slack,
+        "passed": ok <= rows <= ok + slack,
+    }
+    if res["non2xx"]:
+        ctx.problem(f"gateway answered {res['non2xx']} non-2xx at c{conns}")
+    if any(sock.values()):
+        ctx.problem(f"wrk socket errors against the gateway at c{conns}: {sock}")
+    if not check["passed"]:
+        ctx.fail(
+            f"send c{conns}: wrk saw {ok} 2xx answers but the store gained {rows} sends rows "
+            f"(allowed {ok}..{ok + slack})"
+        )
+    return check
+
+
+def send_figures(per_c: dict[int, dict[str, Any]]) -> dict[str, float | None]:
+    fig: dict[str, float | None] = {}
+    for c, targets in per_c.items():
+        for name, r in targets.items():
+            fig[f"c{c}_{name}_rps"] = r["rps"]
+            fig[f"c{c}_{name}_p50_ms"] = r["p50_ms"]
+            fig[f"c{c}_{name}_p99_ms"] = r["p99_ms"]
+            if "under_test_cpu" in r:
+                fig[f"c{c}_{name}_cpu"] = r["under_test_cpu"]
+    if 32 in per_c:
+        t = per_c[32]
+        fig["send32_ratio"] = t["gateway"]["rps"] / t["baseline"]["rps"]
+        fig["send32_tail"] = t["gateway"]["p99_ms"] / t["gateway"]["p50_ms"]
+    if 1 in per_c:
+        t = per_c[1]
+        gw_added = t["gateway"]["p50_ms"] - t["direct"]["p50_ms"]
+        base_added = t["baseline"]["p50_ms"] - t["direct"]["p50_ms"]
+        fig["c1_gateway_added_ms"] = gw_added
+        fig["c1_baseline_added_ms"] = base_added
+        fig["send1_added_ratio"] = gw_added / base_added if base_added > 0 else math.inf
+    return fig
+
+
+# -- the Python load client -----------------------------------------------------------------------
+
+
+def client_session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
+
+
+def dlr(message_id: str, status: int = 1, text: str = "DELIVRD") -> bytes:
+    return json.dumps(
+        {
+            "type": "dlr",
+            "messageId": message_id,
+            "status": text,
+            "statusCode": status,
+            "timestamp": int(time.time()),
+        }
+    ).encode()
+
+
+JSON_CT = {"Content-Type": "application/json"}
+
+
+async def post_all(
+    session: aiohttp.ClientSession,
+    url: str,
+    bodies: Iterator[bytes],
+    workers: int,
+    statuses: Counter[int],
+    errors: list[str],
+) -> None:
+    async def worker() -> None:
+        for body in bodies:  # one shared iterator: each body is posted once
+            try:
+                async with session.post(url, data=body, headers=JSON_CT) as resp:
+                    await resp.read()
+                    statuses[resp.status] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses[0] += 1
+                if len(errors) < 20:
+                    errors.append(repr(exc))
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def poll_until_empty(
+    session: aiohttp.ClientSession,
+    url: str,
+    pollers: int,
+    max_requests: int,
+) -> tuple[list[dict[str, str]], Counter[int], list[str]]:
+    """Poll with `pollers` clients until each gets 204; every record answered."""
+    records: list[dict[str, str]] = []
+    statuses: Counter[int] = Counter()
+    errors: list[str] = []
+    budget = [max_requests]
+
+    async def poller() -> None:
+        while budget[0] > 0:
+            budget[0] -= 1
+            try:
+                async with session.get(url, params=CREDS) as resp:
+                    body = await resp.text()
+                    statuses[resp.status] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses[0] += 1
+                if len(errors) < 20:
+                    errors.append(repr(exc))
+                continue
+            if resp.status == 204:
+                return
+            if resp.status != 200:
+                if len(errors) < 20:
+                    errors.append(f"{resp.status}: {body[:200]}")
+                continue
+            parsed = urllib.parse.parse_qs(body, keep_blank_values=True)
+            records.append({k: v[0] for k, v in parsed.items()})
+
+    await asyncio.gather(*(poller() for _ in range(pollers)))
+    return records, statuses, errors
+
+
+# -- scenario 3: webhook ingest, then poll everything ----------------------------------------------
+
+
+def insert_sends(conn: sqlite3.Connection, n: int, prefix: str) -> None:
+    now = time.time()
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, upstream_ref, "
+        "created_at) VALUES (?,?,?,?,?,?,?)",
+        (
+            (TENANT, f"L{i}", f"6422{i % 10_000_000:07d}", SENDER, f"{prefix}{i}", f"r{i}", now)
+            for i in range(n)
+        ),
+    )
+    conn.execute("COMMIT")
+
+
+def run_webhook(ctx: Ctx) -> dict[str, Any]:
+    n = ctx.args.webhooks
+    gw = Gateway(ctx, "webhook", poll_wait=0)
+    with contextlib.closing(gw.create_store()) as conn:
+        insert_sends(conn, n, "c")
+    res: dict[str, Any] = {"n": n}
+    try:
+        pid = gw.start()
+        url = f"{gw.base}/webhooks/connexus/{SECRET}"
+
+        async def ingest() -> tuple[float, Counter[int], list[str], float]:
+            statuses: Counter[int] = Counter()
+            errors: list[str] = []
+            async with client_session(100) as session:
+                bodies = (dlr(f"c{i}") for i in range(n))
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                async with asyncio.timeout(max(60.0, n / 200)):
+                    await post_all(session, url, bodies, 100, statuses, errors)
+                elapsed = time.perf_counter() - t0
+                return elapsed, statuses, errors, (time.process_time() - c0) / elapsed
+
+        log(f"  posting {n} delivery reports, 100 in flight")
+        gcpu0 = cpu_seconds(pid)
+        elapsed, statuses, errors, client_cpu = asyncio.run(ingest())
+        gcpu1 = cpu_seconds(pid)
+        res.update(
+            seconds=elapsed,
+            rate=n / elapsed,
+            statuses=dict(statuses),
+            errors=errors,
+            client_cpu=round(client_cpu, 3),
+        )
+        if gcpu0 is not None and gcpu1 is not None:
+            res["under_test_cpu"] = round((gcpu1 - gcpu0) / elapsed, 3)
+        if statuses.get(200, 0) != n:
+            ctx.fail(
+                f"webhook: {statuses.get(200, 0)} of {n} answered 200: {dict(statuses)} "
+                f"{errors[:3]}"
+            )
+        stored = gw.count(
+            "SELECT count(*) FROM records WHERE kind='status' AND tenant=? AND pollable=1",
+            TENANT,
+        )
+        res["stored_pollable"] = stored
+        if stored != n:
+            ctx.fail(f"webhook: {n} reports acknowledged, {stored} pollable records stored")
+
+        status_url = f"{gw.base}/api/1/sms/status"
+
+        async def drain() -> tuple[list[dict[str, str]], Counter[int], list[str], float]:
+            async with client_session(16) as session:
+                t0 = time.perf_counter()
+                async with asyncio.timeout(max(120.0, n / 50)):
+                    recs, sts, errs = await poll_until_empty(session, status_url, 8, 2 * n + 100)
+                return recs, sts, errs, time.perf_counter() - t0
+
+        log("  polling them back with 8 pollers (poll_wait_seconds 0)")
+        records, pstatuses, perrors, pelapsed = asyncio.run(drain())
+        receipts = Counter(r.get("messageId", "") for r in records)
+        legacy = Counter(r.get("inReplyToId", "") for r in records)
+        codes = Counter(r.get("statusCode", "") for r in records)
+        expected = {f"L{i}" for i in range(n)}
+        dup_receipts = sum(1 for v in receipts.values() if v > 1)
+        dup_legacy = sum(1 for v in legacy.values() if v > 1)
+        missing = len(expected - set(legacy))
+        unexpected = len(set(legacy) - expected)
+        res["poll"] = {
+            "records": len(records),
+            "seconds": pelapsed,
+            "rate": len(records) / pelapsed,
+            "statuses": dict(pstatuses),
+            "errors": perrors,
+            "status_codes": dict(codes),
+            "duplicate_receipts": dup_receipts,
+            "duplicate_inReplyToId": dup_legacy,
+            "missing": missing,
+            "unexpected": unexpected,
+        }
+        if (
+            len(records) != n
+            or dup_receipts
+            or dup_legacy
+            or missing
+            or unexpected
+            or set(codes) != {"RCV"}
+        ):
+            ctx.fail(
+                f"webhook poll: {len(records)} records for {n} reports, {dup_receipts} "
+                f"duplicate receipts, {dup_legacy} duplicate inReplyToId, {missing} missing, "
+                f"{unexpected} unexpected, statusCodes {dict(codes)}"
+            )
+        if perrors:
+            ctx.problem(f"webhook poll errors: {perrors[:3]}")
+        queue_url = f"{gw.base}/api/1/sms/queue?" + urllib.parse.urlencode(CREDS)
+        with _NO_PROXY.open(queue_url, timeout=10) as resp:
+            res["queue_after"] = resp.read().decode()
+        if res["queue_after"] != "inCount=0&statusCount=0":
+            ctx.fail(f"webhook: queue after draining is {res['queue_after']!r}")
+        if not gw.alive():
+            ctx.fail("gateway died during the webhook run")
+    finally:
+        gw.stop()
+    return res
+
+
+# -- scenario 4: poll wake-up latency -------------------------------------------------------------
+
+
+def run_wakeup(ctx: Ctx, run: int) -> dict[str, Any]:
+    k = ctx.args.wakeups
+    gw = Gateway(ctx, "wakeup", poll_wait=10)
+    res: dict[str, Any] = {"k": k}
+    try:
+        gw.start()
+        hook = f"{gw.base}/webhooks/connexus/{SECRET}"
+        poll = f"{gw.base}/api/1/sms/in"
+
+        async def one(session: aiohttp.ClientSession, i: int) -> tuple[float, str | None]:
+            """t1 - t0 of one wake-up, or an error."""
+
+            async def long_poll() -> tuple[int, str, float]:
+                async with session.get(poll, params=CREDS) as resp:
+                    body = await resp.text()
+                    return resp.status, body, time.perf_counter()
+
+            body_text = f"wake {run}-{i}"
+            payload = json.dumps(
+                {
+                    "type": "mo",
+                    "messageId": f"wake-{run}-{i}",
+                    "from": "+" + HANDSET,
+                    "to": SENDER,
+                    "body": body_text,
+                    "timestamp": int(time.time()),
+                }
+            ).encode()
+            task = asyncio.create_task(long_poll())
+            try:
+                await asyncio.sleep(0.02)  # the poll is now waiting in the gateway
+                if task.done():
+                    st, body, _ = task.result()
+                    return math.nan, f"poll answered before the webhook: {st} {body[:100]!r}"
+                async with session.post(hook, data=payload, headers=JSON_CT) as resp:
+                    await resp.read()
+                    t0 = time.perf_counter()
+                    if resp.status != 200:
+                        return math.nan, f"webhook answered {resp.status}"
+                st, body, t1 = await asyncio.wait_for(task, 15)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return math.nan, repr(exc)
+            finally:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait([task], timeout=5)
+            got = urllib.parse.parse_qs(body, keep_blank_values=True)
+            if st != 200 or got.get("body") != [body_text] or got.get("from") != [HANDSET]:
+                return math.nan, f"poll answered {st} {body[:100]!r}"
+            return t1 - t0, None
+
+        async def main() -> tuple[list[float], list[str]]:
+            deltas: list[float] = []
+            errors: list[str] = []
+            async with client_session(8) as session:
+                async with asyncio.timeout(30 + k * 1.0):
+                    for i in range(k):
+                        d, err = await one(session, i)
+                        if err is not None:
+                            errors.append(err)
+                        else:
+                            deltas.append(d)
+            return deltas, errors
+
+        log(f"  {k} long-polls woken by an mo webhook (poll_wait_seconds 10)")
+        deltas, errors = asyncio.run(main())
+        negative = sum(1 for d in deltas if d < 0)
+        ms = sorted(max(0.0, d) * 1e3 for d in deltas)
+        res.update(
+            samples=len(ms),
+            errors=errors[:20],
+            error_count=len(errors),
+            negative=negative,
+            p50_ms=percentile(ms, 50),
+            p99_ms=percentile(ms, 99),
+            max_ms=ms[-1] if ms else None,
+            all_ms=[round(v, 4) for v in ms],
+        )
+        if errors:
+            ctx.fail(f"wakeup: {len(errors)} of {k} iterations failed: {errors[:3]}")
+        if not gw.alive():
+            ctx.fail("gateway died during the wakeup run")
+    finally:
+        gw.stop()
+    return res
+
+
+# -- scenario 5: memory after a million records ---------------------------------------------------
+
+
+def prefill_memory(gw: Gateway, n: int) -> float:
+    t0 = time.monotonic()
+    now = time.time()
+    with contextlib.closing(gw.create_store()) as conn:
+        conn.execute("PRAGMA synchronous = OFF")
+        insert_sends(conn, n, "m")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO records (tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
+            "msisdn_to, in_reply_to, dlr_status, error, created_at, pollable) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                (
+                    TENANT,
+                    "status",
+                    f"dlr:m{i}:1",
+                    f"m{i}",
+                    f"{i:032x}",
+                    f"6422{i % 10_000_000:07d}",
+                    SENDER,
+                    f"L{i}",
+                    1,
+                    "DELIVRD",
+                    now,
+                    i % 2,
+                )
+                for i in range(n)
+            ),
+        )
+        conn.execute("COMMIT")
+    return time.monotonic() - t0
+
+
+def run_memory(ctx: Ctx) -> dict[str, Any]:
+    n = ctx.args.records
+    seconds = ctx.args.memory_seconds
+    gw = Gateway(ctx, "memory", poll_wait=0)
+    log(f"  pre-filling {n:,} records ({n // 2:,} pollable) and {n:,} sends")
+    res: dict[str, Any] = {
+        "records": n,
+        "seconds": seconds,
+        "prefill_seconds": round(prefill_memory(gw, n), 1),
+    }
+    wrk_out = ctx.path("wrk-memory.txt")
+    try:
+        pid = gw.start(ready_timeout=120)
+        samples: list[tuple[float, int | None]] = [(0.0, rss_kb(pid))]
+        log(
+            f"  {seconds} s of mixed load (wrk c8 send, webhooks, polls); "
+            f"RSS every {RSS_INTERVAL:.0f} s; start {samples[0][1]} kB"
+        )
+        wrk_cmd = [
+            *ctx.pin.load,
+            "wrk",
+            "-t1",
+            "-c8",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / "send.lua"),
+            f"{gw.base}/api/1/sms/out",
+        ]
+        hook = f"{gw.base}/webhooks/connexus/{SECRET}"
+        status_url = f"{gw.base}/api/1/sms/status"
+        in_url = f"{gw.base}/api/1/sms/in"
+        counts: Counter[str] = Counter()
+
+        async def load(deadline: float) -> None:
+            async with client_session(32) as session:
+
+                async def hooks() -> None:
+                    i = 0
+                    while time.monotonic() < deadline:
+                        i += 1
+                        body = dlr(f"m{(i * 7919) % n}", 4, "QUEUED")
+                        try:
+                            async with session.post(hook, data=body, headers=JSON_CT) as r:
+                                await r.read()
+                                counts[f"webhook_{r.status}"] += 1
+                        except (aiohttp.ClientError, TimeoutError):
+                            counts["webhook_error"] += 1
+
+                async def polls(url: str, kind: str) -> None:
+                    while time.monotonic() < deadline:
+                        try:
+                            async with session.get(url, params=CREDS) as r:
+                                await r.read()
+                                counts[f"poll_{kind}_{r.status}"] += 1
+                        except (aiohttp.ClientError, TimeoutError):
+                            counts[f"poll_{kind}_error"] += 1
+
+                async def sampler() -> None:
+                    t0 = time.monotonic()
+                    k = 1
+                    while k * RSS_INTERVAL <= seconds + 0.5:
+                        await asyncio.sleep(max(0.0, t0 + k * RSS_INTERVAL - time.monotonic()))
+                        samples.append((round(time.monotonic() - t0, 1), rss_kb(pid)))
+                        k += 1
+
+                async with asyncio.timeout(seconds + 60):
+                    await asyncio.gather(
+                        *(hooks() for _ in range(8)),
+                        *(polls(status_url, "status") for _ in range(2)),
+                        polls(in_url, "in"),
+                        sampler(),
+                    )
+
+        wrk = ctx.procs.start("wrk", wrk_cmd, wrk_out)
+        try:
+            asyncio.run(load(time.monotonic() + seconds))
+            wrk.wait(30)
+        finally:
+            ctx.procs.stop(wrk)
+        raw = wrk_out.read_text(errors="replace")
+        res["wrk"] = {**parse_wrk(raw), "raw": raw, "command": shlex.join(wrk_cmd)}
+        res["load_counts"] = dict(counts)
+        res["rss_samples_kb"] = samples
+        kbs = [kb for _, kb in samples if kb is not None]
+        if len(kbs) < 3 or not gw.alive():
+            ctx.fail(f"memory: gateway not sampled enough / died (samples {samples})")
+        else:
+            prev, last = kbs[-2], kbs[-1]
+            res.update(
+                prev_mb=prev * 1024 / MB,
+                last_mb=last * 1024 / MB,
+                growth_kb=last - prev,
+                grew=last > prev,
+            )
+        bad = {k: v for k, v in counts.items() if k.endswith("_error") or k.endswith("_500")}
+        if bad:
+            ctx.problem(f"memory: errors under mixed load: {bad}")
+        if res["wrk"]["non2xx"]:
+            ctx.problem(f"memory: gateway answered {res['wrk']['non2xx']} non-2xx sends")
+    finally:
+        gw.stop()
+    return res
+
+
+# -- environment and reporting ---------------------------------------------------------------------
+
+
+def versions() -> dict[str, Any]:
+    def pkg(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def cmd_out(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unavailable: {exc}"
+        return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr) else ""
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    git = cmd_out(["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"])
+    dirty = cmd_out(
+        ["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"]
+    )
+    return {
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": pkg("uvloop"),
+        "sqlite": sqlite3.sqlite_version,
+        "bc_proxy": pkg("bc-proxy"),
+        "git_commit": git,
+        "git_dirty": bool(dirty),
+        "wrk": cmd_out(["wrk", "-v"]).split(" Copyright")[0],
+        "nginx": cmd_out(["nginx", "-v"]),
+        "kernel": platform.release(),
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def bar_verdicts(med: dict[str, Any]) -> list[dict[str, Any]]:
+    checks: dict[str, Callable[[float], bool]] = {
+        "send32_ratio": lambda v: v >= 1.0,
+        "send1_added_ratio": lambda v: v <= 1.2,
+        "send32_tail": lambda v: v <= 3.0,
+        "webhook_rate": lambda v: v >= 5000,
+        "wakeup_p99": lambda v: v < 5.0,
+    }
+    out = []
+    for key, label, threshold in BARS:
+        if key == "memory":
+            last, growth = med.get("memory_last_mb"), med.get("memory_growth_kb")
+            if last is None or growth is None:
+                continue
+            value = f"{last:.1f} MB, {growth:+.0f} kB between the last two samples"
+            ok = last < 150 and growth <= 0
+        else:
+            v = med.get(key)
+            if v is None:
+                continue
+            value = fmt(v, 0 if key == "webhook_rate" else 2)
+            ok = checks[key](v)
+        out.append(
+            {
+                "bar": key,
+                "label": label,
+                "median": value,
+                "threshold": threshold,
+                "verdict": "PASS" if ok else "FAIL",
+            }
+        )
+    return out
+
+
+def per_run_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per scenario with its headline figure of every run, to show the spread."""
+    lines = []
+    for s, runs in results.items():
+        vals: list[str] = []
+        for r in runs:
+            f = r.get("figures", {})
+            if s == "send32":
+                vals.append(f"{fmt(f.get('send32_ratio'))}x (tail {fmt(f.get('send32_tail'))})")
+            elif s == "send1":
+                vals.append(f"{fmt(f.get('send1_added_ratio'))}x")
+            elif s == "webhook":
+                vals.append(f"{fmt(r.get('rate'), 0)}/s")
+            elif s == "wakeup":
+                vals.append(f"p99 {fmt(r.get('p99_ms'), 3)} ms")
+            elif s == "memory":
+                vals.append(f"{fmt(r.get('last_mb'), 1)} MB ({r.get('growth_kb', 'n/a')} kB)")
+        lines.append(f"- {s}: {'; '.join(vals) if vals else 'no complete run'}")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# bc-proxy benchmark {report['timestamp']} on {report['hostname']}",
+        "",
+        f"runs: {report['runs']}, wrk duration: {report['duration']} s, quick: {report['quick']}, "
+        f"scenarios: {', '.join(report['scenarios_run'])}",
+        f"CPU: {env['cpu_model']} ({env['cores']} cores); pinning: {report['pinning']}",
+        f"python {env['python']}, aiohttp {env['aiohttp']}, uvloop {env['uvloop']}, "
+        f"SQLite {env['sqlite']}, {env['wrk']}, {env['nginx']}; bc-proxy {env['git_commit'][:12]}"
+        f"{' (dirty tree)' if env['git_dirty'] else ''}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])}",
+        "",
+        "## Bars (median of the runs)",
+        "",
+        "| bar | median | threshold | verdict |",
+        "|---|---|---|---|",
+    ]
+    for b in report["bars"]:
+        lines.append(f"| {b['label']} | {b['median']} | {b['threshold']} | {b['verdict']} |")
+    med = report["medians"]
+    if any(k.startswith("c32_") or k.startswith("c1_") for k in med):
+        lines += [
+            "",
+            "## Send path (median of the runs)",
+            "",
+            "| connections | target | req/s | p50 ms | p99 ms | CPU of process under test |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in (32, 1):
+            for t in ("direct", "baseline", "gateway"):
+                if f"c{c}_{t}_rps" not in med:
+                    continue
+                cpu = med.get(f"c{c}_{t}_cpu")
+                lines.append(
+                    f"| {c} | {t} | {fmt(med[f'c{c}_{t}_rps'], 0)} | "
+                    f"{fmt(med[f'c{c}_{t}_p50_ms'], 3)} | {fmt(med[f'c{c}_{t}_p99_ms'], 3)} | "
+                    f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
+                )
+        if "c1_gateway_added_ms" in med:
+            lines.append("")
+            lines.append(
+                f"Added p50 at c1 over direct: gateway {fmt(med['c1_gateway_added_ms'], 3)} ms, "
+                f"baseline {fmt(med['c1_baseline_added_ms'], 3)} ms."
+            )
+    extra = []
+    if "webhook_rate" in med:
+        extra.append(
+            f"- webhook ingest {fmt(med['webhook_rate'], 0)}/s "
+            f"(gateway CPU {fmt(med.get('webhook_gateway_cpu'), 2)}, "
+            f"client CPU {fmt(med.get('webhook_client_cpu'), 2)}); polled back at "
+            f"{fmt(med.get('webhook_poll_rate'), 0)}/s"
+        )
+    if "wakeup_p99" in med:
+        extra.append(
+            f"- wake-up p50 {fmt(med.get('wakeup_p50'), 3)} ms, p99 "
+            f"{fmt(med['wakeup_p99'], 3)} ms, max {fmt(med.get('wakeup_max'), 3)} ms"
+        )
+    if "memory_last_mb" in med:
+        extra.append(
+            f"- memory: last two RSS samples {fmt(med.get('memory_prev_mb'), 1)} MB, "
+            f"{fmt(med['memory_last_mb'], 1)} MB"
+        )
+    if extra:
+        lines += ["", "## Other figures (median of the runs)", "", *extra]
+    lines += ["", "## Per run", "", *per_run_lines(report["results"])]
+    lines += ["", "## Checks", ""]
+    if report["failures"]:
+        lines += [f"- FAILED: {f}" for f in report["failures"]]
+    else:
+        lines.append("- every correctness check passed")
+    lines += [f"- problem: {p}" for p in report["problems"]]
+    lines += ["", "## Commands", "", "```", report["invocation"], *report["commands"], "```", ""]
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--runs", type=int, default=3, help="repetitions of every scenario (3)")
+    p.add_argument("--duration", type=int, default=10, help="seconds of each wrk measurement")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: 2,000 webhooks, 50 wake-ups, 100,000 records for 15 s",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SCENARIOS,
+        metavar="SCENARIO",
+        help=f"run only these of: {', '.join(SCENARIOS)}",
+    )
+    p.add_argument("--webhooks", type=int, help="sends pre-created and reports posted (20000)")
+    p.add_argument("--wakeups", type=int, help="wake-up iterations (300)")
+    p.add_argument("--records", type=int, help="records and sends pre-filled (1000000)")
+    p.add_argument("--memory-seconds", type=int, help="mixed-load seconds (60)")
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, stores)")
+    p.add_argument("--require-bars", action="store_true", help="exit 3 when a bar fails")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.webhooks = a.webhooks or (2_000 if q else 20_000)
+    a.wakeups = a.wakeups or (50 if q else 300)
+    a.records = a.records or (100_000 if q else 1_000_000)
+    a.memory_seconds = a.memory_seconds or (15 if q else 60)
+    if a.runs < 1 or a.duration < 1 or a.memory_seconds < 2 * RSS_INTERVAL:
+        p.error("--runs and --duration must be >= 1, --memory-seconds >= 10")
+    return a
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found (apt-get install {tool})", file=sys.stderr)
+            return 2
+    exe = Path(sys.executable).parent / "bc-proxy"
+    gateway_exe = str(exe) if exe.exists() else shutil.which("bc-proxy")
+    if gateway_exe is None:
+        print("error: bc-proxy not installed (pip install -e .)", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    pin = choose_pinning()
+    if pin.load_cpu is None:
+        log(f"WARNING: {pin.description}: figures are not comparable to pinned runs")
+    else:
+        os.sched_setaffinity(0, {pin.load_cpu})  # this script is the Python load client
+    log(f"pinning: {pin.description}")
+    scenarios = [s for s in SCENARIOS if not args.only or s in args.only]
+    env = versions()
+    started = datetime.datetime.now(datetime.UTC)
+    tmp = Path(tempfile.mkdtemp(prefix="bc-bench-"))
+    procs = Procs()
+    ctx = Ctx(args, tmp, procs, pin, free_port(), free_port(), free_port(), gateway_exe)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in scenarios}
+    interrupted = False
+    try:
+        start_nginx(ctx)
+        for run in range(args.runs):
+            log(f"== run {run + 1} of {args.runs}")
+            conns = [c for c, s in ((32, "send32"), (1, "send1")) if s in scenarios]
+            if conns:
+                log(f"send at {', '.join(f'c{c}' for c in conns)}")
+                per_c = run_send(ctx, conns)
+                figures = send_figures(per_c)
+                for c, s in ((32, "send32"), (1, "send1")):
+                    if c in per_c:
+                        runs[s].append(
+                            {
+                                "targets": per_c[c],
+                                "figures": {
+                                    k: v
+                                    for k, v in figures.items()
+                                    if k.startswith(f"c{c}_") or k.startswith(s)
+                                },
+                            }
+                        )
+            if "webhook" in scenarios:
+                log("webhook ingest")
+                runs["webhook"].append(run_webhook(ctx))
+            if "wakeup" in scenarios:
+                log("poll wake-up")
+                runs["wakeup"].append(run_wakeup(ctx, run))
+            if "memory" in scenarios:
+                log("memory")
+                runs["memory"].append(run_memory(ctx))
+    except KeyboardInterrupt:
+        interrupted = True
+        ctx.fail("interrupted: results are partial")
+    except CheckFailed as exc:
+        ctx.fail(str(exc))
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            log(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    med: dict[str, Any] = {}
+    for s in ("send32", "send1"):
+        keys = {k for r in runs.get(s, []) for k in r["figures"]}
+        for k in keys:
+            med[k] = median([r["figures"][k] for r in runs[s] if k in r["figures"]])
+    if runs.get("webhook"):
+        w = runs["webhook"]
+        med["webhook_rate"] = median([r["rate"] for r in w if "rate" in r])
+        med["webhook_gateway_cpu"] = median(
+            [r["under_test_cpu"] for r in w if "under_test_cpu" in r]
+        )
+        med["webhook_client_cpu"] = median([r["client_cpu"] for r in w if "client_cpu" in r])
+        med["webhook_poll_rate"] = median([r["poll"]["rate"] for r in w if "poll" in r])
+    if runs.get("wakeup"):
+        for k in ("p50", "p99", "max"):
+            med[f"wakeup_{k}"] = median(
+                [r[f"{k}_ms"] for r in runs["wakeup"] if r.get(f"{k}_ms") is not None]
+            )
+    if runs.get("memory"):
+        m = [r for r in runs["memory"] if "last_mb" in r]
+        med["memory_prev_mb"] = median([r["prev_mb"] for r in m])
+        med["memory_last_mb"] = median([r["last_mb"] for r in m])
+        med["memory_growth_kb"] = median([r["growth_kb"] for r in m])
+    med = {k: v for k, v in med.items() if v is not None}
+
+    host = socket.gethostname()
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    report: dict[str, Any] = {
+        "timestamp": stamp,
+        "hostname": host,
+        "runs": args.runs,
+        "duration": args.duration,
+        "quick": args.quick,
+        "sizes": {
+            "webhooks": args.webhooks,
+            "wakeups": args.wakeups,
+            "records": args.records,
+            "memory_seconds": args.memory_seconds,
+        },
+        "scenarios_run": scenarios,
+        "pinning": pin.description,
+        "environment": env,
+        "runner_event_loop": type(asyncio.get_event_loop_policy()).__module__,
+        "invocation": shlex.join([sys.executable, *sys.argv]),
+        "commands": procs.commands,
+        "medians": med,
+        "bars": bar_verdicts(med),
+        "failures": ctx.failures,
+        "problems": ctx.problems,
+        "interrupted": interrupted,
+        "results": runs,
+    }
+    md = markdown(report)
+    print()
+    print(md)
+    if interrupted:
+        log("interrupted: no results written")
+    else:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        base = args.results_dir / f"{stamp}-{host}"
+        Path(f"{base}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        Path(f"{base}.md").write_text(md)
+        log(f"wrote {base}.json and {base}.md")
+    if ctx.failures:
+        print(f"\n!!! {len(ctx.failures)} CHECK(S) FAILED", file=sys.stderr)
+        return 130 if interrupted else 1
+    if args.require_bars and any(b["verdict"] == "FAIL" for b in report["bars"]):
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
