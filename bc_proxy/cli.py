@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from bc_proxy.config import Settings, load
 from bc_proxy.errors import BcProxyError, ConfigError
@@ -34,8 +35,9 @@ def _secrets(settings: Settings) -> list[str]:
         for s in (t.legacy.password, t.connexus.client_secret, t.connexus.password):
             if s is not None:
                 out.append(s.get_secret_value())
-    if "@" in settings.store.url and ":" in settings.store.url.split("@")[0][13:]:
-        out.append(settings.store.url.split("@")[0].rsplit(":", 1)[1])
+    store_password = urlsplit(settings.store.url).password
+    if store_password:
+        out.append(store_password)
     return out
 
 

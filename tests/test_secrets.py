@@ -1,0 +1,234 @@
+"""Secrets never leave bc-proxy: a full run with distinctive credentials leaves none of them in
+logs (in-process and `bc-proxy serve`'s stderr), /metrics or answers, and numbers are masked."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+import yaml
+
+from bc_proxy import log
+from bc_proxy.config import parse
+from bc_proxy.connexus.emulator import Emulator
+from bc_proxy.log import mask_number
+from tests.conftest import CLIENT_ID, Connexus, GatewayFactory
+from tests.test_shutdown import free_port, serve
+
+ACME_USER = "acme-legacy"
+ACME_PASSWORD = "LgAcmePW-51f0c9e2"
+BETA_USER = "beta-legacy"
+BETA_PASSWORD = "LgBetaPW-8c2e41d7"
+CLIENT_SECRET = "cskSECRET-7d21b8e4a9"
+CX_USER = "beta@example.org"
+CX_PASSWORD = "cxPASSWORD-5e9c0a77f3"
+HOOK_SECRET = "whSECRET-3b8f6d2a91c4"
+CONFIGURED = (ACME_PASSWORD, BETA_PASSWORD, CLIENT_SECRET, CX_PASSWORD, HOOK_SECRET)
+NUMBERS = ("64211230001", "64211230002", "64211230003", "64277700004", "64277700005")
+
+
+def secret_config(tmp_path: Path, base_url: str, **server: Any) -> dict[str, Any]:
+    """Two tenants: acme with token auth, beta with Connexus password auth; distinct secrets."""
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, **server},
+        "upstream": {"base_url": base_url, "timeout_seconds": 3, "mo_query_interval_seconds": 0},
+        "store": {"url": f"sqlite:///{tmp_path / 'secrets.db'}"},
+        "webhook": {"secret": HOOK_SECRET},
+        "tenants": [
+            {
+                "name": "acme",
+                "legacy": {"user_id": ACME_USER, "password": ACME_PASSWORD},
+                "connexus": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
+                "senders": ["552"],
+                "poll_wait_seconds": 0,
+            },
+            {
+                "name": "beta",
+                "legacy": {"user_id": BETA_USER, "password": BETA_PASSWORD},
+                "connexus": {"user_id": CX_USER, "password": CX_PASSWORD},
+                "senders": ["3300"],
+                "poll_wait_seconds": 0,
+            },
+        ],
+        "log": {"level": "debug", "format": "json"},
+    }
+
+
+def arm(emu: Emulator) -> None:
+    """Teach the emulator our distinctive upstream credentials."""
+    emu.clients[CLIENT_ID] = CLIENT_SECRET
+    emu.users[CX_USER] = CX_PASSWORD
+
+
+def issued_tokens(emu: Emulator) -> set[str]:
+    """Every bearer token the emulator issued, as seen on the wire."""
+    out = set()
+    for r in emu.requests:
+        scheme, _, token = r.headers.get("Authorization", "").partition(" ")
+        if scheme == "Bearer" and token:
+            out.add(token)
+    return out
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {raw}"}
+
+
+async def full_run(http: aiohttp.ClientSession, base: str, emu: Emulator) -> list[str]:
+    """Sends, webhooks, polls, passthrough and every kind of failure; all answers as text."""
+    seen: list[str] = []
+    acme = {"userId": ACME_USER, "password": ACME_PASSWORD}
+    beta = {"userId": BETA_USER, "password": BETA_PASSWORD}
+    hook = f"/webhooks/connexus/{HOOK_SECRET}"
+
+    async def call(method: str, path: str, expect: int, **kw: Any) -> str:
+        async with http.request(method, base + path, **kw) as resp:
+            text = await resp.text()
+            seen.append(f"{resp.status} {dict(resp.headers)} {text}")
+            assert resp.status == expect, f"{method} {path}: {resp.status} {text}"
+            return text
+
+    out = "/api/1/sms/out"
+    await call("POST", out, 204, data={**acme, "to": NUMBERS[0], "body": "one"})
+    await call("POST", out, 204, data={**acme, "to": f"{NUMBERS[1]},{NUMBERS[2]}", "body": "two"})
+    await call("POST", out, 204, data={**beta, "to": NUMBERS[3], "body": "three"})
+    emu.revoke_tokens()  # the next acme call meets a 401 and refreshes
+    await call("GET", out, 204, params={**acme, "to": NUMBERS[0], "body": "four"})
+    emu.webhook_url = base + hook
+    await emu.fire_mo(f"+{NUMBERS[4]}", "552", "for acme")
+    await emu.fire_mo(NUMBERS[4], "3300", "for beta")
+    await emu.fire_dlr(emu.sent[0].message_id, 2)
+    assert all(status == 200 for _, status in emu.webhook_deliveries)
+    await call("GET", "/api/1/sms/in", 200, headers=basic(ACME_USER, ACME_PASSWORD))
+    await call("POST", "/api/1/sms/status", 200, data=acme)
+    await call("GET", "/api/1/sms/in", 200, params=beta)
+    await call("GET", "/api/1/sms/queue", 200, params=acme)
+    # failures: legacy credentials, upstream errors, token refusal, bad webhooks
+    await call("POST", out, 401, data={**acme, "password": ACME_PASSWORD + "x", "to": "1"})
+    await call("GET", "/api/1/sms/in", 401, headers=basic(ACME_USER, BETA_PASSWORD))
+    emu.fail_next = [500]
+    await call("POST", out, 500, data={**acme, "to": NUMBERS[0], "body": "upstream down"})
+    emu.fail_next = [500]
+    await call("POST", out, 500, data={**beta, "to": NUMBERS[3], "body": "upstream down"})
+    emu.users[CX_USER] = "rotated"
+    await call("POST", out, 500, data={**beta, "to": NUMBERS[3], "body": "refused"})
+    emu.users[CX_USER] = CX_PASSWORD
+    emu.revoke_tokens()
+    emu.clients[CLIENT_ID] = "rotated-secret"
+    await call("POST", out, 500, data={**acme, "to": NUMBERS[0], "body": "token refused"})
+    await call("GET", "/readyz", 503)
+    emu.clients[CLIENT_ID] = CLIENT_SECRET
+    emu.fail_token_next = [500] * 3
+    await call("POST", out, 500, data={**acme, "to": NUMBERS[0], "body": "token down"})
+    emu.fail_token_next = []
+    await call("GET", "/readyz", 200)
+    await call("POST", "/webhooks/connexus/wrong-secret-value", 401, json={"type": "mo"})
+    await call("POST", hook, 400, data=b"{broken", headers={"Content-Type": "application/json"})
+    await call("POST", hook, 400, json={"type": "dlr", "messageId": CX_PASSWORD})
+    # the modern passthrough, with both auth modes and an upstream failure
+    await call("GET", "/api/connexus/sms/balance", 200, headers=basic(ACME_USER, ACME_PASSWORD))
+    await call("GET", "/api/connexus/sms/balance", 200, params=beta)
+    emu.fail_next = [502]
+    await call("GET", "/api/connexus/sms/balance", 502, params=beta)
+    await call("GET", "/healthz", 200)
+    return seen
+
+
+def assert_clean(where: str, text: str, secrets: set[str]) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{where} contains {secret!r}"
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """bc-proxy's JSON logs (debug level) into a buffer; the previous logging config is restored."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    # No secrets handed to the scrubber: the code itself must not log them.
+    log.setup("debug", "json", (), stream=stream)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**saved)
+
+
+async def test_in_process_run_leaks_no_secret(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory, log_stream: io.StringIO
+) -> None:
+    """Logs, /metrics and every answer of a full run hold no configured secret and no token."""
+    arm(connexus.emu)
+    client = await gateway(secret_config(tmp_path, connexus.base_url))
+    async with aiohttp.ClientSession() as http:
+        answers = await full_run(http, str(client.make_url("")).rstrip("/"), connexus.emu)
+        async with http.get(str(client.make_url("/metrics"))) as resp:
+            metrics = await resp.text()
+    tokens = issued_tokens(connexus.emu)
+    assert len(tokens) >= 2  # the first token and the one fetched after revocation
+    secrets = {*CONFIGURED, *tokens}
+    logs = log_stream.getvalue()
+    lines = [json.loads(line) for line in logs.splitlines()]
+    assert any(e["event"] == "request" for e in lines)
+    assert_clean("the logs", logs, secrets)
+    assert_clean("/metrics", metrics, secrets)
+    for answer in answers:
+        assert_clean("an answer", answer, secrets)
+    for number in NUMBERS:
+        assert number not in logs, f"unmasked number {number} in the logs"
+
+
+def test_scrubber_masks_numbers_and_secrets(log_stream: io.StringIO) -> None:
+    """With secrets configured, a phone number under a number key is masked and secrets vanish."""
+    stream = io.StringIO()
+    log.setup("info", "json", CONFIGURED, stream=stream)
+    logger = log.get_logger("bc_proxy.test")
+    logger.info("probe", to=NUMBERS[0], msisdn=f"+{NUMBERS[1]}", error=f"refused {CLIENT_SECRET}")
+    logging.getLogger("aiohttp.server").warning("peer sent %s", HOOK_SECRET)
+    text = stream.getvalue()
+    event = json.loads(text.splitlines()[0])
+    assert event["to"] == mask_number(NUMBERS[0]) == "********001"
+    assert event["msisdn"] == mask_number(f"+{NUMBERS[1]}")
+    assert event["msisdn"].endswith("002")
+    assert event["error"] == "refused ***"
+    assert_clean("scrubbed logs", text, {*CONFIGURED, *NUMBERS})
+
+
+async def test_served_process_leaks_no_secret(tmp_path: Path, connexus: Connexus) -> None:
+    """`bc-proxy serve`'s stderr over a full run and a SIGTERM holds no secret and no raw number."""
+    arm(connexus.emu)
+    port = free_port()
+    cfg = secret_config(tmp_path, connexus.base_url, port=port, shutdown_timeout_seconds=3)
+    path = tmp_path / "secrets.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    parse(cfg)  # the file is a valid configuration
+    async with serve(path, port) as gw, aiohttp.ClientSession() as http:
+        answers = await full_run(http, gw.base, connexus.emu)
+        async with http.get(gw.base + "/metrics") as resp:
+            metrics = await resp.text()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
+    tokens = issued_tokens(connexus.emu)
+    assert len(tokens) >= 2
+    secrets = {*CONFIGURED, *tokens}
+    logs = gw.log
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert sum(e["event"] == "request" for e in events) >= 20
+    assert "***" not in logs  # nothing even reached the scrubber
+    assert_clean("bc-proxy serve stderr", logs, secrets)
+    assert_clean("/metrics", metrics, secrets)
+    for answer in answers:
+        assert_clean("an answer", answer, secrets)
+    for number in NUMBERS:
+        assert number not in logs
