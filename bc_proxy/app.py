@@ -14,9 +14,11 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from bc_proxy import health, keys, passthrough, webhooks
 from bc_proxy.backlog import backlog_loop
@@ -169,8 +171,39 @@ async def _on_shutdown(app: web.Application) -> None:
         store.notifier.close()
 
 
+def _plain_parse_errors() -> None:
+    """Answer requests aiohttp cannot parse with the status phrase only.
+
+    aiohttp's default 400 body quotes the parser's message, which quotes the request line,
+    and with it a legacy password sent in the query string. Applied once per process.
+    """
+    original = RequestHandler.handle_error
+    if getattr(original, "_bc_proxy", False):
+        return
+
+    def handle_error(
+        self: RequestHandler,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 500:
+            message = (
+                f"{status} {HTTPStatus(status).phrase}" if status in _PHRASES else "Bad request"
+            )
+        return original(self, request, status, exc, message)
+
+    handle_error._bc_proxy = True  # type: ignore[attr-defined]
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+
+
+_PHRASES = frozenset(s.value for s in HTTPStatus)
+
+
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """Build the bc-proxy application for these settings."""
+    _plain_parse_errors()
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[edge_middleware]
     )

@@ -232,3 +232,21 @@ async def test_served_process_leaks_no_secret(tmp_path: Path, connexus: Connexus
         assert_clean("an answer", answer, secrets)
     for number in NUMBERS:
         assert number not in logs
+
+
+async def test_unparseable_request_does_not_echo_the_password(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A request line aiohttp cannot parse gets a 400 whose body does not quote the password."""
+    client = await gateway(cfg)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"GET /api/1/sms/in?userId=acme-legacy&password=S3cr\xffet-pw HTTP/1.1\r\n"
+        b"Host: x\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400", answer[:300]
+    assert b"S3cr" not in answer
+    assert b"password" not in answer
