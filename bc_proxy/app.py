@@ -72,9 +72,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     tenant = request.get(legacy_routes.TENANT, NO_TENANT)
     app = request.config_dict
     if route in _LEGACY:
-        m = app[keys.METRICS]
-        m.legacy_requests.labels(route, tenant, str(resp.status)).inc()
-        m.legacy_duration.labels(route).observe(time.perf_counter() - started)
+        app[keys.METRICS].observe_legacy(route, tenant, resp.status, started)
     if app[keys.SETTINGS].log.requests and route not in _QUIET:
         log.info(
             "request",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,6 +59,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._legacy_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -180,12 +182,18 @@ class Metrics:
             for outcome in WEBHOOK_OUTCOMES:
                 self.webhooks.labels(wtype, outcome)
 
+    def observe_legacy(self, route: str, tenant: str, status: int, started: float) -> None:
+        """Count one legacy request and its duration (label children cached: hot path)."""
+        key = (route, tenant, status)
+        child = self._legacy_children.get(key)
+        if child is None:
+            child = self._legacy_children[key] = (
+                self.legacy_requests.labels(route, tenant, str(status)),
+                self.legacy_duration.labels(route),
+            )
+        child[0].inc()
+        child[1].observe(time.perf_counter() - started)
+
     def handler(self) -> Handler:
         """The /metrics handler (prometheus-client's aiohttp exposition)."""
         return make_aiohttp_handler(self.registry)
-
-
-def observe_request(metrics: Metrics, route: str, tenant: str, status: int, started: float) -> None:
-    """Count one legacy request and its duration."""
-    metrics.legacy_requests.labels(route, tenant, str(status)).inc()
-    metrics.legacy_duration.labels(route).observe(time.perf_counter() - started)

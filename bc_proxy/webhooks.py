@@ -9,6 +9,7 @@ legacy format (that happens when a record is handed out).
 from __future__ import annotations
 
 import hmac
+import json
 from typing import Annotated
 
 from aiohttp import web
@@ -51,8 +52,9 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
         payload = _ADAPTER.validate_json(raw)
     except ValidationError as exc:
         metrics.webhooks.labels("unknown", "rejected").inc()
-        reason = _reason(exc).replace('"', "'")
-        return _answer(400, f'{{"success":false,"error":"{reason[:200]}"}}'.encode())
+        # json.dumps: the reason may echo client input (an unknown `type`), escape it properly.
+        body = json.dumps({"success": False, "error": _reason(exc)[:200]}, separators=(",", ":"))
+        return _answer(400, body.encode())
     store = app[keys.STORE]
     result: IngestResult
     try:

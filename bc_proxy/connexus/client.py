@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import stamina
 from aiohttp import (
@@ -40,6 +41,7 @@ from bc_proxy.translate import (
 )
 
 _JSON = {"Content-Type": "application/json"}
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 class _Retryable(Exception):
@@ -211,10 +213,12 @@ class ConnexusClient:
         kwargs: dict[str, Any] = {"middlewares": self._auth[tenant]}
         if body is not None:
             payload = {**body, **extra} if extra else body
-            kwargs["data"] = json.dumps(payload, separators=(",", ":"))
+            kwargs["data"] = json.dumps(payload, separators=(",", ":")).encode()
             kwargs["headers"] = _JSON
         elif form is not None or extra:
-            kwargs["data"] = {**(form or {}), **(extra or {})}
+            # Encoded here rather than by aiohttp's FormData: same bytes, a fraction of the work.
+            kwargs["data"] = urlencode({**(form or {}), **(extra or {})}).encode()
+            kwargs["headers"] = _FORM
         started = time.perf_counter()
         try:
             async with self.session.request(method, url, **kwargs) as resp:
