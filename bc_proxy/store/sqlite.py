@@ -89,6 +89,11 @@ _RECORD_COLUMNS = (
     "status_code, dlr_status, error, created_at, push_attempts, push_error, push_deadline"
 )
 
+_INSERT_SEND = (
+    "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, upstream_ref, "
+    "created_at) VALUES (?,?,?,?,?,?,?)"
+)
+
 _INSERT_RECORD = (
     "INSERT OR IGNORE INTO records (tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
     "msisdn_to, body, rate_code, in_reply_to, status_code, dlr_status, error, created_at, "
@@ -122,6 +127,10 @@ class SQLiteStore:
         self._unsynced: list[tuple[asyncio.Future[Any], Any]] = []
         self._unsynced_wakes: Wakes = set()
         self._sync_task: asyncio.Task[None] | None = None
+        self._send_rows: list[tuple[Any, ...]] = []
+        self._send_batch: list[SendRecord] = []
+        self._send_waiters: list[asyncio.Future[Any]] = []
+        self._maybe_unmatched = True  # delivery reports may wait for their send
         self._claimed: dict[tuple[str, str], set[int]] = {}
         self._push_claimed: set[int] = set()
         self._closed = False
@@ -180,19 +189,30 @@ class SQLiteStore:
             raise StoreError("store is closed")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((op, fut))
+        self._schedule_flush()
+        return await fut
+
+    def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-        return await fut
 
     def _flush(self) -> None:
         self._flush_handle = None
-        batch, self._pending = self._pending, []
-        if not batch:
+        ops, self._pending = self._pending, []
+        send_rows, self._send_rows = self._send_rows, []
+        sends, self._send_batch = self._send_batch, []
+        send_waiters, self._send_waiters = self._send_waiters, []
+        if not ops and not send_rows:
             return
         try:
-            results, wakes = self._run_batch([op for op, _ in batch])
+            results, wakes = self._run_batch([op for op, _ in ops], send_rows, sends)
         except BaseException as exc:  # the commit itself failed: every write of it failed
-            results, wakes = [_as_store_error(exc)] * len(batch), set()
+            results, wakes = [_as_store_error(exc)] * len(ops), set()
+            send_result: Any = _as_store_error(exc)
+        else:
+            send_result = None
+        batch = [*ops, *((None, fut) for fut in send_waiters)]
+        results = [*results, *([send_result] * len(send_waiters))]
         if self._wal_fd is None:
             for (_, fut), result in zip(batch, results, strict=True):
                 _resolve(fut, result)
@@ -228,15 +248,20 @@ class SQLiteStore:
         for tenant, kind in wakes:
             self.notifier.notify(tenant, kind)
 
-    def _run_batch(self, ops: list[Op]) -> tuple[list[Any], Wakes]:
+    def _run_batch(
+        self, ops: list[Op], send_rows: list[tuple[Any, ...]], sends: list[SendRecord]
+    ) -> tuple[list[Any], Wakes]:
         conn = self._conn
         if conn is None:
             raise StoreError("store is not open")
         results: list[Any] = []
         wakes: Wakes = set()
-        single = len(ops) == 1
+        single = len(ops) == 1 and not send_rows
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if send_rows:
+                conn.executemany(_INSERT_SEND, send_rows)
+                self._match_early_reports(conn, wakes, sends, send_rows[0][-1])
             for op in ops:
                 if single:
                     results.append(op(conn, wakes))
@@ -292,24 +317,24 @@ class SQLiteStore:
         self, sends: Sequence[SendRecord], statuses: Sequence[StatusRecord] = ()
     ) -> None:
         now = time.time()
+        rows = [
+            (s.tenant, s.legacy_id, s.recipient, s.sender, s.connexus_id, s.upstream_ref, now)
+            for s in sends
+        ]
+        if not statuses:
+            # The hot path: every plain send of one loop tick goes in with one executemany.
+            if self._closed or self._conn is None:
+                raise StoreError("store is closed")
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._send_rows.extend(rows)
+            self._send_batch.extend(sends)
+            self._send_waiters.append(fut)
+            self._schedule_flush()
+            await fut
+            return
 
         def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
-            conn.executemany(
-                "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, "
-                "upstream_ref, created_at) VALUES (?,?,?,?,?,?,?)",
-                [
-                    (
-                        s.tenant,
-                        s.legacy_id,
-                        s.recipient,
-                        s.sender,
-                        s.connexus_id,
-                        s.upstream_ref,
-                        now,
-                    )
-                    for s in sends
-                ],
-            )
+            conn.executemany(_INSERT_SEND, rows)
             for s in statuses:
                 pollable, due, deadline = self._placement(s.tenant, "status", now)
                 conn.execute(
@@ -351,8 +376,12 @@ class SQLiteStore:
                 refs.setdefault(s.upstream_ref, s)
         if not refs:
             return
+        if not self._maybe_unmatched:
+            return
         # One cheap probe first: the unmatched index is almost always empty.
-        if conn.execute("SELECT 1 FROM records WHERE tenant IS NULL LIMIT 1").fetchone() is None:
+        probe = "SELECT 1 FROM records WHERE tenant IS NULL AND kind='status' LIMIT 1"
+        if conn.execute(probe).fetchone() is None:
+            self._maybe_unmatched = False
             return
         for ref, s in refs.items():
             pollable, due, deadline = self._placement(s.tenant, "status", now)
@@ -414,6 +443,8 @@ class SQLiteStore:
             )
             if cur.rowcount == 0:
                 return IngestResult(stored=False, tenant=tenant)
+            if tenant is None:
+                self._maybe_unmatched = True
             self._wake(wakes, tenant, "status")
             return IngestResult(stored=True, tenant=tenant)
 
