@@ -50,16 +50,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     metrics = app[keys.METRICS]
     started = time.perf_counter()
     try:
-        async with client.session.request(
-            request.method,
-            url,
-            data=body or None,
-            headers=headers,
-            middlewares=client.auth_middlewares(tenant),
-        ) as resp:
-            payload = await resp.read()
-            status = resp.status
-            ctype = resp.headers.get("Content-Type", "application/octet-stream")
+        status, payload, ctype = await client.request(
+            tenant, request.method, url, body or None, headers
+        )
     except TimeoutError:
         metrics.upstream_requests.labels("passthrough", "timeout").inc()
         raise GatewayError("Connexus did not answer in time") from None
@@ -68,6 +61,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         raise GatewayError(f"Connexus unreachable ({type(exc).__name__})") from None
     metrics.upstream_requests.labels("passthrough", str(status)).inc()
     metrics.upstream_duration.labels("passthrough").observe(time.perf_counter() - started)
+    ctype = ctype or "application/octet-stream"
     return web.Response(status=status, body=payload, headers={"Content-Type": ctype})
 
 

@@ -58,17 +58,25 @@ class TokenManager:
         tok = self._token
         return tok is not None and self._clock() < tok.expires_at
 
+    def current(self) -> str | None:
+        """The valid token without waiting, or None when one must be fetched first."""
+        tok = self._token
+        if tok is None:
+            return None
+        now = self._clock()
+        if now < tok.refresh_at:
+            return tok.value
+        if now < tok.expires_at:
+            self._refresh()  # in the background; this request still has a valid token
+            return tok.value
+        self._token = None
+        return None
+
     async def get(self) -> str:
         """A valid token, fetching one if there is none (callers share one fetch)."""
-        tok = self._token
-        now = self._clock()
-        if tok is not None:
-            if now < tok.refresh_at:
-                return tok.value
-            if now < tok.expires_at:
-                self._refresh()  # in the background; this request still has a valid token
-                return tok.value
-            self._token = None
+        value = self.current()
+        if value is not None:
+            return value
         return await asyncio.shield(self._refresh())
 
     def invalidate(self, value: str) -> None:
