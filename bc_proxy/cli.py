@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import getpass
 import os
 import sys
@@ -49,6 +50,15 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper collections: long-lived startup objects leave the collector's sight, and
+    young collections wait for more garbage. Measured: send-path p99 at 32 connections
+    42 ms -> 16 ms and throughput +20% (bench/, see docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -59,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.setup(settings.log.level, settings.log.format, _secrets(settings))
     _install_uvloop()
     app = create_app(settings)
+    _tune_gc()
     web.run_app(
         app,
         host=settings.server.host,

@@ -7,7 +7,7 @@ Connexus send answer per recipient, the delivery-status table and legacy record 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus
@@ -18,6 +18,7 @@ from bc_proxy.store import LegacyRecord
 BULK_LIMIT = 200
 MAX_MESSAGE_ID = 36
 _SPLIT = re.compile(r"[\s,;]+")
+_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
 
 IN_KEYS = ("messageId", "from", "to", "body", "rateCode", "inReplyToId")
 STATUS_KEYS = ("messageId", "from", "to", "statusCode", "inReplyToId", "error")
@@ -176,8 +177,18 @@ def legacy_status(dlr_status: int, status_text: str, table: Mapping[int, str]) -
     return code, ""
 
 
+def _quote(value: str) -> str:
+    return value if _SAFE.fullmatch(value) else quote_plus(value)
+
+
+def form_encode(pairs: Iterable[tuple[str, str]]) -> bytes:
+    """application/x-www-form-urlencoded, byte for byte what urllib's urlencode gives, faster
+    (most values - numbers, ids - need no quoting at all)."""
+    return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs).encode()
+
+
 def _encode(pairs: tuple[tuple[str, str], ...]) -> bytes:
-    return "&".join(f"{k}={quote_plus(v)}" for k, v in pairs).encode()
+    return form_encode(pairs)
 
 
 def record_pairs(record: LegacyRecord, table: Mapping[int, str]) -> tuple[tuple[str, str], ...]:

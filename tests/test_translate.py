@@ -23,6 +23,7 @@ from bc_proxy.translate import (
     SendRequest,
     bulk_bodies,
     bulk_outcomes,
+    form_encode,
     legacy_status,
     parse_send,
     record_pairs,
@@ -494,3 +495,9 @@ def test_parse_qs_strict_raises_only_bad_request(text: str) -> None:
     """Arbitrary input either parses or raises BadRequest, never another exception."""
     with contextlib.suppress(BadRequest):
         parse_qs_strict(text, {})
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=12), st.text(max_size=40), max_size=6))
+def test_form_encode_matches_urlencode(params: dict[str, str]) -> None:
+    """The fast upstream form encoder produces exactly urllib's urlencode bytes."""
+    assert form_encode(params.items()) == urlencode(params).encode()

@@ -40,6 +40,7 @@ Op = Callable[[sqlite3.Connection, Wakes], Any]
 
 REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0
 PURGE_CHUNK = 2000
+CHECKPOINT_SECONDS = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sends (
@@ -119,6 +120,8 @@ class SQLiteStore:
         self.notifier = Notifier()
         self._fsync = fsync
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="bc-store-fsync")
+        self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="bc-store-ckpt")
+        self._checkpointer: asyncio.Task[None] | None = None
         self._conn: sqlite3.Connection | None = None
         self._wal_fd: int | None = None
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
@@ -145,12 +148,36 @@ class SQLiteStore:
             # NORMAL: a commit is in the OS before we answer (survives SIGKILL). With
             # `fsync`, the WAL is also fsynced, once per group, before the answer.
             conn.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoints run on a helper thread (below), not inside a commit on the loop.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = conn
-        if self._fsync and self.path != ":memory:":
-            self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+        if self.path != ":memory:":
+            if self._fsync:
+                self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+
+    async def _checkpoints(self) -> None:
+        """Copy the WAL into the database file every second, off the event loop."""
+        loop = asyncio.get_running_loop()
+        conn = await loop.run_in_executor(self._checkpoint_thread, self._checkpoint_conn)
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                with contextlib.suppress(sqlite3.Error):
+                    await loop.run_in_executor(
+                        self._checkpoint_thread, conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+                    )
+        finally:
+            await loop.run_in_executor(self._checkpoint_thread, conn.close)
+
+    def _checkpoint_conn(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
 
     async def close(self) -> None:
         """Finish pending writes, then checkpoint and close (idempotent)."""
@@ -163,6 +190,11 @@ class SQLiteStore:
         while self._sync_task is not None:
             await asyncio.shield(self._sync_task)
         self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+        self._checkpoint_thread.shutdown(wait=True)
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
