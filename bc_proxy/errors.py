@@ -1,4 +1,4 @@
-"""The one exception tree of bc-proxy, translated to legacy answers by one middleware.
+"""The one exception tree of bc-proxy, translated to legacy answers at the edge (edge.py).
 
     BcProxyError
     ├── ConfigError          invalid configuration (CLI exits non-zero with the message)

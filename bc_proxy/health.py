@@ -12,6 +12,7 @@ import json
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
 
 
@@ -49,5 +50,5 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", edge("/healthz", healthz))
+    app.router.add_get("/readyz", edge("/readyz", readyz))

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the metric families, the request middleware and the /metrics handler.
+"""Prometheus metrics: the metric families, their cached hot-path children, /metrics handler.
 
 Owns metric names and label sets (all bounded: tenant names, route templates, status codes,
 upstream operations, outcomes, record kinds). Metrics live in an injectable registry so tests

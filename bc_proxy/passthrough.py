@@ -14,10 +14,10 @@ from urllib.parse import urlencode
 from aiohttp import ClientError, web
 
 from bc_proxy import keys
+from bc_proxy.edge import TENANT, edge
 from bc_proxy.errors import GatewayError
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import parse_qs_strict, raw_query
-from bc_proxy.legacy.routes import TENANT
 
 _HOP = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
@@ -66,4 +66,5 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_route("*", "/api/connexus/{path:.+}", passthrough)
+    route = "/api/connexus/{path}"
+    app.router.add_route("*", "/api/connexus/{path:.+}", edge(route, passthrough))

@@ -17,6 +17,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from bc_proxy import keys
 from bc_proxy.connexus.models import DlrPayload, MoPayload
+from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
 from bc_proxy.log import get_logger
 from bc_proxy.store import DlrEvent, IngestResult, MoEvent
@@ -95,4 +96,5 @@ def setup(app: web.Application) -> None:
     settings = app[keys.SETTINGS]
     app[WEBHOOK_SECRET] = settings.webhook.secret.get_secret_value().encode()
     app[SENDER_OWNERS] = {s: t.name for t in settings.tenants for s in t.senders}
-    app.router.add_post("/webhooks/connexus/{secret}", connexus_webhook)
+    route = "/webhooks/connexus/{secret}"
+    app.router.add_post(route, edge(route, connexus_webhook))

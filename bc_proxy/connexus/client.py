@@ -21,6 +21,7 @@ from aiohttp import (
     ClientTimeout,
     TCPConnector,
 )
+from yarl import URL
 
 from bc_proxy.config import Settings, TenantSettings
 from bc_proxy.connexus.tokens import TokenManager
@@ -69,7 +70,7 @@ class ConnexusClient:
                     "userId": c.user_id,
                     "password": c.password.get_secret_value(),
                 }
-        self._url_out = f"{self.base}/sms/out"
+        self._url_out = URL(f"{self.base}/sms/out")  # parsed once, not per send
         # cached label children, keyed by status: the send path skips labels() lookups
         self._out_status: dict[str, dict[str, Any]] = {op: {} for op in ("sms_out", "sms_out_bulk")}
         self._out_duration = {
@@ -176,14 +177,14 @@ class ConnexusClient:
         self,
         op: str,
         tenant: str,
-        path_or_url: str,
+        path_or_url: str | URL,
         *,
         form: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         method: str = "POST",
     ) -> tuple[int, Any]:
         """One upstream request with the tenant's auth; (status, parsed JSON or None)."""
-        url = path_or_url if path_or_url.startswith("http") else f"{self.base}/{path_or_url}"
+        url = path_or_url if isinstance(path_or_url, URL) else URL(f"{self.base}/{path_or_url}")
         extra = self._password.get(tenant)
         if body is not None:
             payload = {**body, **extra} if extra else body
@@ -209,7 +210,12 @@ class ConnexusClient:
         return status, _json(raw)
 
     async def request(
-        self, tenant: str, method: str, url: str, data: bytes | None, headers: Mapping[str, str]
+        self,
+        tenant: str,
+        method: str,
+        url: str | URL,
+        data: bytes | None,
+        headers: Mapping[str, str],
     ) -> tuple[int, bytes, str]:
         """One request with the tenant's token: (status, body, content type).
 
@@ -238,7 +244,7 @@ class ConnexusClient:
             )
 
     async def _raw(
-        self, method: str, url: str, data: bytes | None, headers: Mapping[str, str]
+        self, method: str, url: str | URL, data: bytes | None, headers: Mapping[str, str]
     ) -> tuple[int, bytes, str]:
         async with self.session.request(method, url, data=data, headers=headers) as resp:
             return resp.status, await resp.read(), resp.headers.get("Content-Type", "")

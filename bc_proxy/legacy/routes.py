@@ -14,6 +14,7 @@ from typing import Final
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.edge import TENANT, edge
 from bc_proxy.errors import StoreError
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import read_params
@@ -21,7 +22,6 @@ from bc_proxy.log import get_logger
 from bc_proxy.store import Kind, SendRecord, StatusRecord
 from bc_proxy.translate import parse_send, rejection_code, render_queue, render_record
 
-TENANT: Final = web.RequestKey("tenant", str)
 FORM_CT: Final = "application/x-www-form-urlencoded"
 
 log = get_logger("bc_proxy.legacy")
@@ -159,5 +159,6 @@ def setup(app: web.Application) -> None:
         ("/api/1/sms/queue", queue),
     ):
         resource = app.router.add_resource(path)
-        resource.add_route("GET", handler)
-        resource.add_route("POST", handler)
+        wrapped = edge(path, handler)
+        resource.add_route("GET", wrapped)
+        resource.add_route("POST", wrapped)
