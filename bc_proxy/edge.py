@@ -57,7 +57,7 @@ def edge(route: str, handler: Handler) -> Handler:
             log.exception("unhandled", route=route)
             resp = text(500, "Internal error")
         tenant = request.get(TENANT, NO_TENANT)
-        app = request.config_dict
+        app = request.app
         if legacy:
             app[keys.METRICS].observe_legacy(route, tenant, resp.status, started)
         if not quiet and app[keys.SETTINGS].log.requests:

@@ -60,6 +60,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._legacy_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._send_children: dict[str, tuple[Any, Any, Any]] = {}
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -193,6 +194,21 @@ class Metrics:
             )
         child[0].inc()
         child[1].observe(time.perf_counter() - started)
+
+    def observe_send(self, tenant: str, accepted: int, rejected: int) -> None:
+        """Count one accepted legacy send and its recipients (cached children: hot path)."""
+        children = self._send_children.get(tenant)
+        if children is None:
+            children = self._send_children[tenant] = (
+                self.messages_sent.labels(tenant),
+                self.recipients_sent.labels(tenant),
+                self.recipients_rejected.labels(tenant),
+            )
+        children[0].inc()
+        if accepted:
+            children[1].inc(accepted)
+        if rejected:
+            children[2].inc(rejected)
 
     def handler(self) -> Handler:
         """The /metrics handler (prometheus-client's aiohttp exposition)."""

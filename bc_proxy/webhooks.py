@@ -43,7 +43,7 @@ def _reason(exc: ValidationError) -> str:
 
 async def connexus_webhook(request: web.Request) -> web.StreamResponse:
     """Store one Connexus event durably, then answer 200 (duplicates answer 200 too)."""
-    app = request.config_dict
+    app = request.app
     metrics = app[keys.METRICS]
     if not hmac.compare_digest(request.match_info["secret"].encode(), app[WEBHOOK_SECRET]):
         metrics.webhooks.labels("unknown", "rejected").inc()

@@ -134,6 +134,7 @@ class SQLiteStore:
         self._send_batch: list[SendRecord] = []
         self._send_waiters: list[asyncio.Future[Any]] = []
         self._maybe_unmatched = True  # delivery reports may wait for their send
+        self._last_group = 0  # writes in the previous commit group
         self._claimed: dict[tuple[str, str], set[int]] = {}
         self._push_claimed: set[int] = set()
         self._closed = False
@@ -226,11 +227,12 @@ class SQLiteStore:
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_next_tick)
+            # Under load, one more loop iteration lets I/O that is already readable join this
+            # group (bigger groups for microseconds); a lone writer commits at once.
+            step = self._flush_next_tick if self._last_group > 1 else self._flush
+            self._flush_handle = asyncio.get_running_loop().call_soon(step)
 
     def _flush_next_tick(self) -> None:
-        # One more loop iteration lets the I/O that is already readable join this group:
-        # bigger groups, microseconds of extra latency.
         self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -241,6 +243,7 @@ class SQLiteStore:
         send_waiters, self._send_waiters = self._send_waiters, []
         if not ops and not send_rows:
             return
+        self._last_group = len(ops) + len(send_waiters)
         try:
             results, wakes = self._run_batch([op for op, _ in ops], send_rows, sends)
         except BaseException as exc:  # the commit itself failed: every write of it failed
