@@ -149,8 +149,10 @@ class SQLiteStore:
             # NORMAL: a commit is in the OS before we answer (survives SIGKILL). With
             # `fsync`, the WAL is also fsynced, once per group, before the answer.
             conn.execute("PRAGMA synchronous = NORMAL")
-            # Checkpoints run on a helper thread (below), not inside a commit on the loop.
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # A helper thread (below) copies the WAL into the database every second, so the
+            # automatic checkpoint inside a commit finds little left to do. It stays on: only a
+            # checkpoint on the writing connection can finish while writes keep coming, and
+            # an unfinished one lets the WAL (and its mapped index) grow without bound.
             conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
@@ -161,7 +163,7 @@ class SQLiteStore:
             self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
 
     async def _checkpoints(self) -> None:
-        """Copy the WAL into the database file every second, off the event loop."""
+        """Copy most of the WAL into the database file every second, off the event loop."""
         loop = asyncio.get_running_loop()
         conn = await loop.run_in_executor(self._checkpoint_thread, self._checkpoint_conn)
         try:
