@@ -525,7 +525,10 @@ def test_k8s_manifests_are_single_documents_with_kinds() -> None:
     """Each manifest is one YAML document with apiVersion, kind and metadata.name."""
     files = sorted(K8S.glob("*.yaml"))
     assert {f.name for f in files} >= {
-        "deployment.yaml", "service.yaml", "configmap.yaml", "secret.yaml"
+        "deployment.yaml",
+        "service.yaml",
+        "configmap.yaml",
+        "secret.yaml",
     }
     for f in files:
         docs = list(yaml.safe_load_all(f.read_text(encoding="utf-8")))
@@ -664,3 +667,63 @@ def test_referenced_metrics_exist(path: Path) -> None:
     assert referenced, f"{path.name} references no bc_proxy_* metric"
     unknown = referenced - _registry_sample_names()
     assert not unknown, f"{path.name} uses metrics bc_proxy.metrics does not define: {unknown}"
+
+
+def test_container_command_runs_and_passes_its_healthcheck(tmp_path: Path) -> None:
+    """The image's ENTRYPOINT + CMD, run directly with the config at its path's stand-in and the
+    store in the volume's stand-in, serves on the EXPOSEd port and passes the HEALTHCHECK."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    command = _image_argv()
+    hc = _one(_final_stage(), "HEALTHCHECK")
+    healthcheck = _exec_form(hc[hc.index("CMD") + 3 :].strip())
+    port = int(re.search(r"^EXPOSE (\d+)", DOCKERFILE.read_text(), re.M).group(1))  # type: ignore[union-attr]
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.skip(f"port {port} is taken on this machine")
+    config_at = command[command.index("--config") + 1]
+    assert config_at == "/etc/bc-proxy/bc-proxy.yaml"
+    volume = tmp_path / "var/lib/bc-proxy"
+    volume.mkdir(parents=True)
+    config = tmp_path / config_at.lstrip("/")
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_seconds": 2},
+                "upstream": {"base_url": "http://127.0.0.1:9/api/connexus"},
+                "store": {"url": f"sqlite:///{volume}/bc-proxy.db"},
+                "webhook": {"secret": "container-test-secret"},
+                "tenants": [
+                    {
+                        "name": "acme",
+                        "legacy": {"user_id": "u", "password": "p"},
+                        "connexus": {"client_id": "cid_x", "client_secret": "csk_x"},
+                    }
+                ],
+            }
+        )
+    )
+    argv = [sys.executable, "-m", "bc_proxy", *command[1:]]
+    argv[argv.index(config_at)] = str(config)
+    proc = subprocess.Popen(argv, cwd=volume, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        check = [sys.executable if healthcheck[0] == "python" else healthcheck[0], *healthcheck[1:]]
+        deadline = time.monotonic() + 15
+        while True:
+            result = subprocess.run(check, capture_output=True, timeout=10)
+            if result.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline, "HEALTHCHECK never passed"
+            time.sleep(0.2)
+        assert (volume / "bc-proxy.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == 0
