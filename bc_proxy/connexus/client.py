@@ -19,6 +19,7 @@ from aiohttp import (
     ClientError,
     ClientSession,
     ClientTimeout,
+    DummyCookieJar,
     TCPConnector,
 )
 from yarl import URL
@@ -95,6 +96,8 @@ class ConnexusClient:
             timeout=ClientTimeout(total=self.timeout, connect=min(self.timeout, 5.0)),
             raise_for_status=False,
             auto_decompress=True,
+            # Connexus sets no cookies we need; a real jar costs a lookup on every request.
+            cookie_jar=DummyCookieJar(),
         )
 
     async def close(self) -> None:
