@@ -14,6 +14,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _PHONE_KEYS = frozenset({"to", "from", "msisdn", "recipient", "handset"})
 _DIGITS = re.compile(r"\d")
@@ -50,6 +51,19 @@ class _Scrubber:
             elif isinstance(value, BaseException):
                 event[key] = self._clean(repr(value))
         return event
+
+
+class _ParseErrorFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse with the parser's message, which quotes the raw
+    request line - and a password in its query string, encoded in ways no scrubber knows. Keep
+    the error's class, drop its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.msg = f"{record.msg} ({type(exc).__name__}, status {exc.code})"
+        return True
 
 
 def setup(
@@ -104,6 +118,9 @@ def setup(
     root.setLevel(lvl)
     # The access log would print the webhook path, secret included: bc-proxy logs requests itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ParseErrorFilter) for f in server.filters):
+        server.addFilter(_ParseErrorFilter())
 
 
 def get_logger(name: str = "bc_proxy") -> Any:

@@ -15,7 +15,7 @@ from aiohttp import ClientError, web
 
 from bc_proxy import keys
 from bc_proxy.edge import TENANT, edge
-from bc_proxy.errors import GatewayError
+from bc_proxy.errors import BadRequest, GatewayError
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import parse_qs_strict, raw_query
 
@@ -36,7 +36,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     client = app[keys.CLIENT]
     path = request.match_info["path"]
     if ".." in path.split("/"):
-        raise GatewayError("invalid path")
+        raise BadRequest("Invalid path")
     for key in _CREDENTIALS:
         query.pop(key, None)
     extra = client.password_params(tenant)

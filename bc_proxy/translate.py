@@ -82,7 +82,7 @@ def parse_send(params: Mapping[str, str], default_from: str | None) -> SendReque
     if params.get("from") and params.get("rateCode"):
         raise BadRequest("Invalid parameters: from cannot be used with rateCode")
     frag = params.get("fragmentationLimit", "")
-    if frag != "" and (not _ascii_digits(frag) or not 0 <= int(frag) <= 3):
+    if frag not in ("", "0", "1", "2", "3"):
         raise BadRequest("Invalid parameter: fragmentationLimit must be 0-3")
     sched = params.get("schedule", "")
     if sched != "" and not _ascii_digits(sched):
@@ -112,24 +112,34 @@ def bulk_bodies(req: SendRequest, upstream_ref: str) -> list[dict[str, Any]]:
 def _one_outcome(item: Mapping[str, Any], fallback_to: str) -> RecipientOutcome:
     to = str(item.get("to") or fallback_to).lstrip("+")
     sender = str(item.get("from") or "")
-    if item.get("success") is True and item.get("message_id") not in (None, ""):
-        return RecipientOutcome(to, str(item["message_id"]), sender=sender)
+    if item.get("success") is True:
+        # Accepted; an answer without message_id leaves "" (reports then match by our ref).
+        return RecipientOutcome(to, str(item.get("message_id") or ""), sender=sender)
     reason = item.get("error") or item.get("message") or item.get("status") or "rejected"
     return RecipientOutcome(to, None, error=str(reason)[:200], sender=sender)
 
 
 def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
-    """Read a Connexus single-send answer (HTTP 200)."""
+    """Read a Connexus single-send answer (any 2xx).
+
+    A 2xx without a JSON body (connexus-api.txt also lists "204 Success - Message sent") means
+    the message went out: calling it a failure would make the legacy client send it again.
+    """
     if not isinstance(answer, dict):
-        return RecipientOutcome(recipient, None, error="unreadable answer from Connexus")
+        return RecipientOutcome(recipient, "")
     return _one_outcome(answer, recipient)
 
 
 def bulk_outcomes(answer: Any, recipients: list[str]) -> list[RecipientOutcome]:
-    """Read a Connexus bulk-send answer (HTTP 200); recipients it does not mention count as ERR."""
+    """Read a Connexus bulk-send answer (any 2xx); recipients it does not mention count as ERR.
+
+    A 2xx without a `messages` list accepted them all (ids unknown, see `single_outcome`). An
+    item whose `to` is not a number we asked for (Connexus normalised it) is matched by position.
+    """
     items = answer.get("messages") if isinstance(answer, dict) else None
     if not isinstance(items, list):
-        items = []
+        return [RecipientOutcome(r, "") for r in recipients]
+    wanted = set(recipients)
     out: list[RecipientOutcome] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
@@ -137,6 +147,8 @@ def bulk_outcomes(answer: Any, recipients: list[str]) -> list[RecipientOutcome]:
             continue
         fallback = recipients[i] if i < len(recipients) else ""
         outcome = _one_outcome(item, fallback)
+        if outcome.recipient not in wanted and fallback:
+            outcome = RecipientOutcome(fallback, outcome.connexus_id, outcome.error, outcome.sender)
         if outcome.recipient in seen or outcome.recipient == "":
             continue
         seen.add(outcome.recipient)

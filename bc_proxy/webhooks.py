@@ -62,7 +62,7 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
         if isinstance(payload, DlrPayload):
             wtype = "dlr"
             result = await store.add_dlr(
-                DlrEvent(payload.message_id, payload.status_code, payload.status)
+                DlrEvent(payload.message_id, payload.status_code, payload.status, payload.event_key)
             )
         else:
             wtype = "mo"

@@ -250,3 +250,19 @@ async def test_unparseable_request_does_not_echo_the_password(
     assert answer.split(b" ", 2)[1] == b"400", answer[:300]
     assert b"S3cr" not in answer
     assert b"password" not in answer
+
+
+def test_parse_error_log_does_not_quote_the_request_line() -> None:
+    """aiohttp's log line for an unparseable request keeps the error class, not its text."""
+    from aiohttp.http_exceptions import BadStatusLine
+
+    stream = io.StringIO()
+    log.setup("info", "json", secrets=[], stream=stream)
+    try:
+        raise BadStatusLine("GET /api/1/sms/out?userId=u&password=p%26ss%3Dw%C3%B6rd&body=x y")
+    except BadStatusLine:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "1.2.3.4")
+    out = stream.getvalue()
+    assert "BadStatusLine" in out
+    assert "p%26ss" not in out
+    assert "password" not in out

@@ -921,3 +921,47 @@ async def test_utf8_body_round_trips(connexus: Connexus, gw: GatewayClient) -> N
     assert await _post(gw, creds(to="6421000000", body=text)) == (204, "")
     (req,) = connexus.emu.sms_out_requests()
     assert _form(req)["body"] == [text]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Basic éé"},
+        {"Authorization": "Basic \u00ff\u00fe"},
+    ],
+)
+async def test_non_ascii_basic_credentials_are_401(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], headers: dict[str, str]
+) -> None:
+    """Basic credentials that are not even base64 text get 401, not a 500."""
+    client = await gateway(cfg)
+    resp = await client.post(
+        "/api/1/sms/out", data={"to": "6421000001", "body": "x"}, headers=headers
+    )
+    assert resp.status == 401
+
+
+@pytest.mark.parametrize("frag", ["0" * 5000, "03", " 1"])
+async def test_odd_fragmentation_limits_are_400(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], frag: str
+) -> None:
+    """A fragmentationLimit that is not exactly 0-3 is a 400, never a 500."""
+    client = await gateway(cfg)
+    resp = await client.post(
+        "/api/1/sms/out", data=creds(to="6421000001", body="x", fragmentationLimit=frag)
+    )
+    assert resp.status == 400
+
+
+async def test_bare_204_from_connexus_is_a_sent_message(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """Connexus answering 204 with no body accepted the message: 204, recorded, no ERR status."""
+    client = await gateway(cfg)
+    connexus.emu.fail_next = [204]
+    resp = await client.post(
+        "/api/1/sms/out", data=creds(to="6421000001", body="x", messageId="m1")
+    )
+    assert resp.status == 204
+    queue = await client.get("/api/1/sms/queue", params=creds())
+    assert await queue.text() == "inCount=0&statusCount=0"

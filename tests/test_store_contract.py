@@ -820,13 +820,43 @@ async def test_purge_deletes_only_consumed_rows(store: Store) -> None:
 
 
 async def test_purge_keeps_unmatched_early_dlr(store: Store) -> None:
-    """A report still waiting for its send is not purged: the send can still land."""
+    """A report waiting for its send, younger than the retention, is not purged."""
     await store.add_dlr(dlr("cx-1"))
-    await store.purge(later())
+    await store.purge(time.time() - 3600)
     await store.record_sends([send(1)])
     assert (await only(store, POLL, "status")).in_reply_to == "L1"
+
+
+async def test_purge_drops_unmatched_dlr_past_retention(store: Store) -> None:
+    """A report whose send never came is purged once past the retention (it cannot match)."""
+    await store.add_dlr(dlr("cx-1"))
+    assert await store.purge(later()) == 1
+    await store.record_sends([send(1)])
+    assert await drain(store, POLL, "status") == []
 
 
 async def test_ping(store: Store) -> None:
     """ping succeeds on an open store."""
     await store.ping()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_records_waiting_for_a_dropped_push_become_pollable(
+    backend: str, tmp_path: Path
+) -> None:
+    """A tenant whose push settings were removed polls the records still waiting to be pushed."""
+    url = backend_url(backend, tmp_path)
+    first = open_store(url, {PUSH: Delivery(push_status=True)})
+    await first.open()
+    await first.record_sends([send(1, tenant=PUSH)])
+    await first.add_dlr(dlr("cx-1"))
+    assert await first.claim(PUSH, "status") is None
+    await first.close()
+    second = open_store(url, {PUSH: Delivery()})
+    await second.open()
+    try:
+        record = await second.claim(PUSH, "status")
+        assert record is not None
+        assert record.in_reply_to == "L1"
+    finally:
+        await second.close()

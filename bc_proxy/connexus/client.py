@@ -283,7 +283,7 @@ class ConnexusClient:
                 outcomes.extend(RecipientOutcome(r, None, error=exc.reason) for r in chunk)
                 continue
             outcomes.extend(bulk_outcomes(answer, chunk))
-        if first_error is not None and not any(o.connexus_id for o in outcomes):
+        if first_error is not None and not any(o.connexus_id is not None for o in outcomes):
             # Nothing went out: the legacy client may safely retry the whole call.
             if isinstance(first_error, Exception):
                 raise first_error
@@ -337,7 +337,7 @@ def _short(exc: BaseException) -> str:
 
 def _raise_for(status: int, answer: Any) -> None:
     """Map a Connexus sms/out HTTP status to the legacy answer (design.md section 4)."""
-    if status == 200 or status == 201:
+    if 200 <= status < 300:
         return
     if status == 400:
         raise BadRequest(upstream_reason(answer, "Rejected by Connexus"))

@@ -22,11 +22,23 @@ class _Payload(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class DlrDetails(_Payload):
+    smscid: Annotated[str | None, BeforeValidator(_as_str)] = Field(None, max_length=100)
+
+
 class DlrPayload(_Payload):
     type: Literal["dlr"]
     message_id: Id = Field(alias="messageId")
     status_code: int = Field(alias="statusCode", ge=0, le=1_000_000)
     status: str = Field("", max_length=40)
+    timestamp: int | None = None
+    details: DlrDetails | None = None
+
+    @property
+    def event_key(self) -> str:
+        """Timestamp and smscid: what tells two reports for one messageId and status apart."""
+        smscid = self.details.smscid if self.details is not None else None
+        return f"{self.timestamp or ''}:{smscid or ''}"
 
 
 class MoPayload(_Payload):

@@ -20,6 +20,7 @@ from bc_proxy.metrics import Metrics
 Fetch = Callable[[], Awaitable[tuple[str, float]]]
 
 REFRESH_AT = 0.75  # refresh once this share of the lifetime has passed
+RETRY_AFTER_FAILURE = 5.0  # seconds between background refreshes while they fail
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,7 @@ class TokenManager:
         self._token: Token | None = None
         self._inflight: asyncio.Task[str] | None = None
         self.last_error: str | None = None
+        self._failed_at = float("-inf")
         metrics.token_expiry.labels(tenant).set_function(self.seconds_left)
 
     def seconds_left(self) -> float:
@@ -67,7 +69,10 @@ class TokenManager:
         if now < tok.refresh_at:
             return tok.value
         if now < tok.expires_at:
-            self._refresh()  # in the background; this request still has a valid token
+            # Refresh in the background (this request still has a valid token), but not again
+            # and again at the request rate while the token endpoint keeps failing.
+            if now - self._failed_at > RETRY_AFTER_FAILURE:
+                self._refresh()
             return tok.value
         self._token = None
         return None
@@ -100,6 +105,7 @@ class TokenManager:
         try:
             value, expires_in = await self._fetch()
         except Exception as exc:
+            self._failed_at = self._clock()
             self._metrics.token_refreshes.labels(self.tenant, "failure").inc()
             self.last_error = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
             if self._token is not None and self._clock() >= self._token.expires_at:

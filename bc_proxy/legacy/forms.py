@@ -61,10 +61,14 @@ async def read_params(request: web.Request, max_body: int) -> dict[str, str]:
             form = await request.post()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge("Request body too large") from None
-        except ValueError:
+        except (ValueError, LookupError):  # LookupError: a part declared an unknown charset
             raise BadRequest("Malformed multipart body") from None
         for k, v in form.items():
             if isinstance(v, str) and k not in params:
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate from an exotic part charset
+                    raise BadRequest("Parameters are not valid UTF-8") from None
                 params[k] = v
         return params
     try:

@@ -48,6 +48,7 @@ class DlrEvent:
     message_id: str  # the Connexus message_id (or the id bc-proxy sent upstream)
     status: int  # Connexus statusCode
     status_text: str  # Connexus status name (DELIVRD, ...)
+    event_key: str = ""  # what else tells two reports apart (timestamp, smscid)
 
 
 @dataclass(frozen=True, slots=True)

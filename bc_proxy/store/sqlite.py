@@ -154,6 +154,7 @@ class SQLiteStore:
             # checkpoint on the writing connection can finish while writes keep coming, and
             # an unfinished one lets the WAL (and its mapped index) grow without bound.
             conn.executescript(SCHEMA)
+            self._unpush_stranded(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = conn
@@ -161,6 +162,19 @@ class SQLiteStore:
             if self._fsync:
                 self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
             self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+
+    def _unpush_stranded(self, conn: sqlite3.Connection) -> None:
+        """Records waiting for a push that this configuration no longer makes: poll them."""
+        for tenant, d in self.delivery.items():
+            for kind in KINDS:
+                if d.pushes(kind):
+                    continue
+                for where in ("push_due IS NOT NULL", "dead=1"):
+                    conn.execute(
+                        "UPDATE records SET pollable=1, push_due=NULL, dead=0 "
+                        f"WHERE {where} AND tenant=? AND kind=?",
+                        (tenant, kind),
+                    )
 
     async def _checkpoints(self) -> None:
         """Copy most of the WAL into the database file every second, off the event loop."""
@@ -454,7 +468,9 @@ class SQLiteStore:
         return cast("tuple[str, str, str, str | None] | None", row)
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        key = f"dlr:{event.message_id}:{event.status}"
+        # The event's own identity: a retried webhook repeats all of it; reports for several
+        # recipients of one bulk send that share our upstream ref differ in time or smscid.
+        key = f"dlr:{event.message_id}:{event.status}:{event.event_key}"
         now = time.time()
 
         def op(conn: sqlite3.Connection, wakes: Wakes) -> IngestResult:
@@ -598,10 +614,15 @@ class SQLiteStore:
         try:
             await self._write(op)
         finally:
-            self.release(record)
+            self._unclaim(record)
+
+    def _unclaim(self, record: LegacyRecord) -> None:
+        self._claimed.get((record.tenant, record.kind), set()).discard(record.id)
 
     def release(self, record: LegacyRecord) -> None:
-        self._claimed.get((record.tenant, record.kind), set()).discard(record.id)
+        self._unclaim(record)
+        # A poll waiting meanwhile skipped this record as claimed: let it look again.
+        self.notifier.notify(record.tenant, record.kind)
 
     async def queue_depth(self, tenant: str) -> tuple[int, int]:
         def fn(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -617,15 +638,28 @@ class SQLiteStore:
         return await self._read(fn)
 
     async def waiting(self) -> list[WaitingStat]:
-        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(
-                "SELECT tenant, kind, count(*), min(created_at) FROM records "
-                "WHERE tenant IS NOT NULL AND (pollable=1 OR push_due IS NOT NULL) "
-                "GROUP BY tenant, kind"
-            ).fetchall()
+        def fn(conn: sqlite3.Connection) -> list[WaitingStat]:
+            # Two queries, each served by its partial index (a single OR scans the table).
+            groups: dict[tuple[str, str], list[int]] = {}
+            for sql in (
+                "SELECT tenant, kind, count(*), min(id) FROM records WHERE pollable=1 "
+                "GROUP BY tenant, kind",
+                "SELECT tenant, kind, count(*), min(id) FROM records WHERE push_due IS NOT NULL "
+                "AND pollable=0 AND tenant IS NOT NULL GROUP BY tenant, kind",
+            ):
+                for tenant, kind, n, first in conn.execute(sql):
+                    g = groups.setdefault((tenant, kind), [0, first])
+                    g[0] += n
+                    g[1] = min(g[1], first)
+            out = []
+            for (tenant, kind), (n, first) in groups.items():
+                if kind not in KINDS:
+                    continue
+                row = conn.execute("SELECT created_at FROM records WHERE id=?", (first,)).fetchone()
+                out.append(WaitingStat(tenant, kind, n, row[0] if row else None))
+            return out
 
-        rows = await self._read(fn)
-        return [WaitingStat(r[0], r[1], int(r[2]), r[3]) for r in rows if r[1] in KINDS]
+        return await self._read(fn)
 
     # -- push ---------------------------------------------------------------------------------
 
@@ -703,17 +737,35 @@ class SQLiteStore:
         return cast(int, await self._write(op))
 
     async def purge(self, before: float) -> int:
-        """Delete in chunks, so a large purge never holds the event loop for long."""
+        """Delete in chunks, so a large purge never holds the event loop for long.
+
+        Rows are written in id order, so everything older than `before` lies below one id:
+        finding it reads only the old rows, and the deletes walk the id range, not the table.
+        Unmatched rows (a report whose send never came) go too, once past the retention.
+        """
+
+        def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+            out = []
+            for table in ("records", "sends"):
+                row = conn.execute(
+                    f"SELECT id FROM {table} WHERE created_at>=? ORDER BY id LIMIT 1", (before,)
+                ).fetchone()
+                if row is None:
+                    row = conn.execute(f"SELECT coalesce(max(id), 0) + 1 FROM {table}").fetchone()
+                out.append(int(row[0]))
+            return out[0], out[1]
+
+        records_below, sends_below = await self._read(bounds)
 
         def op(conn: sqlite3.Connection, wakes: Wakes) -> int:
             a = conn.execute(
-                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE created_at<? "
-                "AND pollable=0 AND push_due IS NULL AND dead=0 AND tenant IS NOT NULL LIMIT ?)",
-                (before, PURGE_CHUNK),
+                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE id<? "
+                "AND pollable=0 AND push_due IS NULL AND dead=0 LIMIT ?)",
+                (records_below, PURGE_CHUNK),
             ).rowcount
             b = conn.execute(
-                "DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE created_at<? LIMIT ?)",
-                (before, PURGE_CHUNK),
+                "DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE id<? LIMIT ?)",
+                (sends_below, PURGE_CHUNK),
             ).rowcount
             return a + b
 
