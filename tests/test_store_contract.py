@@ -860,3 +860,14 @@ async def test_records_waiting_for_a_dropped_push_become_pollable(
         assert record.in_reply_to == "L1"
     finally:
         await second.close()
+
+
+async def test_solo_send_is_recorded_before_return(
+    store: Store, reopen: Callable[[], Awaitable[Store]]
+) -> None:
+    """A send recorded with the `solo` hint is as durable on return as a grouped one."""
+    await store.record_sends([send(1)], solo=True)
+    await store.add_dlr(dlr("cx-1"))
+    await store.close()
+    again = await reopen()
+    assert (await only(again, POLL, "status")).in_reply_to == "L1"

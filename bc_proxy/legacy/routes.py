@@ -60,7 +60,12 @@ async def send(request: web.Request) -> web.StreamResponse:
     req = parse_send(params, rt.tenants[tenant].default_from)
     ref = upstream_ref()
     # Bounded by upstream.timeout_seconds, token fetch and the one retry after a 401 included.
-    outcomes = await app[keys.CLIENT].send(tenant, req, ref)
+    rt.sends_in_flight += 1
+    try:
+        outcomes = await app[keys.CLIENT].send(tenant, req, ref)
+    except BaseException:
+        rt.sends_in_flight -= 1
+        raise
     sender = req.sender
     sends = [
         SendRecord(tenant, req.message_id, o.recipient, sender or o.sender, o.connexus_id, ref)
@@ -78,7 +83,8 @@ async def send(request: web.Request) -> web.StreamResponse:
         for o in outcomes
         if o.connexus_id is None
     ]
-    await app[keys.STORE].record_sends(sends, statuses)
+    rt.sends_in_flight -= 1
+    await app[keys.STORE].record_sends(sends, statuses, solo=rt.sends_in_flight == 0)
     app[keys.METRICS].observe_send(tenant, len(outcomes) - len(statuses), len(statuses))
     return web.Response(status=204)
 

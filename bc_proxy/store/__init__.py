@@ -193,9 +193,17 @@ class Store(Protocol):
         """Raise StoreError when the store cannot be reached."""
 
     async def record_sends(
-        self, sends: Sequence[SendRecord], statuses: Sequence[StatusRecord] = ()
+        self,
+        sends: Sequence[SendRecord],
+        statuses: Sequence[StatusRecord] = (),
+        *,
+        solo: bool = False,
     ) -> None:
-        """Durably record an accepted send; match delivery reports that arrived before it."""
+        """Durably record an accepted send; match delivery reports that arrived before it.
+
+        `solo`: no other send is in flight in this process, so a backend may commit at once
+        instead of waiting a moment for others to share the commit (a latency hint only).
+        """
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
         """Durably store a delivery report once (deduplicated), matched to its send if known."""

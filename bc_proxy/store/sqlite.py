@@ -370,7 +370,11 @@ class SQLiteStore:
     # -- sends --------------------------------------------------------------------------------
 
     async def record_sends(
-        self, sends: Sequence[SendRecord], statuses: Sequence[StatusRecord] = ()
+        self,
+        sends: Sequence[SendRecord],
+        statuses: Sequence[StatusRecord] = (),
+        *,
+        solo: bool = False,
     ) -> None:
         now = time.time()
         rows = [
@@ -385,6 +389,11 @@ class SQLiteStore:
             self._send_rows.extend(rows)
             self._send_batch.extend(sends)
             self._send_waiters.append(fut)
+            if solo and self._flush_handle is None and self._wal_fd is None:
+                # No other send in flight, so no group to wait for: commit now.
+                self._flush()
+                fut.result()
+                return
             self._schedule_flush()
             await fut
             return
