@@ -4,15 +4,19 @@ real gateway app served on 127.0.0.1 through pytest-aiohttp."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+import io
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bc_proxy import log
 from bc_proxy.app import create_app
 from bc_proxy.config import Settings, parse
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
@@ -106,3 +110,20 @@ def gateway(aiohttp_client: AiohttpClient) -> GatewayFactory:
 def creds(**extra: str) -> dict[str, str]:
     """Legacy credentials plus any other parameters."""
     return {"userId": LEGACY_USER, "password": LEGACY_PASSWORD, **extra}
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """bc-proxy's JSON logs (debug level) into a buffer; the previous logging config is restored.
+
+    No secrets are handed to the scrubber: tests see what the code itself logs.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    log.setup("debug", "json", (), stream=stream)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**saved)

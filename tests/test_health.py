@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
-import structlog
 
-from bc_proxy import log
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Connexus, GatewayClient, GatewayFactory, creds
 
 
@@ -89,20 +84,6 @@ async def test_readyz_503_while_token_endpoint_fails_then_recovers(
     status, body = await ready(client)
     assert status == 200
     assert body["status"] == "ready"
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """bc-proxy's JSON logs into a buffer for this test; the root logger is restored afterwards."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    log.setup("info", "json", (), stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**saved)
 
 
 async def test_token_endpoint_outage_is_a_gateway_error(

@@ -9,13 +9,10 @@ import io
 import json
 import logging
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import structlog
 import yaml
 
 from bc_proxy import log
@@ -150,21 +147,6 @@ def assert_clean(where: str, text: str, secrets: set[str]) -> None:
         assert secret not in text, f"{where} contains {secret!r}"
 
 
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """bc-proxy's JSON logs (debug level) into a buffer; the previous logging config is restored."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    # No secrets handed to the scrubber: the code itself must not log them.
-    log.setup("debug", "json", (), stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**saved)
-
-
 async def test_in_process_run_leaks_no_secret(
     tmp_path: Path, connexus: Connexus, gateway: GatewayFactory, log_stream: io.StringIO
 ) -> None:
@@ -252,17 +234,15 @@ async def test_unparseable_request_does_not_echo_the_password(
     assert b"password" not in answer
 
 
-def test_parse_error_log_does_not_quote_the_request_line() -> None:
+def test_parse_error_log_does_not_quote_the_request_line(log_stream: io.StringIO) -> None:
     """aiohttp's log line for an unparseable request keeps the error class, not its text."""
     from aiohttp.http_exceptions import BadStatusLine
 
-    stream = io.StringIO()
-    log.setup("info", "json", secrets=[], stream=stream)
     try:
         raise BadStatusLine("GET /api/1/sms/out?userId=u&password=p%26ss%3Dw%C3%B6rd&body=x y")
     except BadStatusLine:
         logging.getLogger("aiohttp.server").exception("Error handling request from %s", "1.2.3.4")
-    out = stream.getvalue()
+    out = log_stream.getvalue()
     assert "BadStatusLine" in out
     assert "p%26ss" not in out
     assert "password" not in out
