@@ -61,7 +61,7 @@ Send an SMS the way a legacy client does (expect HTTP 204):
 
 The emulator then delivers it, and the handset replies. Fetch both, one record per call:
   curl -i '{base}/status?{cred}'     # statusCode=RCV&inReplyToId=demo-1 ...
-  curl -i '{base}/in?{cred}'         # body=Reply+to+demo-1 ...
+  curl -i '{base}/in?{cred}'         # body=Yes%2C+got+it%3A+...&inReplyToId=demo-1
   curl -i '{base}/queue?{cred}'      # inCount=0&statusCount=0
 """
 
