@@ -1,8 +1,8 @@
 """The Connexus HTTP client: one shared ClientSession, per-tenant auth, send/query calls.
 
-Owns the upstream wire: timeouts and connection limits, the token-injecting client
-middleware (a 401 discards the token, refreshes once and retries once), password-auth
-parameters, single vs bulk sms/out, and mapping upstream failures to LegacyErrors.
+Owns the upstream wire: timeouts and connection limits, bearer-token injection (a 401
+discards the token, refreshes once and retries once), password-auth parameters, single vs
+bulk sms/out, and mapping upstream failures to LegacyErrors.
 Does not own validation of legacy input or what is stored.
 """
 

@@ -2,7 +2,7 @@
 
 Each handler parses, authenticates, calls one translation and one upstream/store operation,
 and answers in the exact legacy format. Errors are raised as LegacyError and turned into
-one-line answers by the edge middleware. Does not own wire parsing or translation rules.
+one-line answers by `edge` (edge.py). Does not own wire parsing or translation rules.
 """
 
 from __future__ import annotations
