@@ -83,6 +83,23 @@ class CheckFailed(Exception):
 # -- small helpers ----------------------------------------------------------------------------
 
 
+
+def wrk_command(pin: Sequence[str], url: str, connections: int, seconds: int) -> list[str]:
+    """wrk posting the PHP client's send (bench/send.lua) at `connections`, with latencies."""
+    return [
+        *pin,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "send.lua"),
+        url,
+    ]
+
 GROWTH_TOLERANCE_KB = 64  # RSS noise between two samples, not growth
 
 def log(msg: str) -> None:
@@ -327,19 +344,7 @@ class Ctx:
         pid: int | None = None,
         record: bool = True,
     ) -> dict[str, Any]:
-        cmd = [
-            *self.pin.load,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "--timeout",
-            "10s",
-            "-s",
-            str(BENCH / "send.lua"),
-            url,
-        ]
+        cmd = wrk_command(self.pin.load, url, connections, seconds)
         out = self.path(f"wrk-c{connections}.txt")
         cpu0 = cpu_seconds(pid) if pid else None
         started = time.monotonic()
@@ -971,19 +976,7 @@ def run_memory(ctx: Ctx) -> dict[str, Any]:
             f"  {seconds} s of mixed load (wrk c8 send, webhooks, polls); "
             f"RSS every {RSS_INTERVAL:.0f} s; start {samples[0][1]} kB"
         )
-        wrk_cmd = [
-            *ctx.pin.load,
-            "wrk",
-            "-t1",
-            "-c8",
-            f"-d{seconds}s",
-            "--latency",
-            "--timeout",
-            "10s",
-            "-s",
-            str(BENCH / "send.lua"),
-            f"{gw.base}/api/1/sms/out",
-        ]
+        wrk_cmd = wrk_command(ctx.pin.load, f"{gw.base}/api/1/sms/out", 8, seconds)
         hook = f"{gw.base}/webhooks/connexus/{SECRET}"
         status_url = f"{gw.base}/api/1/sms/status"
         in_url = f"{gw.base}/api/1/sms/in"
