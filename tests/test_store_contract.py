@@ -157,7 +157,7 @@ def later(seconds: float = 1.0) -> float:
 @pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
 async def test_dlr_matches_send(store: Store, by: str) -> None:
     """A delivery report found by either id becomes a status record of the send's tenant."""
-    s = send(1, tenant=OTHER)
+    s = send(1, tenant=OTHER, upstream_ref=store.upstream_ref())
     await store.record_sends([send(2), s])
     result = await store.add_dlr(dlr(cast(str, getattr(s, by)), 2, "UNDELIV"))
     assert result == IngestResult(stored=True, tenant=OTHER)
@@ -178,15 +178,16 @@ async def test_dlr_without_legacy_id_has_empty_in_reply_to(store: Store) -> None
     assert (await only(store, POLL, "status")).in_reply_to == ""
 
 
-@pytest.mark.parametrize("by", ["cx-7", "up-7"])
+@pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
 async def test_dlr_before_send_is_matched_when_send_lands(store: Store, by: str) -> None:
     """An early report is held unclaimable, then goes to the send's tenant and wakes its polls."""
-    result = await store.add_dlr(dlr(by))
+    ref = store.upstream_ref()
+    result = await store.add_dlr(dlr("cx-7" if by == "connexus_id" else ref))
     assert result == IngestResult(stored=True, tenant=None)
     for tenant in DELIVERY:
         assert await store.claim(tenant, "status") is None
     seen = store.notifier.generation(POLL, "status")
-    await store.record_sends([send(7)])
+    await store.record_sends([send(7, upstream_ref=ref)])
     assert store.notifier.generation(POLL, "status") != seen
     rec = await only(store, POLL, "status")
     assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == (HANDSET, SENDER, "L7")
@@ -280,10 +281,12 @@ async def test_mo_owner_replying_to_its_send_gets_in_reply_to(store: Store) -> N
     assert (await only(store, OTHER, "in")).in_reply_to == "L1"
 
 
-@pytest.mark.parametrize("related", ["cx-1", "up-1"])
-async def test_mo_routed_by_related_id(store: Store, related: str) -> None:
+@pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
+async def test_mo_routed_by_related_id(store: Store, by: str) -> None:
     """A reply naming its original message goes to that send's tenant, inReplyToId its legacy id."""
-    await store.record_sends([send(1, tenant=OTHER)])
+    ref = store.upstream_ref()
+    related = "cx-1" if by == "connexus_id" else ref
+    await store.record_sends([send(1, tenant=OTHER, upstream_ref=ref)])
     await store.record_sends([send(2, tenant=POLL)])  # a later send to the same handset
     result = await store.add_mo(mo("m1", related_id=related), fallback_tenant=POLL)
     assert result == IngestResult(stored=True, tenant=OTHER)
@@ -871,3 +874,26 @@ async def test_solo_send_is_recorded_before_return(
     await store.close()
     again = await reopen()
     assert (await only(again, POLL, "status")).in_reply_to == "L1"
+
+
+async def test_upstream_refs_are_unique_short_and_only_ours_match(store: Store) -> None:
+    """Refs are unique and at most 36 chars; a report naming a ref no store made matches nothing."""
+    refs = [store.upstream_ref() for _ in range(1000)]
+    assert len(set(refs)) == 1000
+    assert max(len(r) for r in refs) <= 36
+    await store.record_sends([send(1, upstream_ref="bc1x000000", connexus_id=None)])
+    result = await store.add_dlr(dlr("bc1x000000"))
+    assert result.tenant is None
+
+
+async def test_every_recipient_of_one_ref_is_recorded(store: Store) -> None:
+    """Several recipients sharing one ref are all recorded; the report by ref names the first."""
+    ref = store.upstream_ref()
+    await store.record_sends(
+        [send(n, recipient=f"6420000000{n}", upstream_ref=ref) for n in range(1, 4)]
+    )
+    for n in range(1, 4):
+        await store.add_dlr(dlr(f"cx-{n}"))
+    assert len(await drain(store, POLL, "status")) == 3
+    await store.add_dlr(dlr(ref, 2, "UNDELIV"))
+    assert (await only(store, POLL, "status")).msisdn_from == "64200000001"

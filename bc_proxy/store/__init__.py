@@ -192,6 +192,13 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""
 
+    def upstream_ref(self) -> str:
+        """A new unique id (<= 36 chars) for bc-proxy to send upstream with a send.
+
+        Delivery reports and replies can carry it instead of the Connexus message_id; a send
+        recorded with it must be found by it. Only refs made here are found.
+        """
+
     async def record_sends(
         self,
         sends: Sequence[SendRecord],

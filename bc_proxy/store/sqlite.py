@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import secrets
 import sqlite3
 import time
 import uuid
@@ -54,7 +56,7 @@ CREATE TABLE IF NOT EXISTS sends (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sends_connexus ON sends (connexus_id) WHERE connexus_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS sends_ref ON sends (upstream_ref) WHERE upstream_ref IS NOT NULL;
+DROP INDEX IF EXISTS sends_ref;
 CREATE INDEX IF NOT EXISTS sends_recipient ON sends (recipient, id);
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
@@ -91,9 +93,10 @@ _RECORD_COLUMNS = (
 )
 
 _INSERT_SEND = (
-    "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, upstream_ref, "
-    "created_at) VALUES (?,?,?,?,?,?,?)"
+    "INSERT INTO sends (id, tenant, legacy_id, recipient, sender, connexus_id, upstream_ref, "
+    "created_at) VALUES (?,?,?,?,?,?,?,?)"
 )
+_OWN_REF = re.compile(r"bc([0-9a-f]{1,15})x([0-9a-f]{6})")
 
 _INSERT_RECORD = (
     "INSERT OR IGNORE INTO records (tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
@@ -135,6 +138,8 @@ class SQLiteStore:
         self._send_waiters: list[asyncio.Future[Any]] = []
         self._maybe_unmatched = True  # delivery reports may wait for their send
         self._last_group = 0  # writes in the previous commit group
+        self._next_send_id = 1  # sends rows get their ids here: see upstream_ref()
+        self._ref_tag = secrets.token_hex(3)  # tells this process's refs from a former one's
         self._claimed: dict[tuple[str, str], set[int]] = {}
         self._push_claimed: set[int] = set()
         self._closed = False
@@ -155,6 +160,9 @@ class SQLiteStore:
             # an unfinished one lets the WAL (and its mapped index) grow without bound.
             conn.executescript(SCHEMA)
             self._unpush_stranded(conn)
+            self._next_send_id = int(
+                conn.execute("SELECT coalesce(max(id), 0) + 1 FROM sends").fetchone()[0]
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = conn
@@ -377,10 +385,7 @@ class SQLiteStore:
         solo: bool = False,
     ) -> None:
         now = time.time()
-        rows = [
-            (s.tenant, s.legacy_id, s.recipient, s.sender, s.connexus_id, s.upstream_ref, now)
-            for s in sends
-        ]
+        rows = self._send_rows_for(sends, now)
         if not statuses:
             # The hot path: every plain send of one loop tick goes in with one executemany.
             if self._closed or self._conn is None:
@@ -461,6 +466,37 @@ class SQLiteStore:
 
     # -- webhooks -----------------------------------------------------------------------------
 
+    def upstream_ref(self) -> str:
+        """A new messageId to send upstream: `bc<hex row id>x<tag>`, 18 characters or so.
+
+        It names the row the send's first recipient will get, so a report carrying it is
+        found by primary key: no index on upstream_ref, one page less to write per commit.
+        """
+        rid = self._next_send_id
+        self._next_send_id += 1
+        return f"bc{rid:x}x{self._ref_tag}"
+
+    def _send_rows_for(self, sends: Sequence[SendRecord], now: float) -> list[tuple[Any, ...]]:
+        """Insert rows with explicit ids: a ref's own row id for its first recipient, new ids
+        for the others (never SQLite's max+1, which could take an id a ref reserved)."""
+        rows = []
+        claimed: set[str] = set()
+        for s in sends:
+            rid = None
+            ref = s.upstream_ref
+            if ref and ref not in claimed:
+                m = _OWN_REF.fullmatch(ref)
+                if m and m.group(2) == self._ref_tag:
+                    rid = int(m.group(1), 16)
+                    claimed.add(ref)
+            if rid is None:
+                rid = self._next_send_id
+                self._next_send_id += 1
+            rows.append(
+                (rid, s.tenant, s.legacy_id, s.recipient, s.sender, s.connexus_id, ref, now)
+            )
+        return rows
+
     @staticmethod
     def _find_send(conn: sqlite3.Connection, ref: str) -> tuple[str, str, str, str | None] | None:
         row = conn.execute(
@@ -469,11 +505,13 @@ class SQLiteStore:
             (ref,),
         ).fetchone()
         if row is None:
-            row = conn.execute(
-                "SELECT tenant, recipient, sender, legacy_id FROM sends WHERE upstream_ref=? "
-                "ORDER BY id DESC LIMIT 1",
-                (ref,),
-            ).fetchone()
+            m = _OWN_REF.fullmatch(ref)
+            if m is not None:
+                row = conn.execute(
+                    "SELECT tenant, recipient, sender, legacy_id FROM sends WHERE id=? "
+                    "AND upstream_ref=?",
+                    (int(m.group(1), 16), ref),
+                ).fetchone()
         return cast("tuple[str, str, str, str | None] | None", row)
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
