@@ -897,3 +897,12 @@ async def test_every_recipient_of_one_ref_is_recorded(store: Store) -> None:
     assert len(await drain(store, POLL, "status")) == 3
     await store.add_dlr(dlr(ref, 2, "UNDELIV"))
     assert (await only(store, POLL, "status")).msisdn_from == "64200000001"
+
+
+async def test_solo_send_matches_an_early_report(store: Store) -> None:
+    """A send recorded with the `solo` hint picks up a delivery report that arrived before it."""
+    await store.add_dlr(dlr("cx-1"))
+    seen = store.notifier.generation(POLL, "status")
+    await store.record_sends([send(1)], solo=True)
+    assert store.notifier.generation(POLL, "status") != seen
+    assert (await only(store, POLL, "status")).in_reply_to == "L1"

@@ -388,17 +388,17 @@ class SQLiteStore:
         rows = self._send_rows_for(sends, now)
         if not statuses:
             # The hot path: every plain send of one loop tick goes in with one executemany.
-            if self._closed or self._conn is None:
+            conn = self._conn
+            if self._closed or conn is None:
                 raise StoreError("store is closed")
+            if solo and self._flush_handle is None and self._wal_fd is None:
+                # No other send in flight, so no group to wait for: commit now, directly.
+                self._commit_sends_now(conn, rows, sends)
+                return
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._send_rows.extend(rows)
             self._send_batch.extend(sends)
             self._send_waiters.append(fut)
-            if solo and self._flush_handle is None and self._wal_fd is None:
-                # No other send in flight, so no group to wait for: commit now.
-                self._flush()
-                fut.result()
-                return
             self._schedule_flush()
             await fut
             return
@@ -465,6 +465,22 @@ class SQLiteStore:
                 self._wake(wakes, s.tenant, "status")
 
     # -- webhooks -----------------------------------------------------------------------------
+
+    def _commit_sends_now(
+        self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], sends: Sequence[SendRecord]
+    ) -> None:
+        wakes: Wakes = set()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT_SEND, rows)
+            self._match_early_reports(conn, wakes, sends, rows[0][-1])
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _as_store_error(exc) from exc
+        self._last_group = 1
+        self._notify_all(wakes)
 
     def upstream_ref(self) -> str:
         """A new messageId to send upstream: `bc<hex row id>x<tag>`, 18 characters or so.
