@@ -84,7 +84,8 @@ class PushWorker:
         if push is not None:
             url = push.incoming_url if record.kind == "in" else push.status_url
         if push is None or url is None:
-            # The tenant's push settings changed since the record was stored: poll it instead.
+            # The record's tenant is no longer configured (a changed push setting of a configured
+            # tenant is turned into polling when the store opens): nobody can take it; stop.
             with contextlib.suppress(StoreError):
                 await store.push_done(record)
             return

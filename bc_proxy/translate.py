@@ -199,10 +199,6 @@ def form_encode(pairs: Iterable[tuple[str, str]]) -> bytes:
     return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs).encode()
 
 
-def _encode(pairs: tuple[tuple[str, str], ...]) -> bytes:
-    return form_encode(pairs)
-
-
 def record_pairs(record: LegacyRecord, table: Mapping[int, str]) -> tuple[tuple[str, str], ...]:
     """The legacy key/value pairs of a record, every key present."""
     if record.kind == "in":
@@ -229,7 +225,7 @@ def record_pairs(record: LegacyRecord, table: Mapping[int, str]) -> tuple[tuple[
 
 def render_record(record: LegacyRecord, table: Mapping[int, str]) -> bytes:
     """A record as the legacy form-encoded body (poll answer and push body alike)."""
-    return _encode(record_pairs(record, table))
+    return form_encode(record_pairs(record, table))
 
 
 def render_queue(in_count: int, status_count: int) -> bytes:

@@ -313,7 +313,7 @@ class SQLiteStore:
             self.notifier.notify(tenant, kind)
 
     def _run_batch(
-        self, ops: list[Op], send_rows: list[tuple[Any, ...]], sends: list[SendRecord]
+        self, ops: list[Op], send_rows: list[tuple[Any, ...]], sends: Sequence[SendRecord]
     ) -> tuple[list[Any], Wakes]:
         conn = self._conn
         if conn is None:
@@ -469,15 +469,9 @@ class SQLiteStore:
     def _commit_sends_now(
         self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], sends: Sequence[SendRecord]
     ) -> None:
-        wakes: Wakes = set()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT_SEND, rows)
-            self._match_early_reports(conn, wakes, sends, rows[0][-1])
-            conn.execute("COMMIT")
+            _, wakes = self._run_batch([], rows, sends)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise _as_store_error(exc) from exc
         self._last_group = 1
         self._notify_all(wakes)
