@@ -10,7 +10,15 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, Connexus, GatewayClient, GatewayFactory, creds
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    WEBHOOK_SECRET,
+    Connexus,
+    GatewayClient,
+    GatewayFactory,
+    creds,
+)
 
 
 def free_port() -> int:
@@ -139,3 +147,24 @@ async def test_metrics_port_serves_metrics_there_only(
         session.get(f"http://127.0.0.1:{port}/healthz") as other,
     ):
         assert other.status == 404
+
+
+async def test_webhook_registered_on_start(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """register_on_start with a public_url sets Connexus's webhook to public_url/webhooks/...."""
+    cfg["server"]["public_url"] = "https://sms-gw.example.org/"
+    cfg["webhook"]["register_on_start"] = True
+    await gateway(cfg)
+    assert connexus.emu.webhook_url == (
+        f"https://sms-gw.example.org/webhooks/connexus/{WEBHOOK_SECRET}"
+    )
+
+
+async def test_webhook_not_registered_by_default(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """Without register_on_start the gateway leaves Connexus's webhook setting alone."""
+    cfg["server"]["public_url"] = "https://sms-gw.example.org"
+    await gateway(cfg)
+    assert connexus.emu.webhook_url is None

@@ -906,3 +906,11 @@ async def test_solo_send_matches_an_early_report(store: Store) -> None:
     await store.record_sends([send(1)], solo=True)
     assert store.notifier.generation(POLL, "status") != seen
     assert (await only(store, POLL, "status")).in_reply_to == "L1"
+
+
+def test_postgresql_url_is_refused_with_a_clear_message() -> None:
+    """A PostgreSQL store URL is refused at open with a message, not a crash or a silent SQLite."""
+    from bc_proxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="PostgreSQL"):
+        open_store("postgresql://u@127.0.0.1/test", DELIVERY)
