@@ -1,66 +1,176 @@
 """The store seam: record types, the `Store` Protocol every backend implements, and `open_store`.
 
-Owns what is durable (sends per recipient, legacy records waiting for poll or push) and the
-in-process `Notifier` that wakes long-polls. Backends own SQL and commit batching; nothing
-here does I/O.
+Owns what is durable: sends per recipient (written ahead of the upstream call, then settled),
+legacy records waiting for poll or push (claimed under leases owned by a replica), sweep marks,
+blocked handsets and rejected webhooks. Business rules live in `rules.py`, wake-ups in
+`waker.py`; backends (`sqlite/`, `postgres/`) own SQL and commit batching only.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Mapping, Sequence
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Kind = Literal["in", "status"]
-KINDS: tuple[Kind, Kind] = ("in", "status")
+from bc_proxy.store.rules import KINDS, Delivery, Kind, Rules, TenantRules
+from bc_proxy.store.waker import LocalWaker, Waker
+
+__all__ = [
+    "KINDS",
+    "Delivery",
+    "DlrEvent",
+    "IngestResult",
+    "Kind",
+    "LegacyRecord",
+    "LocalWaker",
+    "MoEvent",
+    "PlannedRecipient",
+    "RejectedWebhook",
+    "Rules",
+    "SendIntent",
+    "SendPlan",
+    "SendState",
+    "Settlement",
+    "StatusRecord",
+    "Store",
+    "SweepMark",
+    "TenantRules",
+    "WaitingStat",
+    "Waker",
+    "new_replica_id",
+    "open_store",
+    "sqlite_path",
+]
+
+SendState = Literal["pending", "accepted", "rejected", "unknown"]
+Outcome = Literal["stored", "duplicate", "unmatched", "ambiguous", "assigned"]
+
+
+# -- sends ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class SendRecord:
-    """One recipient of an accepted legacy send, as mapped to Connexus."""
+class SendIntent:
+    """A legacy send about to go upstream: what the write-ahead rows record."""
 
     tenant: str
-    legacy_id: str | None  # the legacy client's messageId
+    legacy_id: str | None  # the legacy client's messageId (None: no idempotency possible)
+    recipients: tuple[str, ...]
+    sender: str  # from / rateCode / default_from ("" if none)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRecipient:
+    """One recipient the store wrote ahead as `pending`: send it upstream now."""
+
     recipient: str
-    sender: str  # from / rateCode / default_from the message went out with ("" if none)
-    connexus_id: str | None  # Connexus message_id, None when rejected
-    upstream_ref: str | None  # the messageId bc-proxy sent upstream
+    upstream_ref: str  # names this row only; a single send carries it as Connexus messageId
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    """What `begin_send` decided, recipient by recipient.
+
+    `to_send`: new pending rows, to forward. `repeats`: recipients of an earlier send with the
+    same tenant, messageId and recipient inside the idempotency window, with that send's state
+    (`accepted`, `unknown`, or `pending` while the first call is still in flight): never
+    forwarded again. `blocked`: handsets that opted out (a NUR record was stored for each).
+    """
+
+    to_send: tuple[PlannedRecipient, ...]
+    repeats: tuple[tuple[str, SendState], ...] = ()
+    blocked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The upstream outcome of one pending recipient (by its upstream ref)."""
+
+    upstream_ref: str
+    state: SendState  # accepted, rejected or unknown
+    connexus_id: str | None = None  # Connexus message_id when the answer gave one
+    sender: str = ""  # the sender Connexus reported, when the intent had none
 
 
 @dataclass(frozen=True, slots=True)
 class StatusRecord:
-    """A status record bc-proxy makes itself (a recipient Connexus rejected at send time)."""
+    """A status record bc-proxy makes itself (a recipient rejected, blocked or of unknown fate)."""
 
     tenant: str
     recipient: str
     sender: str
     legacy_id: str | None
-    status_code: str  # legacy code (NUR, ERR)
+    status_code: str  # legacy code (NUR, ERR, INF)
     error: str
+    upstream_ref: str | None = None  # the send row it reports on, when there is one
+
+
+# -- inbound ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class DlrEvent:
-    """A Connexus delivery report, as received."""
+    """A Connexus delivery report, as received: its identity is (message_id, status)."""
 
-    message_id: str  # the Connexus message_id (or the id bc-proxy sent upstream)
+    message_id: str  # the Connexus message_id, or the messageId bc-proxy sent upstream
     status: int  # Connexus statusCode
-    status_text: str  # Connexus status name (DELIVRD, ...)
-    event_key: str = ""  # what else tells two reports apart (timestamp, smscid)
+    status_text: str  # Connexus status name (DELIVRD, ...), "" when absent
 
 
 @dataclass(frozen=True, slots=True)
 class MoEvent:
-    """A Connexus incoming SMS, as received (webhook or mo/query)."""
+    """A Connexus incoming SMS, as received (webhook, mo/query or pull): identity messageId."""
 
     message_id: str
     sender: str  # the handset, without '+'
-    to: str  # the short code / number it was sent to
+    to: str  # the short code / number it was sent to, without '+'
     body: str
-    related_id: str | None  # Connexus relatedMessageId
-    owner: str | None  # tenant owning `to` among the configured senders, if any
+    related_id: str | None = None  # Connexus relatedMessageId
+    received_at: str = ""  # Connexus timestamp as given (sweep marks), "" when absent
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What an ingest did, and for which tenant (None: kept unmatched).
+
+    stored: a new record; duplicate: the same event was already stored; unmatched: stored with
+    no tenant (nobody receives it yet); ambiguous: a report whose id names several recipients,
+    stored unmatched; assigned: an unmatched message given to a tenant by the sweep.
+    """
+
+    outcome: Outcome
+    tenant: str | None
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome != "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class SweepMark:
+    """How far the missed-webhook sweep of one tenant's account has read `mo/query`."""
+
+    tenant: str
+    last_time: str  # Connexus timestamp of the newest message seen ("YYYY-MM-DD HH:MM:SS")
+    last_id: str  # its messageId
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedWebhook:
+    """A webhook payload we could not use, kept verbatim (bounded table)."""
+
+    id: int
+    received_at: float
+    reason: str
+    body: bytes
+
+
+# -- records ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,160 +196,111 @@ class LegacyRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """How one tenant takes its records: polling, push per kind, or both."""
-
-    push_in: bool = False
-    push_status: bool = False
-    keep_for_polling: bool = False
-    max_age_seconds: float = 48 * 3600.0
-
-    def pushes(self, kind: Kind) -> bool:
-        return self.push_in if kind == "in" else self.push_status
-
-    def pollable(self, kind: Kind) -> bool:
-        return self.keep_for_polling or not self.pushes(kind)
-
-
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    """What a webhook ingest did: stored new, or found a duplicate; matched a tenant or not."""
-
-    stored: bool
-    tenant: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class WaitingStat:
+    """Records waiting (pollable or push pending) for one tenant and kind."""
+
     tenant: str
     kind: Kind
     count: int
     oldest_created_at: float | None
 
 
-class Notifier:
-    """Wakes long-polls of one process when a record for their tenant and kind is stored.
-
-    A generation counter per (tenant, kind) closes the race between "found nothing" and
-    "started waiting": a waiter passes the generation it saw before looking.
-    """
-
-    def __init__(self) -> None:
-        self._gen: dict[tuple[str, str], int] = {}
-        self._events: dict[tuple[str, str], asyncio.Event] = {}
-        self._any: asyncio.Event | None = None
-        self.closed = False
-
-    def generation(self, tenant: str, kind: str) -> int:
-        return self._gen.get((tenant, kind), 0)
-
-    def notify(self, tenant: str, kind: str) -> None:
-        key = (tenant, kind)
-        self._gen[key] = self._gen.get(key, 0) + 1
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
-        if self._any is not None:
-            self._any.set()
-            self._any = None
-
-    async def wait_any(self, within: float) -> None:
-        """Wait until anything is stored, at most `within` seconds (the push worker's nap)."""
-        if self.closed:
-            return
-        if self._any is None:
-            self._any = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await self._any.wait()
-
-    async def wait(self, tenant: str, kind: str, seen: int, within: float) -> bool:
-        """Wait until something is stored after generation `seen`; False on timeout/close."""
-        key = (tenant, kind)
-        if self.closed:
-            return False
-        if self._gen.get(key, 0) != seen:
-            return True
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
-        try:
-            async with asyncio.timeout(within):
-                await event.wait()
-        except TimeoutError:
-            return False
-        return not self.closed
-
-    def close(self) -> None:
-        """Release every waiter (shutdown): they answer 204 without consuming."""
-        self.closed = True
-        for event in self._events.values():
-            event.set()
-        self._events.clear()
-        if self._any is not None:
-            self._any.set()
+# -- the seam ---------------------------------------------------------------------------------
 
 
 class Store(Protocol):
-    """What bc-proxy needs from durable storage. Every method is safe to call concurrently."""
+    """What bc-proxy needs from durable storage. Every method is safe to call concurrently,
+    from any number of replicas sharing one database (where the backend allows replicas).
 
-    notifier: Notifier
+    Claims are leases: a row records which replica (`replica`) holds it and until when; an
+    expired lease is free again, so a crashed replica's claims come back by themselves.
+    """
 
-    async def open(self) -> None: ...
+    waker: Waker
+    replica: str  # this instance's lease owner id
+    rules: Rules
 
-    async def close(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, apply pending schema migrations (refusing a newer schema), start helpers."""
+
+    async def close(self) -> None:
+        """Finish pending writes, release this replica's leases, close (idempotent)."""
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""
 
-    def upstream_ref(self) -> str:
-        """A new unique id (<= 36 chars) for bc-proxy to send upstream with a send.
+    # -- sends (write-ahead, then settled) --
 
-        Delivery reports and replies can carry it instead of the Connexus message_id; a send
-        recorded with it must be found by it. Only refs made here are found.
+    async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
+        """Commit `pending` rows for the recipients to forward, before any upstream call.
+
+        A recipient whose latest send with the same tenant and legacy messageId lies inside the
+        tenant's idempotency window and is `accepted`, `unknown` or `pending` is a repeat (not
+        written, not to be sent); one that was `rejected` is sent again. Without a legacy
+        messageId nothing is a repeat. Blocked handsets get a NUR status record instead.
         """
 
-    async def record_sends(
-        self,
-        sends: Sequence[SendRecord],
-        statuses: Sequence[StatusRecord] = (),
-        *,
-        solo: bool = False,
+    async def settle_send(
+        self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
     ) -> None:
-        """Durably record an accepted send; match delivery reports that arrived before it.
+        """Record the upstream outcome of pending rows and the status records it produced, in one
+        commit; delivery reports that arrived before their Connexus id was known are matched."""
 
-        `solo`: no other send is in flight in this process, so a backend may commit at once
-        instead of waiting a moment for others to share the commit (a latency hint only).
-        """
+    async def expire_pending(self, before: float) -> int:
+        """Pending rows created before `before` become `unknown` (their call died); how many."""
+
+    # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        """Durably store a delivery report once (deduplicated), matched to its send if known."""
+        """Store a delivery report once per (message id, status), matched to its one recipient."""
 
-    async def add_mo(self, event: MoEvent, *, fallback_tenant: str | None) -> IngestResult:
-        """Durably store an incoming message once (deduplicated), routed to its tenant."""
+    async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
+        """Store an incoming message once per messageId, routed by `Rules.route_mo`.
 
-    async def has_mo(self, message_ids: Sequence[str]) -> set[str]:
-        """Which of these Connexus incoming message ids are already stored."""
+        `account`: the tenant whose Connexus account this is known to come from (a tenant's own
+        webhook secret, the sweep or pull of that account). An already stored unmatched message
+        is assigned to `account` (outcome `assigned`). STOP/START update the blocked list.
+        """
+
+    async def reject_webhook(self, body: bytes, reason: str) -> None:
+        """Keep an unusable webhook payload verbatim; the oldest go past the table's cap."""
+
+    async def rejected_webhooks(self, limit: int = 100) -> list[RejectedWebhook]:
+        """Newest first."""
+
+    async def sweep_mark(self, tenant: str) -> SweepMark | None: ...
+
+    async def set_sweep_mark(self, mark: SweepMark) -> None: ...
+
+    async def blocked(self, tenant: str) -> list[str]:
+        """Handsets that opted out of this tenant's messages."""
+
+    # -- polling (leases) --
 
     async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
-        """Take the oldest pollable record out of reach of other polls, without consuming it."""
+        """Lease the oldest pollable record of (tenant, kind) whose lease is free or expired."""
 
-    async def ack(self, record: LegacyRecord) -> None:
-        """Consume a claimed record: it has been handed to the legacy client."""
+    async def ack(self, record: LegacyRecord) -> bool:
+        """Consume a claimed record if this replica still holds its lease; False otherwise."""
 
-    def release(self, record: LegacyRecord) -> None:
-        """Give a claimed record back (the client went away before receiving it)."""
+    async def release(self, record: LegacyRecord) -> None:
+        """Give a claimed record back at once (the client went away) and wake waiting polls."""
 
     async def queue_depth(self, tenant: str) -> tuple[int, int]:
-        """(inCount, statusCount) of pollable records."""
+        """(inCount, statusCount) of pollable records (without a scan on the event loop)."""
 
     async def waiting(self) -> list[WaitingStat]:
-        """Pollable or pushable records by tenant and kind, with the oldest one's age."""
+        """Pollable or push-pending records by tenant and kind (tenants no longer configured
+        included), with the oldest one's creation time."""
+
+    # -- push (leases, in order per message) --
 
     async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
-        """Claim records whose push is due (each claimed by exactly one worker)."""
+        """Lease records whose push is due, of tenants that push that kind, oldest first; a
+        record is not due while an earlier record of the same send awaits its push."""
 
-    async def push_done(self, record: LegacyRecord) -> None: ...
+    async def push_done(self, record: LegacyRecord) -> None:
+        """Delivered: no more pushes (only if this replica holds the lease)."""
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         """Reschedule a failed push at `next_at`, or dead-letter it when `next_at` is None."""
@@ -251,21 +312,47 @@ class Store(Protocol):
     async def replay(self, ids: Sequence[int] | None, now: float) -> int:
         """Move dead letters (all, or these ids) back to the push queue; returns how many."""
 
+    # -- housekeeping --
+
     async def purge(self, before: float) -> int:
-        """Delete consumed records and sends older than `before`; returns rows deleted."""
+        """Delete consumed records and settled sends older than `before`; rows deleted."""
+
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Hold a cluster-wide lock for a singleton job (sweep, purge) if free: yields whether
+        this replica got it. A backend with one process per database always gets it."""
 
 
-def open_store(url: str, delivery: Mapping[str, Delivery], *, fsync: bool = False) -> Store:
-    """Build the backend named by a SQLAlchemy-style URL (call `await store.open()` next)."""
+LEASE_SECONDS = 10.0  # a poll or push claim of a replica that died comes back after this
+
+
+def open_store(
+    url: str,
+    rules: Rules,
+    *,
+    fsync: bool = False,
+    replica: str | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+) -> Store:
+    """Build the backend named by a SQLAlchemy-style URL (call `await store.open()` next).
+
+    `replica`: the lease owner id (default: host name, pid and a random suffix).
+    """
     if url.startswith("sqlite:///"):
         from bc_proxy.store.sqlite import SQLiteStore
 
-        return SQLiteStore(sqlite_path(url), delivery, fsync=fsync)
+        return SQLiteStore(
+            sqlite_path(url), rules, fsync=fsync, replica=replica, lease_seconds=lease_seconds
+        )
     if url.startswith(("postgresql://", "postgres://")):
-        from bc_proxy.errors import ConfigError
+        from bc_proxy.store.postgres import PostgresStore
 
-        raise ConfigError("store.url: the PostgreSQL backend is not available in this release")
+        return PostgresStore(url, rules, replica=replica, lease_seconds=lease_seconds)
     raise ValueError(f"unknown store url scheme: {url.split(':', 1)[0]}")
+
+
+def new_replica_id() -> str:
+    """A lease owner id unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def sqlite_path(url: str) -> str:

@@ -1,0 +1,230 @@
+"""Business rules of the store, pure and shared by every backend (table-tested, no I/O).
+
+Owns: poll/push placement of a new record, event identity (dedupe keys), routing of an incoming
+SMS to a tenant, attribution of a delivery report to one recipient, send idempotency, STOP/START
+detection, and the ids bc-proxy makes (upstream refs, legacy receipt ids). Backends fetch the
+facts these functions need and run the SQL; they decide nothing themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["in", "status"]
+KINDS: tuple[Kind, Kind] = ("in", "status")
+
+REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0  # a reply belongs to the latest send to its handset within
+DEFAULT_IDEMPOTENCY_WINDOW = 86400.0
+BLOCKED_ERROR = "(Number in Blocked List)"
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT"})
+START_WORDS = frozenset({"START", "UNSTOP", "SUBSCRIBE", "OPTIN"})
+_WORD = re.compile(r"[A-Za-z-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How one tenant takes its records: polling, push per kind, or both."""
+
+    push_in: bool = False
+    push_status: bool = False
+    keep_for_polling: bool = False
+    max_age_seconds: float = 48 * 3600.0
+
+    def pushes(self, kind: Kind) -> bool:
+        return self.push_in if kind == "in" else self.push_status
+
+    def pollable(self, kind: Kind) -> bool:
+        return self.keep_for_polling or not self.pushes(kind)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRules:
+    """What the store must know of one configured tenant."""
+
+    delivery: Delivery = Delivery()
+    senders: tuple[str, ...] = ()  # incoming SMS to these numbers belong to this tenant
+    opt_out: bool = True  # STOP blocks the handset, START unblocks
+    idempotency_window_seconds: float = DEFAULT_IDEMPOTENCY_WINDOW
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a new record goes: pollable now, and/or pushed from `push_due` until the deadline."""
+
+    pollable: bool
+    push_due: float | None
+    push_deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendFacts:
+    """What the store knows of one send row (looked up by Connexus id or upstream ref)."""
+
+    id: int
+    tenant: str
+    recipient: str
+    sender: str
+    legacy_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where an incoming SMS goes: a tenant (None = unmatched) and the legacy id it answers."""
+
+    tenant: str | None
+    in_reply_to: str
+    send_id: int | None = None
+
+
+_UNPLACED = Placement(False, None, None)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The configured tenants, as the store sees them; every method is pure."""
+
+    tenants: Mapping[str, TenantRules] = field(default_factory=dict)
+    _owners: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        owners: dict[str, str] = {}
+        for name, t in self.tenants.items():
+            for s in t.senders:
+                owners.setdefault(s.lstrip("+"), name)
+        object.__setattr__(self, "_owners", owners)
+
+    # -- placement --
+
+    def delivery(self, tenant: str) -> Delivery:
+        t = self.tenants.get(tenant)
+        return t.delivery if t is not None else Delivery()
+
+    def placement(self, tenant: str | None, kind: Kind, now: float) -> Placement:
+        """A record of an unknown tenant waits unplaced; a configured one is polled or pushed."""
+        if tenant is None:
+            return _UNPLACED
+        if tenant not in self.tenants:
+            return Placement(True, None, None)  # a removed tenant: kept, never dropped
+        d = self.tenants[tenant].delivery
+        if d.pushes(kind):
+            return Placement(d.pollable(kind), now, now + d.max_age_seconds)
+        return Placement(True, None, None)
+
+    def push_tenants(self, kind: Kind) -> list[str]:
+        """Tenants whose records of this kind are pushed (the only ones a push worker claims)."""
+        return sorted(n for n, t in self.tenants.items() if t.delivery.pushes(kind))
+
+    def unconfigured(self, tenants: Sequence[str]) -> list[str]:
+        """Those of `tenants` that the configuration no longer has."""
+        return sorted({t for t in tenants if t not in self.tenants})
+
+    # -- identity --
+
+    @staticmethod
+    def dlr_key(message_id: str, status: int) -> str:
+        """A delivery report's identity: never its timestamp or details."""
+        return f"dlr:{message_id}:{status}"
+
+    @staticmethod
+    def mo_key(message_id: str) -> str:
+        return f"mo:{message_id}"
+
+    # -- routing --
+
+    def owner(self, to: str) -> str | None:
+        """The tenant whose `senders` list this number."""
+        return self._owners.get(to.lstrip("+"))
+
+    def route_mo(
+        self,
+        to: str,
+        *,
+        related: SendFacts | None,
+        latest: SendFacts | None,
+        account: str | None,
+    ) -> Route:
+        """One rule whichever path brings the message first (webhook, sweep, pull):
+
+        1. `to` is in a tenant's `senders` -> that tenant (inReplyToId from the send it relates
+           to, else the latest send of that tenant to the handset, when the facts are theirs);
+        2. it relates (relatedMessageId) to a known send -> that send's tenant;
+        3. the latest send to the handset within 7 days -> that send's tenant;
+        4. the account it came from is known -> that tenant;
+        5. exactly one tenant is configured -> it;
+        6. otherwise unmatched, until a path that knows the account assigns it.
+        Steps 1-3 use only facts every path has, so the account never overrides them.
+        """
+        owner = self.owner(to)
+        if owner is not None:
+            for facts in (related, latest):
+                if facts is not None and facts.tenant == owner:
+                    return Route(owner, facts.legacy_id or "", facts.id)
+            return Route(owner, "")
+        for facts in (related, latest):
+            if facts is not None:
+                return Route(facts.tenant, facts.legacy_id or "", facts.id)
+        if account is not None:
+            return Route(account, "")
+        if len(self.tenants) == 1:
+            return Route(next(iter(self.tenants)), "")
+        return Route(None, "")
+
+    @staticmethod
+    def attribute_dlr(candidates: Sequence[SendFacts]) -> SendFacts | Literal["ambiguous"] | None:
+        """The one recipient a report's id names; "ambiguous" when it could be several."""
+        recipients = {(c.tenant, c.recipient) for c in candidates}
+        if not candidates:
+            return None
+        if len(recipients) > 1:
+            return "ambiguous"
+        return max(candidates, key=lambda c: c.id)
+
+    # -- sends --
+
+    def window(self, tenant: str) -> float:
+        t = self.tenants.get(tenant)
+        return t.idempotency_window_seconds if t is not None else DEFAULT_IDEMPOTENCY_WINDOW
+
+    @staticmethod
+    def is_repeat(state: str) -> bool:
+        """An earlier send in this state is not forwarded again (rejected ones are)."""
+        return state in ("accepted", "unknown", "pending")
+
+    # -- opt-out --
+
+    def opt_out_command(self, tenant: str | None, body: str) -> Literal["stop", "start"] | None:
+        """STOP / START as the whole message (a word, case and punctuation ignored)."""
+        if tenant is None:
+            return None
+        t = self.tenants.get(tenant)
+        if t is None or not t.opt_out:
+            return None
+        words = _WORD.findall(body)
+        if len(words) != 1:
+            return None
+        word = words[0].upper().replace("-", "")
+        if word in STOP_WORDS:
+            return "stop"
+        if word in START_WORDS:
+            return "start"
+        return None
+
+
+def new_ref() -> str:
+    """A new upstream messageId: `bc` + microsecond time + random, 23 characters.
+
+    Time-ordered (an index on it grows at one end), unique across replicas and restarts, and
+    well under Connexus's 36-character limit.
+    """
+    return f"bc{time.time_ns() // 1000:013x}{os.urandom(4).hex()}"
+
+
+def receipt_id() -> str:
+    """A unique legacy receipt id (32 hex chars, well under the 50 allowed)."""
+    return uuid.uuid4().hex
