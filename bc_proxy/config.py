@@ -43,6 +43,8 @@ class ServerSettings(_Model):
     max_body_bytes: int = Field(65536, ge=1024)
     shutdown_timeout_seconds: float = Field(8, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)  # N processes on one port; N > 1 needs PostgreSQL
+    read_timeout_seconds: float = Field(15, gt=0)  # headers and body must arrive within this
 
 
 class UpstreamSettings(_Model):
@@ -50,6 +52,10 @@ class UpstreamSettings(_Model):
     timeout_seconds: float = Field(10, gt=0)
     max_connections: int = Field(100, ge=1)
     mo_query_interval_seconds: float = Field(300, ge=0)  # 0 turns the missed-webhook sweep off
+    # What a legacy retry of a send whose outcome is unknown (Connexus timed out or the gateway
+    # died mid-call) is answered: 204 (never risk a duplicate SMS; the status record says
+    # "unknown") or 500 (the client keeps retrying and being refused until an operator acts).
+    unknown_retry_status: Literal[204, 500] = 204
 
     @field_validator("base_url")
     @classmethod
@@ -63,6 +69,7 @@ class StoreSettings(_Model):
     url: str = "sqlite:///bc-proxy.db"
     fsync: bool = False  # true: also survive power loss (one fsync per commit group)
     retention_days: float = Field(30, gt=0)  # consumed records and sends older than this go
+    lease_seconds: float = Field(10, gt=0, le=600)  # a dead replica's claims come back after this
 
     @field_validator("url")
     @classmethod
@@ -133,6 +140,14 @@ class PushSettings(_Model):
     retry_max_seconds: float = Field(900, gt=0)  # the longest delay between two attempts
 
 
+DEFAULT_PASSTHROUGH = ("sms/balance", "sms/otp", "sms/appointment", "number/lookup", "mo/query")
+
+
+class InboundSettings(_Model):
+    mode: Literal["webhook", "pull"] = "webhook"  # pull: mo/query + sms/status, no webhook needed
+    pull_interval_seconds: float = Field(30, gt=0)
+
+
 class TenantSettings(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     legacy: LegacyCredentials
@@ -142,6 +157,18 @@ class TenantSettings(_Model):
     poll_wait_seconds: float = Field(30, ge=0, le=300)
     push: PushSettings | None = None
     status_map: dict[int, str] = Field(default_factory=dict)
+    webhook_secret: SecretStr | None = None  # this account's own /webhooks/connexus/{secret}
+    idempotency_window_seconds: float = Field(86400, ge=0)  # a retried send is not sent again
+    opt_out: bool = True  # incoming STOP blocks the handset for this tenant, START unblocks
+    inbound: InboundSettings = InboundSettings()
+    passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH  # the /api/connexus/{path} allowlist
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("must be at least 8 characters")
+        return v
 
     @field_validator("status_map")
     @classmethod
@@ -165,6 +192,18 @@ class LogSettings(_Model):
     requests: bool = True  # one line per legacy/webhook request
 
 
+class ConsoleSettings(_Model):
+    user: str = Field(min_length=1)
+    password_hash: SecretStr
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("$argon2"):
+            raise ValueError("must be an argon2 hash (bc-proxy hash-password)")
+        return v
+
+
 class Settings(_Model):
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -173,6 +212,7 @@ class Settings(_Model):
     tenants: tuple[TenantSettings, ...] = Field(min_length=1)
     status_map: dict[int, str] = Field(default_factory=dict)
     log: LogSettings = LogSettings()
+    console: ConsoleSettings | None = None  # operator console at /console, off unless present
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:
@@ -199,6 +239,21 @@ class Settings(_Model):
         for code, legacy in self.status_map.items():
             if legacy not in LEGACY_STATUS_CODES:
                 raise ValueError(f"status_map: {code}: {legacy!r} is not a legacy status code")
+        secrets = {self.webhook.secret.get_secret_value(): "webhook.secret"}
+        for t in self.tenants:
+            if t.webhook_secret is None:
+                continue
+            value = t.webhook_secret.get_secret_value()
+            if value in secrets:
+                raise ValueError(
+                    f"tenants[{t.name}].webhook_secret: the same as {secrets[value]}"
+                )
+            secrets[value] = f"tenants[{t.name}].webhook_secret"
+        if self.server.workers > 1 and self.store.url.startswith("sqlite:"):
+            raise ValueError(
+                "server.workers: more than one worker needs a postgresql:// store "
+                "(one process owns a SQLite file)"
+            )
         return self
 
     def status_map_for(self, tenant: TenantSettings) -> dict[int, str]:

@@ -28,7 +28,8 @@ LEGACY_ROUTES = (
 UPSTREAM_OPERATIONS = ("token", "sms_out", "sms_out_bulk", "mo_query", "configure", "passthrough")
 RECORD_KINDS = ("in", "status")
 WEBHOOK_TYPES = ("mo", "dlr", "unknown")
-WEBHOOK_OUTCOMES = ("stored", "duplicate", "unmatched", "rejected")
+WEBHOOK_OUTCOMES = ("stored", "duplicate", "unmatched", "ambiguous", "assigned", "rejected")
+REPEAT_STATES = ("accepted", "unknown", "pending")
 PUSH_OUTCOMES = ("success", "failure", "dead")
 TOKEN_OUTCOMES = ("success", "failure")
 NO_TENANT = "-"
@@ -156,6 +157,38 @@ class Metrics:
             "Incoming messages found by the mo/query sweep that no webhook had delivered.",
             registry=r,
         )
+        self.recipients_unknown = Counter(
+            "bc_proxy_recipients_unknown_total",
+            "Recipients whose send outcome is unknown (Connexus timed out or the gateway died "
+            "mid-call): never re-sent by the gateway, a status record tells the legacy client.",
+            ["tenant"],
+            registry=r,
+        )
+        self.send_repeats = Counter(
+            "bc_proxy_send_repeats_total",
+            "Recipients of legacy retries answered without a second upstream send, by the state "
+            "of the earlier send (accepted, unknown, pending).",
+            ["tenant", "state"],
+            registry=r,
+        )
+        self.recipients_blocked = Counter(
+            "bc_proxy_recipients_blocked_total",
+            "Recipients not sent because the handset opted out (STOP), by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.records_unconfigured = Gauge(
+            "bc_proxy_records_unconfigured_tenant",
+            "Records kept for a tenant that is no longer in the configuration, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.rejected_webhooks = Counter(
+            "bc_proxy_webhooks_rejected_total",
+            "Webhook payloads we could not use, kept in the rejected-webhooks table, by reason.",
+            ["reason"],
+            registry=r,
+        )
 
     def initialise(self, tenants: Iterable[str]) -> None:
         """Create every bounded label combination so series exist from the first scrape."""
@@ -174,6 +207,10 @@ class Metrics:
             self.messages_sent.labels(tenant)
             self.recipients_sent.labels(tenant)
             self.recipients_rejected.labels(tenant)
+            self.recipients_unknown.labels(tenant)
+            self.recipients_blocked.labels(tenant)
+            for state in REPEAT_STATES:
+                self.send_repeats.labels(tenant, state)
             for kind in RECORD_KINDS:
                 self.records_waiting.labels(tenant, kind)
                 self.records_oldest_age.labels(tenant, kind)
