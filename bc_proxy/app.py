@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
@@ -24,22 +25,23 @@ from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge
-from bc_proxy.errors import LegacyError
+from bc_proxy.errors import LegacyError, StoreError
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.recovery import recovery_loop
-from bc_proxy.store import Delivery, open_store
+from bc_proxy.store import Delivery, Rules, Store, TenantRules, open_store
 
 log = get_logger("bc_proxy.http")
 
 
-def _deliveries(settings: Settings) -> dict[str, Delivery]:
+def store_rules(settings: Settings) -> Rules:
+    """What the store must know of the configured tenants (placement, routing, opt-out)."""
     out = {}
     for t in settings.tenants:
         p = t.push
-        out[t.name] = (
+        delivery = (
             Delivery(
                 push_in=bool(p.incoming_url),
                 push_status=bool(p.status_url),
@@ -49,14 +51,37 @@ def _deliveries(settings: Settings) -> dict[str, Delivery]:
             if p
             else Delivery()
         )
-    return out
+        out[t.name] = TenantRules(
+            delivery=delivery,
+            senders=t.senders,
+            opt_out=t.opt_out,
+            idempotency_window_seconds=t.idempotency_window_seconds,
+        )
+    return Rules(out)
+
+
+def open_configured_store(settings: Settings) -> Store:
+    """The store named by `store.url`, with these settings' rules (not opened yet)."""
+    return open_store(
+        settings.store.url,
+        store_rules(settings),
+        fsync=settings.store.fsync,
+        lease_seconds=settings.store.lease_seconds,
+    )
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    store = open_store(settings.store.url, _deliveries(settings), fsync=settings.store.fsync)
+    store = open_configured_store(settings)
     await store.open()
     app[keys.STORE] = store
+    # A send whose call was in flight when a process died: its outcome is unknown, and it is
+    # never sent again by the gateway (its legacy retry gets upstream.unknown_retry_status).
+    stale = time.time() - settings.upstream.timeout_seconds * 2 - 5
+    with contextlib.suppress(StoreError):
+        expired = await store.expire_pending(stale)
+        if expired:
+            log.warning("sends_outcome_unknown_at_start", recipients=expired)
     yield
     await store.close()
 
@@ -112,7 +137,7 @@ async def _on_shutdown(app: web.Application) -> None:
     app[keys.RUNTIME].shutting_down = True
     store = app.get(keys.STORE)
     if store is not None:
-        store.notifier.close()
+        store.waker.close()
 
 
 def _plain_parse_errors() -> None:

@@ -130,11 +130,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _dead_letters(settings: Settings, action: str, ids: Sequence[int] | None) -> int:
-    from bc_proxy.app import _deliveries
-    from bc_proxy.store import open_store
+    from bc_proxy.app import open_configured_store
     from bc_proxy.translate import render_record
 
-    store = open_store(settings.store.url, _deliveries(settings))
+    store = open_configured_store(settings)
     await store.open()
     try:
         if action == "list":
