@@ -62,10 +62,29 @@ def _tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from bc_proxy import log
+    from bc_proxy import log, workers
     from bc_proxy.app import create_app
 
     settings = _settings(args)
+    count = args.workers if args.workers is not None else settings.server.workers
+    if count < 1:
+        raise ConfigError("--workers: must be at least 1")
+    if count > 1:
+        if settings.store.url.startswith("sqlite:"):
+            raise ConfigError(
+                "server.workers: more than one worker needs a postgresql:// store "
+                "(one process owns a SQLite file)"
+            )
+        path = args.config or os.environ.get(ENV_CONFIG) or ""
+        drain = settings.server.shutdown_timeout_seconds + 5
+        return workers.Supervisor(workers.worker_argv(path), count, drain).run()
+    index = workers.worker_index()
+    if index is not None and settings.server.metrics_port is not None:
+        # Each worker of a box serves its own /metrics: metrics_port + its index.
+        server = settings.server.model_copy(
+            update={"metrics_port": settings.server.metrics_port + index}
+        )
+        settings = settings.model_copy(update={"server": server})
     log.setup(settings.log.level, settings.log.format, _secrets(settings))
     _install_uvloop()
     app = create_app(settings)
@@ -74,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app,
         host=settings.server.host,
         port=settings.server.port,
+        reuse_port=index is not None,  # the workers of one box share the port
         # aiohttp waits up to shutdown_timeout for in-flight handlers, then cancels them and
         # waits up to shutdown_timeout again: halve it so the whole drain fits the setting.
         shutdown_timeout=settings.server.shutdown_timeout_seconds / 2,
@@ -169,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     with_config(p)
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes on one port (default: server.workers)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
