@@ -576,6 +576,31 @@ def test_two_tenant_base_is_valid() -> None:
         ),
         pytest.param(_set("log.level", "verbose"), ["log.level"], id="log-level"),
         pytest.param(_set("log.format", "xml"), ["log.format"], id="log-format"),
+        pytest.param(
+            _set("server.workers", 2), ["server.workers", "postgresql"], id="workers-on-sqlite"
+        ),
+        pytest.param(_set("server.workers", 0), ["server.workers"], id="workers-zero"),
+        pytest.param(
+            _beta(webhook_secret="test-webhook-secret-0123"),
+            ["tenants[beta].webhook_secret", "webhook.secret"],
+            id="tenant-webhook-secret-reused",
+        ),
+        pytest.param(
+            _beta(webhook_secret="short"), ["tenants[beta].webhook_secret"], id="tenant-secret-short"
+        ),
+        pytest.param(
+            _beta(inbound={"mode": "carrier-pigeon"}), ["tenants[beta].inbound.mode"], id="inbound"
+        ),
+        pytest.param(
+            _set("upstream.unknown_retry_status", 200),
+            ["upstream.unknown_retry_status"],
+            id="unknown-retry-status",
+        ),
+        pytest.param(
+            _set("console", {"user": "ops", "password_hash": "plain"}),
+            ["console.password_hash"],
+            id="console-hash",
+        ),
     ],
 )
 def test_invalid_config_names_key(mutate: Mutation, expected: list[str]) -> None:
@@ -587,6 +612,21 @@ def test_invalid_config_names_key(mutate: Mutation, expected: list[str]) -> None
     message = str(exc.value)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_workers_accepted_with_postgresql() -> None:
+    """server.workers > 1 validates with a postgresql:// store, and per-tenant keys default."""
+    cfg = _two_tenants()
+    cfg["server"] = {"workers": 4}
+    cfg["store"] = {"url": "postgresql://bc@127.0.0.1/bc"}
+    settings = parse(cfg, env={})
+    assert settings.server.workers == 4
+    beta = settings.tenants[1]
+    assert beta.opt_out is True
+    assert beta.idempotency_window_seconds == 86400
+    assert beta.inbound.mode == "webhook"
+    assert "sms/balance" in beta.passthrough
+    assert "configure" not in beta.passthrough
 
 
 def test_tenant_error_uses_name_not_index() -> None:
