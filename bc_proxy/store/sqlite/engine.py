@@ -1,0 +1,374 @@
+"""The SQLite engine: one writer connection on the event loop, group commit, fsync, checkpoints.
+
+Writes queued during one loop tick share one transaction (a savepoint each, or one per batch
+function) and are answered once the commit is in the OS, or fsynced with `fsync`. A locked
+database is retried with backoff, never waited on. Counts and scans run on a reader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store.sqlite import schema
+
+T = TypeVar("T")
+Wakes = set[tuple[str, str]]
+Op = Callable[[sqlite3.Connection, Wakes], T]
+BatchFn = Callable[[sqlite3.Connection, Wakes, list[Any]], list[Any]]
+
+CHECKPOINT_SECONDS = 1.0
+BUSY_GIVE_UP_SECONDS = 5.0  # a write waits this long for another process's lock, then fails
+BUSY_FIRST_BACKOFF = 0.002
+BUSY_MAX_BACKOFF = 0.05
+
+
+class _Busy(Exception):
+    """The database is locked by another connection: retry the whole group later."""
+
+
+def is_busy(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def as_store_error(exc: BaseException) -> StoreError:
+    return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Group:
+    """The writes of one tick: single ops, and items of batch functions (one call per fn)."""
+
+    ops: list[tuple[Op[Any], asyncio.Future[Any]]] = field(default_factory=list)
+    batches: dict[BatchFn, list[tuple[Any, asyncio.Future[Any]]]] = field(default_factory=dict)
+    since: float = 0.0  # monotonic time of the first attempt (busy retries give up after 5 s)
+
+    def __len__(self) -> int:
+        return len(self.ops) + sum(len(v) for v in self.batches.values())
+
+    def futures(self) -> list[asyncio.Future[Any]]:
+        return [f for _, f in self.ops] + [f for v in self.batches.values() for _, f in v]
+
+    def merge(self, later: _Group) -> None:
+        self.ops.extend(later.ops)
+        for fn, items in later.batches.items():
+            self.batches.setdefault(fn, []).extend(items)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+class Engine:
+    """The writer connection and its helpers; `on_wakes` is called once writes are durable."""
+
+    def __init__(self, path: str, *, fsync: bool, on_wakes: Callable[[Wakes], None]) -> None:
+        self.path = path
+        self.memory = path == ":memory:" or path.startswith("file::memory:")
+        self._fsync = fsync
+        self._on_wakes = on_wakes
+        self.conn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="bc-store-read")
+        self._reader_conn: sqlite3.Connection | None = None
+        self._helpers = ThreadPoolExecutor(2, thread_name_prefix="bc-store-sync")
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._wal_fd: int | None = None
+        self._group = _Group()
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._busy_tries = 0
+        self._last_group = 0
+        self._unsynced: list[tuple[asyncio.Future[Any], Any]] = []
+        self._unsynced_wakes: Wakes = set()
+        self._sync_task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> tuple[int, int]:
+        """Migrate (off the loop, where lock waits are harmless), then connect the writer."""
+        try:
+            if self.memory:
+                conn = self._writer()
+                migrated = schema.migrate(conn)
+            else:
+                migrated = await self.off_loop(self._migrate_once)
+                conn = self._writer()
+                conn.execute("SELECT count(*) FROM schema_version").fetchone()  # opens the WAL
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        self.conn = conn
+        if not self.memory:
+            if self._fsync:
+                self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+        return migrated
+
+    def _writer(self) -> sqlite3.Connection:
+        conn = connect(self.path)
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit is in the OS before we answer (survives SIGKILL); with `fsync` the
+        # WAL is fsynced too, once per group, before the answer (survives power loss).
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait for a lock on the loop thread
+        return conn
+
+    def _migrate_once(self) -> tuple[int, int]:
+        conn = connect(self.path)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            return schema.migrate(conn)
+        finally:
+            conn.close()
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending migrations now: (from, to)."""
+        if self.memory and self.conn is not None:
+            return schema.migrate(self.conn)
+        return await self.off_loop(self._migrate_once)
+
+    async def close(self) -> None:
+        """Commit what is queued, wait for its fsync, stop the helpers, close (idempotent)."""
+        if self.closed:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        while len(self._group) and self.conn is not None:
+            self._flush()
+            if len(self._group):  # busy: wait a little, as the retry would
+                await asyncio.sleep(BUSY_MAX_BACKOFF)
+        while self._sync_task is not None:
+            await asyncio.shield(self._sync_task)
+        self.closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+        if self._reader_conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._reader, self._reader_conn.close)
+        self._reader.shutdown(wait=True)
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.close()
+            self.conn = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self._helpers.shutdown(wait=True)
+
+    async def _checkpoints(self) -> None:
+        """Copy most of the WAL into the database file every second, off the event loop, so
+        the automatic checkpoint inside a commit finds little left to do."""
+        loop = asyncio.get_running_loop()
+        conn = await loop.run_in_executor(self._helpers, connect, self.path)
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                with contextlib.suppress(sqlite3.Error):
+                    await loop.run_in_executor(
+                        self._helpers, conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+                    )
+        finally:
+            await loop.run_in_executor(self._helpers, conn.close)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A short indexed read on the writer connection (WAL: it never waits for a lock)."""
+        conn = self.conn
+        if self.closed or conn is None:
+            raise StoreError("store is closed")
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"read: {exc}") from exc
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A count or scan, on the reader connection in its own thread (WAL: concurrent)."""
+        if self.closed or self.conn is None:
+            raise StoreError("store is closed")
+        if self.memory:
+            return self.read_now(fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._reader, self._read_in_thread, fn
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"read: {exc}") from exc
+
+    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader_conn is None:
+            self._reader_conn = connect(self.path)
+            self._reader_conn.execute("PRAGMA busy_timeout = 5000")
+            self._reader_conn.execute("PRAGMA query_only = 1")
+        return fn(self._reader_conn)
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
+
+    # -- group commit --------------------------------------------------------------------------
+    #
+    # SQL runs on the loop thread: statements take microseconds, and one thread means no GIL
+    # hand-offs and no stale reads (a claim sees an ack the moment it is made).
+
+    async def write(self, op: Op[T]) -> T:
+        """Run `op` in the next group commit; answered once the commit is durable."""
+        fut = self._future()
+        self._group.ops.append((op, fut))
+        self._schedule_flush()
+        result: T = await fut
+        return result
+
+    async def write_batched(self, fn: BatchFn, item: Any) -> Any:
+        """Queue `item` for `fn`, called once per group with every item queued for it."""
+        fut = self._future()
+        self._group.batches.setdefault(fn, []).append((item, fut))
+        self._schedule_flush()
+        return await fut
+
+    def _future(self) -> asyncio.Future[Any]:
+        if self.closed or self.conn is None:
+            raise StoreError("store is closed")
+        return asyncio.get_running_loop().create_future()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            # Under load one more loop iteration lets I/O that is already readable join this
+            # group (bigger groups for microseconds); a lone writer commits at once.
+            step = self._flush_next_tick if self._last_group > 1 else self._flush
+            self._flush_handle = asyncio.get_running_loop().call_soon(step)
+
+    def _flush_next_tick(self) -> None:
+        self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        group, self._group = self._group, _Group()
+        if not len(group):
+            return
+        if not group.since:
+            group.since = time.monotonic()
+        self._last_group = len(group)
+        try:
+            results, wakes = self._run(group)
+        except _Busy:
+            self._retry_busy(group)
+            return
+        except BaseException as exc:  # the commit itself failed: every write of it failed
+            results, wakes = [as_store_error(exc)] * len(group), set()
+        self._busy_tries = 0
+        futures = group.futures()
+        if self._wal_fd is None:
+            for fut, result in zip(futures, results, strict=True):
+                _resolve(fut, result)
+            self._on_wakes(wakes)
+            return
+        self._unsynced.extend(zip(futures, results, strict=True))
+        self._unsynced_wakes |= wakes
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync())
+
+    def _retry_busy(self, group: _Group) -> None:
+        """Another connection holds the lock: try again soon, without blocking the loop."""
+        group.merge(self._group)
+        self._group = group
+        if time.monotonic() - group.since > BUSY_GIVE_UP_SECONDS:
+            self._group = _Group()
+            error = StoreError(f"database is locked (waited {BUSY_GIVE_UP_SECONDS:.0f} s)")
+            for fut in group.futures():
+                _resolve(fut, error)
+            return
+        delay = min(BUSY_FIRST_BACKOFF * 2**self._busy_tries, BUSY_MAX_BACKOFF)
+        self._busy_tries += 1
+        if not self.closed and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(delay, self._flush)
+
+    async def _sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._unsynced:
+                group, self._unsynced = self._unsynced, []
+                wakes, self._unsynced_wakes = self._unsynced_wakes, set()
+                fd = self._wal_fd
+                error: StoreError | None = None
+                try:
+                    if fd is not None:
+                        await loop.run_in_executor(self._helpers, os.fsync, fd)
+                except OSError as exc:
+                    error = StoreError(f"fsync: {exc}")
+                for fut, result in group:
+                    _resolve(fut, error or result)
+                if error is None:
+                    self._on_wakes(wakes)
+        finally:
+            self._sync_task = None
+
+    def _run(self, group: _Group) -> tuple[list[Any], Wakes]:
+        """One transaction for the group; a savepoint per op (or per batch function)."""
+        conn = self.conn
+        if conn is None:
+            raise StoreError("store is not open")
+        results: list[Any] = []
+        wakes: Wakes = set()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, items in group.batches.items():
+                results.extend(self._savepoint(conn, wakes, len(items), fn, [i for i, _ in items]))
+            for op, _ in group.ops:
+                results.extend(self._savepoint(conn, wakes, 1, _single, [op]))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if is_busy(exc):
+                raise _Busy from exc
+            raise
+        # Batch results came first: put them back in submission order of `group.futures()`.
+        n_batch = sum(len(v) for v in group.batches.values())
+        return results[n_batch:] + results[:n_batch], wakes
+
+    @staticmethod
+    def _savepoint(
+        conn: sqlite3.Connection, wakes: Wakes, n: int, fn: BatchFn, items: list[Any]
+    ) -> list[Any]:
+        conn.execute("SAVEPOINT w")
+        mine: Wakes = set()
+        try:
+            out = fn(conn, mine, items)
+            conn.execute("RELEASE w")
+        except Exception as exc:
+            if is_busy(exc):
+                raise
+            conn.execute("ROLLBACK TO w")
+            conn.execute("RELEASE w")
+            return [as_store_error(exc)] * n
+        wakes |= mine
+        return out
+
+
+def _single(conn: sqlite3.Connection, wakes: Wakes, ops: list[Any]) -> list[Any]:
+    return [ops[0](conn, wakes)]
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,138 @@
+"""The push queue in SQLite: lease due records in order per send, then done, retry or dead.
+
+Owns the push columns of `records` (push_due, attempts, deadline, error, dead). Which tenants
+push which kind comes from `Rules.push_tenants`; records of other tenants are never touched.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from bc_proxy.store import LegacyRecord
+from bc_proxy.store.rules import KINDS, Rules
+from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.records import COLUMNS, to_record
+
+_CLAIMABLE = (
+    "push_due IS NOT NULL AND push_due <= ? AND dead = 0 "
+    "AND (lease_owner IS NULL OR lease_until < ?) "
+    # In order per send: not while an earlier record of it (same kind) awaits its push.
+    "AND (send_id IS NULL OR NOT EXISTS (SELECT 1 FROM records e WHERE e.send_id = r.send_id "
+    "AND e.kind = r.kind AND e.id < r.id AND e.push_due IS NOT NULL))"
+)
+
+
+def claim_pushes(
+    conn: sqlite3.Connection,
+    rules: Rules,
+    owner: str,
+    now: float,
+    until: float,
+    limit: int,
+) -> list[LegacyRecord]:
+    """Lease up to `limit` due records of tenants that push their kind, oldest due first."""
+    scopes: list[str] = []
+    params: list[Any] = [now, now]
+    for kind in KINDS:
+        tenants = rules.push_tenants(kind)
+        if tenants:
+            scopes.append(f"(r.kind = ? AND r.tenant IN ({','.join('?' * len(tenants))}))")
+            params += [kind, *tenants]
+    if not scopes or limit <= 0:
+        return []
+    rows = conn.execute(
+        f"SELECT {COLUMNS} FROM records r WHERE {_CLAIMABLE} AND ({' OR '.join(scopes)}) "
+        "ORDER BY push_due, id LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    conn.executemany(
+        "UPDATE records SET lease_owner = ?, lease_until = ? WHERE id = ?",
+        [(owner, until, row[0]) for row in rows],
+    )
+    return [to_record(row) for row in rows]
+
+
+def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
+    """A finished push may let the next record of the same send go: wake the push worker."""
+    row = conn.execute(
+        "SELECT r.tenant, r.kind FROM records r JOIN records e ON e.send_id = r.send_id "
+        "AND e.kind = r.kind AND e.id > r.id WHERE r.id = ? AND e.push_due IS NOT NULL LIMIT 1",
+        (record_id,),
+    ).fetchone()
+    if row is not None and row[0] is not None:
+        wakes.add((row[0], row[1]))
+
+
+def push_done(conn: sqlite3.Connection, wakes: Wakes, record_id: int, owner: str) -> bool:
+    cur = conn.execute(
+        "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
+        "lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) "
+        "WHERE id = ? AND lease_owner = ?",
+        (record_id, owner),
+    )
+    if cur.rowcount:
+        _wake_next(conn, wakes, record_id)
+    return cur.rowcount > 0
+
+
+def push_failed(
+    conn: sqlite3.Connection,
+    wakes: Wakes,
+    record_id: int,
+    owner: str,
+    next_at: float | None,
+    error: str,
+) -> bool:
+    cur = conn.execute(
+        "UPDATE records SET push_due = ?, push_attempts = push_attempts + 1, push_error = ?, "
+        "dead = ?, lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?",
+        (next_at, error[:200], int(next_at is None), record_id, owner),
+    )
+    if cur.rowcount and next_at is None:
+        _wake_next(conn, wakes, record_id)
+    return cur.rowcount > 0
+
+
+def dead_letters(conn: sqlite3.Connection) -> list[LegacyRecord]:
+    rows = conn.execute(f"SELECT {COLUMNS} FROM records WHERE dead = 1 ORDER BY id").fetchall()
+    return [to_record(r) for r in rows]
+
+
+def replay(
+    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, ids: Sequence[int] | None, now: float
+) -> int:
+    """Dead letters back to the push queue, fresh (or to polling, for a tenant that no longer
+    pushes that kind)."""
+    sql = "SELECT id, tenant, kind FROM records WHERE dead = 1"
+    params: list[Any] = []
+    if ids is not None:
+        if not ids:
+            return 0
+        sql += f" AND id IN ({','.join('?' * len(ids))})"
+        params = list(ids)
+    rows = conn.execute(sql, params).fetchall()
+    for rid, tenant, kind in rows:
+        place = rules.placement(tenant, kind, now)
+        conn.execute(
+            "UPDATE records SET dead = 0, push_due = ?, push_deadline = ?, push_attempts = 0, "
+            "push_error = '', pollable = max(pollable, ?) WHERE id = ?",
+            (place.push_due, place.push_deadline, int(place.push_due is None), rid),
+        )
+        wakes.add((tenant, kind))
+    return len(rows)
+
+
+def unpush_stranded(conn: sqlite3.Connection, rules: Rules, now: float) -> None:
+    """Records of configured tenants waiting for a push this configuration no longer makes
+    (or dead-lettered by it): placed again, which makes them pollable."""
+    for tenant in rules.tenants:
+        for kind in KINDS:
+            if rules.placement(tenant, kind, now).push_due is not None:
+                continue
+            conn.execute(
+                "UPDATE records SET pollable = 1, push_due = NULL, dead = 0 "
+                "WHERE (push_due IS NOT NULL OR dead = 1) AND tenant = ? AND kind = ?",
+                (tenant, kind),
+            )

@@ -1,0 +1,114 @@
+"""Legacy records in SQLite: inserting a placed record, and the poll side (claim, ack, release).
+
+Owns the `records` row <-> `LegacyRecord` mapping and poll leases. Placement comes from
+`Rules.placement`; pushes are in `push.py`, counts and housekeeping in `upkeep.py`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from bc_proxy.store import LegacyRecord
+from bc_proxy.store.rules import Kind, Placement, receipt_id
+from bc_proxy.store.sqlite.engine import Wakes
+
+COLUMNS = (
+    "id, tenant, kind, receipt_id, msisdn_from, msisdn_to, body, rate_code, in_reply_to, "
+    "status_code, dlr_status, error, created_at, push_attempts, push_error, push_deadline"
+)
+
+INSERT = (
+    "INSERT INTO records (tenant, kind, event_key, ref, send_id, receipt_id, msisdn_from, "
+    "msisdn_to, body, in_reply_to, status_code, dlr_status, error, created_at, pollable, "
+    "push_due, push_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def to_record(row: tuple[Any, ...]) -> LegacyRecord:
+    return LegacyRecord(*row)
+
+
+def row_values(
+    *,
+    tenant: str | None,
+    kind: Kind,
+    place: Placement,
+    now: float,
+    event_key: str | None = None,
+    ref: str | None = None,
+    send_id: int | None = None,
+    msisdn_from: str = "",
+    msisdn_to: str = "",
+    body: str = "",
+    in_reply_to: str = "",
+    status_code: str = "",
+    dlr_status: int | None = None,
+    error: str = "",
+) -> tuple[Any, ...]:
+    """The values of `INSERT` for one new record."""
+    return (
+        tenant,
+        kind,
+        event_key,
+        ref,
+        send_id,
+        receipt_id(),
+        msisdn_from,
+        msisdn_to,
+        body,
+        in_reply_to,
+        status_code,
+        dlr_status,
+        error,
+        now,
+        int(place.pollable),
+        place.push_due,
+        place.push_deadline,
+    )
+
+
+def wake(wakes: Wakes, tenant: str | None, kind: str, place: Placement) -> None:
+    """Remember to wake (tenant, kind) once the commit is durable, if the record is waiting."""
+    if tenant is not None and (place.pollable or place.push_due is not None):
+        wakes.add((tenant, kind))
+
+
+def claim(
+    conn: sqlite3.Connection, tenant: str, kind: Kind, owner: str, now: float, until: float
+) -> LegacyRecord | None:
+    row = conn.execute(
+        f"UPDATE records SET lease_owner = ?, lease_until = ? WHERE id = ("
+        "SELECT id FROM records WHERE tenant = ? AND kind = ? AND pollable = 1 "
+        "AND (lease_owner IS NULL OR lease_until < ?) ORDER BY id LIMIT 1) "
+        f"RETURNING {COLUMNS}",
+        (owner, until, tenant, kind, now),
+    ).fetchone()
+    return None if row is None else to_record(row)
+
+
+def ack(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
+    cur = conn.execute(
+        "UPDATE records SET pollable = 0, lease_owner = NULL, lease_until = NULL, "
+        "consumed = (push_due IS NULL AND dead = 0) "
+        "WHERE id = ? AND lease_owner = ? AND pollable = 1",
+        (record_id, owner),
+    )
+    return cur.rowcount > 0
+
+
+def release(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
+    cur = conn.execute(
+        "UPDATE records SET lease_owner = NULL, lease_until = NULL "
+        "WHERE id = ? AND lease_owner = ?",
+        (record_id, owner),
+    )
+    return cur.rowcount > 0
+
+
+def release_all(conn: sqlite3.Connection, owner: str) -> int:
+    cur = conn.execute(
+        "UPDATE records SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        (owner,),
+    )
+    return cur.rowcount

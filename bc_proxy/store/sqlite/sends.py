@@ -1,0 +1,244 @@
+"""Sends in SQLite: write-ahead `pending` rows (the hot path), settlement, and send facts.
+
+Owns the `sends` table. Idempotency (`Rules.window`, `Rules.is_repeat`), refs (`new_ref`) and
+report attribution (`Rules.attribute_dlr`) are the rules' decisions; this module runs the SQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from bc_proxy.store import (
+    PlannedRecipient,
+    SendIntent,
+    SendPlan,
+    SendState,
+    Settlement,
+    StatusRecord,
+)
+from bc_proxy.store.rules import BLOCKED_ERROR, REPLY_WINDOW_SECONDS, Rules, SendFacts, new_ref
+from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.records import INSERT, row_values, wake
+
+_FACTS = "id, tenant, recipient, sender, legacy_id"
+_INSERT_SEND = (
+    "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at) "
+    "VALUES (?, ?, ?, ?, 'pending', ?, ?)"
+)
+_CHUNK = 500  # bound parameters per IN list
+
+
+def find_sends(conn: sqlite3.Connection, message_id: str) -> list[SendFacts]:
+    """Send rows a Connexus id or one of our upstream refs names."""
+    rows = conn.execute(
+        f"SELECT {_FACTS} FROM sends WHERE connexus_id = ? "
+        f"UNION SELECT {_FACTS} FROM sends WHERE upstream_ref = ?",
+        (message_id, message_id),
+    ).fetchall()
+    return [SendFacts(*r) for r in rows]
+
+
+def latest_to(
+    conn: sqlite3.Connection, handset: str, tenant: str | None, now: float
+) -> SendFacts | None:
+    """The latest send to `handset` within the reply window (of `tenant`, when given)."""
+    sql = f"SELECT {_FACTS} FROM sends WHERE recipient = ? AND created_at > ?"
+    params: list[Any] = [handset, now - REPLY_WINDOW_SECONDS]
+    if tenant is not None:
+        sql += " AND tenant = ?"
+        params.append(tenant)
+    row = conn.execute(sql + " ORDER BY id DESC LIMIT 1", params).fetchone()
+    return None if row is None else SendFacts(*row)
+
+
+def _blocked(conn: sqlite3.Connection, tenant: str, handsets: Sequence[str]) -> set[str]:
+    if (
+        len(handsets) > 1
+        and not conn.execute("SELECT 1 FROM blocked WHERE tenant = ? LIMIT 1", (tenant,)).fetchone()
+    ):
+        return set()
+    out: set[str] = set()
+    for i in range(0, len(handsets), _CHUNK):
+        chunk = handsets[i : i + _CHUNK]
+        out.update(
+            r[0]
+            for r in conn.execute(
+                f"SELECT handset FROM blocked WHERE tenant = ? "
+                f"AND handset IN ({','.join('?' * len(chunk))})",
+                (tenant, *chunk),
+            )
+        )
+    return out
+
+
+def begin_sends(
+    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, items: list[tuple[SendIntent, float]]
+) -> list[SendPlan]:
+    """Plan every intent of one group, then write all their pending rows in one executemany."""
+    send_rows: list[tuple[Any, ...]] = []
+    status_rows: list[tuple[Any, ...]] = []
+    in_group: dict[tuple[str, str], dict[str, str]] = {}  # pending rows not yet inserted
+    plans: list[SendPlan] = []
+    for intent, now in items:
+        latest: dict[str, str] = {}
+        if intent.legacy_id is not None:
+            for recipient, state in conn.execute(
+                "SELECT recipient, state FROM sends WHERE tenant = ? AND legacy_id = ? "
+                "AND created_at > ? ORDER BY id",
+                (intent.tenant, intent.legacy_id, now - rules.window(intent.tenant)),
+            ):
+                latest[recipient] = state
+            latest.update(in_group.get((intent.tenant, intent.legacy_id), {}))
+        blocked = _blocked(conn, intent.tenant, intent.recipients)
+        to_send: list[PlannedRecipient] = []
+        repeats: list[tuple[str, SendState]] = []
+        blocked_out: list[str] = []
+        for recipient in intent.recipients:
+            state = latest.get(recipient)
+            if state is not None and rules.is_repeat(state):
+                repeats.append((recipient, _state(state)))
+            elif recipient in blocked:
+                blocked_out.append(recipient)
+                place = rules.placement(intent.tenant, "status", now)
+                status_rows.append(
+                    row_values(
+                        tenant=intent.tenant,
+                        kind="status",
+                        place=place,
+                        now=now,
+                        msisdn_from=recipient,
+                        msisdn_to=intent.sender,
+                        in_reply_to=intent.legacy_id or "",
+                        status_code="NUR",
+                        error=BLOCKED_ERROR,
+                    )
+                )
+                wake(wakes, intent.tenant, "status", place)
+            else:
+                ref = new_ref()
+                send_rows.append(
+                    (intent.tenant, intent.legacy_id, recipient, intent.sender, ref, now)
+                )
+                to_send.append(PlannedRecipient(recipient, ref))
+                latest[recipient] = "pending"
+                if intent.legacy_id is not None:
+                    in_group.setdefault((intent.tenant, intent.legacy_id), {})[recipient] = (
+                        "pending"
+                    )
+        plans.append(SendPlan(tuple(to_send), tuple(repeats), tuple(blocked_out)))
+    if send_rows:
+        conn.executemany(_INSERT_SEND, send_rows)
+    if status_rows:
+        conn.executemany(INSERT, status_rows)
+    return plans
+
+
+def _state(state: str) -> SendState:
+    if state == "accepted":
+        return "accepted"
+    if state == "unknown":
+        return "unknown"
+    if state == "rejected":
+        return "rejected"
+    return "pending"
+
+
+def settle(
+    conn: sqlite3.Connection,
+    wakes: Wakes,
+    rules: Rules,
+    settlements: Sequence[Settlement],
+    statuses: Sequence[StatusRecord],
+    now: float,
+    match_early: bool,
+) -> None:
+    """Settle pending rows, add the status records, and match reports that came early."""
+    conn.executemany(
+        "UPDATE sends SET state = ?, connexus_id = coalesce(?, connexus_id), "
+        "sender = CASE WHEN sender = '' THEN ? ELSE sender END, settled_at = ? "
+        "WHERE upstream_ref = ?",
+        [(s.state, s.connexus_id, s.sender, now, s.upstream_ref) for s in settlements],
+    )
+    rows = []
+    for st in statuses:
+        send_id = None
+        if st.upstream_ref is not None:
+            row = conn.execute(
+                "SELECT id FROM sends WHERE upstream_ref = ?", (st.upstream_ref,)
+            ).fetchone()
+            send_id = None if row is None else int(row[0])
+        place = rules.placement(st.tenant, "status", now)
+        rows.append(
+            row_values(
+                tenant=st.tenant,
+                kind="status",
+                place=place,
+                now=now,
+                send_id=send_id,
+                msisdn_from=st.recipient,
+                msisdn_to=st.sender,
+                in_reply_to=st.legacy_id or "",
+                status_code=st.status_code,
+                error=st.error,
+            )
+        )
+        wake(wakes, st.tenant, "status", place)
+    if rows:
+        conn.executemany(INSERT, rows)
+    if match_early:
+        ids = {s.connexus_id for s in settlements if s.connexus_id}
+        for cid in ids:
+            match_unmatched(conn, wakes, rules, cid, now)
+
+
+def match_unmatched(
+    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, message_id: str, now: float
+) -> None:
+    """Give unmatched reports naming `message_id` to the one recipient it now names; a report
+    that turns out ambiguous loses its id, so it is never attributed later."""
+    waiting = conn.execute(
+        "SELECT id FROM records WHERE tenant IS NULL AND ref = ? AND kind = 'status'",
+        (message_id,),
+    ).fetchall()
+    if not waiting:
+        return
+    facts = rules.attribute_dlr(find_sends(conn, message_id))
+    if facts is None:
+        return
+    if facts == "ambiguous":
+        conn.execute(
+            "UPDATE records SET ref = NULL WHERE tenant IS NULL AND ref = ? AND kind = 'status'",
+            (message_id,),
+        )
+        return
+    place = rules.placement(facts.tenant, "status", now)
+    conn.executemany(
+        "UPDATE records SET tenant = ?, send_id = ?, msisdn_from = ?, msisdn_to = ?, "
+        "in_reply_to = ?, pollable = ?, push_due = ?, push_deadline = ?, ref = NULL WHERE id = ?",
+        [
+            (
+                facts.tenant,
+                facts.id,
+                facts.recipient,
+                facts.sender,
+                facts.legacy_id or "",
+                int(place.pollable),
+                place.push_due,
+                place.push_deadline,
+                rid,
+            )
+            for (rid,) in waiting
+        ],
+    )
+    wake(wakes, facts.tenant, "status", place)
+
+
+def expire_pending(conn: sqlite3.Connection, before: float, now: float) -> int:
+    cur = conn.execute(
+        "UPDATE sends SET state = 'unknown', settled_at = ? "
+        "WHERE state = 'pending' AND created_at < ?",
+        (now, before),
+    )
+    return cur.rowcount

@@ -1,0 +1,227 @@
+"""`SQLiteStore`: the `Store` Protocol on one SQLite file, wiring the engine to the queries.
+
+Each method is one engine call (a grouped write, a loop-thread read or a reader-thread count)
+around a function of `sends`, `inbound`, `records`, `push` or `upkeep`. No SQL and no rules here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from bc_proxy.store import (
+    LEASE_SECONDS,
+    DlrEvent,
+    IngestResult,
+    Kind,
+    LegacyRecord,
+    MoEvent,
+    RejectedWebhook,
+    Rules,
+    SendIntent,
+    SendPlan,
+    Settlement,
+    StatusRecord,
+    SweepMark,
+    WaitingStat,
+    new_replica_id,
+)
+from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
+from bc_proxy.store.sqlite.engine import Engine, Wakes
+from bc_proxy.store.waker import LocalWaker, Waker
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file (WAL), one process, group-committed writes."""
+
+    def __init__(
+        self,
+        path: str,
+        rules: Rules,
+        *,
+        fsync: bool = False,
+        replica: str | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
+        self.path = path
+        self.rules = rules
+        self.replica = replica or new_replica_id()
+        self.lease_seconds = lease_seconds
+        self.waker: Waker = LocalWaker()
+        self._engine = Engine(path, fsync=fsync, on_wakes=self._notify)
+        self._maybe_unmatched = True  # reports may wait for a Connexus id (cleared by a probe)
+        self._closed = False
+
+    def _notify(self, wakes: Wakes) -> None:
+        for tenant, kind in wakes:
+            self.waker.notify(tenant, kind)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._engine.open()
+        await self._engine.write(lambda c, w: push.unpush_stranded(c, self.rules, time.time()))
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending schema migrations (the `bc-proxy migrate` command): (from, to)."""
+        return await self._engine.migrate()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.waker.close()
+        if self._engine.conn is not None and not self._engine.closed:
+            release = self._engine.write(lambda c, w: records.release_all(c, self.replica))
+            await asyncio.gather(release, return_exceptions=True)
+        await self._engine.close()
+
+    async def ping(self) -> None:
+        self._engine.read_now(lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- sends ---------------------------------------------------------------------------------
+
+    def _begin_batch(self, conn: sqlite3.Connection, wakes: Wakes, items: list[Any]) -> list[Any]:
+        return sends.begin_sends(conn, wakes, self.rules, items)
+
+    async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
+        plan: SendPlan = await self._engine.write_batched(self._begin_batch, (intent, now))
+        return plan
+
+    async def settle_send(
+        self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
+    ) -> None:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> None:
+            sends.settle(
+                conn, wakes, self.rules, settlements, statuses, now, self._probe_unmatched(conn)
+            )
+
+        await self._engine.write(op)
+
+    def _probe_unmatched(self, conn: sqlite3.Connection) -> bool:
+        """Whether any report waits for its Connexus id: one cheap probe, remembered."""
+        if self._maybe_unmatched:
+            self._maybe_unmatched = (
+                conn.execute(
+                    "SELECT 1 FROM records WHERE tenant IS NULL AND ref IS NOT NULL LIMIT 1"
+                ).fetchone()
+                is not None
+            )
+        return self._maybe_unmatched
+
+    async def expire_pending(self, before: float) -> int:
+        now = time.time()
+        n: int = await self._engine.write(lambda c, w: sends.expire_pending(c, before, now))
+        return n
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    async def add_dlr(self, event: DlrEvent) -> IngestResult:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> IngestResult:
+            result = inbound.add_dlr(conn, wakes, self.rules, event, now)
+            if result.outcome == "unmatched":
+                self._maybe_unmatched = True
+            return result
+
+        return await self._engine.write(op)
+
+    async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
+        now = time.time()
+        return await self._engine.write(
+            lambda c, w: inbound.add_mo(c, w, self.rules, event, account, now)
+        )
+
+    async def reject_webhook(self, body: bytes, reason: str) -> None:
+        now = time.time()
+        await self._engine.write(lambda c, w: inbound.reject_webhook(c, body, reason, now))
+
+    async def rejected_webhooks(self, limit: int = 100) -> list[RejectedWebhook]:
+        return await self._engine.read(lambda c: inbound.rejected_webhooks(c, limit))
+
+    async def sweep_mark(self, tenant: str) -> SweepMark | None:
+        return self._engine.read_now(lambda c: inbound.sweep_mark(c, tenant))
+
+    async def set_sweep_mark(self, mark: SweepMark) -> None:
+        await self._engine.write(lambda c, w: inbound.set_sweep_mark(c, mark))
+
+    async def blocked(self, tenant: str) -> list[str]:
+        return await self._engine.read(lambda c: inbound.blocked(c, tenant))
+
+    # -- polling -------------------------------------------------------------------------------
+
+    async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> LegacyRecord | None:
+            now = time.time()
+            return records.claim(conn, tenant, kind, self.replica, now, now + self.lease_seconds)
+
+        return await self._engine.write(op)
+
+    async def ack(self, record: LegacyRecord) -> bool:
+        return await self._engine.write(lambda c, w: records.ack(c, record.id, self.replica))
+
+    async def release(self, record: LegacyRecord) -> None:
+        await self._engine.write(lambda c, w: records.release(c, record.id, self.replica))
+        self.waker.notify(record.tenant, record.kind)
+
+    async def queue_depth(self, tenant: str) -> tuple[int, int]:
+        return await self._engine.read(lambda c: upkeep.queue_depth(c, tenant))
+
+    async def waiting(self) -> list[WaitingStat]:
+        return await self._engine.read(upkeep.waiting)
+
+    # -- push ----------------------------------------------------------------------------------
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        def op(conn: sqlite3.Connection, wakes: Wakes) -> list[LegacyRecord]:
+            until = time.time() + self.lease_seconds
+            return push.claim_pushes(conn, self.rules, self.replica, now, until, limit)
+
+        return await self._engine.write(op)
+
+    async def push_done(self, record: LegacyRecord) -> None:
+        await self._engine.write(lambda c, w: push.push_done(c, w, record.id, self.replica))
+
+    async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
+        await self._engine.write(
+            lambda c, w: push.push_failed(c, w, record.id, self.replica, next_at, error)
+        )
+
+    async def dead_letters(self) -> list[LegacyRecord]:
+        return await self._engine.read(push.dead_letters)
+
+    async def dead_letter_count(self) -> int:
+        return await self._engine.read(upkeep.dead_letter_count)
+
+    async def replay(self, ids: Sequence[int] | None, now: float) -> int:
+        n: int = await self._engine.write(lambda c, w: push.replay(c, w, self.rules, ids, now))
+        return n
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def purge(self, before: float) -> int:
+        """Delete in chunks, each its own short write, so a large purge never holds the loop."""
+        records_below, sends_below = await self._engine.read(
+            lambda c: upkeep.purge_bounds(c, before)
+        )
+        total = 0
+        while True:
+            n: int = await self._engine.write(
+                lambda c, w: upkeep.purge_chunk(c, w, records_below, sends_below)
+            )
+            total += n
+            if n == 0:
+                return total
+            await asyncio.sleep(0)
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """One process per SQLite file: the lock is always ours."""
+        yield True
