@@ -1,52 +1,121 @@
-"""Connexus wire models for untrusted input: the `mo` and `dlr` webhook payloads.
+"""Connexus webhook payloads (untrusted input) -> the store's `DlrEvent` / `MoEvent`.
 
-Frozen pydantic models. Unknown fields are ignored (Connexus may add some); missing or
-mistyped required fields fail validation. Ids may arrive as numbers and become strings.
+Only the fields bc-proxy uses are checked: `type` and `messageId`; for `dlr` an integer
+`statusCode`; for `mo` `from`, `to` and `body`. Everything else may be absent, null, of any
+type or unknown. A payload we cannot use raises `Unusable` with a reason from `REASONS`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from bc_proxy.store import DlrEvent, MoEvent
+
+WebhookType = Literal["mo", "dlr", "unknown"]
+
+# The bounded set of rejection reasons (metric label values; never client text).
+REASONS: Final = (
+    "bad_json",
+    "not_an_object",
+    "unknown_type",
+    "bad_message_id",
+    "bad_status_code",
+    "bad_from",
+    "bad_to",
+    "bad_body",
+)
+MAX_ID = 100
+MAX_NUMBER = 40
+MAX_BODY = 10_000
+MAX_STATUS_TEXT = 40
+MAX_STATUS_CODE = 2**31 - 1
+_EXPLAIN: Final = {
+    "bad_json": "the body is not JSON",
+    "not_an_object": "the body is not a JSON object",
+    "unknown_type": "type must be mo or dlr",
+    "bad_message_id": f"messageId must be a non-empty string or integer (<= {MAX_ID} chars)",
+    "bad_status_code": "statusCode must be a non-negative integer",
+    "bad_from": f"from must be a non-empty string or integer (<= {MAX_NUMBER} chars)",
+    "bad_to": f"to must be a non-empty string or integer (<= {MAX_NUMBER} chars)",
+    "bad_body": f"body must be a string (<= {MAX_BODY} chars)",
+}
 
 
-def _as_str(v: object) -> object:
-    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+class Unusable(ValueError):
+    """A webhook payload without a usable field we need; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, wtype: WebhookType = "unknown") -> None:
+        super().__init__(_EXPLAIN[reason])
+        self.reason = reason
+        self.wtype: WebhookType = wtype
 
 
-Id = Annotated[str, BeforeValidator(_as_str), Field(min_length=1, max_length=100)]
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-class _Payload(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+def _scalar_id(v: object, limit: int) -> str | None:
+    """A non-empty string or integer as a string (at most `limit` chars); None otherwise."""
+    if _int(v):
+        v = str(v)
+    if isinstance(v, str) and 0 < len(v) <= limit:
+        return v
+    return None
 
 
-class DlrDetails(_Payload):
-    smscid: Annotated[str | None, BeforeValidator(_as_str)] = Field(None, max_length=100)
+def _optional_id(v: object) -> str | None:
+    """An optional id (relatedMessageId): kept when usable, ignored when odd."""
+    return _scalar_id(v, MAX_ID)
 
 
-class DlrPayload(_Payload):
-    type: Literal["dlr"]
-    message_id: Id = Field(alias="messageId")
-    status_code: int = Field(alias="statusCode", ge=0, le=1_000_000)
-    status: str = Field("", max_length=40)
-    timestamp: int | None = None
-    details: DlrDetails | None = None
-
-    @property
-    def event_key(self) -> str:
-        """Timestamp and smscid: what tells two reports for one messageId and status apart."""
-        smscid = self.details.smscid if self.details is not None else None
-        return f"{self.timestamp or ''}:{smscid or ''}"
+def parse_dlr(data: dict[str, Any]) -> DlrEvent:
+    """A delivery report's identity: (messageId, statusCode) and the status text, nothing else."""
+    message_id = _scalar_id(data.get("messageId"), MAX_ID)
+    if message_id is None:
+        raise Unusable("bad_message_id", "dlr")
+    code = data.get("statusCode")
+    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= MAX_STATUS_CODE:
+        raise Unusable("bad_status_code", "dlr")
+    text = data.get("status")
+    status_text = text[:MAX_STATUS_TEXT] if isinstance(text, str) else ""
+    return DlrEvent(message_id=message_id, status=code, status_text=status_text)
 
 
-class MoPayload(_Payload):
-    type: Literal["mo"]
-    message_id: Id = Field(alias="messageId")
-    sender: str = Field(alias="from", min_length=1, max_length=40)
-    to: str = Field(min_length=1, max_length=40)
-    body: str = Field("", max_length=10_000)
-    related_message_id: Annotated[str | None, BeforeValidator(_as_str)] = Field(
-        None, alias="relatedMessageId", max_length=100
+def parse_mo(data: dict[str, Any]) -> MoEvent:
+    """An incoming SMS: messageId, from (without '+'), to (without '+'), body, relatedMessageId."""
+    message_id = _scalar_id(data.get("messageId"), MAX_ID)
+    if message_id is None:
+        raise Unusable("bad_message_id", "mo")
+    sender = _scalar_id(data.get("from"), MAX_NUMBER)
+    if sender is None or not sender.lstrip("+"):
+        raise Unusable("bad_from", "mo")
+    to = _scalar_id(data.get("to"), MAX_NUMBER)
+    if to is None or not to.lstrip("+"):
+        raise Unusable("bad_to", "mo")
+    body = data.get("body")
+    if not isinstance(body, str) or len(body) > MAX_BODY:
+        raise Unusable("bad_body", "mo")
+    return MoEvent(
+        message_id=message_id,
+        sender=sender.lstrip("+"),
+        to=to.lstrip("+"),
+        body=body,
+        related_id=_optional_id(data.get("relatedMessageId")),
     )
+
+
+def parse_webhook(raw: bytes) -> DlrEvent | MoEvent:
+    """Parse one webhook body; raises `Unusable` when a field we use is missing or unusable."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError: ValueErrors
+        raise Unusable("bad_json") from None
+    if not isinstance(data, dict):
+        raise Unusable("not_an_object")
+    wtype = data.get("type")
+    if wtype == "dlr":
+        return parse_dlr(data)
+    if wtype == "mo":
+        return parse_mo(data)
+    raise Unusable("unknown_type")
