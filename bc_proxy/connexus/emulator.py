@@ -1,8 +1,9 @@
 """A scriptable WebSMS Connexus emulator served as a real aiohttp app (tests, demo, benchmarks).
 
-Owns the emulated upstream: token issue and expiry, auth, sms/out (single and bulk), balance,
-mo/query, configure, outgoing mo/dlr webhooks with retries, and the /_emulator/ control paths.
-Does not own anything of the proxy itself; it only records what it was asked, for assertions.
+Owns the emulated HTTP surface: auth/token, sms/out (single and bulk, one message_id per
+recipient), balance, mo/query (pagination and date filters as connexus-api.txt documents),
+configure, and the /_emulator/ control paths. State and outgoing webhooks live in
+`emulator_state`; nothing here belongs to the proxy itself.
 """
 
 from __future__ import annotations
@@ -10,209 +11,41 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import itertools
 import json
 import math
-import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-import aiohttp
 from aiohttp import web
 
+from bc_proxy.connexus.emulator_state import (
+    DLR_ID_READINGS,
+    DLR_STATUS_NAMES,
+    TIME_FORMAT,
+    Emulator,
+    RecordedRequest,
+    SentMessage,
+)
+
+__all__ = [
+    "DLR_STATUS_NAMES",
+    "EMULATOR_KEY",
+    "Emulator",
+    "RecordedRequest",
+    "SentMessage",
+    "create_emulator_app",
+    "serve_emulator",
+]
+
 API_PREFIX = "/api/connexus/"
-DEFAULT_CLIENTS = {"cid_demo": "csk_demo"}
-DEFAULT_USERS = {"demo@example.org": "demo-password"}
 DEFAULT_SENDER = "552"
-FIRST_MESSAGE_ID = 1158493
 MAX_BULK = 200
 MAX_MESSAGE_ID_LEN = 36
-WEBHOOK_RETRIES = 3
-WEBHOOK_TIMEOUT = 5.0
-DLR_STATUS_NAMES = {1: "DELIVRD", 2: "UNDELIV", 4: "QUEUED", 8: "ACCEPTD", 16: "UNDELIV"}
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 Params = dict[str, Any]
-
-
-@dataclass(slots=True)
-class SentMessage:
-    """One recipient accepted or rejected by sms/out."""
-
-    message_id: str
-    to: str
-    body: str
-    sender: str
-    upstream_message_id: str | None
-    accepted: bool
-    error: str
-
-
-@dataclass(slots=True)
-class RecordedRequest:
-    """One HTTP request to an API path; status is 0 until it has been answered."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-
-class Emulator:
-    """Emulated Connexus state: scripted behaviour (plain attributes) and records of traffic."""
-
-    def __init__(
-        self,
-        *,
-        clients: dict[str, str] | None = None,
-        users: dict[str, str] | None = None,
-        token_ttl: int = 86400,
-    ) -> None:
-        self.clients = dict(DEFAULT_CLIENTS if clients is None else clients)
-        self.users = dict(DEFAULT_USERS if users is None else users)
-        self.token_ttl = token_ttl
-        self.latency = 0.0
-        self.fail_next: list[int] = []
-        self.fail_token_next: list[int] = []
-        self.reject: dict[str, str] = {}
-        self.insufficient_funds = False
-        self.send_response_delay = 0.0
-        self.auto_dlr: int | None = None
-        self.webhook_url: str | None = None
-        self.token_requests = 0
-        self.requests: list[RecordedRequest] = []
-        self.sent: list[SentMessage] = []
-        self.mo: list[dict[str, Any]] = []
-        self.webhook_deliveries: list[tuple[dict[str, Any], int]] = []
-        self._tokens: dict[str, float] = {}
-        self._message_ids = itertools.count(FIRST_MESSAGE_ID)
-        self._mo_ids = itertools.count(1)
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def issue_token(self) -> str:
-        """Issue a fresh bearer token valid for token_ttl seconds."""
-        now = time.monotonic()
-        if len(self._tokens) > 1000:  # keep long benchmark runs from growing without bound
-            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
-        token = "wst_" + secrets.token_hex(20)
-        self._tokens[token] = now + self.token_ttl
-        return token
-
-    def token_valid(self, token: str) -> bool:
-        """Whether token was issued, not revoked and not expired."""
-        expiry = self._tokens.get(token)
-        return expiry is not None and time.monotonic() < expiry
-
-    def revoke_tokens(self) -> None:
-        """Invalidate every issued token; the next use of any of them gets 401."""
-        self._tokens.clear()
-
-    def sms_out_requests(self) -> list[RecordedRequest]:
-        """The recorded requests to sms/out."""
-        path = API_PREFIX + "sms/out"
-        return [r for r in self.requests if r.path.rstrip("/") == path]
-
-    async def fire_mo(
-        self,
-        from_: str,
-        to: str,
-        body: str,
-        *,
-        related_message_id: str | None = None,
-        deliver: bool = True,
-        received_at: datetime | None = None,
-    ) -> dict[str, Any]:
-        """Record an incoming message for mo/query, POST it to the webhook; return the payload."""
-        when = received_at or datetime.now(UTC)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        message_id = str(next(self._mo_ids))
-        timestamp = int(when.timestamp())
-        record: dict[str, Any] = {
-            "messageId": message_id,
-            "from": from_,
-            "to": to,
-            "body": body,
-            "receivedTime": when.astimezone(UTC).strftime(_TIME_FORMAT),
-            "timestamp": timestamp,
-        }
-        if related_message_id is not None:
-            record["relatedMessageId"] = related_message_id
-        self.mo.append(record)
-        payload: dict[str, Any] = {
-            "type": "mo",
-            "messageId": message_id,
-            "from": from_,
-            "to": to,
-            "body": body,
-            "timestamp": timestamp,
-            "encoding": "text/plain",
-            "network": "emulator",
-        }
-        url = self.webhook_url
-        if deliver and url:
-            record["callbackUrl"] = url
-            status, text = await self._post_webhook(url, payload)
-            if status:
-                record["callbackStatus"] = str(status)
-            if text:
-                record["callbackResponse"] = text[:255]
-        return payload
-
-    async def fire_dlr(self, message_id: str, status_code: int) -> dict[str, Any]:
-        """POST a delivery report for message_id to the webhook (if set); return the payload."""
-        payload: dict[str, Any] = {
-            "type": "dlr",
-            "messageId": message_id,
-            "status": DLR_STATUS_NAMES.get(status_code, "UNKNOWN"),
-            "statusCode": status_code,
-            "timestamp": int(time.time()),
-            "details": {"smsc": "emulator", "smscid": secrets.token_hex(8)},
-        }
-        if self.webhook_url:
-            await self._post_webhook(self.webhook_url, payload)
-        return payload
-
-    async def close(self) -> None:
-        """Cancel background webhook tasks and close the webhook ClientSession."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _spawn_dlr(self, message_id: str, status_code: int) -> None:
-        task = asyncio.create_task(self.fire_dlr(message_id, status_code))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _post_webhook(self, url: str, payload: dict[str, Any]) -> tuple[int, str]:
-        # Like the real service: a receiver that does not answer 200 is retried up to 3 times.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT)
-            )
-        status, text = 0, ""
-        for attempt in range(1, WEBHOOK_RETRIES + 2):
-            try:
-                async with self._session.post(url, json=payload) as resp:
-                    status = resp.status
-                    text = await resp.text(errors="replace")
-            except (aiohttp.ClientError, TimeoutError):
-                status, text = 0, ""
-            self.webhook_deliveries.append((payload, status))
-            if status == 200 or attempt > WEBHOOK_RETRIES:
-                break
-            await asyncio.sleep(0.05 * attempt)
-        return status, text
 
 
 EMULATOR_KEY = web.AppKey("connexus_emulator", Emulator)
@@ -309,10 +142,11 @@ def _send_one(
     if reason is not None:
         emu.sent.append(SentMessage("", to, body, sender, upstream_id, False, reason))
         return {"success": False, "status": "rejected", "to": to, "error": reason}
-    message_id = str(next(emu._message_ids))
-    emu.sent.append(SentMessage(message_id, to, body, sender, upstream_id, True, ""))
+    message_id = emu.next_message_id()
+    sent = SentMessage(message_id, to, body, sender, upstream_id, True, "")
+    emu.sent.append(sent)
     if emu.auto_dlr is not None:
-        emu._spawn_dlr(message_id, emu.auto_dlr)
+        emu.spawn_report(sent, emu.auto_dlr)
     return {
         "success": True,
         "status": "accepted",
@@ -366,7 +200,7 @@ def _date_filter(value: Any, *, end: bool) -> str | None:
     if not text:
         return None
     try:
-        return datetime.strptime(text, _TIME_FORMAT).strftime(_TIME_FORMAT)
+        return datetime.strptime(text, TIME_FORMAT).strftime(TIME_FORMAT)
     except ValueError:
         day = datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
         return f"{day} 23:59:59" if end else f"{day} 00:00:00"
@@ -383,15 +217,15 @@ async def _mo_query(emu: Emulator, request: web.Request, params: Params) -> web.
         return _error(400, "Invalid date format, use Y-m-d or Y-m-d H:i:s")
     limit = min(max(_int(params.get("limit"), 100), 1), 200)
     page = max(_int(params.get("page"), 1), 1)
-    matched = [
-        m
-        for m in emu.mo
-        if (sender is None or m["from"] == sender)
-        and (to is None or m["to"] == to)
-        and (callback_status is None or m.get("callbackStatus") == callback_status)
-        and (start is None or m["receivedTime"] >= start)
-        and (end is None or m["receivedTime"] <= end)
-    ]
+    matched = emu.mo_window(start, end)  # oldest first; dates by bisect
+    if sender is not None or to is not None or callback_status is not None:
+        matched = [
+            m
+            for m in matched
+            if (sender is None or m["from"] == sender)
+            and (to is None or m["to"] == to)
+            and (callback_status is None or m.get("callbackStatus") == callback_status)
+        ]
     total = len(matched)
     pages = math.ceil(total / limit)
     return web.json_response(
@@ -500,6 +334,9 @@ _SCRIPT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "auto_dlr": lambda v: v is None or type(v) is int,
     "token_ttl": lambda v: type(v) is int and v > 0,
     "webhook_url": lambda v: v is None or isinstance(v, str),
+    "dlr_id": lambda v: v in DLR_ID_READINGS,
+    "dlr_timestamp": lambda v: isinstance(v, bool),
+    "dlr_details": lambda v: isinstance(v, bool),
 }
 
 
@@ -548,7 +385,11 @@ async def _control_dlr(request: web.Request) -> web.Response:
     message_id, code = _text(data.get("messageId")), data.get("statusCode")
     if not message_id or type(code) is not int:
         return web.json_response({"error": "messageId and integer statusCode required"}, status=400)
-    return web.json_response(await request.config_dict[EMULATOR_KEY].fire_dlr(message_id, code))
+    stamp = data.get("timestamp")
+    if stamp is not None and type(stamp) is not int:
+        return web.json_response({"error": "timestamp must be an integer"}, status=400)
+    emu = request.config_dict[EMULATOR_KEY]
+    return web.json_response(await emu.fire_dlr(message_id, code, timestamp=stamp))
 
 
 async def _control_sent(request: web.Request) -> web.Response:

@@ -1,0 +1,277 @@
+"""State of the Connexus emulator: scripted behaviour, records of traffic, outgoing webhooks.
+
+Owns token issue, the log of incoming messages (kept sorted by received time so `mo/query`
+pages and date filters cost a bisect, not a scan), and the `mo`/`dlr` webhooks it fires,
+including which reading of the API its delivery reports follow (`dlr_id`, timestamp, details).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import aiohttp
+
+DEFAULT_CLIENTS = {"cid_demo": "csk_demo"}
+DEFAULT_USERS = {"demo@example.org": "demo-password"}
+FIRST_MESSAGE_ID = 1158493
+WEBHOOK_RETRIES = 3
+WEBHOOK_TIMEOUT = 5.0
+DLR_STATUS_NAMES = {1: "DELIVRD", 2: "UNDELIV", 4: "QUEUED", 8: "ACCEPTD", 16: "UNDELIV"}
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+DLR_ID_READINGS = ("connexus", "client")
+
+DlrId = Literal["connexus", "client"]
+
+
+@dataclass(slots=True)
+class SentMessage:
+    """One recipient accepted or rejected by sms/out."""
+
+    message_id: str
+    to: str
+    body: str
+    sender: str
+    upstream_message_id: str | None
+    accepted: bool
+    error: str
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One HTTP request to an API path; status is 0 until it has been answered."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+
+class Emulator:
+    """Emulated Connexus state: scripted behaviour (plain attributes) and records of traffic.
+
+    `dlr_id`: which id a delivery report carries, `connexus` (its own message_id) or `client`
+    (the messageId the client sent, its message_id when it sent none). `dlr_timestamp` and
+    `dlr_details`: whether reports carry those fields at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        token_ttl: int = 86400,
+        dlr_id: DlrId = "connexus",
+        dlr_timestamp: bool = True,
+        dlr_details: bool = True,
+    ) -> None:
+        if dlr_id not in DLR_ID_READINGS:
+            raise ValueError(f"dlr_id must be one of {', '.join(DLR_ID_READINGS)}")
+        self.clients = dict(DEFAULT_CLIENTS if clients is None else clients)
+        self.users = dict(DEFAULT_USERS if users is None else users)
+        self.token_ttl = token_ttl
+        self.dlr_id: DlrId = dlr_id
+        self.dlr_timestamp = dlr_timestamp
+        self.dlr_details = dlr_details
+        self.latency = 0.0
+        self.fail_next: list[int] = []
+        self.fail_token_next: list[int] = []
+        self.reject: dict[str, str] = {}
+        self.insufficient_funds = False
+        self.send_response_delay = 0.0
+        self.auto_dlr: int | None = None
+        self.webhook_url: str | None = None
+        self.token_requests = 0
+        self.requests: list[RecordedRequest] = []
+        self.sent: list[SentMessage] = []
+        self.mo: list[dict[str, Any]] = []  # sorted by receivedTime (ties: arrival order)
+        self._mo_times: list[str] = []  # receivedTime of self.mo, for bisect
+        self.webhook_deliveries: list[tuple[dict[str, Any], int]] = []
+        self._tokens: dict[str, float] = {}
+        self._message_ids = itertools.count(FIRST_MESSAGE_ID)
+        self._mo_ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- tokens --
+
+    def issue_token(self) -> str:
+        """Issue a fresh bearer token valid for token_ttl seconds."""
+        now = time.monotonic()
+        if len(self._tokens) > 1000:  # keep long benchmark runs from growing without bound
+            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+        token = "wst_" + secrets.token_hex(20)
+        self._tokens[token] = now + self.token_ttl
+        return token
+
+    def token_valid(self, token: str) -> bool:
+        """Whether token was issued, not revoked and not expired."""
+        expiry = self._tokens.get(token)
+        return expiry is not None and time.monotonic() < expiry
+
+    def revoke_tokens(self) -> None:
+        """Invalidate every issued token; the next use of any of them gets 401."""
+        self._tokens.clear()
+
+    def sms_out_requests(self) -> list[RecordedRequest]:
+        """The recorded requests to sms/out."""
+        path = "/api/connexus/sms/out"
+        return [r for r in self.requests if r.path.rstrip("/") == path]
+
+    def next_message_id(self) -> str:
+        return str(next(self._message_ids))
+
+    # -- incoming messages --
+
+    def record_mo(
+        self,
+        from_: str,
+        to: str,
+        body: str,
+        *,
+        related_message_id: str | None = None,
+        received_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Log an incoming message for mo/query without any webhook; the mo/query entry."""
+        when = received_at or datetime.now(UTC)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        received = when.astimezone(UTC).strftime(TIME_FORMAT)
+        record: dict[str, Any] = {
+            "messageId": str(next(self._mo_ids)),
+            "from": from_,
+            "to": to,
+            "body": body,
+            "receivedTime": received,
+            "timestamp": int(when.timestamp()),
+        }
+        if related_message_id is not None:
+            record["relatedMessageId"] = related_message_id
+        at = bisect.bisect_right(self._mo_times, received)
+        self._mo_times.insert(at, received)
+        self.mo.insert(at, record)
+        return record
+
+    def mo_window(self, start: str | None, end: str | None) -> list[dict[str, Any]]:
+        """Logged messages with start <= receivedTime <= end (Y-m-d H:i:s), oldest first."""
+        lo = 0 if start is None else bisect.bisect_left(self._mo_times, start)
+        hi = len(self.mo) if end is None else bisect.bisect_right(self._mo_times, end)
+        return self.mo[lo:hi]
+
+    async def fire_mo(
+        self,
+        from_: str,
+        to: str,
+        body: str,
+        *,
+        related_message_id: str | None = None,
+        deliver: bool = True,
+        received_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Record an incoming message for mo/query, POST it to the webhook; return the payload."""
+        record = self.record_mo(
+            from_, to, body, related_message_id=related_message_id, received_at=received_at
+        )
+        payload: dict[str, Any] = {
+            "type": "mo",
+            "messageId": record["messageId"],
+            "from": from_,
+            "to": to,
+            "body": body,
+            "timestamp": record["timestamp"],
+            "encoding": "text/plain",
+            "network": "emulator",
+        }
+        url = self.webhook_url
+        if deliver and url:
+            record["callbackUrl"] = url
+            status, text = await self._post_webhook(url, payload)
+            if status:
+                record["callbackStatus"] = str(status)
+            if text:
+                record["callbackResponse"] = text[:255]
+        return payload
+
+    # -- delivery reports --
+
+    def report_id(self, sent: SentMessage) -> str:
+        """The id a delivery report about `sent` carries under the configured reading."""
+        if self.dlr_id == "client" and sent.upstream_message_id:
+            return sent.upstream_message_id
+        return sent.message_id
+
+    def dlr_payload(
+        self, message_id: str, status_code: int, *, timestamp: int | None = None
+    ) -> dict[str, Any]:
+        """A delivery report as this emulator's reading shapes it."""
+        payload: dict[str, Any] = {
+            "type": "dlr",
+            "messageId": message_id,
+            "status": DLR_STATUS_NAMES.get(status_code, "UNKNOWN"),
+            "statusCode": status_code,
+        }
+        if self.dlr_timestamp:
+            payload["timestamp"] = int(time.time()) if timestamp is None else timestamp
+        if self.dlr_details:
+            payload["details"] = {"smsc": "emulator", "smscid": secrets.token_hex(8)}
+        return payload
+
+    async def fire_dlr(
+        self, message_id: str, status_code: int, *, timestamp: int | None = None
+    ) -> dict[str, Any]:
+        """POST a delivery report for message_id to the webhook (if set); return the payload."""
+        payload = self.dlr_payload(message_id, status_code, timestamp=timestamp)
+        if self.webhook_url:
+            await self._post_webhook(self.webhook_url, payload)
+        return payload
+
+    async def report(
+        self, sent: SentMessage, status_code: int, *, timestamp: int | None = None
+    ) -> dict[str, Any]:
+        """Fire the delivery report of one sent recipient, by the configured id reading."""
+        return await self.fire_dlr(self.report_id(sent), status_code, timestamp=timestamp)
+
+    def spawn_report(self, sent: SentMessage, status_code: int) -> None:
+        """Fire a delivery report in the background (auto_dlr: it may beat the send's answer)."""
+        task = asyncio.create_task(self.report(sent, status_code))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- lifecycle --
+
+    async def close(self) -> None:
+        """Cancel background webhook tasks and close the webhook ClientSession."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post_webhook(self, url: str, payload: dict[str, Any]) -> tuple[int, str]:
+        # Like the real service: a receiver that does not answer 200 is retried up to 3 times.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT)
+            )
+        status, text = 0, ""
+        for attempt in range(1, WEBHOOK_RETRIES + 2):
+            try:
+                async with self._session.post(url, json=payload) as resp:
+                    status = resp.status
+                    text = await resp.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError):
+                status, text = 0, ""
+            self.webhook_deliveries.append((payload, status))
+            if status == 200 or attempt > WEBHOOK_RETRIES:
+                break
+            await asyncio.sleep(0.05 * attempt)
+        return status, text
