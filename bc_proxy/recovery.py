@@ -1,77 +1,172 @@
 """Missed-webhook recovery: page through Connexus `mo/query` and store unseen incoming SMS.
 
-Owns the periodic sweep (every `upstream.mo_query_interval_seconds`, 0 = off) over the last
-day of incoming messages of every tenant's Connexus account. Messages already stored (by a
-webhook or an earlier sweep) are skipped by id; new ones go through the same store ingest as
-webhooks, so a message that arrives both ways is one legacy record.
+Owns the periodic sweep (every `upstream.mo_query_interval_seconds`, 0 = off) of every
+tenant's Connexus account, from a persisted per-tenant high-water mark minus an overlap to the
+last page, with no cap. Messages go through the store's one ingest (`add_mo`, account = the
+tenant): a message a webhook already stored is a duplicate, or is assigned when it was unmatched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.connexus.models import Unusable, parse_mo
 from bc_proxy.errors import BcProxyError
 from bc_proxy.log import get_logger
-from bc_proxy.store import MoEvent
-from bc_proxy.webhooks import SENDER_OWNERS
+from bc_proxy.store import IngestResult, MoEvent, Store, SweepMark
 
 log = get_logger("bc_proxy.recovery")
 
 PAGE_LIMIT = 200
-MAX_PAGES = 25
-LOOKBACK = timedelta(days=1)
+OVERLAP = timedelta(minutes=10)  # re-read before the mark: same-second and late-indexed messages
+FIRST_LOOKBACK = timedelta(days=1)  # no mark yet: the last 24 hours
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def _event(msg: dict[str, Any], owners: dict[str, str]) -> MoEvent | None:
-    mid, sender, to = msg.get("messageId"), msg.get("from"), msg.get("to")
-    if mid in (None, "") or not sender or not to:
+@dataclass(slots=True)
+class SweepResult:
+    """What one sweep of one account did."""
+
+    pages: int = 0
+    seen: int = 0
+    recovered: int = 0  # new records (no webhook had brought them)
+    assigned: int = 0  # unmatched records a webhook had stored, now given to this tenant
+
+
+def _received(msg: dict[str, Any]) -> str | None:
+    """The message's Connexus receive time as Y-m-d H:i:s (receivedTime, else timestamp)."""
+    text = msg.get("receivedTime")
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            return datetime.strptime(text, TIME_FORMAT).strftime(TIME_FORMAT)
+    stamp = msg.get("timestamp")
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            return datetime.fromtimestamp(stamp, UTC).strftime(TIME_FORMAT)
+    return None
+
+
+def _event(msg: object) -> MoEvent | None:
+    if not isinstance(msg, dict):
         return None
-    to_s = str(to).lstrip("+")
-    related = msg.get("relatedMessageId")
+    try:
+        event = parse_mo(msg)
+    except Unusable:
+        return None
+    received = _received(msg)
+    if received is None:
+        return event
     return MoEvent(
-        message_id=str(mid),
-        sender=str(sender).lstrip("+"),
-        to=to_s,
-        body=str(msg.get("body") or ""),
-        related_id=str(related) if related not in (None, "") else None,
-        owner=owners.get(to_s),
+        message_id=event.message_id,
+        sender=event.sender,
+        to=event.to,
+        body=event.body,
+        related_id=event.related_id,
+        received_at=received,
     )
 
 
-async def sweep_tenant(app: web.Application, tenant: str, now: datetime | None = None) -> int:
-    """Store incoming messages of one tenant's account that no webhook delivered; how many."""
-    client, store, metrics = app[keys.CLIENT], app[keys.STORE], app[keys.METRICS]
-    owners = app[SENDER_OWNERS]
-    start = ((now or datetime.now(UTC)) - LOOKBACK).strftime("%Y-%m-%d %H:%M:%S")
-    recovered = 0
-    for page in range(1, MAX_PAGES + 1):
+def start_of_window(mark: SweepMark | None, now: datetime) -> str:
+    """Where a sweep starts reading: the mark minus the overlap, or the last 24 hours.
+
+    The mark is Connexus's own receive time of a message, so the window is in Connexus's
+    clock and zone whatever they are; only the first run uses ours (UTC)."""
+    if mark is not None:
+        with contextlib.suppress(ValueError):
+            last = datetime.strptime(mark.last_time, TIME_FORMAT)
+            return (last - OVERLAP).strftime(TIME_FORMAT)
+    return (now.astimezone(UTC) - FIRST_LOOKBACK).strftime(TIME_FORMAT)
+
+
+def _ascending(events: Sequence[MoEvent], after: str) -> bool:
+    """Whether this page continues an oldest-first order (then the mark may advance now)."""
+    times = [e.received_at for e in events]
+    return all(times) and (not times or times[0] >= after) and times == sorted(times)
+
+
+async def _store_page(store: Store, tenant: str, events: Sequence[MoEvent]) -> list[IngestResult]:
+    # Concurrent adds share the store's commit groups: one page costs a commit or two.
+    return list(await asyncio.gather(*(store.add_mo(e, account=tenant) for e in events)))
+
+
+async def sweep_account(
+    store: Store, client: ConnexusClient, tenant: str, now: datetime | None = None
+) -> SweepResult:
+    """Read one account's `mo/query` from its mark to the last page; store what is new.
+
+    The mark advances after each page's messages are committed when Connexus answers oldest
+    first (as documented nowhere, but as the emulator does); otherwise only at the end."""
+    mark = await store.sweep_mark(tenant)
+    start = start_of_window(mark, now or datetime.now(UTC))
+    result = SweepResult()
+    newest: tuple[str, str] | None = (mark.last_time, mark.last_id) if mark else None
+    ordered = True
+    last_seen = ""  # receive time of the last message read, in Connexus's page order
+    page = 1
+    while True:
         answer = await client.mo_query(
             tenant, {"start_date": start, "limit": str(PAGE_LIMIT), "page": str(page)}
         )
         messages = answer.get("messages") if isinstance(answer, dict) else None
         if not isinstance(messages, list):
             break
-        events = [e for m in messages if isinstance(m, dict) and (e := _event(m, owners))]
-        known = await store.has_mo([e.message_id for e in events])
-        for event in events:
-            if event.message_id in known:
-                continue
-            result = await store.add_mo(event, fallback_tenant=tenant)
-            if result.stored:
-                recovered += 1
-                metrics.recovered.inc()
+        events = [e for m in messages if (e := _event(m)) is not None]
+        outcomes = await _store_page(store, tenant, events)
+        result.pages += 1
+        result.seen += len(events)
+        result.recovered += sum(1 for r in outcomes if r.outcome in ("stored", "unmatched"))
+        result.assigned += sum(1 for r in outcomes if r.outcome == "assigned")
+        ordered = ordered and _ascending(events, last_seen)
+        if events:
+            last_seen = events[-1].received_at
+        for e in events:
+            if e.received_at and (newest is None or e.received_at >= newest[0]):
+                newest = (e.received_at, e.message_id)
+        if ordered and newest is not None:
+            await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
         pagination = answer.get("pagination") if isinstance(answer, dict) else None
-        if not isinstance(pagination, dict) or not pagination.get("hasNextPage"):
+        if not messages or not isinstance(pagination, dict) or not pagination.get("hasNextPage"):
             break
-    if recovered:
-        log.warning("recovered_missed_webhooks", tenant=tenant, count=recovered)
-    return recovered
+        page += 1
+    if not ordered and newest is not None:
+        await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
+    return result
+
+
+async def sweep_tenant(app: web.Application, tenant: str, now: datetime | None = None) -> int:
+    """Sweep one tenant's account (metrics and a log line); how many messages were new."""
+    metrics = app[keys.METRICS]
+    result = await sweep_account(app[keys.STORE], app[keys.CLIENT], tenant, now)
+    if result.recovered:
+        metrics.recovered.inc(result.recovered)
+        log.warning("recovered_missed_webhooks", tenant=tenant, count=result.recovered)
+    if result.assigned:
+        log.warning("unmatched_messages_assigned", tenant=tenant, count=result.assigned)
+    return result.recovered
+
+
+async def sweep_all(app: web.Application) -> bool:
+    """One sweep of every tenant, if this replica holds the sweep lock; whether it ran."""
+    store = app[keys.STORE]
+    async with store.exclusive("sweep") as got:
+        if not got:
+            return False
+        for tenant in list(app[keys.RUNTIME].tenants):
+            try:
+                await sweep_tenant(app, tenant)
+            except BcProxyError as exc:  # StoreError, upstream trouble: the mark stays put
+                log.error("sweep_failed", tenant=tenant, error=str(exc))
+    return True
 
 
 async def recovery_loop(app: web.Application) -> None:
@@ -79,9 +174,7 @@ async def recovery_loop(app: web.Application) -> None:
     interval = app[keys.SETTINGS].upstream.mo_query_interval_seconds
     if interval <= 0:
         return
-    tenants = list(app[keys.RUNTIME].tenants)
     while True:
         await asyncio.sleep(interval)
-        for tenant in tenants:
-            with contextlib.suppress(BcProxyError):
-                await sweep_tenant(app, tenant)
+        with contextlib.suppress(BcProxyError):
+            await sweep_all(app)
