@@ -3,14 +3,14 @@
 Owns pushing records to a tenant's `push.incoming_url` / `push.status_url` as a form POST with
 the same keys as polling. Any 2xx counts as delivered; anything else is retried with
 exponential backoff and full jitter until the record's deadline (48 h by default), then it
-becomes a dead letter. Pending pushes are rows in the store, so they survive restarts; this
-worker keeps no state of its own beyond the requests in flight.
+becomes a dead letter. Claims are store leases taken in order per send (the store holds back a
+record while an earlier one of its send awaits its push); this worker claims no more than it
+can start at once, keeps no claim state of its own and never settles a record it cannot push.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 
@@ -25,8 +25,9 @@ from bc_proxy.translate import render_record
 
 log = get_logger("bc_proxy.delivery")
 
-BATCH = 50
+CONCURRENCY = 20
 IDLE_NAP = 0.5
+LEASE_SHARE = 0.8  # an attempt ends before its lease does, so no other claim overlaps it
 _RNG = random.Random()
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -46,37 +47,60 @@ class PushWorker:
         self.metrics = app[keys.METRICS]
         self.pushes = {t.name: t.push for t in self.rt.tenants.values() if t.push is not None}
         self._inflight: set[asyncio.Task[None]] = set()
-        self._limit = asyncio.Semaphore(20)
+        self._freed = asyncio.Event()
+        self._unpushable: set[str] = set()  # tenants already logged as having no push URL
+
+    def attempt_timeout(self) -> float:
+        """Per-attempt timeout: the largest configured, but inside the claim's lease."""
+        lease = self.app[keys.SETTINGS].store.lease_seconds
+        wanted = max(p.timeout_seconds for p in self.pushes.values())
+        if wanted > lease * LEASE_SHARE:
+            log.warning("push_timeout_capped_by_lease", timeout=wanted, lease=lease)
+        return min(wanted, lease * LEASE_SHARE)
 
     async def run(self) -> None:
         if not self.pushes:
             return
         store = self.app[keys.STORE]
-        timeout = max(p.timeout_seconds for p in self.pushes.values())
         async with ClientSession(
-            connector=TCPConnector(limit=20), timeout=ClientTimeout(total=timeout)
+            connector=TCPConnector(limit=CONCURRENCY),
+            timeout=ClientTimeout(total=self.attempt_timeout()),
         ) as session:
             try:
                 while not self.rt.shutting_down:
-                    try:
-                        batch = await store.claim_pushes(time.time(), BATCH)
-                    except StoreError as exc:
-                        log.error("push_claim_failed", error=str(exc))
-                        batch = []
+                    free = CONCURRENCY - len(self._inflight)
+                    self._freed.clear()
+                    batch: list[LegacyRecord] = []
+                    if free > 0:
+                        try:
+                            batch = await store.claim_pushes(time.time(), free)
+                        except StoreError as exc:
+                            log.error("push_claim_failed", error=str(exc))
                     for record in batch:
-                        await self._limit.acquire()
                         task = asyncio.create_task(self._deliver(session, store, record))
                         self._inflight.add(task)
                         task.add_done_callback(self._done)
-                    if len(batch) < BATCH:
-                        await store.notifier.wait_any(IDLE_NAP)
+                    if not batch:
+                        await self._idle(store)
             finally:
                 if self._inflight:
                     await asyncio.gather(*self._inflight, return_exceptions=True)
 
+    async def _idle(self, store: Store) -> None:
+        """Wait for a new record, a finished push (the next of its send may be due) or a nap."""
+        waits = [
+            asyncio.ensure_future(self._freed.wait()),
+            asyncio.ensure_future(store.waker.wait_any(IDLE_NAP)),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._limit.release()
+        self._freed.set()
 
     async def _deliver(self, session: ClientSession, store: Store, record: LegacyRecord) -> None:
         push = self.pushes.get(record.tenant)
@@ -84,10 +108,12 @@ class PushWorker:
         if push is not None:
             url = push.incoming_url if record.kind == "in" else push.status_url
         if push is None or url is None:
-            # The record's tenant is no longer configured (a changed push setting of a configured
-            # tenant is turned into polling when the store opens): nobody can take it; stop.
-            with contextlib.suppress(StoreError):
-                await store.push_done(record)
+            # Not pushable under this configuration (the store claims only tenants that push
+            # this kind, so a configuration change raced us): keep the record untouched, its
+            # lease runs out. Never marked done: records of a removed tenant are kept.
+            if record.tenant not in self._unpushable:
+                self._unpushable.add(record.tenant)
+                log.warning("push_without_url_left", tenant=record.tenant, kind=record.kind)
             return
         body = render_record(record, self.rt.status_maps.get(record.tenant, {}))
         error = ""
