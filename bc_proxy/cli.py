@@ -1,4 +1,4 @@
-"""Command line: serve, demo, emulator, check-config, hash-password, dead-letters.
+"""Command line: serve, demo, emulator, check-config, hash-password, dead-letters and more.
 
 Owns argument parsing, exit codes and what is printed for operators. Everything it runs
 lives elsewhere: it only loads settings and calls into the app, the store or the emulator.
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import getpass
+import json
 import os
 import sys
 import time
@@ -130,7 +131,12 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 def cmd_emulator(args: argparse.Namespace) -> int:
     from bc_proxy.connexus.emulator import Emulator, serve_emulator
 
-    emu = Emulator(token_ttl=args.token_ttl)
+    emu = Emulator(
+        token_ttl=args.token_ttl,
+        dlr_id=args.dlr_id,
+        dlr_timestamp=not args.dlr_no_timestamp,
+        dlr_details=not args.dlr_no_details,
+    )
     emu.webhook_url = args.webhook_url
     emu.auto_dlr = args.auto_dlr
     print(f"Connexus emulator on http://{args.host}:{args.port}/api/connexus", flush=True)
@@ -180,6 +186,30 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(_dead_letters(settings, args.action, ids))
 
 
+async def _rejected_webhooks(settings: Settings, limit: int) -> int:
+    from datetime import UTC, datetime
+
+    from bc_proxy.app import open_configured_store
+
+    store = open_configured_store(settings)
+    await store.open()
+    try:
+        rows = await store.rejected_webhooks(limit)
+    finally:
+        await store.close()
+    for r in rows:
+        when = datetime.fromtimestamp(r.received_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # The body verbatim as one JSON string (undecodable bytes as \\xNN escapes).
+        text = json.dumps(r.body.decode("utf-8", "backslashreplace"), ensure_ascii=False)
+        print(f"{r.id}\t{when}\t{r.reason}\t{text}")
+    print(f"{len(rows)} rejected webhook(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_rejected_webhooks(args: argparse.Namespace) -> int:
+    return asyncio.run(_rejected_webhooks(_settings(args), args.limit))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bc-proxy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-ttl", type=int, default=86400)
     p.add_argument("--webhook-url", default=None)
     p.add_argument("--auto-dlr", type=int, default=None, help="fire this dlr statusCode per send")
+    p.add_argument(
+        "--dlr-id",
+        choices=["connexus", "client"],
+        default="connexus",
+        help="id a delivery report carries: its own message_id, or the client's messageId",
+    )
+    p.add_argument("--dlr-no-timestamp", action="store_true", help="reports without timestamp")
+    p.add_argument("--dlr-no-details", action="store_true", help="reports without details")
     p.set_defaults(func=cmd_emulator)
 
     p = sub.add_parser("demo", help="gateway + emulator on loopback, with curl examples")
@@ -222,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", type=int, help="record ids to replay")
     p.add_argument("--all", action="store_true", help="replay every dead letter")
     p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser("rejected-webhooks", help="list webhook payloads that could not be used")
+    with_config(p)
+    p.add_argument("action", choices=["list"])
+    p.add_argument("--limit", type=int, default=100, help="newest first, at most this many")
+    p.set_defaults(func=cmd_rejected_webhooks)
     return parser
 
 
