@@ -175,7 +175,18 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     _plain_parse_errors()
     # No app middlewares: each route is wrapped by `edge` at registration, which saves the
     # per-request middleware chain (a measurable share of the send path).
-    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        # aiohttp's keep-alive timer runs from the moment a connection opens until a whole
+        # request (line and headers) has arrived, and between requests: so it is also the
+        # header read timeout. Header sizes are bounded by the parser's own limits.
+        handler_args={
+            "keepalive_timeout": settings.server.read_timeout_seconds,
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+            "max_headers": 64,
+        },
+    )
     metrics = metrics if metrics is not None else Metrics()
     metrics.initialise(t.name for t in settings.tenants)
     app[keys.SETTINGS] = settings
@@ -185,7 +196,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
         tenants={t.name: t for t in settings.tenants},
         fallback_tenant=settings.tenants[0].name if len(settings.tenants) == 1 else None,
     )
-    app[keys.AUTH] = Authenticator(settings.tenants)
+    app[keys.AUTH] = Authenticator(
+        settings.tenants, on_refusal=lambda outcome: metrics.auth_refusals.labels(outcome).inc()
+    )
     app[keys.CLIENT] = ConnexusClient(settings, metrics)
     jobs: list[Job] = [backlog_loop, recovery_loop, push_worker]  # push worker: last up
     app[BACKGROUND] = jobs

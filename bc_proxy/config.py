@@ -96,6 +96,14 @@ class LegacyCredentials(_Model):
     password: SecretStr | None = None
     password_hash: SecretStr | None = None
 
+    @field_validator("password", "password_hash")
+    @classmethod
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        # An unset-but-empty ${VAR} must not make an empty password valid.
+        if v is not None and not v.get_secret_value():
+            raise ValueError("must not be empty (is its environment variable empty?)")
+        return v
+
     @model_validator(mode="after")
     def _one_password(self) -> LegacyCredentials:
         if (self.password is None) == (self.password_hash is None):
@@ -112,6 +120,13 @@ class ConnexusCredentials(_Model):
     client_secret: SecretStr | None = None
     user_id: str | None = None
     password: SecretStr | None = None
+
+    @field_validator("client_secret", "password")
+    @classmethod
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            raise ValueError("must not be empty (is its environment variable empty?)")
+        return v
 
     @model_validator(mode="after")
     def _one_mode(self) -> ConnexusCredentials:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.errors import LegacyError, StoreError
+from bc_proxy.errors import ClientGone, LegacyError, StoreError
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import LEGACY_ROUTES, NO_TENANT
 
@@ -51,6 +51,10 @@ def edge(route: str, handler: Handler) -> Handler:
         except StoreError as exc:
             log.error("store_error", route=route, error=str(exc))
             resp = text(500, "Storage failure")
+        except (ClientGone, ConnectionError):
+            # The client went away mid-request: nothing can be answered, nothing went wrong
+            # here. Counted and logged as 499 ("client closed request"), never a 500.
+            resp = text(ClientGone.status, "Client closed request")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -61,6 +65,7 @@ def edge(route: str, handler: Handler) -> Handler:
         if legacy:
             app[keys.METRICS].observe_legacy(route, tenant, resp.status, started)
         if not quiet and app[keys.SETTINGS].log.requests:
+            extra = {"client": request.remote} if resp.status == 401 else {}
             log.info(
                 "request",
                 request_id=request.headers.get("X-Request-Id") or secrets.token_hex(6),
@@ -69,6 +74,7 @@ def edge(route: str, handler: Handler) -> Handler:
                 method=request.method,
                 status=resp.status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                **extra,
             )
         return resp
 

@@ -6,8 +6,11 @@
     │   ├── BadRequest       400 (also: malformed encoding, upstream 400)
     │   ├── Unauthorized     401
     │   ├── Forbidden        403 (insufficient funds upstream)
+    │   ├── RequestTimeout   408 (the body did not arrive within server.read_timeout_seconds)
     │   ├── PayloadTooLarge  413
+    │   ├── TooManyRequests  429 (a tenant's send rate limit)
     │   └── GatewayError     500 (upstream down/slow/5xx, our Connexus credentials refused)
+    ├── ClientGone           the client went away mid-request: a 499 outcome, never a 500
     └── StoreError           the store could not do what was asked
 
 Reasons are short, safe to show to a client, and never contain a secret.
@@ -50,8 +53,22 @@ class Forbidden(LegacyError):
     status = 403
 
 
+class RequestTimeout(LegacyError):
+    status = 408
+
+
 class PayloadTooLarge(LegacyError):
     status = 413
+
+
+class TooManyRequests(LegacyError):
+    status = 429
+
+
+class ClientGone(BcProxyError):
+    """The client closed the connection before its request was read or answered."""
+
+    status = 499  # nginx's "client closed request": metrics and logs only, nothing is sent
 
 
 class GatewayError(LegacyError):

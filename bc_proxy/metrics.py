@@ -183,6 +183,13 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "bc_proxy_auth_refusals_total",
+            "Legacy logins refused: failure (checked and wrong) or throttled (refused unchecked "
+            "after many failures from one address).",
+            ["outcome"],
+            registry=r,
+        )
         self.rejected_webhooks = Counter(
             "bc_proxy_webhooks_rejected_total",
             "Webhook payloads we could not use, kept in the rejected-webhooks table, by reason.",
@@ -216,6 +223,8 @@ class Metrics:
                 self.records_oldest_age.labels(tenant, kind)
                 for outcome in PUSH_OUTCOMES:
                     self.push_attempts.labels(tenant, kind, outcome)
+        for outcome in ("failure", "throttled"):
+            self.auth_refusals.labels(outcome)
         for wtype in WEBHOOK_TYPES:
             for outcome in WEBHOOK_OUTCOMES:
                 self.webhooks.labels(wtype, outcome)

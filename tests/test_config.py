@@ -581,6 +581,16 @@ def test_two_tenant_base_is_valid() -> None:
         ),
         pytest.param(_set("server.workers", 0), ["server.workers"], id="workers-zero"),
         pytest.param(
+            _beta(legacy={"user_id": "b", "password": ""}),
+            ["tenants[beta].legacy.password", "empty"],
+            id="empty-legacy-password",
+        ),
+        pytest.param(
+            _beta(connexus={"client_id": "c", "client_secret": ""}),
+            ["tenants[beta].connexus.client_secret", "empty"],
+            id="empty-connexus-secret",
+        ),
+        pytest.param(
             _beta(webhook_secret="test-webhook-secret-0123"),
             ["tenants[beta].webhook_secret", "webhook.secret"],
             id="tenant-webhook-secret-reused",

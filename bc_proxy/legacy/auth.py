@@ -1,8 +1,12 @@
-"""Legacy credential checks: userId/password from params or HTTP Basic, in constant time.
+"""Legacy credential checks: userId/password from params or HTTP Basic, bounded in cost.
 
 Owns finding the tenant for a legacy caller. Plain passwords compare with
-`hmac.compare_digest`; argon2 hashes verify off the event loop, and a verified password is
-remembered (as a keyed digest, never in clear) so the send path pays for argon2 once.
+`hmac.compare_digest`; argon2 hashes verify on one dedicated thread (argon2 takes 64 MiB and
+~100 ms a check, so at most HASH_THREADS run at once). A verified password is remembered as a
+keyed digest (never in clear) so the send path pays for argon2 once; a refused one is
+remembered for a short while so repeating it costs nothing; an unknown user pays the same
+dummy verification as a wrong password, so timing does not reveal user names; and a source
+address with many recent failures is refused without any verification (same 401 answer).
 Does not own what a tenant may do.
 """
 
@@ -13,7 +17,10 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -21,15 +28,32 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from bc_proxy.config import TenantSettings
 from bc_proxy.errors import Unauthorized
 
-_CACHE_LIMIT = 1024
+HASH_THREADS = 1  # argon2 verifications at once (64 MiB each)
+POSITIVE_LIMIT = 1024  # remembered good credentials
+NEGATIVE_SECONDS = 60.0  # a refused password is refused from memory this long
+NEGATIVE_LIMIT = 4096
+THROTTLE_FAILURES = 20  # failures from one address within THROTTLE_SECONDS ...
+THROTTLE_SECONDS = 60.0  # ... and further attempts from it are refused unverified
+THROTTLE_LIMIT = 10_000  # addresses tracked at most (oldest forgotten first)
+
+Outcome = Callable[[str], None]  # told "failure" or "throttled" (a metric)
 
 
 class Authenticator:
     """Maps legacy credentials to a tenant name, or raises Unauthorized."""
 
-    def __init__(self, tenants: Iterable[TenantSettings]) -> None:
+    def __init__(
+        self,
+        tenants: Iterable[TenantSettings],
+        *,
+        on_refusal: Outcome | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._key = secrets.token_bytes(32)
         self._hasher = PasswordHasher()
+        self._pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="bc-argon2")
+        self._clock = clock
+        self._on_refusal = on_refusal or (lambda outcome: None)
         self._plain: dict[str, tuple[str, bytes]] = {}
         self._hashed: dict[str, tuple[str, str]] = {}
         for t in tenants:
@@ -41,41 +65,111 @@ class Authenticator:
             elif t.legacy.password_hash is not None:
                 self._hashed[t.legacy.user_id] = (t.name, t.legacy.password_hash.get_secret_value())
         self._dummy = self._digest(secrets.token_hex(16))
+        # With any hashed tenant, every refusal costs one argon2 check (a dummy one where no
+        # hash applies): a wrong password and an unknown user then take the same time.
+        self._dummy_hash = self._hasher.hash(secrets.token_hex(16)) if self._hashed else None
         self._verified: dict[tuple[str, bytes], str] = {}
+        self._refused: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[str | None]] = {}
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
     def _digest(self, password: str) -> bytes:
         return hmac.new(
             self._key, password.encode("utf-8", "surrogatepass"), hashlib.sha256
         ).digest()
 
-    async def authenticate(self, user: str | None, password: str | None) -> str:
-        """The tenant name for these credentials; Unauthorized otherwise."""
+    async def authenticate(
+        self, user: str | None, password: str | None, source: str | None = None
+    ) -> str:
+        """The tenant name for these credentials; Unauthorized otherwise (`source`: the
+        client's address, for throttling failures)."""
         if not user or password is None:
             raise Unauthorized("Missing credentials")
+        if source is not None and self._throttled(source):
+            self._on_refusal("throttled")
+            raise Unauthorized("Invalid credentials")
         digest = self._digest(password)
+        tenant = self._verified.get((user, digest))
+        if tenant is not None:
+            return tenant
         plain = self._plain.get(user)
-        if plain is not None or user not in self._hashed:
-            expected = plain[1] if plain is not None else self._dummy
-            if hmac.compare_digest(digest, expected) and plain is not None:
-                return plain[0]
+        if plain is not None and hmac.compare_digest(digest, plain[1]):
+            return plain[0]
+        if plain is None and user not in self._hashed:
+            hmac.compare_digest(digest, self._dummy)  # the same work as a plain tenant's check
+        tenant = await self._slow_check(user, password, digest)
+        if tenant is None:
+            self._refuse(source)
             raise Unauthorized("Invalid credentials")
-        tenant, stored = self._hashed[user]
-        cached = self._verified.get((user, digest))
-        if cached is not None:
-            return cached
-        ok = await asyncio.get_running_loop().run_in_executor(None, self._verify, stored, password)
-        if not ok:
-            raise Unauthorized("Invalid credentials")
-        if len(self._verified) >= _CACHE_LIMIT:
-            self._verified.clear()
-        self._verified[(user, digest)] = tenant
         return tenant
+
+    async def _slow_check(self, user: str, password: str, digest: bytes) -> str | None:
+        """argon2 for a hashed tenant (or a dummy one on every refusal), once per credential
+        however many requests ask at once, and never again for a recently refused one."""
+        key = (user, digest)
+        refused_at = self._refused.get(key)
+        if refused_at is not None and self._clock() - refused_at < NEGATIVE_SECONDS:
+            return None
+        if self._dummy_hash is None:
+            return None  # no hashed tenant: a plain refusal costs no more than a plain check
+        shared = self._inflight.get(key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            hashed = self._hashed.get(user)
+            stored = hashed[1] if hashed is not None else self._dummy_hash
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._verify, stored, password
+            )
+            tenant = hashed[0] if ok and hashed is not None else None
+            if tenant is not None:
+                if len(self._verified) >= POSITIVE_LIMIT:
+                    self._verified.clear()
+                self._verified[key] = tenant
+            else:
+                self._refused[key] = self._clock()
+                self._refused.move_to_end(key)
+                while len(self._refused) > NEGATIVE_LIMIT:
+                    self._refused.popitem(last=False)
+            fut.set_result(tenant)
+            return tenant
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark it retrieved: waiters, if any, re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key]
 
     def _verify(self, stored: str, password: str) -> bool:
         try:
             return self._hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    def _throttled(self, source: str) -> bool:
+        times = self._failures.get(source)
+        if not times:
+            return False
+        cutoff = self._clock() - THROTTLE_SECONDS
+        while times and times[0] < cutoff:
+            times.pop(0)
+        return len(times) >= THROTTLE_FAILURES
+
+    def _refuse(self, source: str | None) -> None:
+        self._on_refusal("failure")
+        if source is None:
+            return
+        times = self._failures.setdefault(source, [])
+        self._failures.move_to_end(source)
+        times.append(self._clock())
+        del times[:-THROTTLE_FAILURES]
+        while len(self._failures) > THROTTLE_LIMIT:
+            self._failures.popitem(last=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def credentials(
