@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from http import HTTPStatus
@@ -26,6 +27,7 @@ from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge
 from bc_proxy.errors import LegacyError, StoreError
+from bc_proxy.jobs import supervise
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.log import get_logger
@@ -123,8 +125,13 @@ BACKGROUND = web.AppKey("background", list[Job])
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(job(app)) for job in app[BACKGROUND]]
-    tasks += [asyncio.create_task(m.keep_fresh()) for m in app[keys.CLIENT].tenant_tokens()]
+    metrics = app[keys.METRICS]
+
+    def start(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        return asyncio.create_task(supervise(name, run, metrics), name=f"bc-proxy {name}")
+
+    tasks = [start(job.__name__, functools.partial(job, app)) for job in app[BACKGROUND]]
+    tasks += [start("token_refresh", m.keep_fresh) for m in app[keys.CLIENT].tenant_tokens()]
     yield
     for task in reversed(tasks):
         task.cancel()

@@ -105,6 +105,13 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.token_failing = Gauge(
+            "bc_proxy_token_failing",
+            "1 while the tenant's last Connexus token fetch failed (sends need a token; "
+            "webhooks and polls do not), else 0.",
+            ["tenant"],
+            registry=r,
+        )
         self.webhooks = Counter(
             "bc_proxy_webhooks_total",
             "Connexus webhooks received by type and outcome.",
@@ -181,6 +188,13 @@ class Metrics:
             "bc_proxy_records_unconfigured_tenant",
             "Records kept for a tenant that is no longer in the configuration, by tenant.",
             ["tenant"],
+            registry=r,
+        )
+        self.background_errors = Counter(
+            "bc_proxy_background_errors_total",
+            "Unexpected errors of a background job (each logged with its traceback; the job "
+            "is restarted with backoff), by job.",
+            ["job"],
             registry=r,
         )
         self.auth_refusals = Counter(

@@ -3,7 +3,9 @@
 Owns when a token is fetched and which token a request uses. One refresh is in flight per
 tenant however many requests wait; a request inside the refresh window keeps using the still
 valid token while the refresh runs; an expired token is never handed out, and a failed
-refresh leaves either a still-valid token or none. Does not own the HTTP call (`fetch`).
+refresh leaves either a still-valid token or none. After a failed fetch, requests that need a
+token fail at once with the same reason until a shared, growing backoff has passed (so N
+waiting sends cause one fetch sequence, not N). Does not own the HTTP call (`fetch`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ Fetch = Callable[[], Awaitable[tuple[str, float]]]
 
 REFRESH_AT = 0.75  # refresh once this share of the lifetime has passed
 RETRY_AFTER_FAILURE = 5.0  # seconds between background refreshes while they fail
+BACKOFF_INITIAL = 1.0  # after a failed fetch, no new fetch for this long ...
+BACKOFF_MAX = 30.0  # ... doubling per consecutive failure up to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,11 @@ class TokenManager:
         self._inflight: asyncio.Task[str] | None = None
         self.last_error: str | None = None
         self._failed_at = float("-inf")
+        self._backoff = 0.0  # current pause after a failure (0: none failed yet)
         metrics.token_expiry.labels(tenant).set_function(self.seconds_left)
+        metrics.token_failing.labels(tenant).set_function(
+            lambda: 1.0 if self.last_error is not None else 0.0
+        )
 
     def seconds_left(self) -> float:
         tok = self._token
@@ -78,10 +86,13 @@ class TokenManager:
         return None
 
     async def get(self) -> str:
-        """A valid token, fetching one if there is none (callers share one fetch)."""
+        """A valid token, fetching one if there is none (callers share one fetch); while the
+        failure backoff runs, the last failure again without a fetch."""
         value = self.current()
         if value is not None:
             return value
+        if self._inflight is None and self._clock() - self._failed_at < self._backoff:
+            raise GatewayError(f"Connexus token unavailable: {self.last_error}")
         return await asyncio.shield(self._refresh())
 
     def invalidate(self, value: str) -> None:
@@ -106,6 +117,7 @@ class TokenManager:
             value, expires_in = await self._fetch()
         except Exception as exc:
             self._failed_at = self._clock()
+            self._backoff = min(BACKOFF_MAX, max(BACKOFF_INITIAL, self._backoff * 2))
             self._metrics.token_refreshes.labels(self.tenant, "failure").inc()
             self.last_error = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
             if self._token is not None and self._clock() >= self._token.expires_at:
@@ -122,6 +134,7 @@ class TokenManager:
             wall_expires_at=time.time() + lifetime,
         )
         self.last_error = None
+        self._backoff = 0.0
         self._metrics.token_refreshes.labels(self.tenant, "success").inc()
         return value
 
