@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -541,3 +542,220 @@ async def test_serve_emulator_runs_until_cancelled() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert len(emulator.requests) == 1
+
+
+# -- readings of the delivery report ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reading", "client_id", "expected"),
+    [
+        ("connexus", "MSG1", "own"),
+        ("client", "MSG1", "MSG1"),
+        ("client", None, "own"),
+    ],
+)
+async def test_dlr_id_reading(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    reading: str,
+    client_id: str | None,
+    expected: str,
+) -> None:
+    """auto_dlr reports carry the emulator's message_id, or the client's messageId when sent."""
+    emu = Emulator(dlr_id=reading)  # type: ignore[arg-type]
+    client = await aiohttp_client(create_emulator_app(emu))
+    receiver = Receiver()
+    emu.webhook_url = await start_receiver(aiohttp_server, receiver)
+    emu.auto_dlr = 1
+    form = {"to": "6421234567", "body": "x"}
+    if client_id is not None:
+        form["messageId"] = client_id
+    token = await get_token(client)
+    resp = await client.post(
+        "/api/connexus/sms/out", data=form, headers={"Authorization": f"Bearer {token}"}
+    )
+    own = (await resp.json())["message_id"]
+    await asyncio.wait_for(receiver.got.wait(), 5)
+    assert receiver.payloads[0]["messageId"] == (own if expected == "own" else expected)
+    await emu.close()
+
+
+async def test_bulk_reports_one_id_per_recipient(
+    aiohttp_server: AiohttpServer, client: Client, emulator: Emulator
+) -> None:
+    """A bulk send's auto reports name each recipient's own message_id, never a shared one."""
+    receiver = Receiver()
+    emulator.webhook_url = await start_receiver(aiohttp_server, receiver)
+    emulator.auto_dlr = 8
+    emulator.dlr_id = "client"  # no messageId in the bulk request: falls back to message_id
+    resp = await send(client, await get_token(client), to=["641", "642", "643"], body="x")
+    ids = [m["message_id"] for m in (await resp.json())["messages"]]
+    assert len(set(ids)) == 3
+    async with asyncio.timeout(5):
+        while True:
+            receiver.got.clear()
+            if len(receiver.payloads) >= 3:
+                break
+            await receiver.got.wait()
+    assert sorted(p["messageId"] for p in receiver.payloads) == sorted(ids)
+
+
+@pytest.mark.parametrize(("timestamp", "details"), [(True, True), (False, False), (True, False)])
+async def test_dlr_optional_fields(timestamp: bool, details: bool) -> None:
+    """dlr_timestamp and dlr_details decide whether reports carry those keys at all."""
+    emu = Emulator(dlr_timestamp=timestamp, dlr_details=details)
+    payload = await emu.fire_dlr("1", 1)
+    assert ("timestamp" in payload) is timestamp
+    assert ("details" in payload) is details
+    assert {"type", "messageId", "status", "statusCode"} <= set(payload)
+    fixed = await emu.fire_dlr("1", 1, timestamp=1700000000)
+    assert fixed.get("timestamp") == (1700000000 if timestamp else None)
+
+
+def test_dlr_id_reading_checked() -> None:
+    """An unknown id reading is refused when the emulator is built."""
+    with pytest.raises(ValueError, match="dlr_id"):
+        Emulator(dlr_id="both")  # type: ignore[arg-type]
+
+
+async def test_control_sets_reading(client: Client, emulator: Emulator) -> None:
+    """/_emulator/script sets dlr_id, dlr_timestamp and dlr_details, and refuses bad values."""
+    resp = await client.post(
+        "/_emulator/script",
+        json={"dlr_id": "client", "dlr_timestamp": False, "dlr_details": False},
+    )
+    assert resp.status == 200
+    state = await resp.json()
+    assert (state["dlr_id"], state["dlr_timestamp"], state["dlr_details"]) == (
+        "client",
+        False,
+        False,
+    )
+    assert (emulator.dlr_id, emulator.dlr_timestamp, emulator.dlr_details) == (
+        "client",
+        False,
+        False,
+    )
+    for bad in ({"dlr_id": "mine"}, {"dlr_timestamp": "no"}, {"dlr_details": 0}):
+        assert (await client.post("/_emulator/script", json=bad)).status == 400
+    assert emulator.dlr_id == "client"
+    dlr = await client.post(
+        "/_emulator/dlr", json={"messageId": "9", "statusCode": 1, "timestamp": 5}
+    )
+    assert set(await dlr.json()) == {"type", "messageId", "status", "statusCode"}
+    bad_stamp = await client.post(
+        "/_emulator/dlr", json={"messageId": "9", "statusCode": 1, "timestamp": 1.5}
+    )
+    assert bad_stamp.status == 400
+
+
+async def test_cli_flags_shape_reports(aiohttp_server: AiohttpServer) -> None:
+    """`bc-proxy emulator --dlr-id client --dlr-no-timestamp --dlr-no-details` reports that way."""
+    receiver = Receiver()
+    url = await start_receiver(aiohttp_server, receiver)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bc_proxy", "emulator", "--port", str(port),
+        "--webhook-url", url, "--dlr-id", "client", "--dlr-no-timestamp", "--dlr-no-details",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                try:
+                    async with session.get(f"{base}/_emulator/script") as resp:
+                        state = await resp.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("emulator never came up")
+            assert state["dlr_id"] == "client"
+            async with session.post(
+                f"{base}/_emulator/dlr", json={"messageId": "42", "statusCode": 2}
+            ) as resp:
+                assert resp.status == 200
+        assert receiver.payloads == [
+            {"type": "dlr", "messageId": "42", "status": "UNDELIV", "statusCode": 2}
+        ]
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+# -- mo/query at scale and per account ----------------------------------------------------------
+
+
+async def query(client: Client, **params: str) -> dict[str, Any]:
+    resp = await client.post("/api/connexus/mo/query", data={**USER, **params})
+    assert resp.status == 200
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def test_mo_query_20000_paged_to_the_end(client: Client, emulator: Emulator) -> None:
+    """20,000 messages page out completely at 200 a page, oldest first, each once, quickly."""
+    base = datetime(2026, 1, 1, 0, 0, 0)
+    for i in range(20_000):
+        emulator.record_mo(f"6421{i:06d}", "551", f"m{i}", received_at=base.replace(
+            hour=i // 3600 % 24, minute=i // 60 % 60, second=i % 60))  # fmt: skip
+    started = time.perf_counter()
+    seen: list[str] = []
+    page = 1
+    while True:
+        data = await query(client, start_date="2026-01-01", limit="200", page=str(page))
+        seen += [m["messageId"] for m in data["messages"]]
+        assert data["pagination"]["totalRecords"] == 20_000
+        if not data["pagination"]["hasNextPage"]:
+            break
+        page += 1
+    elapsed = time.perf_counter() - started
+    assert page == 100
+    assert len(seen) == len(set(seen)) == 20_000
+    times = [m["receivedTime"] for m in emulator.mo]
+    assert times == sorted(times)
+    assert elapsed < 10, elapsed
+
+
+async def test_mo_query_date_bounds_inclusive_and_sorted(
+    client: Client, emulator: Emulator
+) -> None:
+    """Messages logged out of time order are listed oldest first; both date bounds include."""
+    emulator.record_mo("1", "551", "late", received_at=datetime(2025, 3, 1, 12, 0, 0))
+    emulator.record_mo("2", "551", "early", received_at=datetime(2025, 3, 1, 8, 0, 0))
+    emulator.record_mo("3", "551", "same", received_at=datetime(2025, 3, 1, 12, 0, 0))
+    data = await query(client, start_date="2025-03-01 08:00:00", end_date="2025-03-01 12:00:00")
+    assert [m["body"] for m in data["messages"]] == ["early", "late", "same"]
+    data = await query(client, start_date="2025-03-01 08:00:01")
+    assert [m["body"] for m in data["messages"]] == ["late", "same"]
+    data = await query(client, end_date="2025-03-01 11:59:59")
+    assert [m["body"] for m in data["messages"]] == ["early"]
+    data = await query(client, start_date="2025-03-02")
+    assert data["messages"] == []
+    assert data["pagination"]["totalPages"] == 0
+    assert data["pagination"]["hasNextPage"] is False
+
+
+async def test_mo_query_per_account(client: Client, emulator: Emulator) -> None:
+    """A message logged for one account is listed by that account's mo/query only."""
+    emulator.clients["cid_other"] = "csk_other"
+    await emulator.fire_mo("641", "551", "shared")
+    await emulator.fire_mo("642", "551", "demo's", account="cid_demo")
+    await emulator.fire_mo("643", "551", "other's", account="cid_other")
+    demo = await client.post(
+        "/api/connexus/mo/query", headers={"Authorization": f"Bearer {await get_token(client)}"}
+    )
+    assert [m["body"] for m in (await demo.json())["messages"]] == ["shared", "demo's"]
+    tok = await client.post(
+        "/api/connexus/auth/token", data={"client_id": "cid_other", "client_secret": "csk_other"}
+    )
+    other = await client.post(
+        "/api/connexus/mo/query",
+        headers={"Authorization": f"Bearer {(await tok.json())['access_token']}"},
+    )
+    assert [m["body"] for m in (await other.json())["messages"]] == ["shared", "other's"]
+    assert "account" not in emulator.mo[1]

@@ -46,6 +46,7 @@ MAX_BULK = 200
 MAX_MESSAGE_ID_LEN = 36
 
 Params = dict[str, Any]
+_ACCOUNT = web.RequestKey("emulator_account", str)  # the authenticated account of a request
 
 
 EMULATOR_KEY = web.AppKey("connexus_emulator", Emulator)
@@ -94,12 +95,15 @@ def _parse_body(request: web.Request, body: bytes) -> Params | None:
     return params
 
 
-def _authorized(emu: Emulator, request: web.Request, params: Params) -> bool:
+def _caller(emu: Emulator, request: web.Request, params: Params) -> str | None:
+    """The authenticated account (client_id or user), or None when the credentials fail."""
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
     scheme = scheme.lower()
-    if scheme == "bearer" and emu.token_valid(credentials.strip()):
-        return True
+    if scheme == "bearer":
+        account = emu.token_account(credentials.strip())
+        if account is not None:
+            return account
     if scheme == "basic":
         try:
             decoded = base64.b64decode(credentials.strip(), validate=True).decode()
@@ -107,9 +111,11 @@ def _authorized(emu: Emulator, request: web.Request, params: Params) -> bool:
             decoded = ""
         login, sep, secret = decoded.partition(":")
         if sep and _user_ok(emu, login, secret):
-            return True
+            return login
     user, password = _text(params.get("userId")), _text(params.get("password"))
-    return user is not None and password is not None and _user_ok(emu, user, password)
+    if user is not None and password is not None and _user_ok(emu, user, password):
+        return user
+    return None
 
 
 def _user_ok(emu: Emulator, user: str, password: str) -> bool:
@@ -131,7 +137,11 @@ async def _token(emu: Emulator, request: web.Request, params: Params) -> web.Res
             status=401,
         )
     return web.json_response(
-        {"access_token": emu.issue_token(), "token_type": "Bearer", "expires_in": emu.token_ttl}
+        {
+            "access_token": emu.issue_token(client_id),
+            "token_type": "Bearer",
+            "expires_in": emu.token_ttl,
+        }
     )
 
 
@@ -217,7 +227,7 @@ async def _mo_query(emu: Emulator, request: web.Request, params: Params) -> web.
         return _error(400, "Invalid date format, use Y-m-d or Y-m-d H:i:s")
     limit = min(max(_int(params.get("limit"), 100), 1), 200)
     page = max(_int(params.get("page"), 1), 1)
-    matched = emu.mo_window(start, end)  # oldest first; dates by bisect
+    matched = emu.mo_window(start, end, request[_ACCOUNT])  # oldest first; dates by bisect
     if sender is not None or to is not None or callback_status is not None:
         matched = [
             m
@@ -315,10 +325,12 @@ async def _answer(
     methods, handler = route
     if request.method not in methods:
         return _error(405, "Method not allowed")
-    if not _authorized(emu, request, params or {}):
+    account = _caller(emu, request, params or {})
+    if account is None:
         return _error(401, "Unauthorized")
     if params is None:
         return _error(400, "Invalid JSON")
+    request[_ACCOUNT] = account  # whose mo/query this is
     return await handler(emu, request, params)
 
 
@@ -374,8 +386,14 @@ async def _control_mo(request: web.Request) -> web.Response:
     if not sender or not to or body is None:
         return web.json_response({"error": "from, to and body are required"}, status=400)
     related = _text(data.get("relatedMessageId"))
+    account = _text(data.get("account"))
     payload = await request.config_dict[EMULATOR_KEY].fire_mo(
-        sender, to, body, related_message_id=related, deliver=data.get("deliver", True) is not False
+        sender,
+        to,
+        body,
+        related_message_id=related,
+        deliver=data.get("deliver", True) is not False,
+        account=account,
     )
     return web.json_response(payload)
 

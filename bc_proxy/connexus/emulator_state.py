@@ -94,7 +94,8 @@ class Emulator:
         self.mo: list[dict[str, Any]] = []  # sorted by receivedTime (ties: arrival order)
         self._mo_times: list[str] = []  # receivedTime of self.mo, for bisect
         self.webhook_deliveries: list[tuple[dict[str, Any], int]] = []
-        self._tokens: dict[str, float] = {}
+        self._tokens: dict[str, tuple[float, str]] = {}  # token -> (expiry, account)
+        self._mo_accounts: list[str | None] = []  # the account each of self.mo arrived at
         self._message_ids = itertools.count(FIRST_MESSAGE_ID)
         self._mo_ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
@@ -102,19 +103,25 @@ class Emulator:
 
     # -- tokens --
 
-    def issue_token(self) -> str:
-        """Issue a fresh bearer token valid for token_ttl seconds."""
+    def issue_token(self, account: str = "") -> str:
+        """Issue a fresh bearer token of `account` (a client_id) valid for token_ttl seconds."""
         now = time.monotonic()
         if len(self._tokens) > 1000:  # keep long benchmark runs from growing without bound
-            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+            self._tokens = {t: v for t, v in self._tokens.items() if v[0] > now}
         token = "wst_" + secrets.token_hex(20)
-        self._tokens[token] = now + self.token_ttl
+        self._tokens[token] = (now + self.token_ttl, account)
         return token
+
+    def token_account(self, token: str) -> str | None:
+        """The account of a token that was issued, not revoked and not expired; else None."""
+        entry = self._tokens.get(token)
+        if entry is None or time.monotonic() >= entry[0]:
+            return None
+        return entry[1]
 
     def token_valid(self, token: str) -> bool:
         """Whether token was issued, not revoked and not expired."""
-        expiry = self._tokens.get(token)
-        return expiry is not None and time.monotonic() < expiry
+        return self.token_account(token) is not None
 
     def revoke_tokens(self) -> None:
         """Invalidate every issued token; the next use of any of them gets 401."""
@@ -138,8 +145,12 @@ class Emulator:
         *,
         related_message_id: str | None = None,
         received_at: datetime | None = None,
+        account: str | None = None,
     ) -> dict[str, Any]:
-        """Log an incoming message for mo/query without any webhook; the mo/query entry."""
+        """Log an incoming message for mo/query without any webhook; the mo/query entry.
+
+        `account` (a client_id or user): only that account's mo/query lists it (None: every
+        account does)."""
         when = received_at or datetime.now(UTC)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -156,14 +167,23 @@ class Emulator:
             record["relatedMessageId"] = related_message_id
         at = bisect.bisect_right(self._mo_times, received)
         self._mo_times.insert(at, received)
+        self._mo_accounts.insert(at, account)
         self.mo.insert(at, record)
         return record
 
-    def mo_window(self, start: str | None, end: str | None) -> list[dict[str, Any]]:
-        """Logged messages with start <= receivedTime <= end (Y-m-d H:i:s), oldest first."""
+    def mo_window(
+        self, start: str | None, end: str | None, account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages of `account` with start <= receivedTime <= end (Y-m-d H:i:s), oldest first."""
         lo = 0 if start is None else bisect.bisect_left(self._mo_times, start)
         hi = len(self.mo) if end is None else bisect.bisect_right(self._mo_times, end)
-        return self.mo[lo:hi]
+        if all(a is None for a in self._mo_accounts[lo:hi]):
+            return self.mo[lo:hi]
+        return [
+            m
+            for m, a in zip(self.mo[lo:hi], self._mo_accounts[lo:hi], strict=True)
+            if a is None or a == account
+        ]
 
     async def fire_mo(
         self,
@@ -174,10 +194,19 @@ class Emulator:
         related_message_id: str | None = None,
         deliver: bool = True,
         received_at: datetime | None = None,
+        account: str | None = None,
+        webhook_url: str | None = None,
     ) -> dict[str, Any]:
-        """Record an incoming message for mo/query, POST it to the webhook; return the payload."""
+        """Record an incoming message for mo/query, POST it to the webhook; return the payload.
+
+        `webhook_url`: this account's webhook, instead of the emulator-wide one."""
         record = self.record_mo(
-            from_, to, body, related_message_id=related_message_id, received_at=received_at
+            from_,
+            to,
+            body,
+            related_message_id=related_message_id,
+            received_at=received_at,
+            account=account,
         )
         payload: dict[str, Any] = {
             "type": "mo",
@@ -189,7 +218,7 @@ class Emulator:
             "encoding": "text/plain",
             "network": "emulator",
         }
-        url = self.webhook_url
+        url = webhook_url or self.webhook_url
         if deliver and url:
             record["callbackUrl"] = url
             status, text = await self._post_webhook(url, payload)
