@@ -98,10 +98,15 @@ def gateway(aiohttp_client: AiohttpClient) -> GatewayFactory:
     """Start the real gateway app for a configuration dict (or Settings) on 127.0.0.1."""
 
     async def start(
-        config: dict[str, Any] | Settings, metrics: Metrics | None = None
+        config: dict[str, Any] | Settings,
+        metrics: Metrics | None = None,
+        *,
+        before_start: Callable[[web.Application], None] | None = None,
     ) -> GatewayClient:
         settings = config if isinstance(config, Settings) else parse(config)
         app = create_app(settings, metrics=metrics)
+        if before_start is not None:
+            before_start(app)
         return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
 
     return start
