@@ -1,0 +1,117 @@
+"""The PostgreSQL connection pool, one transaction per operation, and error mapping.
+
+Owns how SQL reaches the server (asyncpg pool with explicit limits and a command timeout),
+turning every driver or socket failure into StoreError, and the wake-ups a transaction sends
+(`pg_notify` inside it, the local waker after its commit). It decides no business rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import asyncpg
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store.waker import LocalWaker
+
+Conn = Any  # asyncpg.Connection (asyncpg ships no type hints)
+Wakes = set[tuple[str, str]]
+
+CHANNEL = "bc_proxy_records"
+# The database's clock, in epoch seconds: leases of every replica expire by one clock.
+DB_NOW = "extract(epoch from clock_timestamp())::float8"
+DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+_NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
+
+
+def store_error(exc: BaseException, what: str) -> StoreError:
+    """A StoreError naming the operation and the driver's complaint (never the password)."""
+    return StoreError(f"postgresql {what}: {type(exc).__name__}: {exc}".rstrip(": "))
+
+
+def wake_payloads(wakes: Wakes) -> list[str]:
+    return [f"{tenant}:{kind}" for tenant, kind in sorted(wakes)]
+
+
+class Db:
+    """A pool plus this process's waker: `tx()` for writes, `conn()` for single statements."""
+
+    def __init__(
+        self,
+        dsn: str,
+        waker: LocalWaker,
+        *,
+        pool_min: int,
+        pool_max: int,
+        command_timeout: float,
+    ) -> None:
+        self.dsn = dsn
+        self.waker = waker
+        self.command_timeout = command_timeout
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._pool: Any = None
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._pool_min,
+                max_size=self._pool_max,
+                command_timeout=self.command_timeout,
+                timeout=self.command_timeout,  # connecting
+            )
+        except DRIVER_ERRORS as exc:
+            raise store_error(exc, "connect") from exc
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                await pool.close()
+        except DRIVER_ERRORS:
+            pool.terminate()
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    @contextlib.asynccontextmanager
+    async def conn(self, what: str) -> AsyncIterator[Conn]:
+        """A pooled connection outside any explicit transaction (each statement commits)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("store is closed")
+        try:
+            async with pool.acquire(timeout=self.command_timeout) as conn:
+                yield conn
+        except StoreError:
+            raise
+        except DRIVER_ERRORS as exc:
+            raise store_error(exc, what) from exc
+
+    @contextlib.asynccontextmanager
+    async def tx(self, what: str) -> AsyncIterator[tuple[Conn, Wakes]]:
+        """One transaction: wakes added to the set are NOTIFYed in it and fired locally after."""
+        wakes: Wakes = set()
+        async with self.conn(what) as conn, conn.transaction():
+            yield conn, wakes
+            if wakes:
+                await conn.fetchval(_NOTIFY, wake_payloads(wakes))
+        self.fire(wakes)
+
+    def fire(self, wakes: Iterable[tuple[str, str]]) -> None:
+        """Wake this process's waiters at once (the LISTEN echo follows; re-checks are cheap)."""
+        for tenant, kind in wakes:
+            self.waker.notify(tenant, kind)

@@ -1,0 +1,144 @@
+"""Pushes in PostgreSQL: due records claimed under leases, in order per send, and dead letters.
+
+Owns claim_pushes (`FOR UPDATE SKIP LOCKED`, only tenants that push the kind, never past an
+earlier record of the same send still awaiting its push), done / failed conditional on this
+replica's lease, the dead-letter list and replay, and moving stranded pushes to polling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bc_proxy.store import KINDS, LegacyRecord
+from bc_proxy.store.postgres.db import DB_NOW, Db
+from bc_proxy.store.postgres.records import RECORD_COLUMNS, to_record
+from bc_proxy.store.rules import Rules
+
+PUSH_ERROR_CHARS = 200
+
+_CLAIM = f"""
+WITH due AS (
+    SELECT r.id FROM records r
+    WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
+      AND ((r.kind = 'in' AND r.tenant = ANY($2::text[]))
+           OR (r.kind = 'status' AND r.tenant = ANY($3::text[])))
+      AND (r.push_until IS NULL OR r.push_until < {DB_NOW})
+      AND NOT EXISTS (
+          SELECT 1 FROM records e
+          WHERE e.send_id = r.send_id AND e.id < r.id
+            AND e.push_due IS NOT NULL AND NOT e.dead)
+    ORDER BY r.id LIMIT $4
+    FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
+FROM due WHERE records.id = due.id
+RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
+"""
+
+
+class Pushing:
+    """Push claims of one replica."""
+
+    def __init__(self, db: Db, rules: Rules, replica: str, lease_seconds: float) -> None:
+        self.db = db
+        self.rules = rules
+        self.replica = replica
+        self.lease_seconds = lease_seconds
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        tenants_in = self.rules.push_tenants("in")
+        tenants_status = self.rules.push_tenants("status")
+        if limit <= 0 or not (tenants_in or tenants_status):
+            return []
+        async with self.db.conn("claim pushes") as conn:
+            rows = await conn.fetch(
+                _CLAIM,
+                now,
+                tenants_in,
+                tenants_status,
+                limit,
+                self.replica,
+                self.lease_seconds,
+            )
+        return sorted((to_record(r) for r in rows), key=lambda r: r.id)
+
+    async def push_done(self, record: LegacyRecord) -> None:
+        async with self.db.tx("push done") as (conn, wakes):
+            done = await conn.fetchval(
+                "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, "
+                "push_error = '', push_owner = NULL, push_until = NULL "
+                "WHERE id = $1 AND push_owner = $2 RETURNING id",
+                record.id,
+                self.replica,
+            )
+            if done is not None:
+                wakes.add((record.tenant, record.kind))  # the send's next record is due now
+
+    async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
+        async with self.db.tx("push failed") as (conn, wakes):
+            done = await conn.fetchval(
+                "UPDATE records SET push_due = $3, dead = $4, push_attempts = push_attempts + 1, "
+                "push_error = $5, push_owner = NULL, push_until = NULL "
+                "WHERE id = $1 AND push_owner = $2 RETURNING id",
+                record.id,
+                self.replica,
+                next_at,
+                next_at is None,
+                error[:PUSH_ERROR_CHARS],
+            )
+            if done is not None and next_at is None:
+                wakes.add((record.tenant, record.kind))  # a dead letter frees its send's next
+
+
+async def dead_letters(db: Db) -> list[LegacyRecord]:
+    async with db.conn("dead letters") as conn:
+        rows = await conn.fetch(f"SELECT {RECORD_COLUMNS} FROM records WHERE dead ORDER BY id")
+    return [to_record(r) for r in rows]
+
+
+async def dead_letter_count(db: Db) -> int:
+    async with db.conn("dead letters") as conn:
+        return int(await conn.fetchval("SELECT count(*) FROM records WHERE dead"))
+
+
+async def replay(db: Db, rules: Rules, ids: Sequence[int] | None, now: float) -> int:
+    if ids is not None and not ids:
+        return 0
+    async with db.tx("replay") as (conn, wakes):
+        rows = await conn.fetch(
+            "SELECT id, tenant, kind FROM records WHERE dead "
+            "AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[])) ORDER BY id FOR UPDATE",
+            None if ids is None else list(ids),
+        )
+        if not rows:
+            return 0
+        deadlines = [now + rules.delivery(r["tenant"]).max_age_seconds for r in rows]
+        await conn.execute(
+            "UPDATE records SET dead = false, push_due = $2, push_attempts = 0, push_error = '', "
+            "push_owner = NULL, push_until = NULL, push_deadline = d.deadline "
+            "FROM unnest($1::bigint[], $3::float8[]) AS d(id, deadline) WHERE records.id = d.id",
+            [r["id"] for r in rows],
+            now,
+            deadlines,
+        )
+        wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)
+        return len(rows)
+
+
+async def unpush_stranded(db: Db, rules: Rules) -> None:
+    """Records awaiting a push that the configuration no longer makes become pollable."""
+    pairs = [(t, k) for t in rules.tenants for k in KINDS if not rules.delivery(t).pushes(k)]
+    if not pairs:
+        return
+    async with db.tx("unpush stranded") as (conn, wakes):
+        rows = await conn.fetch(
+            "UPDATE records SET pollable = true, push_due = NULL, dead = false, "
+            "push_owner = NULL, push_until = NULL "
+            "FROM unnest($1::text[], $2::text[]) AS p(tenant, kind) "
+            "WHERE records.tenant = p.tenant AND records.kind = p.kind "
+            "AND (records.push_due IS NOT NULL OR records.dead) "
+            "RETURNING records.tenant, records.kind",
+            [t for t, _ in pairs],
+            [k for _, k in pairs],
+        )
+        wakes.update((r["tenant"], r["kind"]) for r in rows)

@@ -1,0 +1,213 @@
+"""Legacy records in PostgreSQL: inserting them placed by the rules, polling under leases.
+
+Owns the `records` row shape, claim / ack / release of pollable records (leases owned by a
+replica, `FOR UPDATE SKIP LOCKED`), queue depth, waiting stats and the chunked purge. Pushes
+live in push.py, ingest decisions in inbound.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bc_proxy.store import KINDS, LegacyRecord, WaitingStat
+from bc_proxy.store.postgres.db import CHANNEL, DB_NOW, Conn, Db, Wakes
+from bc_proxy.store.rules import Kind, Rules, receipt_id
+
+PURGE_CHUNK = 2000
+
+RECORD_COLUMNS = (
+    "id, tenant, kind, receipt_id, msisdn_from, msisdn_to, body, rate_code, in_reply_to, "
+    "status_code, dlr_status, error, created_at, push_attempts, push_error, push_deadline"
+)
+_INSERT_COLUMNS = (
+    "tenant, kind, event_key, ref, send_id, ambiguous, receipt_id, msisdn_from, msisdn_to, "
+    "body, in_reply_to, status_code, dlr_status, error, created_at, pollable, push_due, "
+    "push_deadline"
+)
+_VALUES = ", ".join(f"${i}" for i in range(1, 19))
+INSERT_MANY = f"INSERT INTO records ({_INSERT_COLUMNS}) VALUES ({_VALUES})"
+# One statement, its own transaction: the row once per event key, and its wake-up with it.
+INSERT_ONE = f"""
+WITH ins AS (
+    INSERT INTO records ({_INSERT_COLUMNS}) VALUES ({_VALUES})
+    ON CONFLICT (event_key) DO NOTHING
+    RETURNING id, tenant, kind, pollable, push_due
+)
+SELECT id, CASE WHEN tenant IS NOT NULL AND (pollable OR push_due IS NOT NULL)
+    THEN pg_notify('{CHANNEL}', tenant || ':' || kind)::text END
+FROM ins
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A record about to be stored; placement and receipt id are added by `values`."""
+
+    tenant: str | None
+    kind: Kind
+    event_key: str | None = None
+    ref: str | None = None  # the id a delivery report carried (matched later when unmatched)
+    send_id: int | None = None
+    msisdn_from: str = ""
+    msisdn_to: str = ""
+    body: str = ""
+    in_reply_to: str = ""
+    status_code: str = ""
+    dlr_status: int | None = None
+    error: str = ""
+    ambiguous: bool = False
+
+    def values(self, rules: Rules, now: float) -> tuple[Any, ...]:
+        p = rules.placement(self.tenant, self.kind, now)
+        return (
+            self.tenant,
+            self.kind,
+            self.event_key,
+            self.ref,
+            self.send_id,
+            self.ambiguous,
+            receipt_id(),
+            self.msisdn_from,
+            self.msisdn_to,
+            self.body,
+            self.in_reply_to,
+            self.status_code,
+            self.dlr_status,
+            self.error,
+            now,
+            p.pollable,
+            p.push_due,
+            p.push_deadline,
+        )
+
+    def wakes(self, rules: Rules, now: float) -> bool:
+        p = rules.placement(self.tenant, self.kind, now)
+        return self.tenant is not None and (p.pollable or p.push_due is not None)
+
+
+async def insert_many(
+    conn: Conn, rules: Rules, records: Sequence[NewRecord], now: float, wakes: Wakes
+) -> None:
+    """Insert records without event keys inside the caller's transaction."""
+    if not records:
+        return
+    await conn.executemany(INSERT_MANY, [r.values(rules, now) for r in records])
+    for r in records:
+        if r.tenant is not None and r.wakes(rules, now):
+            wakes.add((r.tenant, r.kind))
+
+
+def to_record(row: Any) -> LegacyRecord:
+    return LegacyRecord(*tuple(row)[:16])
+
+
+class Polling:
+    """Poll claims of one replica: the lease (owner, expiry) lives in the row."""
+
+    def __init__(self, db: Db, replica: str, lease_seconds: float) -> None:
+        self.db = db
+        self.replica = replica
+        self.lease_seconds = lease_seconds
+
+    async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
+        sql = f"""
+            UPDATE records SET lease_owner = $3, lease_until = {DB_NOW} + $4
+            WHERE id = (
+                SELECT id FROM records
+                WHERE tenant = $1 AND kind = $2 AND pollable
+                  AND (lease_until IS NULL OR lease_until < {DB_NOW})
+                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING {RECORD_COLUMNS}"""
+        async with self.db.conn("claim") as conn:
+            row = await conn.fetchrow(sql, tenant, kind, self.replica, self.lease_seconds)
+        return None if row is None else to_record(row)
+
+    async def ack(self, record: LegacyRecord) -> bool:
+        async with self.db.conn("ack") as conn:
+            done = await conn.fetchval(
+                "UPDATE records SET pollable = false, lease_owner = NULL, lease_until = NULL "
+                "WHERE id = $1 AND pollable AND lease_owner = $2 RETURNING id",
+                record.id,
+                self.replica,
+            )
+        return done is not None
+
+    async def release(self, record: LegacyRecord) -> None:
+        async with self.db.tx("release") as (conn, wakes):
+            released = await conn.fetchval(
+                "UPDATE records SET lease_owner = NULL, lease_until = NULL "
+                "WHERE id = $1 AND lease_owner = $2 RETURNING id",
+                record.id,
+                self.replica,
+            )
+            if released is not None:
+                wakes.add((record.tenant, record.kind))
+        # Wake local polls even if the lease had already gone: they re-check.
+        self.db.fire([(record.tenant, record.kind)])
+
+    async def release_all(self) -> None:
+        """Give back every lease this replica holds (close): polls and pushes alike."""
+        async with self.db.tx("release leases") as (conn, wakes):
+            rows = await conn.fetch(
+                "UPDATE records SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = $1 RETURNING tenant, kind",
+                self.replica,
+            )
+            rows += await conn.fetch(
+                "UPDATE records SET push_owner = NULL, push_until = NULL "
+                "WHERE push_owner = $1 RETURNING tenant, kind",
+                self.replica,
+            )
+            wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)
+
+
+async def queue_depth(db: Db, tenant: str) -> tuple[int, int]:
+    async with db.conn("queue depth") as conn:
+        rows = await conn.fetch(
+            "SELECT kind, count(*) AS n FROM records WHERE tenant = $1 AND pollable GROUP BY kind",
+            tenant,
+        )
+    counts = {r["kind"]: int(r["n"]) for r in rows}
+    return counts.get("in", 0), counts.get("status", 0)
+
+
+async def waiting(db: Db) -> list[WaitingStat]:
+    # Two queries, each served by its partial index (one OR would read the whole table).
+    sqls = (
+        "SELECT tenant, kind, count(*) AS n, min(created_at) AS oldest FROM records "
+        "WHERE pollable GROUP BY tenant, kind",
+        "SELECT tenant, kind, count(*) AS n, min(created_at) AS oldest FROM records "
+        "WHERE push_due IS NOT NULL AND NOT pollable GROUP BY tenant, kind",
+    )
+    groups: dict[tuple[str, Kind], tuple[int, float | None]] = {}
+    async with db.conn("waiting") as conn:
+        for sql in sqls:
+            for r in await conn.fetch(sql):
+                kind = r["kind"]
+                if r["tenant"] is None or kind not in KINDS:
+                    continue
+                n, oldest = groups.get((r["tenant"], kind), (0, None))
+                first = r["oldest"] if oldest is None else min(oldest, r["oldest"])
+                groups[(r["tenant"], kind)] = (n + int(r["n"]), first)
+    return [WaitingStat(t, k, n, oldest) for (t, k), (n, oldest) in sorted(groups.items())]
+
+
+async def purge(db: Db, before: float) -> int:
+    """Consumed records and settled sends created before `before`, deleted in chunks."""
+    total = 0
+    for sql in (
+        "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE created_at < $1 "
+        "AND NOT pollable AND push_due IS NULL AND NOT dead ORDER BY id LIMIT $2)",
+        "DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE created_at < $1 "
+        "AND state <> 'pending' ORDER BY created_at LIMIT $2)",
+    ):
+        while True:
+            async with db.conn("purge") as conn:
+                status = await conn.execute(sql, before, PURGE_CHUNK)
+            n = int(status.split()[-1])
+            total += n
+            if n < PURGE_CHUNK:
+                break
+    return total

@@ -1,0 +1,141 @@
+"""Versioned schema migrations of the PostgreSQL store, applied under an advisory lock.
+
+Owns the table definitions (as an append-only list of migrations) and `migrate(conn)`: apply
+what is pending, refuse a schema newer than this code. Never edit a released migration: add one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store.postgres.db import Conn
+
+# Two-key advisory locks (a key space apart from exclusive()'s one-key locks).
+LOCK_CLASS_MIGRATE = 0x6263_0001
+LOCK_CLASS_SEND = 0x6263_0002
+LOCK_CLASS_REPORT = 0x6263_0003
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the store of the integrity and scale-out design (docs/store-design.md)
+    """
+    CREATE TABLE sends (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        tenant text NOT NULL,
+        legacy_id text,
+        recipient text NOT NULL,
+        sender text NOT NULL DEFAULT '',
+        state text NOT NULL CHECK (state IN ('pending', 'accepted', 'rejected', 'unknown')),
+        upstream_ref text NOT NULL UNIQUE,
+        connexus_id text,
+        created_at float8 NOT NULL,
+        settled_at float8
+    );
+    CREATE INDEX sends_idempotency ON sends (tenant, legacy_id, recipient, id)
+        WHERE legacy_id IS NOT NULL;
+    CREATE INDEX sends_connexus ON sends (connexus_id) WHERE connexus_id IS NOT NULL;
+    CREATE INDEX sends_recipient ON sends (recipient, id);
+    CREATE INDEX sends_pending ON sends (created_at) WHERE state = 'pending';
+    CREATE INDEX sends_created ON sends (created_at);
+
+    CREATE TABLE records (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        tenant text,
+        kind text NOT NULL CHECK (kind IN ('in', 'status')),
+        event_key text UNIQUE,
+        ref text,
+        send_id bigint,
+        ambiguous boolean NOT NULL DEFAULT false,
+        receipt_id text NOT NULL,
+        msisdn_from text NOT NULL DEFAULT '',
+        msisdn_to text NOT NULL DEFAULT '',
+        body text NOT NULL DEFAULT '',
+        rate_code text NOT NULL DEFAULT '',
+        in_reply_to text NOT NULL DEFAULT '',
+        status_code text NOT NULL DEFAULT '',
+        dlr_status integer,
+        error text NOT NULL DEFAULT '',
+        created_at float8 NOT NULL,
+        pollable boolean NOT NULL DEFAULT false,
+        lease_owner text,
+        lease_until float8,
+        push_due float8,
+        push_deadline float8,
+        push_attempts integer NOT NULL DEFAULT 0,
+        push_error text NOT NULL DEFAULT '',
+        push_owner text,
+        push_until float8,
+        dead boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX records_poll ON records (tenant, kind, id) INCLUDE (created_at)
+        WHERE pollable;
+    CREATE INDEX records_push ON records (id) INCLUDE (tenant, kind, created_at)
+        WHERE push_due IS NOT NULL;
+    CREATE INDEX records_push_send ON records (send_id, id) WHERE push_due IS NOT NULL;
+    CREATE INDEX records_unmatched ON records (ref) WHERE tenant IS NULL AND NOT ambiguous;
+    CREATE INDEX records_dead ON records (id) WHERE dead;
+    CREATE INDEX records_lease ON records (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX records_push_lease ON records (push_owner) WHERE push_owner IS NOT NULL;
+
+    CREATE TABLE sweep_marks (
+        tenant text PRIMARY KEY,
+        last_time text NOT NULL,
+        last_id text NOT NULL,
+        updated_at float8 NOT NULL
+    );
+
+    CREATE TABLE blocked (
+        tenant text NOT NULL,
+        handset text NOT NULL,
+        since float8 NOT NULL,
+        by_message text NOT NULL DEFAULT '',
+        PRIMARY KEY (tenant, handset)
+    );
+
+    CREATE TABLE rejected_webhooks (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        received_at float8 NOT NULL,
+        reason text NOT NULL,
+        body bytea NOT NULL
+    );
+    """,
+)
+
+LATEST = len(MIGRATIONS)
+
+
+async def current_version(conn: Conn) -> int:
+    """The schema version of the connected database (0: none yet)."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+
+
+async def migrate(conn: Conn) -> tuple[int, int]:
+    """Bring the schema to LATEST under a per-schema advisory lock; (from, to) versions."""
+    lock = (LOCK_CLASS_MIGRATE, "hashtext(current_schema())")
+    await conn.execute(f"SELECT pg_advisory_lock({lock[0]}, {lock[1]})")
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+            )
+        found = await current_version(conn)
+        if found > LATEST:
+            raise StoreError(
+                f"database schema version {found} is newer than this bc-proxy knows "
+                f"({LATEST}): upgrade bc-proxy (or point it at another database)"
+            )
+        for version in range(found + 1, LATEST + 1):
+            async with conn.transaction():
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                    version,
+                    time.time(),
+                )
+        return found, LATEST
+    finally:
+        await conn.execute(f"SELECT pg_advisory_unlock({lock[0]}, {lock[1]})")

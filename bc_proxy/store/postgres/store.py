@@ -1,0 +1,204 @@
+"""PostgresStore: the `Store` Protocol on PostgreSQL, for any number of replicas.
+
+Owns the lifecycle (pool, migrations, the LISTEN connection, releasing this replica's leases at
+close) and hands each operation to the module that owns its SQL (sends, inbound, records, push).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store import (
+    DlrEvent,
+    IngestResult,
+    LegacyRecord,
+    MoEvent,
+    RejectedWebhook,
+    SendIntent,
+    SendPlan,
+    Settlement,
+    StatusRecord,
+    SweepMark,
+    WaitingStat,
+    new_replica_id,
+)
+from bc_proxy.store.postgres import inbound, push, records, schema, sends
+from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
+from bc_proxy.store.postgres.listener import Listener
+from bc_proxy.store.rules import Kind, Rules
+from bc_proxy.store.waker import LocalWaker, Waker
+
+POOL_MIN = 1
+POOL_MAX = 10
+COMMAND_TIMEOUT = 5.0
+
+
+class PostgresStore:
+    """Records, sends and leases in one PostgreSQL database shared by every replica."""
+
+    def __init__(
+        self,
+        url: str,
+        rules: Rules,
+        *,
+        replica: str | None = None,
+        lease_seconds: float = 10.0,
+        pool_min: int = POOL_MIN,
+        pool_max: int = POOL_MAX,
+        command_timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self.rules = rules
+        self.replica = replica or new_replica_id()
+        self.lease_seconds = lease_seconds
+        waker = LocalWaker()
+        self.waker: Waker = waker
+        self._db = Db(
+            url, waker, pool_min=pool_min, pool_max=pool_max, command_timeout=command_timeout
+        )
+        self.listener = Listener(url, waker, timeout=command_timeout)
+        self._polling = records.Polling(self._db, self.replica, lease_seconds)
+        self._pushing = push.Pushing(self._db, rules, self.replica, lease_seconds)
+        self._opened = False
+        self._closed = False
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+        await self._db.start()
+        try:
+            async with self._db.conn("migrate") as conn:
+                await schema.migrate(conn)
+            await push.unpush_stranded(self._db, self.rules)
+            try:
+                await self.listener.start()
+            except DRIVER_ERRORS as exc:
+                raise store_error(exc, "listen") from exc
+        except BaseException:
+            await self._db.stop()
+            raise
+        self._opened = True
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending schema migrations (without opening the store); (from, to) versions."""
+        db = self._db
+        if not db.started:  # the CLI: one connection, a generous timeout for long migrations
+            db = Db(self.url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=600.0)
+            await db.start()
+        try:
+            async with db.conn("migrate") as conn:
+                return await schema.migrate(conn)
+        finally:
+            if db is not self._db:
+                await db.stop()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.waker.close()
+        await self.listener.stop()
+        if self._opened:
+            with contextlib.suppress(StoreError):
+                await self._polling.release_all()
+        await self._db.stop()
+
+    async def ping(self) -> None:
+        async with self._db.conn("ping") as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- sends --
+
+    async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
+        return await sends.begin_send(self._db, self.rules, intent, now)
+
+    async def settle_send(
+        self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
+    ) -> None:
+        if settlements or statuses:
+            await sends.settle_send(self._db, self.rules, settlements, statuses)
+
+    async def expire_pending(self, before: float) -> int:
+        return await sends.expire_pending(self._db, before)
+
+    # -- inbound --
+
+    async def add_dlr(self, event: DlrEvent) -> IngestResult:
+        return await inbound.add_dlr(self._db, self.rules, event)
+
+    async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
+        return await inbound.add_mo(self._db, self.rules, event, account)
+
+    async def reject_webhook(self, body: bytes, reason: str) -> None:
+        await inbound.reject_webhook(self._db, body, reason)
+
+    async def rejected_webhooks(self, limit: int = 100) -> list[RejectedWebhook]:
+        return await inbound.rejected_webhooks(self._db, limit)
+
+    async def sweep_mark(self, tenant: str) -> SweepMark | None:
+        return await inbound.sweep_mark(self._db, tenant)
+
+    async def set_sweep_mark(self, mark: SweepMark) -> None:
+        await inbound.set_sweep_mark(self._db, mark)
+
+    async def blocked(self, tenant: str) -> list[str]:
+        return await inbound.blocked(self._db, tenant)
+
+    # -- polling --
+
+    async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
+        return await self._polling.claim(tenant, kind)
+
+    async def ack(self, record: LegacyRecord) -> bool:
+        return await self._polling.ack(record)
+
+    async def release(self, record: LegacyRecord) -> None:
+        await self._polling.release(record)
+
+    async def queue_depth(self, tenant: str) -> tuple[int, int]:
+        return await records.queue_depth(self._db, tenant)
+
+    async def waiting(self) -> list[WaitingStat]:
+        return await records.waiting(self._db)
+
+    # -- push --
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        return await self._pushing.claim_pushes(now, limit)
+
+    async def push_done(self, record: LegacyRecord) -> None:
+        await self._pushing.push_done(record)
+
+    async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
+        await self._pushing.push_failed(record, next_at=next_at, error=error)
+
+    async def dead_letters(self) -> list[LegacyRecord]:
+        return await push.dead_letters(self._db)
+
+    async def dead_letter_count(self) -> int:
+        return await push.dead_letter_count(self._db)
+
+    async def replay(self, ids: Sequence[int] | None, now: float) -> int:
+        return await push.replay(self._db, self.rules, ids, now)
+
+    # -- housekeeping --
+
+    async def purge(self, before: float) -> int:
+        return await records.purge(self._db, before)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on a dedicated pooled connection, keyed by schema and name."""
+        async with self._db.conn("exclusive") as conn:
+            key = "hashtext(current_schema() || '.' || $1)"
+            got = bool(await conn.fetchval(f"SELECT pg_try_advisory_lock({key})", name))
+            try:
+                yield got
+            finally:
+                if got:
+                    with contextlib.suppress(*DRIVER_ERRORS):
+                        await conn.execute(f"SELECT pg_advisory_unlock({key})", name)

@@ -1,0 +1,296 @@
+"""Several PostgresStore replicas on one database: leases, wake-ups, idempotency, migrations.
+
+Each test opens two stores (replicas A and B) on a fresh PostgreSQL schema (tests/pg.py) and
+checks what no single-process backend can show: claims that never overlap, NOTIFY wake-ups
+across replicas, leases of a crashed replica coming back, one pending row per send key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store import (
+    Delivery,
+    MoEvent,
+    SendIntent,
+    StatusRecord,
+    Store,
+    TenantRules,
+)
+from bc_proxy.store.postgres import PostgresStore
+from bc_proxy.store.postgres.schema import LATEST
+from bc_proxy.store.rules import Rules
+from tests import pg
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.postgres
+
+POLL = "acme"
+PUSH = "pusher"
+RULES = Rules(
+    {
+        POLL: TenantRules(senders=("552",)),
+        PUSH: TenantRules(delivery=Delivery(push_in=True, push_status=True), senders=("553",)),
+    }
+)
+Opener = Callable[..., Awaitable[PostgresStore]]
+
+
+@pytest.fixture
+async def opener(pg_url: str) -> AsyncIterator[Opener]:  # noqa: F811
+    """Opens replicas on the test's schema; every one still open is closed after the test."""
+    stores: list[PostgresStore] = []
+
+    async def open_replica(replica: str, **kw: object) -> PostgresStore:
+        store = PostgresStore(pg_url, RULES, replica=replica, **kw)  # type: ignore[arg-type]
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_replica
+    for store in reversed(stores):
+        await store.close()
+
+
+@pytest.fixture
+async def pair(opener: Opener) -> tuple[PostgresStore, PostgresStore]:
+    """Replicas A and B, open on one schema."""
+    return await opener("A"), await opener("B")
+
+
+async def add_incoming(store: Store, n: int, *, to: str = "552", prefix: str = "m") -> None:
+    for i in range(n):
+        result = await store.add_mo(
+            MoEvent(f"{prefix}{i}", f"64210{i:05d}", to, "hi"), account=None
+        )
+        assert result.outcome == "stored", result
+
+
+async def add_push_statuses(store: Store, n: int) -> None:
+    for start in range(0, n, 100):
+        await store.settle_send(
+            [],
+            [
+                StatusRecord(PUSH, f"6421{i:06d}", "553", f"L{i}", "NUR", "x")
+                for i in range(start, min(n, start + 100))
+            ],
+        )
+
+
+async def test_concurrent_claims_are_disjoint_and_cover_every_record(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Four pollers on each of two replicas claim 200 records: each record goes to exactly one."""
+    a, b = pair
+    await add_incoming(a, 200)
+    got: dict[str, list[int]] = {"A": [], "B": []}
+
+    async def poller(store: PostgresStore) -> None:
+        while (record := await store.claim(POLL, "in")) is not None:
+            got[store.replica].append(record.id)
+            assert await store.ack(record)
+
+    await asyncio.gather(*(poller(s) for s in (a, b) for _ in range(4)))
+    assert not set(got["A"]) & set(got["B"])
+    assert len(got["A"]) + len(got["B"]) == 200
+    assert len(set(got["A"]) | set(got["B"])) == 200
+    assert got["A"], "replica A never got a claim: not concurrent"
+    assert got["B"], "replica B never got a claim: not concurrent"
+    assert await b.queue_depth(POLL) == (0, 0)
+
+
+async def test_record_stored_on_one_replica_wakes_a_waiter_on_the_other_within_50ms(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A long-poll waiting on B wakes within 50 ms of A committing a record (LISTEN/NOTIFY)."""
+    a, b = pair
+    for i in range(3):
+        seen = b.waker.generation(POLL, "in")
+        waiter = asyncio.create_task(b.waker.wait(POLL, "in", seen, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await a.add_mo(MoEvent(f"w{i}", "6421000001", "552", "hi"), account=None)
+        stored = time.monotonic()
+        assert await waiter
+        assert time.monotonic() - stored < 0.05
+    assert await b.claim(POLL, "in") is not None
+
+
+async def test_each_of_500_pushes_is_claimed_by_one_replica_once(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Two replicas claiming pushes in a loop push each of 500 due records exactly once."""
+    a, b = pair
+    await add_push_statuses(a, 500)
+    pushed: collections.Counter[int] = collections.Counter()
+    by: dict[str, int] = {"A": 0, "B": 0}
+
+    async def worker(store: PostgresStore) -> None:
+        while batch := await store.claim_pushes(time.time(), 16):
+            for record in batch:
+                pushed[record.id] += 1
+                by[store.replica] += 1
+                await store.push_done(record)
+
+    await asyncio.gather(worker(a), worker(b), worker(a), worker(b))
+    assert len(pushed) == 500
+    assert set(pushed.values()) == {1}
+    assert by["A"]
+    assert by["B"]
+    assert await a.claim_pushes(time.time() + 3600, 10) == []
+
+
+async def test_lease_of_a_crashed_replica_expires_and_its_late_ack_fails(opener: Opener) -> None:
+    """A replica that claimed and died (pool gone, no close) loses the record after the lease."""
+    a = await opener("A", lease_seconds=0.5)
+    b = await opener("B", lease_seconds=0.5)
+    await add_incoming(a, 1)
+    await add_push_statuses(a, 1)
+    polled = await a.claim(POLL, "in")
+    pushing = await a.claim_pushes(time.time(), 10)
+    assert polled is not None
+    assert len(pushing) == 1
+    await a._db.stop()  # the crash: connections gone, leases never released
+    assert await b.claim(POLL, "in") is None
+    assert await b.claim_pushes(time.time(), 10) == []
+    await asyncio.sleep(0.6)
+    again = await b.claim(POLL, "in")
+    assert again is not None
+    assert again.id == polled.id
+    repushed = await b.claim_pushes(time.time(), 10)
+    assert [r.id for r in repushed] == [pushing[0].id]
+    await a._db.start()  # the late replica comes back and acks what it claimed long ago
+    assert await a.ack(polled) is False
+    await a.push_done(pushing[0])
+    assert await b.ack(again) is True
+    owner = await pg.execute(b.url, "SELECT push_owner FROM records WHERE id = $1", pushing[0].id)
+    assert owner == "B", "a late push_done of A cleared B's push lease"
+
+
+async def test_concurrent_begin_send_of_one_key_writes_one_pending_row(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """The same (tenant, messageId, recipient) begun on both replicas at once is sent once."""
+    a, b = pair
+    now = time.time()
+    for i in range(20):
+        intent = SendIntent(POLL, f"dup-{i}", ("6421000001", "6421000002"), "552")
+        plans = await asyncio.gather(a.begin_send(intent, now), b.begin_send(intent, now))
+        sent = [p.recipient for plan in plans for p in plan.to_send]
+        repeats = [r for plan in plans for r in plan.repeats]
+        assert sorted(sent) == ["6421000001", "6421000002"], plans
+        assert sorted(repeats) == [("6421000001", "pending"), ("6421000002", "pending")]
+    rows = await pg.execute(a.url, "SELECT count(*) FROM sends WHERE state = 'pending'")
+    assert rows == 40
+
+
+async def test_exclusive_is_held_by_one_replica_at_a_time(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A singleton job lock taken on A is refused on B until A lets it go."""
+    a, b = pair
+    async with a.exclusive("sweep") as got_a:
+        assert got_a
+        async with b.exclusive("sweep") as got_b:
+            assert not got_b
+        async with b.exclusive("purge") as other:
+            assert other
+    async with b.exclusive("sweep") as got_b:
+        assert got_b
+
+
+async def test_open_refuses_a_schema_newer_than_the_code(opener: Opener, pg_url: str) -> None:  # noqa: F811
+    """A database migrated by a newer bc-proxy is refused with both versions named."""
+    await opener("A")
+    await pg.execute(pg_url, "INSERT INTO schema_version VALUES ($1, 0)", LATEST + 5)
+    newer = PostgresStore(pg_url, RULES, replica="C")
+    with pytest.raises(StoreError, match=rf"version {LATEST + 5}.*\({LATEST}\)"):
+        await newer.open()
+    await newer.close()
+
+
+async def test_migrate_applies_once_and_reports_versions(pg_url: str) -> None:  # noqa: F811
+    """Three replicas migrating one empty schema at once: one goes 0 -> latest, none races."""
+    stores = [PostgresStore(pg_url, RULES, replica=f"r{i}") for i in range(3)]
+    results = await asyncio.gather(*(s.migrate() for s in stores))
+    assert sorted(results) == [(0, LATEST), (LATEST, LATEST), (LATEST, LATEST)]
+    versions = await pg.execute(pg_url, "SELECT count(*) FROM schema_version")
+    assert versions == LATEST
+
+
+async def test_killed_listen_connection_comes_back_and_wakes_waiters(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """pg_terminate_backend on B's LISTEN connection: B reconnects, wakes its waiters, listens."""
+    a, b = pair
+    pid = b.listener.pid
+    assert pid is not None
+    seen = b.waker.generation(POLL, "in")
+    waiter = asyncio.create_task(b.waker.wait(POLL, "in", seen, 5.0))
+    await asyncio.sleep(0.02)
+    assert await pg.execute(a.url, "SELECT pg_terminate_backend($1)", pid)
+    async with asyncio.timeout(3):
+        assert await waiter  # woken once the connection is back: it re-checks
+    assert b.listener.reconnects == 1
+    assert b.listener.pid not in (None, pid)
+    seen = b.waker.generation(POLL, "in")
+    waiter = asyncio.create_task(b.waker.wait(POLL, "in", seen, 5.0))
+    await a.add_mo(MoEvent("after", "6421000001", "552", "hi"), account=None)
+    async with asyncio.timeout(0.5):
+        assert await waiter
+
+
+async def test_driver_failures_surface_as_store_error(opener: Opener, pg_url: str) -> None:  # noqa: F811
+    """A statement past the command timeout, a backend killed mid-statement, a dead server:
+    each is a StoreError (the app's 503/500), never a driver exception."""
+    quick = await opener("A", command_timeout=0.3)
+    patient = await opener("B")
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreError, match="claim"):
+                await quick.claim(POLL, "in")
+            stuck = asyncio.create_task(patient.queue_depth(POLL))
+            killed = 0
+            async with asyncio.timeout(3):
+                while not killed:
+                    await asyncio.sleep(0.02)
+                    killed = await blocker.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+            with pytest.raises(StoreError, match="queue depth"):
+                await stuck
+    finally:
+        await blocker.close()
+    assert await patient.queue_depth(POLL) == (0, 0)  # the pool heals
+    down = PostgresStore("postgresql://postgres@127.0.0.1:1/test", RULES, replica="X")
+    with pytest.raises(StoreError, match="connect"):
+        await down.open()
+    await down.close()
+
+
+async def test_close_releases_this_replicas_leases_at_once(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A replica shutting down hands its poll and push claims back without waiting the lease."""
+    a, b = pair
+    await add_incoming(a, 1)
+    await add_push_statuses(a, 1)
+    polled = await a.claim(POLL, "in")
+    pushing = await a.claim_pushes(time.time(), 5)
+    assert polled is not None
+    assert pushing
+    await a.close()
+    got = await b.claim(POLL, "in")
+    assert got is not None
+    assert got.id == polled.id
+    assert [r.id for r in await b.claim_pushes(time.time(), 5)] == [pushing[0].id]
