@@ -23,27 +23,40 @@ from bc_proxy.store import (
     Kind,
     LegacyRecord,
     MoEvent,
-    SendRecord,
+    Rules,
+    SendIntent,
+    SendState,
+    Settlement,
     StatusRecord,
     Store,
+    SweepMark,
+    TenantRules,
     open_store,
 )
+from bc_proxy.store.rules import BLOCKED_ERROR, DEFAULT_IDEMPOTENCY_WINDOW
 
 BACKENDS = ["sqlite", "sqlite-fsync"]  # the second also fsyncs each commit group
 
-POLL = "acme"  # polls everything
-OTHER = "beta"  # polls everything; must never see acme's records
+POLL = "acme"  # polls everything; owns SENDER
+OTHER = "beta"  # polls everything; owns OTHER_NUMBER; must never see acme's records
 PUSH = "pusher"  # status records are pushed only
 BOTH = "both"  # status records are pushed and kept for polling
+QUIET = "quiet"  # STOP/START are ordinary messages for it
 HOUR = 3600.0
-DELIVERY = {
-    POLL: Delivery(),
-    OTHER: Delivery(),
-    PUSH: Delivery(push_status=True, keep_for_polling=False, max_age_seconds=HOUR),
-    BOTH: Delivery(push_status=True, keep_for_polling=True, max_age_seconds=HOUR),
-}
 HANDSET = "6421000001"
 SENDER = "552"
+OTHER_NUMBER = "2190"
+UNLISTED = "999"  # nobody's number
+TENANTS = {
+    POLL: TenantRules(senders=(SENDER,)),
+    OTHER: TenantRules(senders=(OTHER_NUMBER,)),
+    PUSH: TenantRules(delivery=Delivery(push_status=True, max_age_seconds=HOUR)),
+    BOTH: TenantRules(
+        delivery=Delivery(push_status=True, keep_for_polling=True, max_age_seconds=HOUR)
+    ),
+    QUIET: TenantRules(opt_out=False, senders=("3000",)),
+}
+RULES = Rules(TENANTS)
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:
@@ -61,57 +74,65 @@ class Opened:
     fsync: bool = False
     stores: list[Store] = field(default_factory=list)
 
-    async def open(self) -> Store:
-        store = open_store(self.url, DELIVERY, fsync=self.fsync)
+    async def open(self, rules: Rules = RULES, **kwargs: Any) -> Store:
+        store = open_store(self.url, rules, fsync=self.fsync, **kwargs)
         await store.open()
         self.stores.append(store)
         return store
 
 
 OPENED = pytest.StashKey[Opened]()
+Reopen = Callable[..., Awaitable[Store]]
 
 
 @pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An open, empty store of each backend; closed after the test."""
+async def opened(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opened]:
+    """Opens stores of each backend on one empty database; closes them after the test."""
     backend = cast(str, request.param)
-    opened = Opened(backend_url(backend, tmp_path), fsync=backend.endswith("-fsync"))
-    request.node.stash[OPENED] = opened
-    first = await opened.open()
-    yield first
-    for s in reversed(opened.stores):
+    o = Opened(backend_url(backend, tmp_path), fsync=backend.endswith("-fsync"))
+    yield o
+    for s in reversed(o.stores):
         await s.close()
 
 
 @pytest.fixture
-def reopen(request: pytest.FixtureRequest, store: Store) -> Callable[[], Awaitable[Store]]:
-    """Open another store on the same URL as `store` (after closing it: a restart)."""
-    opened: Opened = request.node.stash[OPENED]
+async def store(opened: Opened) -> Store:
+    """An open, empty store of each backend with the RULES tenants."""
+    return await opened.open()
+
+
+@pytest.fixture
+def reopen(opened: Opened, store: Store) -> Reopen:
+    """Open another store on the same database as `store` (after closing it: a restart)."""
     return opened.open
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def send(
-    n: int = 1,
+def intent(
+    legacy_id: str | None = "L1", *recipients: str, tenant: str = POLL, sender: str = SENDER
+) -> SendIntent:
+    return SendIntent(tenant, legacy_id, recipients or (HANDSET,), sender)
+
+
+async def sent(
+    store: Store,
+    n: int,
     *,
     tenant: str = POLL,
     recipient: str = HANDSET,
-    legacy_id: str | None = None,
+    legacy_id: str | None = "",
+    state: SendState = "accepted",
     connexus_id: str | None = "",
-    upstream_ref: str | None = "",
-    sender: str = SENDER,
-) -> SendRecord:
-    """Send number `n`; ids default to L<n> (legacy), cx-<n> (Connexus), up-<n> (upstream)."""
-    return SendRecord(
-        tenant=tenant,
-        legacy_id=f"L{n}" if legacy_id is None else legacy_id,
-        recipient=recipient,
-        sender=sender,
-        connexus_id=f"cx-{n}" if connexus_id == "" else connexus_id,
-        upstream_ref=f"up-{n}" if upstream_ref == "" else upstream_ref,
-    )
+) -> str:
+    """Send number `n` (legacy id L<n>, Connexus id cx-<n>), settled; returns its upstream ref."""
+    lid = f"L{n}" if legacy_id == "" else legacy_id
+    plan = await store.begin_send(intent(lid, recipient, tenant=tenant), time.time())
+    (planned,) = plan.to_send
+    cid = f"cx-{n}" if connexus_id == "" else connexus_id
+    await store.settle_send([Settlement(planned.upstream_ref, state, cid)])
+    return planned.upstream_ref
 
 
 def dlr(message_id: str, status: int = 1, text: str = "DELIVRD") -> DlrEvent:
@@ -125,18 +146,17 @@ def mo(
     to: str = SENDER,
     body: str = "hello",
     related_id: str | None = None,
-    owner: str | None = None,
 ) -> MoEvent:
-    return MoEvent(message_id, sender, to, body, related_id, owner)
+    return MoEvent(message_id, sender, to, body, related_id)
 
 
 async def drain(store: Store, tenant: str, kind: Kind) -> list[LegacyRecord]:
     """Claim and ack every pollable record of (tenant, kind), oldest first."""
     out: list[LegacyRecord] = []
     while (record := await store.claim(tenant, kind)) is not None:
-        await store.ack(record)
+        assert await store.ack(record)
         out.append(record)
-        assert len(out) <= 100, "ack does not consume: the same records keep coming back"
+        assert len(out) <= 2000, "ack does not consume: the same records keep coming back"
     return out
 
 
@@ -151,79 +171,246 @@ def later(seconds: float = 1.0) -> float:
     return time.time() + seconds
 
 
+# -- sends: write-ahead and idempotency -------------------------------------------------------
+
+
+async def test_begin_send_plans_every_recipient_with_its_own_ref(store: Store) -> None:
+    """A new send plans each recipient once, in order, each with its own short upstream ref."""
+    recipients = tuple(f"64{i:08d}" for i in range(50))
+    plan = await store.begin_send(intent("L1", *recipients), time.time())
+    assert [p.recipient for p in plan.to_send] == list(recipients)
+    refs = [p.upstream_ref for p in plan.to_send]
+    assert len(set(refs)) == 50
+    assert max(len(r) for r in refs) <= 36
+    assert (plan.repeats, plan.blocked) == ((), ())
+
+
+@pytest.mark.parametrize(
+    ("state", "repeat"),
+    [("accepted", True), ("unknown", True), ("pending", True), ("rejected", False)],
+)
+async def test_retry_within_window_by_earlier_state(
+    store: Store, state: SendState, repeat: bool
+) -> None:
+    """A retry repeats an accepted, unknown or pending send, and sends a rejected one again."""
+    plan = await store.begin_send(intent("L1"), time.time())
+    if state != "pending":
+        await store.settle_send([Settlement(plan.to_send[0].upstream_ref, state, None)])
+    again = await store.begin_send(intent("L1"), time.time())
+    if repeat:
+        assert again.repeats == ((HANDSET, state),)
+        assert again.to_send == ()
+    else:
+        assert again.repeats == ()
+        assert [p.recipient for p in again.to_send] == [HANDSET]
+        assert again.to_send[0].upstream_ref != plan.to_send[0].upstream_ref
+
+
+async def test_retry_after_window_is_sent_again(store: Store) -> None:
+    """A retry of an accepted send after the idempotency window is a new send."""
+    now = time.time()
+    plan = await store.begin_send(intent("L1"), now)
+    await store.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-1")])
+    inside = await store.begin_send(intent("L1"), now + DEFAULT_IDEMPOTENCY_WINDOW - 60)
+    assert inside.repeats == ((HANDSET, "accepted"),)
+    outside = await store.begin_send(intent("L1"), now + DEFAULT_IDEMPOTENCY_WINDOW + 60)
+    assert [p.recipient for p in outside.to_send] == [HANDSET]
+
+
+async def test_send_without_legacy_id_is_never_a_repeat(store: Store) -> None:
+    """Without a legacy messageId every send is forwarded."""
+    for _ in range(3):
+        plan = await store.begin_send(intent(None), time.time())
+        assert [p.recipient for p in plan.to_send] == [HANDSET]
+
+
+async def test_repeat_is_per_tenant_and_recipient(store: Store) -> None:
+    """The same messageId from another tenant, or to a new recipient, is not a repeat."""
+    await store.begin_send(intent("L1", HANDSET), time.time())
+    other = await store.begin_send(intent("L1", HANDSET, tenant=OTHER), time.time())
+    assert [p.recipient for p in other.to_send] == [HANDSET]
+    more = await store.begin_send(intent("L1", HANDSET, "6421000002"), time.time())
+    assert [p.recipient for p in more.to_send] == ["6421000002"]
+    assert more.repeats == ((HANDSET, "pending"),)
+
+
+async def test_concurrent_identical_sends_forward_once(store: Store) -> None:
+    """Two identical sends at the same moment: one is forwarded, the other is a repeat."""
+    plans = await asyncio.gather(*(store.begin_send(intent("L1"), time.time()) for _ in range(2)))
+    assert sorted(len(p.to_send) for p in plans) == [0, 1]
+    assert sorted(p.repeats for p in plans) == [(), ((HANDSET, "pending"),)]
+
+
+async def test_duplicate_recipient_in_one_call_is_forwarded_once(store: Store) -> None:
+    """A recipient listed twice in one call with a messageId is forwarded once."""
+    plan = await store.begin_send(intent("L1", HANDSET, HANDSET), time.time())
+    assert [p.recipient for p in plan.to_send] == [HANDSET]
+    assert plan.repeats == ((HANDSET, "pending"),)
+
+
+async def test_expire_pending_makes_calls_unknown(store: Store) -> None:
+    """Pending rows older than the cut-off become unknown, and a retry is then not re-sent."""
+    await store.begin_send(intent("L1"), time.time())
+    assert await store.expire_pending(time.time() - HOUR) == 0
+    assert await store.expire_pending(later()) == 1
+    assert await store.expire_pending(later()) == 0
+    again = await store.begin_send(intent("L1"), time.time())
+    assert again.repeats == ((HANDSET, "unknown"),)
+
+
+async def test_blocked_handset_gets_a_nur_record(store: Store) -> None:
+    """A handset that sent STOP is not planned; a NUR status record says it is blocked."""
+    await store.add_mo(mo("m-stop", body="STOP"), account=None)
+    await drain(store, POLL, "in")
+    seen = store.waker.generation(POLL, "status")
+    plan = await store.begin_send(intent("L1", HANDSET, "6421000002"), time.time())
+    assert store.waker.generation(POLL, "status") != seen
+    assert [p.recipient for p in plan.to_send] == ["6421000002"]
+    assert plan.blocked == (HANDSET,)
+    rec = await only(store, POLL, "status")
+    assert (rec.status_code, rec.error) == ("NUR", BLOCKED_ERROR)
+    assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == (HANDSET, SENDER, "L1")
+    assert await store.begin_send(intent("L1", HANDSET, tenant=OTHER), time.time()) != plan
+
+
+async def test_blocked_is_per_tenant(store: Store) -> None:
+    """A STOP to one tenant does not block the handset for another."""
+    await store.add_mo(mo("m-stop", body="STOP"), account=None)
+    plan = await store.begin_send(intent("L1", tenant=OTHER), time.time())
+    assert [p.recipient for p in plan.to_send] == [HANDSET]
+    assert plan.blocked == ()
+
+
+async def test_settle_records_statuses_and_wakes(store: Store) -> None:
+    """Status records given to settle_send are pollable with their code, error and send."""
+    plan = await store.begin_send(intent("L1", HANDSET, "6421000002"), time.time())
+    a, b = plan.to_send
+    seen = store.waker.generation(POLL, "status")
+    await store.settle_send(
+        [Settlement(a.upstream_ref, "accepted", "cx-a"), Settlement(b.upstream_ref, "rejected")],
+        [StatusRecord(POLL, b.recipient, SENDER, "L1", "NUR", "invalid number", b.upstream_ref)],
+    )
+    assert store.waker.generation(POLL, "status") != seen
+    rec = await only(store, POLL, "status")
+    assert (rec.status_code, rec.error, rec.dlr_status) == ("NUR", "invalid number", None)
+    assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == (b.recipient, SENDER, "L1")
+    assert (await store.add_dlr(dlr("cx-a"))).tenant == POLL
+
+
+async def test_status_without_legacy_id_or_ref(store: Store) -> None:
+    """A status record with no legacy messageId and no send has inReplyToId ''."""
+    await store.settle_send([], [StatusRecord(POLL, HANDSET, SENDER, None, "ERR", "bad")])
+    rec = await only(store, POLL, "status")
+    assert (rec.in_reply_to, rec.status_code, rec.error) == ("", "ERR", "bad")
+
+
+async def test_status_of_push_tenant_is_pushed(store: Store) -> None:
+    """A status record for a push-only tenant goes to the push queue, not to polling."""
+    await store.settle_send([], [StatusRecord(PUSH, HANDSET, SENDER, "L1", "NUR", "x")])
+    assert await store.claim(PUSH, "status") is None
+    assert [p.status_code for p in await store.claim_pushes(later(), 10)] == ["NUR"]
+
+
 # -- delivery reports -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
-async def test_dlr_matches_send(store: Store, by: str) -> None:
-    """A delivery report found by either id becomes a status record of the send's tenant."""
-    s = send(1, tenant=OTHER, upstream_ref=store.upstream_ref())
-    await store.record_sends([send(2), s])
-    result = await store.add_dlr(dlr(cast(str, getattr(s, by)), 2, "UNDELIV"))
-    assert result == IngestResult(stored=True, tenant=OTHER)
+async def test_dlr_matches_its_send(store: Store, by: str) -> None:
+    """A report found by either id becomes a status record of the send's tenant and recipient."""
+    await sent(store, 2)
+    ref = await sent(store, 1, tenant=OTHER)
+    result = await store.add_dlr(dlr("cx-1" if by == "connexus_id" else ref, 2, "UNDELIV"))
+    assert result == IngestResult("stored", OTHER)
     assert await store.claim(POLL, "status") is None
     rec = await only(store, OTHER, "status")
     assert (rec.tenant, rec.kind) == (OTHER, "status")
     assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == (HANDSET, SENDER, "L1")
-    assert rec.dlr_status == 2
-    assert rec.receipt_id
-    assert len(rec.receipt_id) <= 50
-    assert rec.body == ""
+    assert (rec.dlr_status, rec.error, rec.status_code, rec.body) == (2, "UNDELIV", "", "")
+    assert 0 < len(rec.receipt_id) <= 50
+
+
+async def test_dlr_by_ref_of_a_pending_send_is_matched(store: Store) -> None:
+    """A report by our upstream ref that beats the upstream answer is matched at once."""
+    plan = await store.begin_send(intent("L1"), time.time())
+    result = await store.add_dlr(dlr(plan.to_send[0].upstream_ref))
+    assert result == IngestResult("stored", POLL)
+    assert (await only(store, POLL, "status")).in_reply_to == "L1"
 
 
 async def test_dlr_without_legacy_id_has_empty_in_reply_to(store: Store) -> None:
     """A send the legacy client gave no messageId yields a status record with inReplyToId ''."""
-    await store.record_sends([send(1, legacy_id="")])
+    await sent(store, 1, legacy_id=None)
     await store.add_dlr(dlr("cx-1"))
     assert (await only(store, POLL, "status")).in_reply_to == ""
 
 
-@pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
-async def test_dlr_before_send_is_matched_when_send_lands(store: Store, by: str) -> None:
-    """An early report is held unclaimable, then goes to the send's tenant and wakes its polls."""
-    ref = store.upstream_ref()
-    result = await store.add_dlr(dlr("cx-7" if by == "connexus_id" else ref))
-    assert result == IngestResult(stored=True, tenant=None)
-    for tenant in DELIVERY:
+async def test_early_dlr_is_matched_when_its_connexus_id_is_known(store: Store) -> None:
+    """A report naming a Connexus id not known yet waits unmatched, then goes to its send."""
+    result = await store.add_dlr(dlr("cx-7"))
+    assert result == IngestResult("unmatched", None)
+    for tenant in TENANTS:
         assert await store.claim(tenant, "status") is None
-    seen = store.notifier.generation(POLL, "status")
-    await store.record_sends([send(7, upstream_ref=ref)])
-    assert store.notifier.generation(POLL, "status") != seen
+    seen = store.waker.generation(POLL, "status")
+    await sent(store, 7)
+    assert store.waker.generation(POLL, "status") != seen
     rec = await only(store, POLL, "status")
-    assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == (HANDSET, SENDER, "L7")
-    assert rec.dlr_status == 1
+    assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to, rec.dlr_status) == (
+        HANDSET,
+        SENDER,
+        "L7",
+        1,
+    )
 
 
 async def test_early_dlr_for_push_tenant_is_pushed_once_matched(store: Store) -> None:
-    """An early report matched to a push tenant's send enters the push queue, not the poll queue."""
+    """An early report matched to a push tenant's send enters the push queue, not polling."""
     await store.add_dlr(dlr("cx-1"))
-    await store.record_sends([send(1, tenant=PUSH)])
+    await sent(store, 1, tenant=PUSH)
     assert await store.claim(PUSH, "status") is None
     pushes = await store.claim_pushes(later(), 10)
     assert [(p.tenant, p.in_reply_to) for p in pushes] == [(PUSH, "L1")]
 
 
-async def test_duplicate_dlr_is_stored_once(store: Store) -> None:
-    """The same report delivered twice (a webhook retry) yields one legacy record."""
-    await store.record_sends([send(1)])
-    first = await store.add_dlr(dlr("cx-1"))
-    second = await store.add_dlr(dlr("cx-1"))
-    assert first.stored
-    assert not second.stored
+async def test_ambiguous_dlr_is_never_attributed(store: Store) -> None:
+    """A report whose id names two recipients is kept unmatched, and stays so."""
+    plan = await store.begin_send(intent("L1", HANDSET, "6421000002"), time.time())
+    await store.settle_send([Settlement(p.upstream_ref, "accepted", "cx-1") for p in plan.to_send])
+    assert await store.add_dlr(dlr("cx-1")) == IngestResult("ambiguous", None)
+    await sent(store, 9, connexus_id="cx-1")  # more news about that id changes nothing
+    for tenant in TENANTS:
+        assert await store.claim(tenant, "status") is None
+
+
+async def test_early_dlr_turning_ambiguous_is_never_attributed(store: Store) -> None:
+    """An early report whose id, once settled, names two recipients is never attributed."""
+    await store.add_dlr(dlr("cx-1"))
+    plan = await store.begin_send(intent("L1", HANDSET, "6421000002"), time.time())
+    await store.settle_send([Settlement(p.upstream_ref, "accepted", "cx-1") for p in plan.to_send])
+    await sent(store, 9, recipient="6421000009", connexus_id="cx-1")
+    for tenant in TENANTS:
+        assert await store.claim(tenant, "status") is None
+
+
+async def test_duplicate_dlr_ignores_details(store: Store) -> None:
+    """The same (message id, status) twice is one record, whatever else differs."""
+    await sent(store, 1)
+    assert await store.add_dlr(dlr("cx-1", 1, "DELIVRD")) == IngestResult("stored", POLL)
+    assert await store.add_dlr(dlr("cx-1", 1, "")) == IngestResult("duplicate", POLL)
     assert len(await drain(store, POLL, "status")) == 1
+    assert not (await store.add_dlr(dlr("cx-1"))).stored  # consumed is still a duplicate
 
 
 async def test_duplicate_early_dlr_is_stored_once(store: Store) -> None:
-    """A retried report that arrived before its send is still one record once the send lands."""
+    """A retried report that arrived before its send is still one record once matched."""
     await store.add_dlr(dlr("cx-1"))
     assert not (await store.add_dlr(dlr("cx-1"))).stored
-    await store.record_sends([send(1)])
+    await sent(store, 1)
     assert len(await drain(store, POLL, "status")) == 1
 
 
 async def test_dlrs_with_different_status_are_distinct(store: Store) -> None:
     """Two reports with different statusCode for one message are two records, oldest first."""
-    await store.record_sends([send(1)])
+    await sent(store, 1)
     assert (await store.add_dlr(dlr("cx-1", 8, "ACCEPTD"))).stored
     assert (await store.add_dlr(dlr("cx-1", 1, "DELIVRD"))).stored
     records = await drain(store, POLL, "status")
@@ -231,374 +418,260 @@ async def test_dlrs_with_different_status_are_distinct(store: Store) -> None:
     assert records[0].receipt_id != records[1].receipt_id
 
 
-async def test_rejected_recipient_status_record(store: Store) -> None:
-    """A StatusRecord given to record_sends is a pollable status record with its code and error."""
-    seen = store.notifier.generation(POLL, "status")
-    await store.record_sends(
-        [send(1), send(2, recipient="6421000002", connexus_id=None)],
-        [StatusRecord(POLL, "6421000002", SENDER, "L2", "NUR", "invalid number")],
-    )
-    assert store.notifier.generation(POLL, "status") != seen
-    rec = await only(store, POLL, "status")
-    assert (rec.status_code, rec.error, rec.dlr_status) == ("NUR", "invalid number", None)
-    assert (rec.msisdn_from, rec.msisdn_to, rec.in_reply_to) == ("6421000002", SENDER, "L2")
-
-
-async def test_rejected_recipient_without_legacy_id(store: Store) -> None:
-    """A StatusRecord with no legacy messageId has inReplyToId ''."""
-    await store.record_sends([], [StatusRecord(POLL, HANDSET, SENDER, None, "ERR", "bad")])
-    rec = await only(store, POLL, "status")
-    assert (rec.in_reply_to, rec.status_code) == ("", "ERR")
-
-
-async def test_rejected_recipient_of_push_tenant_is_pushed(store: Store) -> None:
-    """A StatusRecord for a push-only tenant goes to the push queue, not to polling."""
-    await store.record_sends([], [StatusRecord(PUSH, HANDSET, SENDER, "L1", "NUR", "x")])
-    assert await store.claim(PUSH, "status") is None
-    assert [p.status_code for p in await store.claim_pushes(later(), 10)] == ["NUR"]
-
-
 # -- incoming messages ------------------------------------------------------------------------
 
 
-async def test_mo_routed_by_owner(store: Store) -> None:
-    """An incoming message to a tenant's sender goes to that tenant with all its fields."""
-    result = await store.add_mo(mo("m1", body="yes please", owner=OTHER), fallback_tenant=POLL)
-    assert result == IngestResult(stored=True, tenant=OTHER)
+async def test_mo_to_owned_number_goes_to_owner(store: Store) -> None:
+    """An incoming message to a tenant's number goes to it with all its fields."""
+    result = await store.add_mo(mo("m1", to=OTHER_NUMBER, body="yes please"), account=POLL)
+    assert result == IngestResult("stored", OTHER)
     assert await store.claim(POLL, "in") is None
     rec = await only(store, OTHER, "in")
-    assert (rec.kind, rec.msisdn_from, rec.msisdn_to) == ("in", HANDSET, SENDER)
-    assert rec.body == "yes please"
+    assert (rec.kind, rec.msisdn_from, rec.msisdn_to, rec.body) == (
+        "in",
+        HANDSET,
+        OTHER_NUMBER,
+        "yes please",
+    )
     assert rec.in_reply_to == ""
-    assert rec.receipt_id
-    assert len(rec.receipt_id) <= 50
+    assert 0 < len(rec.receipt_id) <= 50
 
 
-async def test_mo_owner_replying_to_its_send_gets_in_reply_to(store: Store) -> None:
-    """An owned incoming message from a handset the owner recently sent to replies to that send."""
-    await store.record_sends([send(1, tenant=OTHER), send(2, tenant=POLL)])
-    await store.add_mo(mo("m1", owner=OTHER), fallback_tenant=None)
+async def test_mo_to_owner_replying_to_its_send(store: Store) -> None:
+    """An owned message from a handset the owner recently sent to replies to that send."""
+    await sent(store, 1, tenant=OTHER)
+    await sent(store, 2, tenant=POLL)
+    await store.add_mo(mo("m1", to=OTHER_NUMBER), account=None)
     assert (await only(store, OTHER, "in")).in_reply_to == "L1"
 
 
 @pytest.mark.parametrize("by", ["connexus_id", "upstream_ref"])
 async def test_mo_routed_by_related_id(store: Store, by: str) -> None:
-    """A reply naming its original message goes to that send's tenant, inReplyToId its legacy id."""
-    ref = store.upstream_ref()
+    """A reply naming its original message goes to that send's tenant, inReplyToId its id."""
+    ref = await sent(store, 1, tenant=OTHER)
+    await sent(store, 2, tenant=POLL)  # a later send to the same handset
     related = "cx-1" if by == "connexus_id" else ref
-    await store.record_sends([send(1, tenant=OTHER, upstream_ref=ref)])
-    await store.record_sends([send(2, tenant=POLL)])  # a later send to the same handset
-    result = await store.add_mo(mo("m1", related_id=related), fallback_tenant=POLL)
-    assert result == IngestResult(stored=True, tenant=OTHER)
+    result = await store.add_mo(mo("m1", to=UNLISTED, related_id=related), account=POLL)
+    assert result == IngestResult("stored", OTHER)
     assert (await only(store, OTHER, "in")).in_reply_to == "L1"
     assert await store.claim(POLL, "in") is None
 
 
 async def test_mo_routed_by_latest_send_to_handset(store: Store) -> None:
-    """Without owner or related id, the latest send to that handset decides tenant and reply."""
-    await store.record_sends([send(1, tenant=POLL)])
-    await store.record_sends([send(2, tenant=OTHER), send(3, tenant=POLL, recipient="64999")])
-    result = await store.add_mo(mo("m1"), fallback_tenant=POLL)
-    assert result.tenant == OTHER
+    """Without owner or related id, the latest send to that handset decides."""
+    await sent(store, 1, tenant=POLL)
+    await sent(store, 2, tenant=OTHER)
+    await sent(store, 3, tenant=POLL, recipient="64999")
+    result = await store.add_mo(mo("m1", to=UNLISTED), account=POLL)
+    assert result == IngestResult("stored", OTHER)
     assert (await only(store, OTHER, "in")).in_reply_to == "L2"
 
 
-async def test_mo_fallback_tenant(store: Store) -> None:
-    """A message nothing matches goes to the fallback tenant."""
-    await store.record_sends([send(1, tenant=OTHER, recipient="64999")])
-    result = await store.add_mo(mo("m1"), fallback_tenant=POLL)
-    assert result == IngestResult(stored=True, tenant=POLL)
+async def test_mo_routed_by_account(store: Store) -> None:
+    """A message nothing else matches goes to the account it came from."""
+    await sent(store, 1, tenant=OTHER, recipient="64999")
+    assert await store.add_mo(mo("m1", to=UNLISTED), account=POLL) == IngestResult("stored", POLL)
     assert (await only(store, POLL, "in")).in_reply_to == ""
 
 
-async def test_mo_unmatched_without_fallback_is_kept_but_unclaimable(store: Store) -> None:
-    """With no match and no fallback the message is stored (deduplicated) but nobody polls it."""
-    assert await store.add_mo(mo("m1"), fallback_tenant=None) == IngestResult(True, None)
-    for tenant in DELIVERY:
-        assert await store.claim(tenant, "in") is None
-    assert await store.has_mo(["m1"]) == {"m1"}
+@pytest.mark.parametrize("order", ["webhook-first", "sweep-first"])
+async def test_unlisted_number_same_tenant_whichever_path_first(store: Store, order: str) -> None:
+    """A message to an unlisted number ends at the same tenant whether the webhook or the
+    account's sweep brings it first."""
+    event = mo("m1", to=UNLISTED)
+    if order == "webhook-first":
+        assert await store.add_mo(event, account=None) == IngestResult("unmatched", None)
+        for tenant in TENANTS:
+            assert await store.claim(tenant, "in") is None
+        assert await store.add_mo(event, account=OTHER) == IngestResult("assigned", OTHER)
+    else:
+        assert await store.add_mo(event, account=OTHER) == IngestResult("stored", OTHER)
+        assert await store.add_mo(event, account=None) == IngestResult("duplicate", OTHER)
+    assert await store.add_mo(event, account=POLL) == IngestResult("duplicate", OTHER)
+    assert (await only(store, OTHER, "in")).body == "hello"
+
+
+async def test_assignment_wakes_the_tenant(store: Store) -> None:
+    """Assigning an unmatched message wakes the long-polls of its new tenant."""
+    await store.add_mo(mo("m1", to=UNLISTED), account=None)
+    seen = store.waker.generation(POLL, "in")
+    await store.add_mo(mo("m1", to=UNLISTED), account=POLL)
+    assert store.waker.generation(POLL, "in") != seen
 
 
 async def test_duplicate_mo_is_stored_once(store: Store) -> None:
-    """The same incoming messageId (webhook retry or mo/query recovery) is stored once."""
-    assert (await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)).stored
-    again = await store.add_mo(mo("m1", owner=POLL, body="other"), fallback_tenant=POLL)
-    assert not again.stored
+    """The same incoming messageId (webhook retry or sweep) is stored once."""
+    assert (await store.add_mo(mo("m1"), account=None)).stored
+    again = await store.add_mo(mo("m1", body="other"), account=POLL)
+    assert again == IngestResult("duplicate", POLL)
     assert [r.body for r in await drain(store, POLL, "in")] == ["hello"]
 
 
-async def test_has_mo(store: Store) -> None:
-    """has_mo reports exactly the stored incoming ids, consumed or not."""
-    assert await store.has_mo([]) == set()
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-    await store.add_mo(mo("m2", owner=POLL), fallback_tenant=None)
-    await store.record_sends([send(3)])
-    await store.add_dlr(dlr("m3"))  # a delivery report is not an incoming message
-    await drain(store, POLL, "in")
-    assert await store.has_mo(["m1", "m2", "m3", "m4"]) == {"m1", "m2"}
+@pytest.mark.parametrize(
+    ("body", "blocked"),
+    [("STOP", True), (" stop. ", True), ("Opt-Out", True), ("stop it", False), ("hi", False)],
+)
+async def test_stop_blocks_the_handset(store: Store, body: str, blocked: bool) -> None:
+    """A STOP message (one word) blocks the handset for its tenant; it is still delivered."""
+    await store.add_mo(mo("m1", body=body), account=None)
+    assert await store.blocked(POLL) == ([HANDSET] if blocked else [])
+    assert await store.blocked(OTHER) == []
+    assert (await only(store, POLL, "in")).body == body
 
 
-# -- claim / ack / release --------------------------------------------------------------------
+async def test_start_unblocks_the_handset(store: Store) -> None:
+    """START after STOP unblocks the handset: it is sent to again."""
+    await store.add_mo(mo("m1", body="STOP"), account=None)
+    await store.add_mo(mo("m2", body="STOP"), account=None)  # twice is harmless
+    await store.add_mo(mo("m3", body="start"), account=None)
+    assert await store.blocked(POLL) == []
+    plan = await store.begin_send(intent("L1"), time.time())
+    assert [p.recipient for p in plan.to_send] == [HANDSET]
+
+
+async def test_stop_ignored_where_opt_out_is_off(store: Store) -> None:
+    """A tenant with opt_out off gets STOP as an ordinary message and blocks nobody."""
+    await store.add_mo(mo("m1", to="3000", body="STOP"), account=None)
+    assert await store.blocked(QUIET) == []
+
+
+async def test_stop_of_unmatched_message_applies_once_assigned(store: Store) -> None:
+    """An unmatched STOP blocks the handset for the tenant it is assigned to."""
+    await store.add_mo(mo("m1", to=UNLISTED, body="STOP"), account=None)
+    assert await store.blocked(OTHER) == []
+    await store.add_mo(mo("m1", to=UNLISTED, body="STOP"), account=OTHER)
+    assert await store.blocked(OTHER) == [HANDSET]
+
+
+# -- polling: claims are leases ---------------------------------------------------------------
 
 
 async def test_claim_oldest_first_and_ack_consumes(store: Store) -> None:
     """claim hands out the oldest record; ack consumes it and lowers queue_depth."""
     for i in range(3):
-        await store.add_mo(mo(f"m{i}", body=f"b{i}", owner=POLL), fallback_tenant=None)
+        await store.add_mo(mo(f"m{i}", body=f"b{i}"), account=None)
     assert await store.queue_depth(POLL) == (3, 0)
     first = await store.claim(POLL, "in")
     assert first is not None
     assert first.body == "b0"
-    await store.ack(first)
+    assert await store.ack(first) is True
+    assert await store.ack(first) is False  # already consumed
     assert await store.queue_depth(POLL) == (2, 0)
-    rest = await drain(store, POLL, "in")
-    assert [r.body for r in rest] == ["b1", "b2"]
-    assert first.id not in {r.id for r in rest}
+    assert [r.body for r in await drain(store, POLL, "in")] == ["b1", "b2"]
     assert await store.queue_depth(POLL) == (0, 0)
 
 
 async def test_claimed_record_is_hidden_until_released(store: Store) -> None:
     """A claimed record is not claimed again; release makes it the next claim."""
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
+    await store.add_mo(mo("m1"), account=None)
     claimed = await store.claim(POLL, "in")
     assert claimed is not None
     assert await store.claim(POLL, "in") is None
     assert await store.queue_depth(POLL) == (1, 0)  # claimed is not consumed
-    store.release(claimed)
+    await store.release(claimed)
     again = await store.claim(POLL, "in")
     assert again is not None
     assert again.id == claimed.id
 
 
+async def test_release_wakes_waiting_polls(store: Store) -> None:
+    """Releasing a claim wakes the long-polls waiting on its tenant and kind."""
+    await store.add_mo(mo("m1"), account=None)
+    claimed = await store.claim(POLL, "in")
+    assert claimed is not None
+    w = store.waker
+    waiter = asyncio.ensure_future(w.wait(POLL, "in", w.generation(POLL, "in"), 5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await store.release(claimed)
+    assert await asyncio.wait_for(waiter, 1) is True
+
+
+async def test_expired_lease_is_claimed_again(opened: Opened) -> None:
+    """A claim never acked comes back after the lease; the old holder's ack then fails."""
+    store = await opened.open(lease_seconds=0.2)
+    await store.add_mo(mo("m1"), account=None)
+    first = await store.claim(POLL, "in")
+    assert first is not None
+    assert await store.claim(POLL, "in") is None
+    await asyncio.sleep(0.3)
+    me = store.replica
+    store.replica = "another-replica"  # the next claim is another replica's
+    second = await store.claim(POLL, "in")
+    assert second is not None
+    assert second.id == first.id
+    store.replica = me
+    assert await store.ack(first) is False
+    await store.release(first)  # not ours any more: changes nothing
+    store.replica = "another-replica"
+    assert await store.claim(POLL, "in") is None
+    assert await store.ack(second) is True
+    assert await store.queue_depth(POLL) == (0, 0)
+
+
+async def test_close_releases_this_replicas_leases(store: Store, reopen: Reopen) -> None:
+    """A claim not acked before close() is free at once after a restart."""
+    await store.add_mo(mo("m1"), account=None)
+    assert await store.claim(POLL, "in") is not None
+    await store.close()
+    again = await reopen()
+    assert (await only(again, POLL, "in")).body == "hello"
+
+
 async def test_concurrent_claims_are_disjoint(store: Store) -> None:
     """Concurrent claims never share a record, and each gets one while enough are waiting."""
     for i in range(10):
-        await store.add_mo(mo(f"m{i}", owner=POLL), fallback_tenant=None)
-    got = await asyncio.gather(*(store.claim(POLL, "in") for _ in range(10)))
+        await store.add_mo(mo(f"m{i}"), account=None)
+    got = await asyncio.gather(*(store.claim(POLL, "in") for _ in range(11)))
     ids = [r.id for r in got if r is not None]
     assert len(ids) == 10
     assert len(set(ids)) == 10
-    assert await store.claim(POLL, "in") is None
-
-
-async def test_concurrent_claims_with_one_record(store: Store) -> None:
-    """Of two concurrent claims for a single record, exactly one gets it."""
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-    got = await asyncio.gather(store.claim(POLL, "in"), store.claim(POLL, "in"))
-    assert sum(r is not None for r in got) == 1
 
 
 async def test_concurrent_pollers_get_each_record_exactly_once(store: Store) -> None:
-    """Pollers claiming and acking at once hand every record out exactly once, none twice."""
+    """Pollers claiming and acking at once hand every record out exactly once."""
     total = 400
-    await store.record_sends([send(i, recipient=f"64{i:08d}") for i in range(total)])
+    plan = await store.begin_send(intent("L1", *(f"64{i:08d}" for i in range(total))), time.time())
+    await store.settle_send(
+        [Settlement(p.upstream_ref, "accepted", f"cx-{i}") for i, p in enumerate(plan.to_send)]
+    )
     await asyncio.gather(*(store.add_dlr(dlr(f"cx-{i}")) for i in range(total)))
     handed: list[str] = []
 
     async def poller() -> None:
         while (record := await store.claim(POLL, "status")) is not None:
-            handed.append(record.in_reply_to)  # the client has it now
-            await store.ack(record)
+            handed.append(record.msisdn_from)
+            assert await store.ack(record)
 
     await asyncio.wait_for(asyncio.gather(*(poller() for _ in range(8))), 20)
-    assert sorted(handed) == sorted(f"L{i}" for i in range(total))
+    assert sorted(handed) == sorted(f"64{i:08d}" for i in range(total))
     assert await store.queue_depth(POLL) == (0, 0)
 
 
 async def test_tenants_are_isolated(store: Store) -> None:
     """A tenant never sees, claims or counts another tenant's records."""
-    await store.record_sends([send(1)])
+    await sent(store, 1)
     await store.add_dlr(dlr("cx-1"))
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-    claimed = await store.claim(POLL, "status")
-    assert claimed is not None
+    await store.add_mo(mo("m1"), account=None)
     assert await store.claim(OTHER, "status") is None
     assert await store.claim(OTHER, "in") is None
     assert await store.queue_depth(OTHER) == (0, 0)
-    store.release(claimed)
-    assert await store.claim(OTHER, "status") is None
+    assert await store.queue_depth(POLL) == (1, 1)
 
 
-async def test_queue_depth_counts_per_kind(store: Store) -> None:
-    """queue_depth is (in, status) of pollable records, each kind counted apart."""
-    await store.record_sends([send(1), send(2)])
-    await store.add_dlr(dlr("cx-1"))
-    await store.add_dlr(dlr("cx-2"))
-    await store.add_dlr(dlr("cx-2", 2, "UNDELIV"))
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-    assert await store.queue_depth(POLL) == (1, 3)
-    await drain(store, POLL, "in")
-    assert await store.queue_depth(POLL) == (0, 3)
+# -- push -------------------------------------------------------------------------------------
 
 
-# -- durability ---------------------------------------------------------------------------------
-
-
-async def test_records_and_acks_survive_restart(
-    store: Store, reopen: Callable[[], Awaitable[Store]]
-) -> None:
-    """Stored records, acks and sends outlive close(); claims in flight do not."""
-    await store.record_sends([send(1), send(2)])
-    for i in range(3):
-        await store.add_mo(mo(f"m{i}", body=f"b{i}", owner=POLL), fallback_tenant=None)
-    first = await store.claim(POLL, "in")
-    assert first is not None
-    await store.ack(first)
-    assert await store.claim(POLL, "in") is not None  # claimed, never handed over
-    await store.close()
-
-    again = await reopen()
-    assert await again.queue_depth(POLL) == (2, 0)
-    assert [r.body for r in await drain(again, POLL, "in")] == ["b1", "b2"]
-    assert await again.has_mo(["m0", "m1", "m2"]) == {"m0", "m1", "m2"}
-    assert not (await again.add_mo(mo("m0", owner=POLL), fallback_tenant=None)).stored
-    assert (await again.add_dlr(dlr("cx-2"))).tenant == POLL  # the sends survived too
-    assert (await only(again, POLL, "status")).in_reply_to == "L2"
-
-
-async def test_close_is_idempotent_and_refuses_later_writes(store: Store) -> None:
-    """close() may be called twice; a write after close raises instead of being lost silently."""
-    await store.close()
-    await store.close()
-    with pytest.raises(StoreError):
-        await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-
-
-async def test_close_waits_for_pending_writes(
-    store: Store, reopen: Callable[[], Awaitable[Store]]
-) -> None:
-    """Writes already submitted when close() is called are committed, not dropped."""
-    writes = [
-        asyncio.ensure_future(store.add_mo(mo(f"m{i}", owner=POLL), fallback_tenant=None))
-        for i in range(50)
-    ]
-    await asyncio.sleep(0)  # every write is submitted
-    await store.close()
-    results = await asyncio.gather(*writes)
-    assert all(r.stored for r in results)
-    again = await reopen()
-    assert await again.queue_depth(POLL) == (50, 0)
-
-
-async def test_thousand_concurrent_dlrs(store: Store) -> None:
-    """1,000 concurrent reports (group commit) all succeed and each is claimable exactly once."""
-    n = 1000
-    await store.record_sends([send(i, recipient=f"64{i:08d}") for i in range(n)])
-    results = await asyncio.wait_for(
-        asyncio.gather(*(store.add_dlr(dlr(f"cx-{i}")) for i in range(n))), 20
-    )
-    assert all(r == IngestResult(stored=True, tenant=POLL) for r in results)
-    assert await store.queue_depth(POLL) == (0, n)
-    claimed: list[LegacyRecord] = []
-    while (record := await store.claim(POLL, "status")) is not None:
-        claimed.append(record)
-    assert len({r.id for r in claimed}) == n
-    assert {r.in_reply_to for r in claimed} == {f"L{i}" for i in range(n)}
-    assert {r.msisdn_from for r in claimed} == {f"64{i:08d}" for i in range(n)}
-    await asyncio.gather(*(store.ack(r) for r in claimed))
-    assert await store.claim(POLL, "status") is None
-    assert await store.queue_depth(POLL) == (0, 0)
-
-
-async def test_failing_write_does_not_sink_its_neighbours(store: Store) -> None:
-    """One write that cannot be stored fails alone; the writes submitted with it are stored."""
-    await store.record_sends([send(i) for i in range(20)])
-    events = [dlr(f"cx-{i}") for i in range(20)]
-    events[10] = DlrEvent(message_id=cast(str, object()), status=1, status_text="DELIVRD")
-    results: list[Any] = await asyncio.wait_for(
-        asyncio.gather(*(store.add_dlr(e) for e in events), return_exceptions=True), 10
-    )
-    assert isinstance(results[10], StoreError)
-    del results[10]
-    assert all(r == IngestResult(stored=True, tenant=POLL) for r in results)
-    records = await drain(store, POLL, "status")
-    assert sorted(r.in_reply_to for r in records) == sorted(f"L{i}" for i in range(20) if i != 10)
-    # and the store still works afterwards
-    assert (await store.add_dlr(dlr("cx-10"))).stored
-
-
-# -- notifier -----------------------------------------------------------------------------------
-
-
-async def test_wait_wakes_on_notify(store: Store) -> None:
-    """A waiter wakes with True when its (tenant, kind) is notified during the wait."""
-    n = store.notifier
-    seen = n.generation(POLL, "in")
-    waiter = asyncio.ensure_future(n.wait(POLL, "in", seen, 5))
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    n.notify(OTHER, "in")  # someone else's news
-    n.notify(POLL, "status")
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    n.notify(POLL, "in")
-    assert await asyncio.wait_for(waiter, 1) is True
-
-
-async def test_wait_wakes_when_store_stores(store: Store) -> None:
-    """Storing a record for a tenant wakes a long-poll waiting on that tenant and kind."""
-    n = store.notifier
-    seen = n.generation(POLL, "in")
-    waiter = asyncio.ensure_future(n.wait(POLL, "in", seen, 5))
-    await asyncio.sleep(0.01)
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
-    assert await asyncio.wait_for(waiter, 2) is True
-
-
-async def test_wait_times_out(store: Store) -> None:
-    """With nothing stored, wait answers False after about `within` seconds."""
-    n = store.notifier
-    start = time.monotonic()
-    assert await n.wait(POLL, "in", n.generation(POLL, "in"), 0.05) is False
-    assert 0.04 <= time.monotonic() - start < 1.0
-
-
-async def test_wait_returns_at_once_if_generation_moved(store: Store) -> None:
-    """A notify between looking and waiting is not lost: wait returns True at once."""
-    n = store.notifier
-    seen = n.generation(POLL, "in")
-    n.notify(POLL, "in")
-    start = time.monotonic()
-    assert await n.wait(POLL, "in", seen, 5) is True
-    assert time.monotonic() - start < 0.5
-
-
-async def test_notifier_close_releases_waiters(store: Store) -> None:
-    """close() releases every waiter with False, and later waits return False at once."""
-    n = store.notifier
-    waiters = [
-        asyncio.ensure_future(n.wait(t, k, n.generation(t, k), 5))
-        for t in (POLL, OTHER)
-        for k in ("in", "status")
-    ]
-    await asyncio.sleep(0.01)
-    n.close()
-    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [False] * 4
-    start = time.monotonic()
-    assert await n.wait(POLL, "in", n.generation(POLL, "in"), 5) is False
-    assert time.monotonic() - start < 0.5
-
-
-async def test_store_close_releases_long_polls(store: Store) -> None:
-    """Closing the store releases its pending long-polls with False (shutdown answers 204)."""
-    n = store.notifier
-    waiter = asyncio.ensure_future(n.wait(POLL, "in", n.generation(POLL, "in"), 5))
-    await asyncio.sleep(0.01)
-    await store.close()
-    assert await asyncio.wait_for(waiter, 1) is False
-
-
-# -- push queue -------------------------------------------------------------------------------
-
-
-async def _pushed_status(store: Store, tenant: str = PUSH, n: int = 1) -> None:
-    await store.record_sends([send(n, tenant=tenant)])
-    assert (await store.add_dlr(dlr(f"cx-{n}"))).stored
+async def _pushed_status(store: Store, n: int = 1, tenant: str = PUSH, status: int = 1) -> None:
+    await sent(store, n, tenant=tenant, recipient=f"64{n:08d}")
+    assert (await store.add_dlr(dlr(f"cx-{n}", status))).stored
 
 
 async def test_push_only_record_is_pushed_once_not_polled(store: Store) -> None:
-    """A push-only tenant's record is not pollable and is claimed for push by one claimer only."""
+    """A push-only tenant's record is not pollable and is leased to one claimer only."""
+    seen = store.waker.generation(PUSH, "status")
     await _pushed_status(store)
+    assert store.waker.generation(PUSH, "status") != seen  # the push worker is woken
     assert await store.claim(PUSH, "status") is None
     assert await store.queue_depth(PUSH) == (0, 0)
     pushes = await store.claim_pushes(later(), 10)
@@ -609,11 +682,10 @@ async def test_push_only_record_is_pushed_once_not_polled(store: Store) -> None:
     await store.push_done(pushes[0])
     assert await store.claim_pushes(later(HOUR), 10) == []
     assert await store.dead_letters() == []
-    assert await store.claim(PUSH, "status") is None
 
 
 async def test_claim_pushes_respects_limit_and_due_time(store: Store) -> None:
-    """claim_pushes returns at most `limit` due records, none of them twice."""
+    """claim_pushes returns at most `limit` due records, oldest first, none of them twice."""
     for i in range(5):
         await _pushed_status(store, n=i)
     assert await store.claim_pushes(time.time() - 60, 10) == []  # nothing due a minute ago
@@ -621,8 +693,54 @@ async def test_claim_pushes_respects_limit_and_due_time(store: Store) -> None:
     b = await store.claim_pushes(later(), 2)
     c = await store.claim_pushes(later(), 2)
     assert [len(a), len(b), len(c)] == [2, 2, 1]
-    assert len({r.id for r in a + b + c}) == 5
     assert [r.in_reply_to for r in a + b + c] == [f"L{i}" for i in range(5)]
+
+
+async def test_pushes_keep_order_per_send(store: Store) -> None:
+    """A send's second report is not pushed while its first awaits its push, then it is."""
+    await _pushed_status(store, n=1, status=8)
+    await store.add_dlr(dlr("cx-1", 1))
+    await _pushed_status(store, n=2)
+    first = await store.claim_pushes(later(), 10)
+    assert [(r.in_reply_to, r.dlr_status) for r in first] == [("L1", 8), ("L2", 1)]
+    assert await store.claim_pushes(later(), 10) == []
+    await store.push_failed(first[0], next_at=time.time() - 1, error="HTTP 503")
+    (retry,) = await store.claim_pushes(later(), 10)  # the first again, not the second
+    assert retry.id == first[0].id
+    seen = store.waker.generation(PUSH, "status")
+    await store.push_done(retry)
+    assert store.waker.generation(PUSH, "status") != seen
+    (second,) = await store.claim_pushes(later(), 10)
+    assert (second.in_reply_to, second.dlr_status) == ("L1", 1)
+
+
+async def test_dead_first_report_lets_the_next_go(store: Store) -> None:
+    """A send's first report dead-lettered no longer holds back the next one."""
+    await _pushed_status(store, n=1, status=8)
+    await store.add_dlr(dlr("cx-1", 1))
+    (first,) = await store.claim_pushes(later(), 10)
+    await store.push_failed(first, next_at=None, error="gone")
+    (second,) = await store.claim_pushes(later(), 10)
+    assert second.dlr_status == 1
+
+
+async def test_expired_push_lease_is_claimed_again(opened: Opened) -> None:
+    """A push claim never finished comes back after the lease; the old holder's done is void."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store)
+    (first,) = await store.claim_pushes(later(), 10)
+    await asyncio.sleep(0.3)
+    me = store.replica
+    store.replica = "another-replica"
+    (second,) = await store.claim_pushes(later(), 10)
+    assert second.id == first.id
+    store.replica = me
+    await store.push_done(first)  # lost the lease: no effect
+    await store.push_failed(first, next_at=None, error="x")
+    assert await store.dead_letters() == []
+    store.replica = "another-replica"
+    await store.push_done(second)
+    assert await store.claim_pushes(later(HOUR), 10) == []
 
 
 async def test_concurrent_claim_pushes_are_disjoint(store: Store) -> None:
@@ -631,35 +749,7 @@ async def test_concurrent_claim_pushes_are_disjoint(store: Store) -> None:
         await _pushed_status(store, n=i)
     batches = await asyncio.gather(*(store.claim_pushes(later(), 2) for _ in range(3)))
     ids = [r.id for batch in batches for r in batch]
-    assert len(ids) == len(set(ids))
-    rest = await store.claim_pushes(later(), 10)
-    assert len(ids) + len(rest) == 6
-
-
-async def test_push_worker_loop_pushes_each_record_once(store: Store) -> None:
-    """Claiming pushes while earlier pushes complete never hands a finished record out again."""
-    total = 300
-    await store.record_sends([send(i, tenant=PUSH, recipient=f"64{i:08d}") for i in range(total)])
-    await asyncio.gather(*(store.add_dlr(dlr(f"cx-{i}")) for i in range(total)))
-    pushed: list[str] = []
-    inflight: set[asyncio.Task[None]] = set()
-
-    async def deliver(record: LegacyRecord) -> None:
-        pushed.append(record.in_reply_to)
-        await store.push_done(record)
-
-    async def worker() -> None:
-        while len(pushed) < total:
-            for record in await store.claim_pushes(later(), 7):
-                task = asyncio.ensure_future(deliver(record))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            await asyncio.sleep(0)
-        await asyncio.gather(*inflight)
-
-    await asyncio.wait_for(worker(), 20)
-    assert sorted(pushed) == sorted(f"L{i}" for i in range(total))
-    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert len(ids) == len(set(ids)) == 6
 
 
 async def test_push_failed_reschedules(store: Store) -> None:
@@ -669,16 +759,13 @@ async def test_push_failed_reschedules(store: Store) -> None:
     next_at = time.time() + 600
     await store.push_failed(rec, next_at=next_at, error="HTTP 503")
     assert await store.claim_pushes(later(), 10) == []
-    assert await store.dead_letters() == []
     (again,) = await store.claim_pushes(next_at + 1, 10)
     assert again.id == rec.id
     assert (again.push_attempts, again.push_error) == (1, "HTTP 503")
-    await store.push_done(again)
-    assert await store.claim_pushes(next_at + HOUR, 10) == []
 
 
 async def test_push_failed_without_next_at_dead_letters(store: Store) -> None:
-    """push_failed(next_at=None) moves the record to the dead letters and out of the push queue."""
+    """push_failed(next_at=None) moves the record to the dead letters, out of the push queue."""
     await _pushed_status(store, n=1)
     await _pushed_status(store, n=2)
     first, second = await store.claim_pushes(later(), 10)
@@ -688,6 +775,7 @@ async def test_push_failed_without_next_at_dead_letters(store: Store) -> None:
     assert [(d.id, d.push_error, d.push_attempts) for d in dead] == [
         (first.id, "ClientConnectorError", 1)
     ]
+    assert await store.dead_letter_count() == 1
     assert await store.claim_pushes(later(10 * HOUR), 10) == []
     assert await store.claim(PUSH, "status") is None
 
@@ -702,50 +790,67 @@ async def test_replay_brings_dead_letters_back(store: Store, select: str) -> Non
         await store.push_failed(r, next_at=None, error="gone")
     target = records[0].id
     ids = None if select == "all" else [target]
-    replayed = await store.replay(ids, time.time())
     expected = {r.id for r in records} if select == "all" else {target}
-    assert replayed == len(expected)
+    assert await store.replay(ids, time.time()) == len(expected)
     assert {d.id for d in await store.dead_letters()} == {r.id for r in records} - expected
     back = await store.claim_pushes(later(), 10)
     assert {b.id for b in back} == expected
     assert all(b.push_attempts == 0 for b in back)
     assert await store.replay(ids, time.time()) == 0  # not dead any more
-
-
-async def test_replay_unknown_or_empty_ids(store: Store) -> None:
-    """replay of ids that are not dead letters (or of none) changes nothing."""
-    await _pushed_status(store)
-    (rec,) = await store.claim_pushes(later(), 10)
     assert await store.replay([], time.time()) == 0
-    assert await store.replay([rec.id], time.time()) == 0  # claimed, not dead
-    assert await store.replay([rec.id + 1000], time.time()) == 0
-    assert await store.claim_pushes(later(), 10) == []
 
 
 async def test_push_and_poll_tenant_gets_both(store: Store) -> None:
-    """With keep_for_polling the record is both pushed and pollable, each consumed separately."""
+    """With keep_for_polling a record is polled and pushed, each consumed separately."""
     await _pushed_status(store, tenant=BOTH)
     polled = await store.claim(BOTH, "status")
     assert polled is not None
+    assert await store.ack(polled)
     (pushed,) = await store.claim_pushes(later(), 10)
     assert pushed.id == polled.id
-    await store.ack(polled)
     await store.push_done(pushed)
     assert await store.claim(BOTH, "status") is None
     assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.waiting() == []
 
 
 async def test_poll_tenant_records_are_never_pushed(store: Store) -> None:
     """Records of a polling-only tenant never enter the push queue."""
-    await store.record_sends([send(1)])
+    await sent(store, 1)
     await store.add_dlr(dlr("cx-1"))
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
+    await store.add_mo(mo("m1"), account=None)
     assert await store.claim_pushes(later(HOUR), 10) == []
 
 
-async def test_push_queue_survives_restart(
-    store: Store, reopen: Callable[[], Awaitable[Store]]
-) -> None:
+async def test_removed_tenant_records_are_kept_and_reported(opened: Opened) -> None:
+    """Records of a tenant no longer configured are never pushed, purged or dropped, and
+    waiting() still reports them."""
+    first = await opened.open()
+    await _pushed_status(first, n=1)
+    await first.add_mo(mo("m1", to=OTHER_NUMBER), account=None)
+    await first.close()
+    rules = Rules({POLL: TENANTS[POLL]})
+    second = await opened.open(rules)
+    assert await second.claim_pushes(later(HOUR), 10) == []
+    await second.purge(later(HOUR))
+    stats = {(w.tenant, w.kind): w.count for w in await second.waiting()}
+    assert stats == {(PUSH, "status"): 1, (OTHER, "in"): 1}
+    await second.close()
+    third = await opened.open()  # the tenants come back: nothing was lost
+    assert len(await third.claim_pushes(later(), 10)) == 1
+    assert (await only(third, OTHER, "in")).msisdn_to == OTHER_NUMBER
+
+
+async def test_records_waiting_for_a_dropped_push_become_pollable(opened: Opened) -> None:
+    """A tenant whose push settings were removed polls the records still waiting to be pushed."""
+    first = await opened.open()
+    await _pushed_status(first)
+    await first.close()
+    second = await opened.open(Rules({**TENANTS, PUSH: TenantRules()}))
+    assert (await only(second, PUSH, "status")).in_reply_to == "L1"
+
+
+async def test_push_queue_survives_restart(store: Store, reopen: Reopen) -> None:
     """Pending pushes, schedules and dead letters outlive close(); an unfinished claim is redone."""
     for i in range(3):
         await _pushed_status(store, n=i)
@@ -754,27 +859,25 @@ async def test_push_queue_survives_restart(
     next_at = time.time() + 600
     await store.push_failed(b, next_at=next_at, error="HTTP 500")
     await store.close()  # c was claimed but never finished
-
     again = await reopen()
     assert [r.id for r in await again.claim_pushes(later(), 10)] == [c.id]
     assert [r.id for r in await again.claim_pushes(next_at + 1, 10)] == [b.id]
-    assert await again.dead_letters() == []
 
 
-# -- waiting and purge ------------------------------------------------------------------------
+# -- counts, purge, housekeeping --------------------------------------------------------------
 
 
 async def test_waiting_reports_counts_and_oldest(store: Store) -> None:
-    """waiting() counts pollable or pushable records per tenant and kind, with the oldest age."""
-    before = time.time()
-    await store.record_sends([send(1), send(2)])
+    """waiting() counts pollable or push-pending records per tenant and kind, with the oldest."""
+    await sent(store, 1)
+    await sent(store, 2, recipient="6421000002")
     await store.add_dlr(dlr("cx-1"))
     await asyncio.sleep(0.01)
     await store.add_dlr(dlr("cx-2"))
-    await store.add_mo(mo("m1", owner=OTHER), fallback_tenant=None)
+    await store.add_mo(mo("m1", to=OTHER_NUMBER), account=None)
     await _pushed_status(store, n=3)
     stats = {(w.tenant, w.kind): w for w in await store.waiting()}
-    assert {k: w.count for k, w in stats.items() if w.count} == {
+    assert {k: w.count for k, w in stats.items()} == {
         (POLL, "status"): 2,
         (OTHER, "in"): 1,
         (PUSH, "status"): 1,
@@ -782,22 +885,18 @@ async def test_waiting_reports_counts_and_oldest(store: Store) -> None:
     oldest = await store.claim(POLL, "status")
     assert oldest is not None
     assert stats[(POLL, "status")].oldest_created_at == pytest.approx(oldest.created_at)
-    assert before - 1 <= oldest.created_at <= time.time() + 1
     await store.ack(oldest)
-    await drain(store, OTHER, "in")
-    (pushed,) = await store.claim_pushes(later(), 10)
-    await store.push_done(pushed)
     stats = {(w.tenant, w.kind): w for w in await store.waiting()}
-    assert {k: w.count for k, w in stats.items() if w.count} == {(POLL, "status"): 1}
+    assert stats[(POLL, "status")].count == 1
     assert cast(float, stats[(POLL, "status")].oldest_created_at) > oldest.created_at
 
 
-async def test_purge_deletes_only_consumed_rows(store: Store) -> None:
-    """purge(before) removes consumed old rows and never one still waiting for delivery."""
-    await store.record_sends([send(i) for i in range(4)])
+async def test_purge_deletes_only_finished_rows(store: Store) -> None:
+    """purge(before) removes consumed records and settled sends, never what still waits."""
     for i in range(4):
+        await sent(store, i, recipient=f"64{i:08d}")
         await store.add_dlr(dlr(f"cx-{i}"))
-    await store.add_mo(mo("m1", owner=POLL), fallback_tenant=None)
+    await store.begin_send(intent("L-pending", "6400000099"), time.time())
     await _pushed_status(store, n=10)  # waiting for push
     await _pushed_status(store, n=11)  # dead letter
     await _pushed_status(store, n=12)  # pushed: consumed
@@ -811,106 +910,155 @@ async def test_purge_deletes_only_consumed_rows(store: Store) -> None:
     assert claimed is not None
 
     assert await store.purge(time.time() - HOUR) == 0  # nothing is that old
-    assert await store.purge(later()) >= 2  # the acked record and the pushed one, at least
-    assert await store.purge(later()) == 0  # what is left is all still waiting
-
-    store.release(claimed)
+    assert await store.purge(later()) >= 2 + 7  # two records, seven settled sends
+    assert await store.purge(later()) == 0
+    await store.release(claimed)
     assert len(await drain(store, POLL, "status")) == 3
-    assert len(await drain(store, POLL, "in")) == 1
     assert [d.id for d in await store.dead_letters()] == [p11.id]
-    await store.push_failed(p10, next_at=time.time(), error="retry")  # p10 is still pending
+    await store.push_failed(p10, next_at=time.time(), error="retry")
     assert [r.id for r in await store.claim_pushes(later(), 10)] == [p10.id]
+    again = await store.begin_send(intent("L-pending", "6400000099"), time.time())
+    assert again.repeats == (("6400000099", "pending"),)  # the pending send was kept
 
 
-async def test_purge_keeps_unmatched_early_dlr(store: Store) -> None:
-    """A report waiting for its send, younger than the retention, is not purged."""
+async def test_purge_drops_unmatched_report_past_retention(store: Store) -> None:
+    """An unmatched report is kept while young, and purged once past the retention."""
     await store.add_dlr(dlr("cx-1"))
-    await store.purge(time.time() - 3600)
-    await store.record_sends([send(1)])
-    assert (await only(store, POLL, "status")).in_reply_to == "L1"
-
-
-async def test_purge_drops_unmatched_dlr_past_retention(store: Store) -> None:
-    """A report whose send never came is purged once past the retention (it cannot match)."""
-    await store.add_dlr(dlr("cx-1"))
+    assert await store.purge(time.time() - HOUR) == 0
     assert await store.purge(later()) == 1
-    await store.record_sends([send(1)])
+    await sent(store, 1)
     assert await drain(store, POLL, "status") == []
 
 
-async def test_ping(store: Store) -> None:
-    """ping succeeds on an open store."""
+async def test_rejected_webhooks_newest_first_and_bounded(store: Store) -> None:
+    """Rejected payloads are kept verbatim, newest first, and only the newest 10,000."""
+    await asyncio.gather(*(store.reject_webhook(b"%d" % i, "bad json") for i in range(10_005)))
+    newest = await store.rejected_webhooks(3)
+    assert [(w.body, w.reason) for w in newest] == [
+        (b"10004", "bad json"),
+        (b"10003", "bad json"),
+        (b"10002", "bad json"),
+    ]
+    kept = await store.rejected_webhooks(20_000)
+    assert len(kept) == 10_000
+    assert kept[-1].body == b"5"
+
+
+async def test_sweep_marks_roundtrip(store: Store) -> None:
+    """A sweep mark is per tenant and the last one set wins."""
+    assert await store.sweep_mark(POLL) is None
+    await store.set_sweep_mark(SweepMark(POLL, "2024-01-01 00:00:00", "m1", 1.0))
+    await store.set_sweep_mark(SweepMark(POLL, "2024-01-02 00:00:00", "m2", 2.0))
+    assert await store.sweep_mark(POLL) == SweepMark(POLL, "2024-01-02 00:00:00", "m2", 2.0)
+    assert await store.sweep_mark(OTHER) is None
+
+
+async def test_exclusive_and_ping(store: Store) -> None:
+    """ping succeeds on an open store, and a singleton job's lock can be taken."""
     await store.ping()
+    async with store.exclusive("sweep") as mine:
+        assert mine is True
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-async def test_records_waiting_for_a_dropped_push_become_pollable(
-    backend: str, tmp_path: Path
-) -> None:
-    """A tenant whose push settings were removed polls the records still waiting to be pushed."""
-    url = backend_url(backend, tmp_path)
-    first = open_store(url, {PUSH: Delivery(push_status=True)})
-    await first.open()
-    await first.record_sends([send(1, tenant=PUSH)])
-    await first.add_dlr(dlr("cx-1"))
-    assert await first.claim(PUSH, "status") is None
-    await first.close()
-    second = open_store(url, {PUSH: Delivery()})
-    await second.open()
-    try:
-        record = await second.claim(PUSH, "status")
-        assert record is not None
-        assert record.in_reply_to == "L1"
-    finally:
-        await second.close()
+# -- durability and group commit --------------------------------------------------------------
 
 
-async def test_solo_send_is_recorded_before_return(
-    store: Store, reopen: Callable[[], Awaitable[Store]]
-) -> None:
-    """A send recorded with the `solo` hint is as durable on return as a grouped one."""
-    await store.record_sends([send(1)], solo=True)
-    await store.add_dlr(dlr("cx-1"))
+async def test_records_and_acks_survive_restart(store: Store, reopen: Reopen) -> None:
+    """Stored records, acks, sends and blocks outlive close()."""
+    await sent(store, 2)
+    for i in range(3):
+        await store.add_mo(mo(f"m{i}", body=f"b{i}"), account=None)
+    await store.add_mo(mo("m-stop", sender="6429999999", body="STOP"), account=None)
+    first = await store.claim(POLL, "in")
+    assert first is not None
+    await store.ack(first)
     await store.close()
     again = await reopen()
-    assert (await only(again, POLL, "status")).in_reply_to == "L1"
+    assert [r.body for r in await drain(again, POLL, "in")] == ["b1", "b2", "STOP"]
+    assert not (await again.add_mo(mo("m0"), account=None)).stored
+    assert (await again.add_dlr(dlr("cx-2"))).tenant == POLL
+    assert await again.blocked(POLL) == ["6429999999"]
 
 
-async def test_upstream_refs_are_unique_short_and_only_ours_match(store: Store) -> None:
-    """Refs are unique and at most 36 chars; a report naming a ref no store made matches nothing."""
-    refs = [store.upstream_ref() for _ in range(1000)]
-    assert len(set(refs)) == 1000
-    assert max(len(r) for r in refs) <= 36
-    await store.record_sends([send(1, upstream_ref="bc1x000000", connexus_id=None)])
-    result = await store.add_dlr(dlr("bc1x000000"))
-    assert result.tenant is None
+async def test_close_is_idempotent_and_refuses_later_writes(store: Store) -> None:
+    """close() may be called twice; a write after close raises instead of being lost."""
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.add_mo(mo("m1"), account=None)
 
 
-async def test_every_recipient_of_one_ref_is_recorded(store: Store) -> None:
-    """Several recipients sharing one ref are all recorded; the report by ref names the first."""
-    ref = store.upstream_ref()
-    await store.record_sends(
-        [send(n, recipient=f"6420000000{n}", upstream_ref=ref) for n in range(1, 4)]
+async def test_close_waits_for_pending_writes(store: Store, reopen: Reopen) -> None:
+    """Writes already submitted when close() is called are committed, not dropped."""
+    writes = [asyncio.ensure_future(store.add_mo(mo(f"m{i}"), account=None)) for i in range(50)]
+    await asyncio.sleep(0)
+    await store.close()
+    assert all(r.stored for r in await asyncio.gather(*writes))
+    again = await reopen()
+    assert await again.queue_depth(POLL) == (50, 0)
+
+
+async def test_close_releases_long_polls(store: Store) -> None:
+    """Closing the store releases its pending long-polls with False."""
+    w = store.waker
+    waiter = asyncio.ensure_future(w.wait(POLL, "in", w.generation(POLL, "in"), 5))
+    await asyncio.sleep(0.01)
+    await store.close()
+    assert await asyncio.wait_for(waiter, 1) is False
+
+
+async def test_storing_wakes_a_long_poll(store: Store) -> None:
+    """Storing a record for a tenant wakes a long-poll on that tenant and kind only."""
+    w = store.waker
+    mine = asyncio.ensure_future(w.wait(POLL, "in", w.generation(POLL, "in"), 5))
+    theirs = asyncio.ensure_future(w.wait(OTHER, "in", w.generation(OTHER, "in"), 0.2))
+    await asyncio.sleep(0.01)
+    await store.add_mo(mo("m1"), account=None)
+    assert await asyncio.wait_for(mine, 2) is True
+    assert await theirs is False
+
+
+async def test_thousand_concurrent_dlrs(store: Store) -> None:
+    """1,000 concurrent reports (group commit) all succeed and each is claimable exactly once."""
+    n = 1000
+    plan = await store.begin_send(intent("L1", *(f"64{i:08d}" for i in range(n))), time.time())
+    await store.settle_send(
+        [Settlement(p.upstream_ref, "accepted", f"cx-{i}") for i, p in enumerate(plan.to_send)]
     )
-    for n in range(1, 4):
-        await store.add_dlr(dlr(f"cx-{n}"))
-    assert len(await drain(store, POLL, "status")) == 3
-    await store.add_dlr(dlr(ref, 2, "UNDELIV"))
-    assert (await only(store, POLL, "status")).msisdn_from == "64200000001"
+    results = await asyncio.wait_for(
+        asyncio.gather(*(store.add_dlr(dlr(f"cx-{i}")) for i in range(n))), 20
+    )
+    assert all(r == IngestResult("stored", POLL) for r in results)
+    assert await store.queue_depth(POLL) == (0, n)
+    assert {r.msisdn_from for r in await drain(store, POLL, "status")} == {
+        f"64{i:08d}" for i in range(n)
+    }
 
 
-async def test_solo_send_matches_an_early_report(store: Store) -> None:
-    """A send recorded with the `solo` hint picks up a delivery report that arrived before it."""
-    await store.add_dlr(dlr("cx-1"))
-    seen = store.notifier.generation(POLL, "status")
-    await store.record_sends([send(1)], solo=True)
-    assert store.notifier.generation(POLL, "status") != seen
-    assert (await only(store, POLL, "status")).in_reply_to == "L1"
+async def test_thousand_concurrent_sends(store: Store) -> None:
+    """1,000 concurrent begin_send calls each get their own pending row and ref."""
+    plans = await asyncio.wait_for(
+        asyncio.gather(
+            *(store.begin_send(intent(f"L{i}", f"64{i:08d}"), time.time()) for i in range(1000))
+        ),
+        20,
+    )
+    refs = {p.to_send[0].upstream_ref for p in plans}
+    assert len(refs) == 1000
+    again = await store.begin_send(intent("L7", "6400000007"), time.time())
+    assert again.repeats == (("6400000007", "pending"),)
 
 
-def test_postgresql_url_is_refused_with_a_clear_message() -> None:
-    """A PostgreSQL store URL is refused at open with a message, not a crash or a silent SQLite."""
-    from bc_proxy.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        open_store("postgresql://u@127.0.0.1/test", DELIVERY)
+async def test_failing_write_does_not_sink_its_neighbours(store: Store) -> None:
+    """One write that cannot be stored fails alone; the writes submitted with it are stored."""
+    events = [mo(f"m{i}") for i in range(20)]
+    events[10] = MoEvent("m10", HANDSET, SENDER, cast(str, object()))
+    results: list[Any] = await asyncio.wait_for(
+        asyncio.gather(*(store.add_mo(e, account=None) for e in events), return_exceptions=True),
+        10,
+    )
+    assert isinstance(results[10], StoreError)
+    del results[10]
+    assert all(r == IngestResult("stored", POLL) for r in results)
+    assert len(await drain(store, POLL, "in")) == 19
+    assert (await store.add_mo(mo("m10"), account=None)).stored

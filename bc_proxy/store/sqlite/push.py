@@ -28,13 +28,15 @@ def claim_pushes(
     conn: sqlite3.Connection,
     rules: Rules,
     owner: str,
+    due_by: float,
     now: float,
     until: float,
     limit: int,
 ) -> list[LegacyRecord]:
-    """Lease up to `limit` due records of tenants that push their kind, oldest due first."""
+    """Lease up to `limit` records due by `due_by` of tenants that push their kind, oldest
+    due first (leases expire by the clock `now`, whatever `due_by` asks)."""
     scopes: list[str] = []
-    params: list[Any] = [now, now]
+    params: list[Any] = [due_by, now]
     for kind in KINDS:
         tenants = rules.push_tenants(kind)
         if tenants:

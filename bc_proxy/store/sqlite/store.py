@@ -181,8 +181,9 @@ class SQLiteStore:
 
     async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
         def op(conn: sqlite3.Connection, wakes: Wakes) -> list[LegacyRecord]:
-            until = time.time() + self.lease_seconds
-            return push.claim_pushes(conn, self.rules, self.replica, now, until, limit)
+            clock = time.time()
+            until = clock + self.lease_seconds
+            return push.claim_pushes(conn, self.rules, self.replica, now, clock, until, limit)
 
         return await self._engine.write(op)
 
