@@ -1,0 +1,291 @@
+"""What only the SQLite backend promises: schema migrations (from the first release's file too),
+a locked database never blocking the event loop, counts off the loop, one fsync per group.
+
+The backend-neutral behaviour is in test_store_contract.py; this file may know SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store import DlrEvent, MoEvent, SendIntent, Settlement, open_store
+from bc_proxy.store.sqlite import SQLiteStore, engine, upkeep
+from tests.test_store_contract import HANDSET, POLL, PUSH, RULES, SENDER
+
+# The first release's schema (bc_proxy/store/sqlite.py before the versioned migrations).
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, legacy_id TEXT, recipient TEXT NOT NULL,
+    sender TEXT NOT NULL, connexus_id TEXT, upstream_ref TEXT, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_connexus ON sends (connexus_id) WHERE connexus_id IS NOT NULL;
+DROP INDEX IF EXISTS sends_ref;
+CREATE INDEX IF NOT EXISTS sends_recipient ON sends (recipient, id);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY, tenant TEXT, kind TEXT NOT NULL, dedupe_key TEXT UNIQUE, ref TEXT,
+    receipt_id TEXT NOT NULL, msisdn_from TEXT NOT NULL DEFAULT '',
+    msisdn_to TEXT NOT NULL DEFAULT '', body TEXT NOT NULL DEFAULT '',
+    rate_code TEXT NOT NULL DEFAULT '', in_reply_to TEXT NOT NULL DEFAULT '',
+    status_code TEXT NOT NULL DEFAULT '', dlr_status INTEGER, error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL, pollable INTEGER NOT NULL DEFAULT 0, push_due REAL,
+    push_attempts INTEGER NOT NULL DEFAULT 0, push_deadline REAL,
+    push_error TEXT NOT NULL DEFAULT '', dead INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS records_poll ON records (tenant, kind, id) WHERE pollable = 1;
+CREATE INDEX IF NOT EXISTS records_unmatched ON records (ref) WHERE tenant IS NULL;
+CREATE INDEX IF NOT EXISTS records_push ON records (push_due) WHERE push_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_dead ON records (id) WHERE dead = 1;
+"""
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "bc-proxy.db")
+
+
+@pytest.fixture
+async def store(db: str) -> AsyncIterator[SQLiteStore]:
+    """An open SQLite store on a fresh file."""
+    s = SQLiteStore(db, RULES)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def schema_versions(path: str) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+async def test_fresh_file_gets_the_latest_schema(db: str) -> None:
+    """A new file is created at the latest version, and migrate() then has nothing to do."""
+    store = SQLiteStore(db, RULES)
+    assert await store.migrate() == (0, 1)
+    assert await store.migrate() == (1, 1)
+    await store.open()
+    try:
+        assert schema_versions(db) == [1]
+        assert await store.migrate() == (1, 1)
+    finally:
+        await store.close()
+
+
+def _first_release_file(path: str) -> None:
+    now = time.time()
+    with sqlite3.connect(path) as conn:
+        conn.executescript(FIRST_RELEASE_SCHEMA)
+        conn.executemany(
+            "INSERT INTO sends VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (1, POLL, "L1", HANDSET, SENDER, "cx-1", "bc1xabcdef", now),
+                (2, POLL, "L1", "6421000002", SENDER, "cx-2", "bc1xabcdef", now),  # shared ref
+                (3, POLL, "", "6421000003", SENDER, "cx-3", None, now),
+            ],
+        )
+        rows: list[tuple[Any, ...]] = [
+            # id, tenant, kind, dedupe_key, ref, receipt, from, to, body, in_reply_to,
+            # dlr_status, error, pollable, push_due, push_deadline, dead
+            (1, POLL, "in", "mo:m1", "m1", "r1", HANDSET, SENDER, "old", "", None, "", 1, None, 0),
+            (2, POLL, "in", "mo:m2", "m2", "r2", HANDSET, SENDER, "done", "", None, "", 0, None, 0),
+            (3, None, "status", "dlr:cx-9:1:x", "cx-9", "r3", "", "", "", "", 1, "", 0, None, 0),
+            (4, PUSH, "status", "dlr:cx-4:1:x", "cx-4", "r4", "", "", "", "L4", 1, "", 0, now, 0),
+            (5, PUSH, "status", "dlr:cx-5:1:x", "cx-5", "r5", "", "", "", "L5", 1, "", 0, None, 1),
+        ]
+        conn.executemany(
+            "INSERT INTO records (id, tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
+            "msisdn_to, body, in_reply_to, dlr_status, error, pollable, push_due, dead, "
+            "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(*r, now) for r in rows],
+        )
+
+
+async def test_first_release_file_is_upgraded_keeping_its_rows(db: str) -> None:
+    """A first-release file (no schema_version) opens, upgraded in place, with its rows."""
+    _first_release_file(db)
+    store = SQLiteStore(db, RULES)
+    await store.open()
+    try:
+        assert schema_versions(db) == [1]
+        rec = await store.claim(POLL, "in")
+        assert rec is not None
+        assert (rec.id, rec.body) == (1, "old")
+        assert await store.ack(rec)
+        assert await store.claim(POLL, "in") is None  # the consumed one stays consumed
+        assert not (await store.add_mo(MoEvent("m1", HANDSET, SENDER, "x"), account=None)).stored
+        assert (await store.add_dlr(DlrEvent("cx-2", 1, "DELIVRD"))).tenant == POLL
+        assert (await store.add_dlr(DlrEvent("bc1xabcdef", 2, ""))).tenant == POLL
+        plan = await store.begin_send(SendIntent(POLL, "L1", (HANDSET,), SENDER), time.time())
+        assert plan.repeats == ((HANDSET, "accepted"),)  # old sends were accepted ones
+        # The old unmatched report is matched when its Connexus id becomes known.
+        new = await store.begin_send(SendIntent(POLL, "L9", ("6421000009",), SENDER), time.time())
+        await store.settle_send([Settlement(new.to_send[0].upstream_ref, "accepted", "cx-9")])
+        statuses = []
+        while (r := await store.claim(POLL, "status")) is not None:
+            statuses.append(r)
+            await store.ack(r)
+        assert [(r.msisdn_from, r.in_reply_to) for r in statuses] == [
+            ("6421000009", "L9"),  # the early report, matched
+            ("6421000002", "L1"),
+            (HANDSET, "L1"),  # the shared ref names its first recipient
+        ]
+        assert [r.id for r in await store.claim_pushes(time.time(), 10)] == [4]
+        assert [r.id for r in await store.dead_letters()] == [5]
+    finally:
+        await store.close()
+
+
+async def test_newer_schema_is_refused(db: str) -> None:
+    """A file written by a newer bc-proxy is refused with both versions named."""
+    store = SQLiteStore(db, RULES)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (7, 0)")
+    newer = SQLiteStore(db, RULES)
+    with pytest.raises(StoreError, match=r"version 7 is newer .*version 1"):
+        await newer.open()
+    await newer.close()
+    assert schema_versions(db) == [1, 7]  # untouched
+
+
+async def test_open_store_url_and_memory() -> None:
+    """open_store builds the SQLite backend from a URL, in memory too."""
+    store = open_store("sqlite:///:memory:", RULES)
+    assert isinstance(store, SQLiteStore)
+    await store.open()
+    try:
+        assert (await store.add_mo(MoEvent("m1", HANDSET, SENDER, "hi"), account=None)).stored
+        assert await store.queue_depth(POLL) == (1, 0)
+    finally:
+        await store.close()
+
+
+# -- never block the loop ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def hold_lock(db: str) -> Iterator[Callable[[float], threading.Event]]:
+    """Start a thread holding the database's write lock for `seconds` (another process)."""
+    threads: list[threading.Thread] = []
+
+    def start(seconds: float) -> threading.Event:
+        locked = threading.Event()
+
+        def hold() -> None:
+            conn = sqlite3.connect(db, isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            time.sleep(seconds)
+            conn.execute("COMMIT")
+            conn.close()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        threads.append(t)
+        return locked
+
+    yield start
+    for t in threads:
+        t.join()
+
+
+class Ticker:
+    """Counts event-loop ticks of 10 ms while it runs: a blocked loop barely ticks."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self.ticks += 1
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return self.ticks
+
+
+async def test_locked_database_does_not_block_the_loop(
+    store: SQLiteStore, hold_lock: Callable[[float], threading.Event]
+) -> None:
+    """While another connection holds the lock for 1 s the loop keeps ticking; the write then
+    completes."""
+    locked = hold_lock(1.0)
+    await asyncio.to_thread(locked.wait)
+    ticker = Ticker()
+    start = time.monotonic()
+    result = await store.add_mo(MoEvent("m1", HANDSET, SENDER, "hi"), account=None)
+    elapsed = time.monotonic() - start
+    ticks = ticker.stop()
+    assert result.stored
+    assert elapsed >= 0.5  # it did wait for the lock...
+    assert ticks >= 0.5 * elapsed / 0.01  # ...without holding the loop
+    assert await store.queue_depth(POLL) == (1, 0)
+
+
+async def test_locked_database_fails_the_write_after_a_bound(
+    store: SQLiteStore, hold_lock: Callable[[float], threading.Event], monkeypatch: Any
+) -> None:
+    """A lock held past the bound fails the write with StoreError; later writes succeed."""
+    monkeypatch.setattr(engine, "BUSY_GIVE_UP_SECONDS", 0.2)
+    locked = hold_lock(0.6)
+    await asyncio.to_thread(locked.wait)
+    with pytest.raises(StoreError, match="locked"):
+        await store.add_mo(MoEvent("m1", HANDSET, SENDER, "hi"), account=None)
+    await asyncio.sleep(0.6)
+    assert (await store.add_mo(MoEvent("m1", HANDSET, SENDER, "hi"), account=None)).stored
+
+
+@pytest.mark.parametrize("count", ["queue_depth", "waiting", "dead_letter_count"])
+async def test_counts_run_off_the_loop(store: SQLiteStore, monkeypatch: Any, count: str) -> None:
+    """A slow count does not hold the event loop: it runs on the reader thread."""
+    real = getattr(upkeep, count)
+    threads: list[int] = []
+
+    def slow(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(upkeep, count, slow)
+    ticker = Ticker()
+    await (store.queue_depth(POLL) if count == "queue_depth" else getattr(store, count)())
+    assert ticker.stop() >= 10
+    assert threads
+    assert threading.get_ident() not in threads
+
+
+async def test_fsync_once_per_group_off_the_loop(db: str, monkeypatch: Any) -> None:
+    """With fsync on, a burst of writes is answered after few fsyncs, all off the loop."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = SQLiteStore(db, RULES, fsync=True)
+    await store.open()
+    try:
+        events = [MoEvent(f"m{i}", HANDSET, SENDER, "hi") for i in range(200)]
+        results = await asyncio.gather(*(store.add_mo(e, account=None) for e in events))
+        assert all(r.stored for r in results)
+        assert 1 <= len(calls) <= 10
+        assert threading.get_ident() not in calls
+    finally:
+        await store.close()
