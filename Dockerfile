@@ -51,7 +51,9 @@ VOLUME /var/lib/bc-proxy
 
 USER 10001:10001
 
-EXPOSE 8080
+# 8080: legacy API, Connexus webhooks and probes; 9102: /metrics (server.metrics_port in the
+# shipped configs), for Prometheus only: do not publish it.
+EXPOSE 8080 9102
 
 # Liveness only: /readyz would mark the container unhealthy while the upstream is down.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
