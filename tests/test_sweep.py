@@ -1,0 +1,143 @@
+"""The missed-webhook sweep: no cap, a persisted mark across restarts, one routing rule.
+
+The real gateway on 127.0.0.1 pages the real emulator's `mo/query` (per-account message logs,
+pagination and date filters as connexus-api.txt documents) into a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+from bc_proxy import keys
+from bc_proxy.recovery import OVERLAP, sweep_all, sweep_tenant
+from tests.conftest import (
+    LEGACY_PASSWORD,
+    LEGACY_USER,
+    WEBHOOK_SECRET,
+    Connexus,
+    GatewayClient,
+    GatewayFactory,
+)
+
+HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
+OTHER = {"userId": "globex-legacy", "password": "globex-legacy-pass"}
+ACME = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD}
+
+
+def two_tenants(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` plus `globex` on its own Connexus account (cid_other) with sender 3000."""
+    out = copy.deepcopy(cfg)
+    out["tenants"].append(
+        {
+            "name": "globex",
+            "legacy": {"user_id": OTHER["userId"], "password": OTHER["password"]},
+            "connexus": {"client_id": "cid_other", "client_secret": "csk_other"},
+            "senders": ["3000"],
+            "poll_wait_seconds": 0,
+        }
+    )
+    return out
+
+
+def db_scalar(cfg: dict[str, Any], sql: str) -> Any:
+    with sqlite3.connect(cfg["store"]["url"][len("sqlite:///") :]) as db:
+        db.execute("PRAGMA busy_timeout = 5000")
+        return db.execute(sql).fetchone()[0]
+
+
+def query_starts(connexus: Connexus, since: int) -> list[str]:
+    """start_date of every mo/query the emulator got after request number `since`."""
+    out = []
+    for r in connexus.emu.requests[since:]:
+        if r.path.endswith("/mo/query"):
+            out.append(parse_qs(r.body.decode())["start_date"][0])
+    return out
+
+
+async def queue(client: GatewayClient, who: dict[str, str]) -> str:
+    async with client.get("/api/1/sms/queue", params=who) as resp:
+        return await resp.text()
+
+
+async def test_20000_missed_messages_recovered_across_a_restart(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """20,000 messages no webhook delivered are all stored once; the second gateway resumes."""
+    started = time.perf_counter()
+    emu = connexus.emu
+    now = datetime.now(UTC)
+    first_at = now - timedelta(hours=20)
+    for i in range(12_000):
+        emu.record_mo(f"642{i:07d}", "552", f"first {i}", received_at=first_at + timedelta(
+            seconds=5 * i))  # fmt: skip
+    client = await gateway(dict(cfg, log={"requests": False}))
+    assert await sweep_tenant(client.app, "acme") == 12_000
+    mark = await client.app[keys.STORE].sweep_mark("acme")
+    assert mark is not None
+    assert mark.last_time == emu.mo[-1]["receivedTime"]
+    assert mark.last_id == emu.mo[-1]["messageId"]
+    await client.close()  # restart between sweeps
+
+    second_at = now - timedelta(minutes=30)
+    for i in range(8_000):
+        emu.record_mo(f"643{i:07d}", "552", f"second {i}", received_at=second_at + timedelta(
+            seconds=i // 5))  # fmt: skip
+    client = await gateway(dict(cfg, log={"requests": False}))
+    before = len(emu.requests)
+    assert await sweep_tenant(client.app, "acme") == 8_000
+    starts = query_starts(connexus, before)
+    resume = datetime.strptime(mark.last_time, "%Y-%m-%d %H:%M:%S") - OVERLAP
+    assert set(starts) == {resume.strftime("%Y-%m-%d %H:%M:%S")}  # from the mark, not 24 h
+    assert len(starts) <= 8_000 // 200 + 2  # the overlap re-reads a page at most
+    assert await sweep_tenant(client.app, "acme") == 0
+    assert await queue(client, ACME) == "inCount=20000&statusCount=0"
+    assert db_scalar(cfg, "SELECT count(DISTINCT event_key) FROM records") == 20_000
+    elapsed = time.perf_counter() - started
+    print(f"\nsweep: 20,000 recovered across a restart in {elapsed:.1f} s")
+    assert elapsed < 30
+
+
+@pytest.mark.parametrize("first", ["webhook", "sweep"])
+async def test_unlisted_number_same_tenant_whichever_path_first(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], first: str
+) -> None:
+    """A mo to an unlisted number on globex's account ends in globex's queue either way."""
+    client = await gateway(two_tenants(cfg))
+    emu = connexus.emu
+    emu.webhook_url = str(client.make_url(HOOK))
+    payload = await emu.fire_mo(
+        "+6421000999", "64900000", "whose?", account="cid_other", deliver=first == "webhook"
+    )
+    if first == "webhook":
+        assert emu.webhook_deliveries[-1][1] == 200
+        assert await queue(client, OTHER) == "inCount=0&statusCount=0"  # unmatched so far
+    assert await sweep_all(client.app)
+    if first == "sweep":
+        async with client.post(HOOK, data=json.dumps(payload)) as resp:
+            assert resp.status == 200
+    assert await queue(client, ACME) == "inCount=0&statusCount=0"
+    assert await queue(client, OTHER) == "inCount=1&statusCount=0"
+    async with client.get("/api/1/sms/in", params=OTHER) as resp:
+        record = parse_qs(await resp.text())
+    assert record["body"] == ["whose?"]
+    assert record["from"] == ["6421000999"]
+    assert db_scalar(cfg, "SELECT count(*) FROM records") == 1
+
+
+async def test_sweep_reads_every_page(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """5,050 missed messages (26 pages, past the old 25-page cap) are all recovered."""
+    for i in range(5_050):
+        connexus.emu.record_mo(f"644{i:07d}", "2190", f"m{i}")
+    client = await gateway(cfg)
+    assert await sweep_tenant(client.app, "acme") == 5_050
+    assert await queue(client, ACME) == "inCount=5050&statusCount=0"
