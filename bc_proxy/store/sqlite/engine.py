@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store.sqlite import schema
+from bc_proxy.store.sqlite.helpers import Reader, checkpoints, connect
 
 T = TypeVar("T")
 Wakes = set[tuple[str, str]]
 Op = Callable[[sqlite3.Connection, Wakes], T]
 BatchFn = Callable[[sqlite3.Connection, Wakes, list[Any]], list[Any]]
 
-CHECKPOINT_SECONDS = 1.0
 BUSY_GIVE_UP_SECONDS = 5.0  # a write waits this long for another process's lock, then fails
 BUSY_FIRST_BACKOFF = 0.002
 BUSY_MAX_BACKOFF = 0.05
@@ -68,10 +68,6 @@ class _Group:
             self.batches.setdefault(fn, []).extend(items)
 
 
-def connect(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-
-
 class Engine:
     """The writer connection and its helpers; `on_wakes` is called once writes are durable."""
 
@@ -81,8 +77,7 @@ class Engine:
         self._fsync = fsync
         self._on_wakes = on_wakes
         self.conn: sqlite3.Connection | None = None
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="bc-store-read")
-        self._reader_conn: sqlite3.Connection | None = None
+        self._reader = Reader(path)
         self._helpers = ThreadPoolExecutor(2, thread_name_prefix="bc-store-sync")
         self._checkpointer: asyncio.Task[None] | None = None
         self._wal_fd: int | None = None
@@ -104,7 +99,7 @@ class Engine:
                 conn = self._writer()
                 migrated = schema.migrate(conn)
             else:
-                migrated = await self.off_loop(self._migrate_once)
+                migrated = await self._reader.call(self._migrate_once)
                 conn = self._writer()
                 conn.execute("SELECT count(*) FROM schema_version").fetchone()  # opens the WAL
         except sqlite3.Error as exc:
@@ -113,7 +108,9 @@ class Engine:
         if not self.memory:
             if self._fsync:
                 self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
-            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+            self._checkpointer = asyncio.get_running_loop().create_task(
+                checkpoints(self.path, self._helpers)
+            )
         return migrated
 
     def _writer(self) -> sqlite3.Connection:
@@ -138,7 +135,7 @@ class Engine:
         """Apply pending migrations now: (from, to)."""
         if self.memory and self.conn is not None:
             return schema.migrate(self.conn)
-        return await self.off_loop(self._migrate_once)
+        return await self._reader.call(self._migrate_once)
 
     async def close(self) -> None:
         """Commit what is queued, wait for its fsync, stop the helpers, close (idempotent)."""
@@ -158,9 +155,7 @@ class Engine:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
-        if self._reader_conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._reader, self._reader_conn.close)
-        self._reader.shutdown(wait=True)
+        await self._reader.close()
         if self.conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -170,21 +165,6 @@ class Engine:
             os.close(self._wal_fd)
             self._wal_fd = None
         self._helpers.shutdown(wait=True)
-
-    async def _checkpoints(self) -> None:
-        """Copy most of the WAL into the database file every second, off the event loop, so
-        the automatic checkpoint inside a commit finds little left to do."""
-        loop = asyncio.get_running_loop()
-        conn = await loop.run_in_executor(self._helpers, connect, self.path)
-        try:
-            while True:
-                await asyncio.sleep(CHECKPOINT_SECONDS)
-                with contextlib.suppress(sqlite3.Error):
-                    await loop.run_in_executor(
-                        self._helpers, conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"
-                    )
-        finally:
-            await loop.run_in_executor(self._helpers, conn.close)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -205,21 +185,9 @@ class Engine:
         if self.memory:
             return self.read_now(fn)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._reader, self._read_in_thread, fn
-            )
+            return await self._reader.read(fn)
         except sqlite3.Error as exc:
             raise StoreError(f"read: {exc}") from exc
-
-    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._reader_conn is None:
-            self._reader_conn = connect(self.path)
-            self._reader_conn.execute("PRAGMA busy_timeout = 5000")
-            self._reader_conn.execute("PRAGMA query_only = 1")
-        return fn(self._reader_conn)
-
-    async def off_loop(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
 
     # -- group commit --------------------------------------------------------------------------
     #
