@@ -1217,6 +1217,11 @@ def test_shipped_config_starts_serves_and_stops(
             assert status == 200
             assert b"bc_proxy_" in body
             assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 404, "/metrics on the public port"
+        if store is None:
+            assert list(tmp_path.glob("*.db")), "the SQLite store was not created"
+        else:
+            tables = "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+            assert asyncio.run(pg.execute(store, tables)) > 0, "the schema was not migrated"
 
         grace = parse(config, variant.env()).server.shutdown_timeout_seconds + 10
         for proc, _, _, log in processes:
