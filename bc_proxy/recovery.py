@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import Unusable, parse_mo
 from bc_proxy.errors import BcProxyError
 from bc_proxy.log import get_logger
@@ -31,6 +30,12 @@ PAGE_LIMIT = 200
 OVERLAP = timedelta(minutes=10)  # re-read before the mark: same-second and late-indexed messages
 FIRST_LOOKBACK = timedelta(days=1)  # no mark yet: the last 24 hours
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class MoQuery(Protocol):
+    """What the sweep needs of the Connexus client."""
+
+    async def mo_query(self, tenant: str, params: Mapping[str, str]) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -100,7 +105,7 @@ async def _store_page(store: Store, tenant: str, events: Sequence[MoEvent]) -> l
 
 
 async def sweep_account(
-    store: Store, client: ConnexusClient, tenant: str, now: datetime | None = None
+    store: Store, client: MoQuery, tenant: str, now: datetime | None = None
 ) -> SweepResult:
     """Read one account's `mo/query` from its mark to the last page; store what is new.
 

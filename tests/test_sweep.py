@@ -10,14 +10,18 @@ import copy
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 
 from bc_proxy import keys
-from bc_proxy.recovery import OVERLAP, sweep_all, sweep_tenant
+from bc_proxy.errors import GatewayError
+from bc_proxy.recovery import OVERLAP, sweep_account, sweep_all, sweep_tenant
+from bc_proxy.store import Rules, TenantRules, open_store
 from tests.conftest import (
     LEGACY_PASSWORD,
     LEGACY_USER,
@@ -141,3 +145,63 @@ async def test_sweep_reads_every_page(
     client = await gateway(cfg)
     assert await sweep_tenant(client.app, "acme") == 5_050
     assert await queue(client, ACME) == "inCount=5050&statusCount=0"
+
+
+class Upstream:
+    """A stand-in for Connexus mo/query: fixed messages, oldest or newest first, 200 a page,
+    raising on one page number once (the sweep dies there)."""
+
+    def __init__(self, messages: list[dict[str, Any]], newest_first: bool) -> None:
+        self.messages = messages[::-1] if newest_first else messages
+        self.fail_page: int | None = None
+        self.starts: list[str] = []
+
+    async def mo_query(self, tenant: str, params: Mapping[str, str]) -> Any:
+        page = int(params["page"])
+        if page == 1:
+            self.starts.append(params["start_date"])
+        if page == self.fail_page:
+            self.fail_page = None
+            raise GatewayError("mo/query answered 502")
+        chunk = self.messages[(page - 1) * 200 : page * 200]
+        more = page * 200 < len(self.messages)
+        return {"status": "success", "messages": chunk, "pagination": {"hasNextPage": more}}
+
+
+def messages(n: int) -> list[dict[str, Any]]:
+    at = datetime(2026, 5, 1, 10, 0, 0)
+    return [
+        {"messageId": f"x{i}", "from": "6421", "to": "552", "body": f"b{i}",
+         "receivedTime": (at + timedelta(seconds=i)).strftime("%Y-%m-%d %H:%M:%S")}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+async def test_sweep_killed_mid_way_resumes_without_loss(
+    tmp_path: Path, newest_first: bool
+) -> None:
+    """A sweep dying on page 3 of 5 leaves a mark that loses nothing, oldest or newest first."""
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}", Rules({"acme": TenantRules()}))
+    await store.open()
+    try:
+        upstream = Upstream(messages(1_000), newest_first)
+        upstream.fail_page = 3
+        with pytest.raises(GatewayError):
+            await sweep_account(store, upstream, "acme")
+        mark = await store.sweep_mark("acme")
+        if newest_first:
+            assert mark is None  # pages of a newest-first answer prove nothing until the end
+        else:
+            assert mark is not None
+            assert mark.last_id == "x399"  # the last message of page 2, committed
+        result = await sweep_account(store, upstream, "acme")
+        assert result.recovered == 600  # the 400 of pages 1-2 were committed before it died
+        assert await store.queue_depth("acme") == (1_000, 0)
+        mark = await store.sweep_mark("acme")
+        assert mark is not None
+        assert (mark.last_time, mark.last_id) == ("2026-05-01 10:16:39", "x999")
+        if not newest_first:
+            assert upstream.starts[-1] == "2026-05-01 09:56:39"  # page 2's last, minus 10 min
+    finally:
+        await store.close()
