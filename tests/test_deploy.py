@@ -674,6 +674,22 @@ def test_haproxy_balances_every_replica_on_readyz() -> None:
         assert int(value.removesuffix("s")) > longest_poll, f"timeout {kind} cuts long-polls"
 
 
+def test_haproxy_accepts_its_config() -> None:
+    """`haproxy -c` finds the load balancer's config valid (replica names need not resolve)."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy) to check haproxy.cfg")
+    result = subprocess.run(
+        [binary, "-c", "-f", str(HAPROXY)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_monitoring_is_private_and_has_no_default_password(path: Path) -> None:
     """Prometheus and Grafana listen on 127.0.0.1 only, no lifecycle API, no default password."""
