@@ -112,6 +112,10 @@ def schema_url_sync() -> str:
 
 @atexit.register
 def _drop_leftovers() -> None:
-    for name in _leftover:
-        with contextlib.suppress(*_DOWN):
-            _run(drop_schema(name))
+    async def drop_all() -> None:
+        for name in _leftover:
+            with contextlib.suppress(*_DOWN):
+                await drop_schema(name)
+
+    if _leftover:
+        asyncio.run(drop_all())  # at exit no event loop runs: this thread may run one

@@ -1,4 +1,4 @@
-"""The PostgreSQL connection pool, one transaction per operation, and error mapping.
+"""The PostgreSQL connection pool, transactions and error mapping.
 
 Owns how SQL reaches the server (asyncpg pool with explicit limits and a command timeout),
 turning every driver or socket failure into StoreError, and the wake-ups a transaction sends
@@ -30,6 +30,8 @@ DRIVER_ERRORS = (
     OSError,
     TimeoutError,
 )
+# What a write may raise besides the driver: bad input that cannot be stored.
+WRITE_ERRORS = (*DRIVER_ERRORS, TypeError, ValueError)
 _NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
 
 
@@ -43,7 +45,13 @@ def wake_payloads(wakes: Wakes) -> list[str]:
 
 
 class Db:
-    """A pool plus this process's waker: `tx()` for writes, `conn()` for single statements."""
+    """Two pools plus this process's waker: `tx()` for writes, `conn()` for single statements.
+
+    Leases (claim, ack, release, push outcomes) commit on a second pool with
+    `synchronous_commit = off`: still atomic and at once visible to every replica, but not
+    waiting for the WAL flush. A lease lost in a server crash only means a record is handed
+    out again, which at-least-once delivery allows; sends and ingest always wait for it.
+    """
 
     def __init__(
         self,
@@ -60,37 +68,48 @@ class Db:
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._pool: Any = None
+        self._lease_pool: Any = None
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=self._pool_min,
-                max_size=self._pool_max,
-                command_timeout=self.command_timeout,
-                timeout=self.command_timeout,  # connecting
+            self._pool = await self._create_pool(self._pool_min, self._pool_max, {})
+            self._lease_pool = await self._create_pool(
+                1, max(2, self._pool_max // 2), {"synchronous_commit": "off"}
             )
         except DRIVER_ERRORS as exc:
+            await self.stop()
             raise store_error(exc, "connect") from exc
 
+    async def _create_pool(self, least: int, most: int, settings: dict[str, str]) -> Any:
+        return await asyncpg.create_pool(
+            self.dsn,
+            min_size=least,
+            max_size=most,
+            command_timeout=self.command_timeout,
+            timeout=self.command_timeout,  # connecting
+            server_settings=settings,
+        )
+
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            async with asyncio.timeout(self.command_timeout):
-                await pool.close()
-        except DRIVER_ERRORS:
-            pool.terminate()
+        pools = (self._pool, self._lease_pool)
+        self._pool = self._lease_pool = None
+        for pool in pools:
+            if pool is None:
+                continue
+            try:
+                async with asyncio.timeout(self.command_timeout):
+                    await pool.close()
+            except DRIVER_ERRORS:
+                pool.terminate()
 
     @property
     def started(self) -> bool:
         return self._pool is not None
 
     @contextlib.asynccontextmanager
-    async def conn(self, what: str) -> AsyncIterator[Conn]:
+    async def conn(self, what: str, *, lease: bool = False) -> AsyncIterator[Conn]:
         """A pooled connection outside any explicit transaction (each statement commits)."""
-        pool = self._pool
+        pool = self._lease_pool if lease else self._pool
         if pool is None:
             raise StoreError("store is closed")
         try:
@@ -98,14 +117,14 @@ class Db:
                 yield conn
         except StoreError:
             raise
-        except DRIVER_ERRORS as exc:
+        except WRITE_ERRORS as exc:
             raise store_error(exc, what) from exc
 
     @contextlib.asynccontextmanager
-    async def tx(self, what: str) -> AsyncIterator[tuple[Conn, Wakes]]:
+    async def tx(self, what: str, *, lease: bool = False) -> AsyncIterator[tuple[Conn, Wakes]]:
         """One transaction: wakes added to the set are NOTIFYed in it and fired locally after."""
         wakes: Wakes = set()
-        async with self.conn(what) as conn, conn.transaction():
+        async with self.conn(what, lease=lease) as conn, conn.transaction():
             yield conn, wakes
             if wakes:
                 await conn.fetchval(_NOTIFY, wake_payloads(wakes))

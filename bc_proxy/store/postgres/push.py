@@ -7,7 +7,7 @@ replica's lease, the dead-letter list and replay, and moving stranded pushes to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bc_proxy.store import KINDS, LegacyRecord
 from bc_proxy.store.postgres.db import DB_NOW, Db
@@ -39,10 +39,12 @@ RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
 class Pushing:
     """Push claims of one replica."""
 
-    def __init__(self, db: Db, rules: Rules, replica: str, lease_seconds: float) -> None:
+    def __init__(
+        self, db: Db, rules: Rules, owner: Callable[[], str], lease_seconds: float
+    ) -> None:
         self.db = db
         self.rules = rules
-        self.replica = replica
+        self.owner = owner  # the store's replica id, read at each call
         self.lease_seconds = lease_seconds
 
     async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
@@ -50,38 +52,38 @@ class Pushing:
         tenants_status = self.rules.push_tenants("status")
         if limit <= 0 or not (tenants_in or tenants_status):
             return []
-        async with self.db.conn("claim pushes") as conn:
+        async with self.db.conn("claim pushes", lease=True) as conn:
             rows = await conn.fetch(
                 _CLAIM,
                 now,
                 tenants_in,
                 tenants_status,
                 limit,
-                self.replica,
+                self.owner(),
                 self.lease_seconds,
             )
         return sorted((to_record(r) for r in rows), key=lambda r: r.id)
 
     async def push_done(self, record: LegacyRecord) -> None:
-        async with self.db.tx("push done") as (conn, wakes):
+        async with self.db.tx("push done", lease=True) as (conn, wakes):
             done = await conn.fetchval(
                 "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, "
                 "push_error = '', push_owner = NULL, push_until = NULL "
                 "WHERE id = $1 AND push_owner = $2 RETURNING id",
                 record.id,
-                self.replica,
+                self.owner(),
             )
             if done is not None:
                 wakes.add((record.tenant, record.kind))  # the send's next record is due now
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
-        async with self.db.tx("push failed") as (conn, wakes):
+        async with self.db.tx("push failed", lease=True) as (conn, wakes):
             done = await conn.fetchval(
                 "UPDATE records SET push_due = $3, dead = $4, push_attempts = push_attempts + 1, "
                 "push_error = $5, push_owner = NULL, push_until = NULL "
                 "WHERE id = $1 AND push_owner = $2 RETURNING id",
                 record.id,
-                self.replica,
+                self.owner(),
                 next_at,
                 next_at is None,
                 error[:PUSH_ERROR_CHARS],

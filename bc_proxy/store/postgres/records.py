@@ -7,12 +7,12 @@ live in push.py, ingest decisions in inbound.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bc_proxy.store import KINDS, LegacyRecord, WaitingStat
-from bc_proxy.store.postgres.db import CHANNEL, DB_NOW, Conn, Db, Wakes
+from bc_proxy.store.postgres.db import DB_NOW, Conn, Db, Wakes
 from bc_proxy.store.rules import Kind, Rules, receipt_id
 
 PURGE_CHUNK = 2000
@@ -26,19 +26,15 @@ _INSERT_COLUMNS = (
     "body, in_reply_to, status_code, dlr_status, error, created_at, pollable, push_due, "
     "push_deadline"
 )
-_VALUES = ", ".join(f"${i}" for i in range(1, 19))
-INSERT_MANY = f"INSERT INTO records ({_INSERT_COLUMNS}) VALUES ({_VALUES})"
-# One statement, its own transaction: the row once per event key, and its wake-up with it.
-INSERT_ONE = f"""
-WITH ins AS (
-    INSERT INTO records ({_INSERT_COLUMNS}) VALUES ({_VALUES})
-    ON CONFLICT (event_key) DO NOTHING
-    RETURNING id, tenant, kind, pollable, push_due
+_TYPES: tuple[str, ...] = ("text",) * 4 + ("int8", "bool") + ("text",) * 6
+_TYPES += ("int4", "text", "float8", "bool", "float8", "float8")
+# Many rows in one statement: one array per column.
+INSERT_ARRAYS = (
+    f"INSERT INTO records ({_INSERT_COLUMNS}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))
+    + ")"
 )
-SELECT id, CASE WHEN tenant IS NOT NULL AND (pollable OR push_due IS NOT NULL)
-    THEN pg_notify('{CHANNEL}', tenant || ':' || kind)::text END
-FROM ins
-"""
+INSERT_KEYED = f"{INSERT_ARRAYS} ON CONFLICT (event_key) DO NOTHING RETURNING event_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +83,25 @@ class NewRecord:
         return self.tenant is not None and (p.pollable or p.push_due is not None)
 
 
+def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows of `NewRecord.values` as one list per column (for INSERT_ARRAYS)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in _TYPES]
+
+
+async def insert_keyed(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> set[str]:
+    """Insert rows with event keys; the keys actually inserted (the others were stored before)."""
+    if not rows:
+        return set()
+    return {r["event_key"] for r in await conn.fetch(INSERT_KEYED, *columns(rows))}
+
+
 async def insert_many(
     conn: Conn, rules: Rules, records: Sequence[NewRecord], now: float, wakes: Wakes
 ) -> None:
     """Insert records without event keys inside the caller's transaction."""
     if not records:
         return
-    await conn.executemany(INSERT_MANY, [r.values(rules, now) for r in records])
+    await conn.execute(INSERT_ARRAYS, *columns([r.values(rules, now) for r in records]))
     for r in records:
         if r.tenant is not None and r.wakes(rules, now):
             wakes.add((r.tenant, r.kind))
@@ -106,9 +114,9 @@ def to_record(row: Any) -> LegacyRecord:
 class Polling:
     """Poll claims of one replica: the lease (owner, expiry) lives in the row."""
 
-    def __init__(self, db: Db, replica: str, lease_seconds: float) -> None:
+    def __init__(self, db: Db, owner: Callable[[], str], lease_seconds: float) -> None:
         self.db = db
-        self.replica = replica
+        self.owner = owner  # the store's replica id, read at each call
         self.lease_seconds = lease_seconds
 
     async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
@@ -120,27 +128,27 @@ class Polling:
                   AND (lease_until IS NULL OR lease_until < {DB_NOW})
                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
             RETURNING {RECORD_COLUMNS}"""
-        async with self.db.conn("claim") as conn:
-            row = await conn.fetchrow(sql, tenant, kind, self.replica, self.lease_seconds)
+        async with self.db.conn("claim", lease=True) as conn:
+            row = await conn.fetchrow(sql, tenant, kind, self.owner(), self.lease_seconds)
         return None if row is None else to_record(row)
 
     async def ack(self, record: LegacyRecord) -> bool:
-        async with self.db.conn("ack") as conn:
+        async with self.db.conn("ack", lease=True) as conn:
             done = await conn.fetchval(
                 "UPDATE records SET pollable = false, lease_owner = NULL, lease_until = NULL "
                 "WHERE id = $1 AND pollable AND lease_owner = $2 RETURNING id",
                 record.id,
-                self.replica,
+                self.owner(),
             )
         return done is not None
 
     async def release(self, record: LegacyRecord) -> None:
-        async with self.db.tx("release") as (conn, wakes):
+        async with self.db.tx("release", lease=True) as (conn, wakes):
             released = await conn.fetchval(
                 "UPDATE records SET lease_owner = NULL, lease_until = NULL "
                 "WHERE id = $1 AND lease_owner = $2 RETURNING id",
                 record.id,
-                self.replica,
+                self.owner(),
             )
             if released is not None:
                 wakes.add((record.tenant, record.kind))
@@ -149,16 +157,16 @@ class Polling:
 
     async def release_all(self) -> None:
         """Give back every lease this replica holds (close): polls and pushes alike."""
-        async with self.db.tx("release leases") as (conn, wakes):
+        async with self.db.tx("release leases", lease=True) as (conn, wakes):
             rows = await conn.fetch(
                 "UPDATE records SET lease_owner = NULL, lease_until = NULL "
                 "WHERE lease_owner = $1 RETURNING tenant, kind",
-                self.replica,
+                self.owner(),
             )
             rows += await conn.fetch(
                 "UPDATE records SET push_owner = NULL, push_until = NULL "
                 "WHERE push_owner = $1 RETURNING tenant, kind",
-                self.replica,
+                self.owner(),
             )
             wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)
 

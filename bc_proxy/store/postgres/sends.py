@@ -25,9 +25,11 @@ from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, LOCK_CLASS_SEND
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, SendFacts, new_ref
 
 FACTS = "id, tenant, recipient, sender, legacy_id"
+_S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
 _CANDIDATES = (
-    f"SELECT {FACTS} FROM sends WHERE connexus_id = $1 "
-    f"UNION SELECT {FACTS} FROM sends WHERE upstream_ref = $1"
+    f"SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s ON s.connexus_id = m "
+    f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
+    "ON s.upstream_ref = m"
 )
 # Report ids are locked (sorted, each once) by a settle that makes them known and by an
 # ingest that finds no send for one: whichever commits second sees the other's rows.
@@ -41,9 +43,12 @@ def facts(row: Any) -> SendFacts:
     return SendFacts(row["id"], row["tenant"], row["recipient"], row["sender"], row["legacy_id"])
 
 
-async def candidates(conn: Conn, message_id: str) -> list[SendFacts]:
-    """Send rows a report id may name: by Connexus id or by our upstream ref."""
-    return [facts(r) for r in await conn.fetch(_CANDIDATES, message_id)]
+async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
+    """Send rows each report id may name: by Connexus id or by our upstream ref."""
+    out: dict[str, list[SendFacts]] = {}
+    for r in await conn.fetch(_CANDIDATES, list(message_ids)):
+        out.setdefault(r["m"], []).append(facts(r))
+    return out
 
 
 async def begin_send(db: Db, rules: Rules, intent: SendIntent, now: float) -> SendPlan:
@@ -170,8 +175,9 @@ async def match_reports(
         "AND ref = ANY($1::text[]) ORDER BY id",
         message_ids,
     )
+    sends = await candidates(conn, sorted({row["ref"] for row in waiting}))
     for row in waiting:
-        found = rules.attribute_dlr(await candidates(conn, row["ref"]))
+        found = rules.attribute_dlr(sends.get(row["ref"], []))
         if found is None:
             continue
         if found == "ambiguous":

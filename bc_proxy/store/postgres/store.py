@@ -25,8 +25,11 @@ from bc_proxy.store import (
     new_replica_id,
 )
 from bc_proxy.store.postgres import inbound, push, records, schema, sends
-from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
+from bc_proxy.store.postgres.db import DRIVER_ERRORS, Conn, Db, Wakes, store_error
+from bc_proxy.store.postgres.dlr import DlrWrite, store_dlrs
+from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.postgres.listener import Listener
+from bc_proxy.store.postgres.mo import MoWrite, store_mos
 from bc_proxy.store.rules import Kind, Rules
 from bc_proxy.store.waker import LocalWaker, Waker
 
@@ -59,10 +62,28 @@ class PostgresStore:
             url, waker, pool_min=pool_min, pool_max=pool_max, command_timeout=command_timeout
         )
         self.listener = Listener(url, waker, timeout=command_timeout)
-        self._polling = records.Polling(self._db, self.replica, lease_seconds)
-        self._pushing = push.Pushing(self._db, rules, self.replica, lease_seconds)
+        self._polling = records.Polling(self._db, self._owner, lease_seconds)
+        self._pushing = push.Pushing(self._db, rules, self._owner, lease_seconds)
+        self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
+            self._db, "add dlr", self._store_dlrs, key=lambda w: w.key
+        )
+        self._mos: Batcher[MoWrite, IngestResult] = Batcher(
+            self._db, "add mo", self._store_mos, key=lambda w: w.key
+        )
+        self._rejects: Batcher[inbound.RejectWrite, None] = Batcher(
+            self._db, "reject webhook", inbound.store_rejects, key=id
+        )
         self._opened = False
         self._closed = False
+
+    async def _store_dlrs(self, conn: Conn, wakes: Wakes, w: list[DlrWrite]) -> list[IngestResult]:
+        return await store_dlrs(conn, wakes, self.rules, w)
+
+    async def _store_mos(self, conn: Conn, wakes: Wakes, w: list[MoWrite]) -> list[IngestResult]:
+        return await store_mos(conn, wakes, self.rules, w)
+
+    def _owner(self) -> str:
+        return self.replica
 
     # -- lifecycle --
 
@@ -100,6 +121,8 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
+        for batcher in (self._dlrs, self._mos, self._rejects):
+            await batcher.drain()
         self.waker.close()
         await self.listener.stop()
         if self._opened:
@@ -128,13 +151,15 @@ class PostgresStore:
     # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        return await inbound.add_dlr(self._db, self.rules, event)
+        return await self._dlrs.submit(
+            DlrWrite(event, self.rules.dlr_key(event.message_id, event.status))
+        )
 
     async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
-        return await inbound.add_mo(self._db, self.rules, event, account)
+        return await self._mos.submit(MoWrite(event, account, self.rules.mo_key(event.message_id)))
 
     async def reject_webhook(self, body: bytes, reason: str) -> None:
-        await inbound.reject_webhook(self._db, body, reason)
+        await self._rejects.submit(inbound.RejectWrite(body, reason))
 
     async def rejected_webhooks(self, limit: int = 100) -> list[RejectedWebhook]:
         return await inbound.rejected_webhooks(self._db, limit)

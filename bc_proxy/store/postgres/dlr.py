@@ -1,0 +1,79 @@
+"""Delivery reports in PostgreSQL, stored a group at a time (group commit).
+
+Owns the SQL of add_dlr: the candidate sends of every report in the group in one query,
+`Rules.attribute_dlr` per report, one insert deduped by event key. A report with no send yet is
+decided again under its id's advisory lock, which the settle that makes the id known also
+takes: whichever commits second sees the other, so no report is left unmatched by a race.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from bc_proxy.store import DlrEvent, IngestResult
+from bc_proxy.store.postgres.db import Conn, Wakes
+from bc_proxy.store.postgres.records import NewRecord, insert_keyed
+from bc_proxy.store.postgres.sends import LOCK_REPORT_IDS, candidates
+from bc_proxy.store.rules import Rules, SendFacts
+
+
+@dataclass(frozen=True, slots=True)
+class DlrWrite:
+    """One add_dlr call waiting for its group."""
+
+    event: DlrEvent
+    key: str
+    now: float = field(default_factory=time.time)
+
+
+def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
+    """The status record of a report: the send's parties when it names one send."""
+    send = found if isinstance(found, SendFacts) else None
+    return NewRecord(
+        send.tenant if send else None,
+        "status",
+        event_key=w.key,
+        ref=w.event.message_id,
+        send_id=send.id if send else None,
+        msisdn_from=send.recipient if send else "",
+        msisdn_to=send.sender if send else "",
+        in_reply_to=(send.legacy_id or "") if send else "",
+        dlr_status=w.event.status,
+        error=w.event.status_text,
+        ambiguous=found == "ambiguous",
+    )
+
+
+async def store_dlrs(
+    conn: Conn, wakes: Wakes, rules: Rules, writes: list[DlrWrite]
+) -> list[IngestResult]:
+    """Store a group of reports (distinct event keys) inside the caller's transaction."""
+    ids = sorted({w.event.message_id for w in writes})
+    sends = await candidates(conn, ids)
+    found = {i: rules.attribute_dlr(sends.get(i, [])) for i in ids}
+    missing = [i for i in ids if found[i] is None]
+    if missing:
+        await conn.fetchval(LOCK_REPORT_IDS, missing)
+        sends = await candidates(conn, missing)
+        found.update({i: rules.attribute_dlr(sends.get(i, [])) for i in missing})
+    records = [record_of(w, found[w.event.message_id]) for w in writes]
+    # Sorted by key: two replicas inserting the same keys wait on each other in one order.
+    rows = sorted((r.values(rules, w.now) for r, w in zip(records, writes, strict=True)), key=_key)
+    inserted = await insert_keyed(conn, rows)
+    results: list[IngestResult] = []
+    for w, record in zip(writes, records, strict=True):
+        tenant = record.tenant
+        if w.key not in inserted:
+            results.append(IngestResult("duplicate", tenant))
+        elif tenant is None:
+            results.append(IngestResult("ambiguous" if record.ambiguous else "unmatched", None))
+        else:
+            if record.wakes(rules, w.now):
+                wakes.add((tenant, "status"))
+            results.append(IngestResult("stored", tenant))
+    return results
+
+
+def _key(row: tuple[object, ...]) -> str:
+    return str(row[2])  # event_key

@@ -1,0 +1,115 @@
+"""Group commit: writes of one kind queued while a group is in flight share the next one.
+
+Owns the queue, the one writer task per kind, cutting groups (size cap, never the same key
+twice, so a group equals its writes run one after another) and the fallback: a group that
+fails is retried write by write, so one write that cannot be stored fails alone. A group is
+one transaction of a few statements whatever its size (the bulk function's set-based SQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store.postgres.db import Conn, Db, Wakes, store_error
+
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
+Bulk = Callable[[Conn, Wakes, list[I]], Awaitable[list[R]]]
+
+MAX_GROUP = 500
+log = logging.getLogger(__name__)
+
+
+class Batcher(Generic[I, R]):
+    """Runs `bulk` over the items queued together, in one transaction per group."""
+
+    def __init__(
+        self,
+        db: Db,
+        what: str,
+        bulk: Bulk[I, R],
+        key: Callable[[I], Hashable],
+        max_group: int = MAX_GROUP,
+    ) -> None:
+        self.db = db
+        self.what = what
+        self.bulk = bulk
+        self.key = key
+        self.max_group = max_group
+        self.groups = 0  # committed groups (diagnostics, tests)
+        self._queue: list[tuple[I, asyncio.Future[R]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: I) -> R:
+        if not self.db.started:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, fut))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write())
+        return await fut
+
+    async def drain(self) -> None:
+        """Wait until every queued write is answered (close)."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    def _cut(self) -> list[tuple[I, asyncio.Future[R]]]:
+        seen: set[Hashable] = set()
+        n = 0
+        for item, _ in self._queue[: self.max_group]:
+            k = self.key(item)
+            if k in seen:
+                break
+            seen.add(k)
+            n += 1
+        group, self._queue = self._queue[:n], self._queue[n:]
+        return group
+
+    async def _write(self) -> None:
+        group: list[tuple[I, asyncio.Future[R]]] = []
+        try:
+            while self._queue:
+                group = self._cut()
+                await self._write_group(group)
+        finally:
+            self._writer = None
+            for _, fut in group + self._queue:  # cancelled (loop shutdown): nobody hangs
+                _fail(fut, StoreError("store is closing"))
+            self._queue = []
+
+    async def _write_group(self, group: list[tuple[I, asyncio.Future[R]]]) -> None:
+        if len(group) > 1:
+            try:
+                async with self.db.tx(self.what) as (conn, wakes):
+                    results = await self.bulk(conn, wakes, [item for item, _ in group])
+            except Exception as exc:  # whatever it was, each write is retried alone
+                log.info("%s: group of %d failed (%s); one by one", self.what, len(group), exc)
+            else:
+                self.groups += 1
+                for (_, fut), result in zip(group, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+                return
+        for item, fut in group:
+            try:
+                async with self.db.tx(self.what) as (conn, wakes):
+                    (result,) = await self.bulk(conn, wakes, [item])
+            except StoreError as exc:
+                _fail(fut, exc)
+            except Exception as exc:  # a write never leaves its caller hanging
+                _fail(fut, store_error(exc, self.what))
+            else:
+                self.groups += 1
+                if not fut.done():
+                    fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[R], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,154 @@
+"""Incoming SMS in PostgreSQL, stored a group at a time (group commit), and STOP/START.
+
+Owns the SQL of add_mo: the facts `Rules.route_mo` needs for every message of the group in one
+query (already stored? the send it relates to, the latest send to the handset), one insert
+deduped by event key, the assignment of an unmatched message once its account is known, and
+the blocked-list change of a STOP/START in the same transaction as the message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bc_proxy.store import IngestResult, MoEvent
+from bc_proxy.store.postgres.db import Conn, Wakes
+from bc_proxy.store.postgres.records import NewRecord, insert_keyed
+from bc_proxy.store.postgres.sends import FACTS
+from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Rules, SendFacts
+
+
+@dataclass(frozen=True, slots=True)
+class MoWrite:
+    """One add_mo call waiting for its group."""
+
+    event: MoEvent
+    account: str | None
+    key: str
+    now: float = field(default_factory=time.time)
+
+
+_F = [c.strip() for c in FACTS.split(",")]
+# Per message: the stored record with its key, the send it relates to (by Connexus id or our
+# ref), the latest send to the handset inside the reply window (of the number's owner, when it
+# has one: the only facts route_mo takes from it then).
+_FACTS = f"""
+SELECT x.i, e.id AS e_id, e.tenant AS e_tenant,
+    {", ".join(f"r.{c} AS r_{c}" for c in _F)},
+    {", ".join(f"l.{c} AS l_{c}" for c in _F)}
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])
+    WITH ORDINALITY AS x(key, related, handset, owner, since, i)
+LEFT JOIN records AS e ON e.event_key = x.key
+LEFT JOIN LATERAL (
+    SELECT * FROM (
+        SELECT {FACTS} FROM sends WHERE connexus_id = x.related
+        UNION ALL SELECT {FACTS} FROM sends WHERE upstream_ref = x.related) AS y
+    ORDER BY id DESC LIMIT 1) AS r ON true
+LEFT JOIN LATERAL (
+    SELECT {FACTS} FROM sends
+    WHERE recipient = x.handset AND created_at > x.since
+      AND (x.owner IS NULL OR tenant = x.owner)
+    ORDER BY id DESC LIMIT 1) AS l ON true
+ORDER BY x.i
+"""
+
+
+def _facts(row: Any, prefix: str) -> SendFacts | None:
+    if row[f"{prefix}_id"] is None:
+        return None
+    return SendFacts(*(row[f"{prefix}_{c}"] for c in _F))
+
+
+async def store_mos(
+    conn: Conn, wakes: Wakes, rules: Rules, writes: list[MoWrite]
+) -> list[IngestResult]:
+    """Store a group of incoming messages (distinct keys) inside the caller's transaction."""
+    rows = await conn.fetch(
+        _FACTS,
+        [w.key for w in writes],
+        [w.event.related_id for w in writes],
+        [w.event.sender for w in writes],
+        [rules.owner(w.event.to) for w in writes],
+        [w.now - REPLY_WINDOW_SECONDS for w in writes],
+    )
+    results: list[IngestResult | None] = [None] * len(writes)
+    new: list[tuple[int, NewRecord]] = []
+    for n, (w, row) in enumerate(zip(writes, rows, strict=True)):
+        route = rules.route_mo(
+            w.event.to, related=_facts(row, "r"), latest=_facts(row, "l"), account=w.account
+        )
+        if row["e_id"] is not None:
+            if row["e_tenant"] is not None or route.tenant is None:
+                results[n] = IngestResult("duplicate", row["e_tenant"])
+            else:
+                results[n] = await _assign(conn, wakes, rules, w, row["e_id"], route.tenant)
+            continue
+        record = NewRecord(
+            route.tenant,
+            "in",
+            event_key=w.key,
+            ref=w.event.message_id,
+            send_id=route.send_id,
+            msisdn_from=w.event.sender,
+            msisdn_to=w.event.to,
+            body=w.event.body,
+            in_reply_to=route.in_reply_to,
+        )
+        rules.opt_out_command(route.tenant, w.event.body)  # a body it cannot read fails here
+        new.append((n, record))
+    values = sorted((r.values(rules, writes[n].now) for n, r in new), key=lambda v: str(v[2]))
+    inserted = await insert_keyed(conn, values)
+    for n, record in new:
+        w, tenant = writes[n], record.tenant
+        if w.key not in inserted:
+            results[n] = IngestResult("duplicate", tenant)
+            continue
+        if tenant is None:
+            results[n] = IngestResult("unmatched", None)
+            continue
+        await _opt_out(conn, rules, tenant, w)
+        if record.wakes(rules, w.now):
+            wakes.add((tenant, "in"))
+        results[n] = IngestResult("stored", tenant)
+    return [r for r in results if r is not None]
+
+
+async def _assign(
+    conn: Conn, wakes: Wakes, rules: Rules, w: MoWrite, record_id: int, tenant: str
+) -> IngestResult:
+    """An unmatched incoming message whose account is now known goes to that tenant."""
+    p = rules.placement(tenant, "in", w.now)
+    done = await conn.fetchval(
+        "UPDATE records SET tenant = $2, pollable = $3, push_due = $4, push_deadline = $5 "
+        "WHERE id = $1 AND tenant IS NULL RETURNING id",
+        record_id,
+        tenant,
+        p.pollable,
+        p.push_due,
+        p.push_deadline,
+    )
+    if done is None:
+        return IngestResult("duplicate", None)
+    await _opt_out(conn, rules, tenant, w)
+    if p.pollable or p.push_due is not None:
+        wakes.add((tenant, "in"))
+    return IngestResult("assigned", tenant)
+
+
+async def _opt_out(conn: Conn, rules: Rules, tenant: str, w: MoWrite) -> None:
+    """STOP blocks the handset for the tenant, START unblocks it (when the rules say so)."""
+    command = rules.opt_out_command(tenant, w.event.body)
+    if command == "stop":
+        await conn.execute(
+            "INSERT INTO blocked (tenant, handset, since, by_message) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (tenant, handset) DO NOTHING",
+            tenant,
+            w.event.sender,
+            w.now,
+            w.event.message_id,
+        )
+    elif command == "start":
+        await conn.execute(
+            "DELETE FROM blocked WHERE tenant = $1 AND handset = $2", tenant, w.event.sender
+        )
