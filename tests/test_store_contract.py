@@ -34,8 +34,9 @@ from bc_proxy.store import (
     open_store,
 )
 from bc_proxy.store.rules import BLOCKED_ERROR, DEFAULT_IDEMPOTENCY_WINDOW
+from tests import pg
 
-BACKENDS = ["sqlite", "sqlite-fsync"]  # the second also fsyncs each commit group
+BACKENDS = ["sqlite", "sqlite-fsync", "postgres"]  # sqlite-fsync also fsyncs each commit group
 
 POLL = "acme"  # polls everything; owns SENDER
 OTHER = "beta"  # polls everything; owns OTHER_NUMBER; must never see acme's records
@@ -63,6 +64,8 @@ def backend_url(backend: str, tmp_path: Path) -> str:
     """A store URL naming an empty store that only this test uses."""
     if backend in ("sqlite", "sqlite-fsync"):
         return f"sqlite:///{tmp_path / 'contract.db'}"
+    if backend == "postgres":  # a fresh schema (tests/pg.py: skipped when the server is down)
+        return pg.schema_url_sync()
     raise AssertionError(f"no URL recipe for backend {backend!r}")
 
 
