@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -294,3 +297,47 @@ async def test_close_releases_this_replicas_leases_at_once(
     assert got is not None
     assert got.id == polled.id
     assert [r.id for r in await b.claim_pushes(time.time(), 5)] == [pushing[0].id]
+
+
+async def test_migrate_command_reports_versions_and_refuses_newer(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`bc-proxy migrate` prints 0 -> latest, then latest -> latest; a newer schema exits 2."""
+    config = tmp_path / "bc-proxy.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: 0}\n"
+        "upstream: {base_url: 'http://127.0.0.1:9/api/connexus', timeout_seconds: 2}\n"
+        f"store: {{url: '{pg_url}'}}\n"
+        "webhook: {secret: test-webhook-secret-0123}\n"
+        "tenants:\n"
+        "  - name: acme\n"
+        "    legacy: {user_id: acme-legacy, password: pw}\n"
+        "    connexus: {client_id: cid, client_secret: csk}\n"
+    )
+
+    async def migrate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bc_proxy",
+            "migrate",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    assert await migrate("--config", str(config)) == (
+        0,
+        f"store schema version 0 -> {LATEST} (migrated)\n",
+        "",
+    )
+    code, out, _ = await migrate(env={"BC_PROXY_CONFIG": str(config)})
+    assert (code, out) == (0, f"store schema version {LATEST} -> {LATEST} (up to date)\n")
+    await pg.execute(pg_url, "INSERT INTO schema_version VALUES ($1, 0)", LATEST + 1)
+    code, out, err = await migrate("--config", str(config))
+    assert code == 2
+    assert f"version {LATEST + 1} is newer" in err
