@@ -197,7 +197,7 @@ async def test_concurrent_begin_send_of_one_key_writes_one_pending_row(
 async def test_exclusive_is_held_by_one_replica_at_a_time(
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:
-    """A singleton job lock taken on A is refused on B until A lets it go."""
+    """A singleton job lock taken on A is refused on B until A lets it go, even by failing."""
     a, b = pair
     async with a.exclusive("sweep") as got_a:
         assert got_a
@@ -207,6 +207,16 @@ async def test_exclusive_is_held_by_one_replica_at_a_time(
             assert other
     async with b.exclusive("sweep") as got_b:
         assert got_b
+
+    async def failing_job() -> None:
+        async with a.exclusive("sweep") as got:
+            assert got
+            raise ValueError("the job failed")
+
+    with pytest.raises(ValueError, match="the job failed"):  # not turned into a StoreError
+        await failing_job()
+    async with b.exclusive("sweep") as got_b:
+        assert got_b, "a failed job kept the lock"
 
 
 async def test_open_refuses_a_schema_newer_than_the_code(opener: Opener, pg_url: str) -> None:  # noqa: F811

@@ -120,6 +120,25 @@ class Db:
         except WRITE_ERRORS as exc:
             raise store_error(exc, what) from exc
 
+    async def acquire(self, what: str) -> Conn:
+        """A pooled connection to hold across the caller's own code (give it back: release)."""
+        if self._pool is None:
+            raise StoreError("store is closed")
+        try:
+            return await self._pool.acquire(timeout=self.command_timeout)
+        except DRIVER_ERRORS as exc:
+            raise store_error(exc, what) from exc
+
+    async def release(self, conn: Conn) -> None:
+        pool = self._pool
+        if pool is None:
+            conn.terminate()
+            return
+        try:
+            await pool.release(conn, timeout=self.command_timeout)
+        except DRIVER_ERRORS:
+            conn.terminate()
+
     @contextlib.asynccontextmanager
     async def tx(self, what: str, *, lease: bool = False) -> AsyncIterator[tuple[Conn, Wakes]]:
         """One transaction: wakes added to the set are NOTIFYed in it and fired locally after."""

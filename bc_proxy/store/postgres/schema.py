@@ -102,6 +102,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 LATEST = len(MIGRATIONS)
+# Migrating (or waiting for another replica's migration) is not bound by the command timeout.
+MIGRATION_TIMEOUT = 3600.0
 
 
 async def current_version(conn: Conn) -> int:
@@ -115,7 +117,7 @@ async def current_version(conn: Conn) -> int:
 async def migrate(conn: Conn) -> tuple[int, int]:
     """Bring the schema to LATEST under a per-schema advisory lock; (from, to) versions."""
     lock = (LOCK_CLASS_MIGRATE, "hashtext(current_schema())")
-    await conn.execute(f"SELECT pg_advisory_lock({lock[0]}, {lock[1]})")
+    await conn.execute(f"SELECT pg_advisory_lock({lock[0]}, {lock[1]})", timeout=MIGRATION_TIMEOUT)
     try:
         async with conn.transaction():
             await conn.execute(
@@ -130,7 +132,7 @@ async def migrate(conn: Conn) -> tuple[int, int]:
             )
         for version in range(found + 1, LATEST + 1):
             async with conn.transaction():
-                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(MIGRATIONS[version - 1], timeout=MIGRATION_TIMEOUT)
                 await conn.execute(
                     "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
                     version,

@@ -1,7 +1,8 @@
 """PostgresStore: the `Store` Protocol on PostgreSQL, for any number of replicas.
 
-Owns the lifecycle (pool, migrations, the LISTEN connection, releasing this replica's leases at
-close) and hands each operation to the module that owns its SQL (sends, inbound, records, push).
+Owns the lifecycle (pools, migrations, the LISTEN connection, releasing this replica's leases at
+close) and hands each operation to the module that owns its SQL: sends, dlr and mo (through
+group commit), inbound, records (polling) and push.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ class PostgresStore:
     async def migrate(self) -> tuple[int, int]:
         """Apply pending schema migrations (without opening the store); (from, to) versions."""
         db = self._db
-        if not db.started:  # the CLI: one connection, a generous timeout for long migrations
-            db = Db(self.url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=600.0)
+        if not db.started:  # the CLI: a pool of its own, closed again below
+            db = Db(self.url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=60.0)
             await db.start()
         try:
             async with db.conn("migrate") as conn:
@@ -217,13 +218,25 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
-        """A session advisory lock on a dedicated pooled connection, keyed by schema and name."""
-        async with self._db.conn("exclusive") as conn:
-            key = "hashtext(current_schema() || '.' || $1)"
-            got = bool(await conn.fetchval(f"SELECT pg_try_advisory_lock({key})", name))
+        """A session advisory lock, keyed by schema and name, on a connection held meanwhile.
+
+        The caller's job runs outside the store's error mapping: its own exceptions pass as
+        they are. A connection that fails to unlock is terminated, which frees the lock.
+        """
+        key = "hashtext(current_schema() || '.' || $1)"
+        conn = await self._db.acquire("exclusive")
+        try:
+            try:
+                got = bool(await conn.fetchval(f"SELECT pg_try_advisory_lock({key})", name))
+            except DRIVER_ERRORS as exc:
+                raise store_error(exc, "exclusive") from exc
             try:
                 yield got
             finally:
                 if got:
-                    with contextlib.suppress(*DRIVER_ERRORS):
+                    try:
                         await conn.execute(f"SELECT pg_advisory_unlock({key})", name)
+                    except DRIVER_ERRORS:
+                        conn.terminate()
+        finally:
+            await self._db.release(conn)
