@@ -7,18 +7,21 @@ Connexus send answer per recipient, the delivery-status table and legacy record 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus
 
 from bc_proxy.errors import BadRequest
-from bc_proxy.store import LegacyRecord
+from bc_proxy.store import LegacyRecord, SendState
 
 BULK_LIMIT = 200
 MAX_MESSAGE_ID = 36
 _SPLIT = re.compile(r"[\s,;]+")
 _SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
+
+# The `error` of the status record of a recipient whose send has no known outcome.
+UNKNOWN_OUTCOME = "Outcome unknown: no usable answer from Connexus; not re-sent by the gateway"
 
 IN_KEYS = ("messageId", "from", "to", "body", "rateCode", "inReplyToId")
 STATUS_KEYS = ("messageId", "from", "to", "statusCode", "inReplyToId", "error")
@@ -42,12 +45,22 @@ class SendRequest:
 
 @dataclass(frozen=True, slots=True)
 class RecipientOutcome:
-    """What Connexus said about one recipient."""
+    """What became of one recipient upstream.
+
+    `accepted`: Connexus took it (`connexus_id` its message_id, "" when the answer gave none);
+    `rejected`: Connexus refused it, or the request never left the gateway (a retry may send it
+    again); `unknown`: the request was written but no usable answer came back (never re-sent).
+    """
 
     recipient: str
-    connexus_id: str | None  # None: rejected
+    state: SendState
+    connexus_id: str | None = None
     error: str = ""
     sender: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.state == "accepted"
 
 
 def split_recipients(to: str) -> tuple[str, ...]:
@@ -93,52 +106,59 @@ def parse_send(params: Mapping[str, str], default_from: str | None) -> SendReque
     return SendRequest(recipients, body, message_id, tuple(options))
 
 
-def single_form(req: SendRequest, upstream_ref: str) -> dict[str, str]:
-    """Form fields of a one-recipient Connexus sms/out."""
-    form = {"to": req.recipients[0], "body": req.body, "messageId": upstream_ref}
+def single_form(req: SendRequest, recipient: str, upstream_ref: str) -> dict[str, str]:
+    """Form fields of a one-recipient Connexus sms/out: `messageId` is that recipient's ref."""
+    form = {"to": recipient, "body": req.body, "messageId": upstream_ref}
     form.update(req.options)
     return form
 
 
-def bulk_bodies(req: SendRequest, upstream_ref: str) -> list[dict[str, Any]]:
-    """JSON bodies of Connexus bulk sms/out, at most BULK_LIMIT recipients each."""
-    base: dict[str, Any] = {"body": req.body, "messageId": upstream_ref}
+def bulk_bodies(req: SendRequest, recipients: Sequence[str]) -> list[dict[str, Any]]:
+    """JSON bodies of Connexus bulk sms/out, at most BULK_LIMIT recipients each.
+
+    No `messageId`: one id would name every recipient of the chunk, and a delivery report
+    carrying it could not be attributed to one of them; each recipient's Connexus `message_id`
+    from the answer is what identifies it.
+    """
+    base: dict[str, Any] = {"body": req.body}
     for key, value in req.options:
         base[key] = int(value) if key == "fragmentationLimit" else value
-    rs = req.recipients
-    return [{**base, "to": list(rs[i : i + BULK_LIMIT])} for i in range(0, len(rs), BULK_LIMIT)]
+    rs = list(recipients)
+    return [{**base, "to": rs[i : i + BULK_LIMIT]} for i in range(0, len(rs), BULK_LIMIT)]
 
 
 def _one_outcome(item: Mapping[str, Any], fallback_to: str) -> RecipientOutcome:
+    """A 2xx item is a sent message unless it says `"success": false`."""
     to = str(item.get("to") or fallback_to).lstrip("+")
     sender = str(item.get("from") or "")
-    if item.get("success") is True:
+    if item.get("success") is not False:
         # Accepted; an answer without message_id leaves "" (reports then match by our ref).
-        return RecipientOutcome(to, str(item.get("message_id") or ""), sender=sender)
+        return RecipientOutcome(to, "accepted", str(item.get("message_id") or ""), sender=sender)
     reason = item.get("error") or item.get("message") or item.get("status") or "rejected"
-    return RecipientOutcome(to, None, error=str(reason)[:200], sender=sender)
+    return RecipientOutcome(to, "rejected", None, error=str(reason)[:200], sender=sender)
 
 
 def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
-    """Read a Connexus single-send answer (any 2xx).
+    """Read a Connexus single-send answer (any 2xx): sent unless it says `"success": false`.
 
     A 2xx without a JSON body (connexus-api.txt also lists "204 Success - Message sent") means
     the message went out: calling it a failure would make the legacy client send it again.
     """
     if not isinstance(answer, dict):
-        return RecipientOutcome(recipient, "")
+        return RecipientOutcome(recipient, "accepted", "")
     return _one_outcome(answer, recipient)
 
 
-def bulk_outcomes(answer: Any, recipients: list[str]) -> list[RecipientOutcome]:
-    """Read a Connexus bulk-send answer (any 2xx); recipients it does not mention count as ERR.
+def bulk_outcomes(answer: Any, recipients: Sequence[str]) -> list[RecipientOutcome]:
+    """Read a Connexus bulk-send answer (any 2xx), one outcome per recipient asked for.
 
     A 2xx without a `messages` list accepted them all (ids unknown, see `single_outcome`). An
     item whose `to` is not a number we asked for (Connexus normalised it) is matched by position.
+    A recipient the answer does not mention is `unknown`: nothing says it was not sent.
     """
     items = answer.get("messages") if isinstance(answer, dict) else None
     if not isinstance(items, list):
-        return [RecipientOutcome(r, "") for r in recipients]
+        return [RecipientOutcome(r, "accepted", "") for r in recipients]
     wanted = set(recipients)
     out: list[RecipientOutcome] = []
     seen: set[str] = set()
@@ -148,13 +168,15 @@ def bulk_outcomes(answer: Any, recipients: list[str]) -> list[RecipientOutcome]:
         fallback = recipients[i] if i < len(recipients) else ""
         outcome = _one_outcome(item, fallback)
         if outcome.recipient not in wanted and fallback:
-            outcome = RecipientOutcome(fallback, outcome.connexus_id, outcome.error, outcome.sender)
+            outcome = RecipientOutcome(
+                fallback, outcome.state, outcome.connexus_id, outcome.error, outcome.sender
+            )
         if outcome.recipient in seen or outcome.recipient == "":
             continue
         seen.add(outcome.recipient)
         out.append(outcome)
     out.extend(
-        RecipientOutcome(r, None, error="not acknowledged by Connexus")
+        RecipientOutcome(r, "unknown", None, error="not acknowledged by Connexus")
         for r in recipients
         if r not in seen
     )

@@ -25,6 +25,7 @@ from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
 from bc_proxy.connexus.emulator import Emulator, RecordedRequest, create_emulator_app
+from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -145,15 +146,18 @@ async def test_450_recipients_become_three_bulk_requests_and_450_stored_sends(
     sent: list[str] = [n for b in bodies for n in b["to"]]
     assert sorted(sent) == numbers  # every number exactly once, '+' stripped
     assert all(b["body"] == "Bulk hello" for b in bodies)
-    assert len({b["messageId"] for b in bodies}) == 1
+    assert all("messageId" not in b for b in bodies)  # one id would name 200 recipients
     assert all(r.headers["Authorization"].startswith("Bearer ") for r in reqs)
 
     with sqlite3.connect(tmp_path / "bc-proxy.db") as db:
-        rows = db.execute("SELECT recipient, legacy_id, connexus_id FROM sends").fetchall()
+        rows = db.execute("SELECT recipient, legacy_id, connexus_id, state FROM sends").fetchall()
     assert len(rows) == 450
     assert sorted(r[0] for r in rows) == numbers
     assert {r[1] for r in rows} == {"bulk-1"}
-    assert all(r[2] for r in rows)
+    assert {r[3] for r in rows} == {"accepted"}
+    ids = [r[2] for r in rows]
+    assert all(ids)
+    assert len(set(ids)) == 450
 
 
 # -- 2. tokens --------------------------------------------------------------------------------
@@ -471,6 +475,7 @@ async def test_upstream_down_gives_500_then_recovers(
 
     emu = Emulator(clients={CLIENT_ID: CLIENT_SECRET})
     await aiohttp_server(create_emulator_app(emu), host="127.0.0.1", port=port)
+    await asyncio.sleep(BACKOFF_INITIAL)  # the failed token fetch's shared backoff
     assert await _post(client, creds(to="6421000000", body="up")) == (204, "")
     assert len(emu.sms_out_requests()) == 1
 
@@ -524,14 +529,36 @@ async def test_token_endpoint_5xx_gives_500_then_recovers(
     assert await _post(client, creds(to="6421000000", body="y")) == (204, "")
 
 
-async def test_bulk_with_every_chunk_failing_gives_500(
-    connexus: Connexus, gw: GatewayClient
+@pytest.mark.parametrize("status_code", [503, 429])
+async def test_bulk_refused_by_every_chunk_gives_500_and_records_nothing(
+    connexus: Connexus, gw: GatewayClient, tmp_path: Path, status_code: int
 ) -> None:
-    """A bulk send where no chunk gets through answers 500 and records nothing."""
-    connexus.emu.fail_next = [500, 500]
+    """A bulk send Connexus refuses (503, 429) answers 500, records nothing, settles rejected."""
+    connexus.emu.fail_next = [status_code]
     status, _ = await _post(gw, creds(to="6421000001 6421000002", body="x"))
     assert status == 500
     assert await _poll_status(gw) is None
+    with sqlite3.connect(tmp_path / "bc-proxy.db") as db:
+        states = {r[0] for r in db.execute("SELECT state FROM sends")}
+    assert states == {"rejected"}
+
+
+@pytest.mark.parametrize("status_code", [500, 502, 504])
+async def test_bulk_5xx_of_unknown_outcome_gives_500_and_err_records(
+    connexus: Connexus, gw: GatewayClient, tmp_path: Path, status_code: int
+) -> None:
+    """A 500/502/504 may come after the message went out: 500, unknown rows, ERR records."""
+    connexus.emu.fail_next = [status_code]
+    status, text = await _post(gw, creds(to="6421000001 6421000002", body="x", messageId="u5"))
+    assert status == 500
+    _assert_one_line(text, "unknown")
+    records = [await _poll_status(gw) for _ in range(2)]
+    assert sorted(r["from"] for r in records if r) == ["6421000001", "6421000002"]
+    assert all(r and r["statusCode"] == "ERR" and "unknown" in r["error"] for r in records)
+    assert {r["inReplyToId"] for r in records if r} == {"u5"}
+    with sqlite3.connect(tmp_path / "bc-proxy.db") as db:
+        states = {r[0] for r in db.execute("SELECT state FROM sends")}
+    assert states == {"unknown"}
 
 
 async def test_bulk_with_one_chunk_failing_is_partial(
@@ -730,19 +757,19 @@ async def test_wrong_client_secret_gives_500(
 async def test_legacy_message_id_and_credentials_never_go_upstream(
     connexus: Connexus, gw: GatewayClient
 ) -> None:
-    """The legacy messageId and credentials stay local; upstream gets a fresh id <= 36 chars."""
+    """The legacy messageId and credentials stay local: a single send carries a fresh id of at
+    most 36 characters, a bulk one none."""
     legacy_id = "6b06fbc6a1b501.29755622"
     assert await _post(gw, creds(to="6421000000", body="a", messageId=legacy_id)) == (204, "")
-    assert await _post(gw, creds(to="6421000000 6421000001", body="b", messageId=legacy_id)) == (
+    assert await _post(gw, creds(to="6421000002 6421000003", body="b", messageId=legacy_id)) == (
         204,
         "",
     )
     single, bulk = connexus.emu.sms_out_requests()
-    ids = [_form(single)["messageId"][0], _json(bulk)["messageId"]]
-    for upstream_id in ids:
-        assert upstream_id != legacy_id
-        assert 0 < len(upstream_id) <= 36
-    assert ids[0] != ids[1]
+    upstream_id = _form(single)["messageId"][0]
+    assert upstream_id != legacy_id
+    assert 0 < len(upstream_id) <= 36
+    assert "messageId" not in _json(bulk)
     for req in (single, bulk):
         wire = req.path + req.body.decode() + json.dumps(req.headers)
         for secret in (legacy_id, LEGACY_USER, LEGACY_PASSWORD, CLIENT_SECRET):

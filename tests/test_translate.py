@@ -175,7 +175,7 @@ def _req(n: int, options: tuple[tuple[str, str], ...] = ()) -> SendRequest:
 
 def test_single_form_uses_upstream_ref_not_legacy_id() -> None:
     """The one-recipient form carries the upstream ref as messageId and the pass-through options."""
-    form = single_form(_req(1, (("from", "552"), ("rateCode", "R"))), "bcREF")
+    form = single_form(_req(1, (("from", "552"), ("rateCode", "R"))), "6400000000", "bcREF")
     assert form == {
         "to": "6400000000",
         "body": "body",
@@ -196,13 +196,13 @@ def test_single_form_uses_upstream_ref_not_legacy_id() -> None:
     ],
 )
 def test_bulk_bodies_chunk_at_200(n: int, sizes: list[int]) -> None:
-    """Bulk bodies hold at most 200 recipients each, in order, every one exactly once."""
+    """Bulk bodies hold at most 200 recipients each, in order, once each, and no messageId."""
     req = _req(n, (("from", "552"), ("fragmentationLimit", "2"), ("schedule", "1893456000")))
-    bodies = bulk_bodies(req, "bcREF")
+    bodies = bulk_bodies(req, req.recipients)
     assert [len(b["to"]) for b in bodies] == sizes
     assert [r for b in bodies for r in b["to"]] == list(req.recipients)
     for b in bodies:
-        assert b["messageId"] == "bcREF"
+        assert "messageId" not in b  # one id for many recipients could not be attributed
         assert b["body"] == "body"
         assert b["from"] == "552"
         assert b["fragmentationLimit"] == 2  # a JSON number
@@ -218,38 +218,47 @@ def test_bulk_bodies_chunk_at_200(n: int, sizes: list[int]) -> None:
     [
         (
             {"success": True, "message_id": "1158493", "to": "6421000000", "from": "552"},
-            RecipientOutcome("6421000000", "1158493", sender="552"),
+            RecipientOutcome("6421000000", "accepted", "1158493", sender="552"),
         ),
         (
             {"success": True, "message_id": 7, "to": "+6421000000"},
-            RecipientOutcome("6421000000", "7"),
+            RecipientOutcome("6421000000", "accepted", "7"),
         ),
         (
             {"success": False, "to": "6421000000", "error": "Invalid number"},
-            RecipientOutcome("6421000000", None, error="Invalid number"),
+            RecipientOutcome("6421000000", "rejected", None, error="Invalid number"),
         ),
         (
             {"success": True, "message_id": "", "to": "6421000000"},
-            RecipientOutcome("6421000000", ""),
+            RecipientOutcome("6421000000", "accepted", ""),
         ),
+        # A 2xx is a sent message unless it says "success": false (issue 9, point 7).
         (
             {"success": "true", "message_id": "1"},
-            RecipientOutcome("6421000000", None, error="rejected"),
+            RecipientOutcome("6421000000", "accepted", "1"),
         ),
-        ({"status": "rejected"}, RecipientOutcome("6421000000", None, error="rejected")),
-        ({"message": "x" * 500}, RecipientOutcome("6421000000", None, error="x" * 200)),
+        ({"status": "queued"}, RecipientOutcome("6421000000", "accepted", "")),
+        ({"success": None}, RecipientOutcome("6421000000", "accepted", "")),
+        (
+            {"success": False, "status": "rejected"},
+            RecipientOutcome("6421000000", "rejected", None, error="rejected"),
+        ),
+        (
+            {"success": False, "message": "x" * 500},
+            RecipientOutcome("6421000000", "rejected", None, error="x" * 200),
+        ),
         # A 2xx that says nothing readable: the message went out, its Connexus id is unknown.
-        (None, RecipientOutcome("6421000000", "")),
-        ([1, 2], RecipientOutcome("6421000000", "")),
+        (None, RecipientOutcome("6421000000", "accepted", "")),
+        ([1, 2], RecipientOutcome("6421000000", "accepted", "")),
     ],
 )
 def test_single_outcome(answer: Any, expected: RecipientOutcome) -> None:
-    """A single-send answer is accepted only with success true and a message_id; else a reason."""
+    """A single-send 2xx answer is a sent message unless it says success false (then a reason)."""
     assert single_outcome(answer, "6421000000") == expected
 
 
 def test_bulk_outcomes_maps_each_recipient_once() -> None:
-    """Bulk answers give one outcome per recipient; unmentioned ones are not acknowledged."""
+    """Bulk answers give one outcome per recipient; unmentioned ones are of unknown outcome."""
     answer = {
         "messages": [
             {"success": True, "message_id": "1", "to": "641"},
@@ -263,9 +272,12 @@ def test_bulk_outcomes_maps_each_recipient_once() -> None:
     by = {o.recipient: o for o in out}
     assert len(out) == len(by) == 5
     assert by["641"].connexus_id == "1"
-    assert by["642"] == RecipientOutcome("642", None, error="Invalid number")
+    assert by["642"] == RecipientOutcome("642", "rejected", None, error="Invalid number")
     assert by["645"].connexus_id == "5"
-    assert by["643"] == RecipientOutcome("643", None, error="not acknowledged by Connexus")
+    assert by["643"] == RecipientOutcome(
+        "643", "unknown", None, error="not acknowledged by Connexus"
+    )
+    assert by["644"].state == "unknown"
     assert by["644"].connexus_id is None
 
 
@@ -274,7 +286,10 @@ def test_bulk_outcomes_unreadable_answer_accepts_all(answer: Any) -> None:
     """A 2xx bulk answer without a messages list accepted everyone, ids unknown: calling it a
     failure would make the legacy client send the whole call again."""
     out = bulk_outcomes(answer, ["1", "2"])
-    assert [(o.recipient, o.connexus_id) for o in out] == [("1", ""), ("2", "")]
+    assert [(o.recipient, o.state, o.connexus_id) for o in out] == [
+        ("1", "accepted", ""),
+        ("2", "accepted", ""),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -472,8 +487,10 @@ def test_parse_qs_strict_rejects(text: str) -> None:
     assert info.value.status == 400
 
 
-# NUL is excluded on purpose: parse_qs_strict rejects it (see test_parse_qs_strict_rejects).
-_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"))
+# Control characters other than tab, CR and LF are excluded on purpose: parse_qs_strict
+# rejects them (see test_parse_qs_strict_rejects).
+_CONTROLS = "".join(chr(c) for c in [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters=_CONTROLS))
 
 
 @given(st.dictionaries(_TEXT, _TEXT))

@@ -2,16 +2,20 @@
 
 Owns the upstream wire: timeouts and connection limits, bearer-token injection (a 401
 discards the token, refreshes once and retries once), password-auth parameters, single vs
-bulk sms/out, and mapping upstream failures to LegacyErrors.
+bulk sms/out, and classifying each send: accepted, rejected (refused, or never written) or
+unknown (written, no usable answer). Never re-sends a written sms/out by itself.
 Does not own validation of legacy input or what is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import stamina
@@ -21,13 +25,17 @@ from aiohttp import (
     ClientTimeout,
     DummyCookieJar,
     TCPConnector,
+    TraceConfig,
+    TraceRequestHeadersSentParams,
 )
 from yarl import URL
 
 from bc_proxy.config import Settings, TenantSettings
 from bc_proxy.connexus.tokens import TokenManager
-from bc_proxy.errors import BadRequest, Forbidden, GatewayError
+from bc_proxy.errors import BadRequest, Forbidden, GatewayError, LegacyError
+from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
+from bc_proxy.store import PlannedRecipient, SendState
 from bc_proxy.translate import (
     RecipientOutcome,
     SendRequest,
@@ -43,8 +51,40 @@ _JSON = {"Content-Type": "application/json"}
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
+log = get_logger("bc_proxy.connexus")
+
+
 class _Retryable(Exception):
     """A token fetch failed in a way worth one more try (5xx, connection error)."""
+
+
+class Exchange:
+    """Whether the current attempt of one upstream request got as far as writing it.
+
+    Set by the session's `on_request_headers_sent` trace: a failure before that (pool wait,
+    DNS, connect, token fetch) means Connexus never saw the request.
+    """
+
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = False
+
+
+async def _headers_sent(
+    session: ClientSession, ctx: SimpleNamespace, params: TraceRequestHeadersSentParams
+) -> None:
+    exchange = ctx.trace_request_ctx
+    if isinstance(exchange, Exchange):
+        exchange.written = True
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """One outcome per recipient sent, and the first call-level failure (None if none)."""
+
+    outcomes: list[RecipientOutcome]
+    failure: LegacyError | None = None
 
 
 class ConnexusClient:
@@ -85,6 +125,8 @@ class ConnexusClient:
         return self._session
 
     async def start(self) -> None:
+        trace = TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
         connector = TCPConnector(
             limit=self._max_conn,
             limit_per_host=self._max_conn,
@@ -98,6 +140,7 @@ class ConnexusClient:
             auto_decompress=True,
             # Connexus sets no cookies we need; a real jar costs a lookup on every request.
             cookie_jar=DummyCookieJar(),
+            trace_configs=[trace],
         )
 
     async def close(self) -> None:
@@ -185,6 +228,7 @@ class ConnexusClient:
         form: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         method: str = "POST",
+        exchange: Exchange | None = None,
     ) -> tuple[int, Any]:
         """One upstream request with the tenant's auth; (status, parsed JSON or None)."""
         url = path_or_url if isinstance(path_or_url, URL) else URL(f"{self.base}/{path_or_url}")
@@ -199,7 +243,9 @@ class ConnexusClient:
             headers = _FORM
         started = time.perf_counter()
         try:
-            status, raw, _ = await self.request(tenant, method, url, data, headers)
+            status, raw, _ = await self.request(
+                tenant, method, url, data, headers, exchange=exchange
+            )
         except GatewayError:
             self._count(op, "error", started)
             raise
@@ -219,76 +265,113 @@ class ConnexusClient:
         url: str | URL,
         data: bytes | None,
         headers: Mapping[str, str],
+        *,
+        exchange: Exchange | None = None,
     ) -> tuple[int, bytes, str]:
         """One request with the tenant's token: (status, body, content type).
 
         A 401 discards the token, fetches one (shared with every other waiter of the tenant)
-        and retries once. The whole exchange stays within `upstream.timeout_seconds`: one
+        and retries once: the only repeat of a request, and only after Connexus definitively
+        refused the first. The whole exchange stays within `upstream.timeout_seconds`: one
         request is bounded by the session's total timeout; a token fetch or the retry by what
-        is left of it. Password-auth tenants' parameters are already in `data`.
+        is left of it. Password-auth tenants' parameters are already in `data`. `exchange`
+        (sends): tracks whether the last attempt was written; redirects are not followed.
         """
         mgr = self.tokens.get(tenant)
         if mgr is None:
-            return await self._raw(method, url, data, headers)
+            return await self._raw(method, url, data, headers, exchange)
         started = asyncio.get_running_loop().time()
         token = mgr.current()
         if token is not None:
             answer = await self._raw(
-                method, url, data, {**headers, "Authorization": f"Bearer {token}"}
+                method, url, data, {**headers, "Authorization": f"Bearer {token}"}, exchange
             )
             if answer[0] != 401:
                 return answer
             mgr.invalidate(token)
+            if exchange is not None:
+                exchange.written = False  # refused: that attempt sent nothing
         left = self.timeout - (asyncio.get_running_loop().time() - started)
         async with asyncio.timeout(max(left, 0.001)):
             token = await mgr.get()
             return await self._raw(
-                method, url, data, {**headers, "Authorization": f"Bearer {token}"}
+                method, url, data, {**headers, "Authorization": f"Bearer {token}"}, exchange
             )
 
     async def _raw(
-        self, method: str, url: str | URL, data: bytes | None, headers: Mapping[str, str]
+        self,
+        method: str,
+        url: str | URL,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        exchange: Exchange | None = None,
     ) -> tuple[int, bytes, str]:
-        async with self.session.request(method, url, data=data, headers=headers) as resp:
+        if exchange is None:
+            async with self.session.request(method, url, data=data, headers=headers) as resp:
+                return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
+        # A send: aiohttp never retries a POST itself (not idempotent); a redirect would be one.
+        async with self.session.request(
+            method,
+            url,
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            trace_request_ctx=exchange,
+        ) as resp:
             return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
 
     async def send(
-        self, tenant: str, req: SendRequest, upstream_ref: str
-    ) -> list[RecipientOutcome]:
-        """Send to every recipient; per-recipient outcomes, or a LegacyError for the call."""
-        if len(req.recipients) == 1:
-            status, answer = await self._call(
-                "sms_out", tenant, self._url_out, form=single_form(req, upstream_ref)
-            )
-            _raise_for(status, answer)
-            return [single_outcome(answer, req.recipients[0])]
-        bodies = bulk_bodies(req, upstream_ref)
+        self, tenant: str, req: SendRequest, planned: Sequence[PlannedRecipient]
+    ) -> SendOutcome:
+        """Send to the planned recipients: one outcome each, never an exception for the call.
+
+        One recipient: a form request carrying its upstream ref as `messageId`. Several: JSON
+        bulk requests of at most 200, concurrently, without `messageId`. A chunk that fails
+        gives its recipients the chunk's failure class; the others stand.
+        """
+        if len(planned) == 1:
+            p = planned[0]
+            form = single_form(req, p.recipient, p.upstream_ref)
+            outcomes, failure = await self._send_chunk("sms_out", tenant, [p.recipient], form=form)
+            return SendOutcome(outcomes, failure)
+        bodies = bulk_bodies(req, [p.recipient for p in planned])
         results = await asyncio.gather(
-            *(self._call("sms_out_bulk", tenant, self._url_out, body=b) for b in bodies),
-            return_exceptions=True,
+            *(self._send_chunk("sms_out_bulk", tenant, b["to"], body=b) for b in bodies)
         )
-        outcomes: list[RecipientOutcome] = []
-        first_error: BaseException | None = None
-        for b, result in zip(bodies, results, strict=True):
-            chunk: list[str] = b["to"]
-            if isinstance(result, BaseException):
-                first_error = first_error or result
-                outcomes.extend(RecipientOutcome(r, None, error=_short(result)) for r in chunk)
-                continue
-            status, answer = result
-            try:
-                _raise_for(status, answer)
-            except (GatewayError, BadRequest, Forbidden) as exc:
-                first_error = first_error or exc
-                outcomes.extend(RecipientOutcome(r, None, error=exc.reason) for r in chunk)
-                continue
-            outcomes.extend(bulk_outcomes(answer, chunk))
-        if first_error is not None and not any(o.connexus_id is not None for o in outcomes):
-            # Nothing went out: the legacy client may safely retry the whole call.
-            if isinstance(first_error, Exception):
-                raise first_error
-            raise GatewayError("send failed")
-        return outcomes
+        outcomes = [o for chunk, _ in results for o in chunk]
+        failure = next((f for _, f in results if f is not None), None)
+        return SendOutcome(outcomes, failure)
+
+    async def _send_chunk(
+        self,
+        op: str,
+        tenant: str,
+        recipients: list[str],
+        *,
+        form: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> tuple[list[RecipientOutcome], LegacyError | None]:
+        exchange = Exchange()
+        try:
+            status, answer = await self._call(
+                op, tenant, self._url_out, form=form, body=body, exchange=exchange
+            )
+        except Exception as exc:
+            error = exc if isinstance(exc, LegacyError) else GatewayError(type(exc).__name__)
+            if not isinstance(exc, LegacyError):
+                log.error("send_call_failed", tenant=tenant, error=repr(exc))
+            if exchange.written:  # a timeout or reset after the request went out
+                error = GatewayError(f"{error.reason}; outcome unknown, not re-sent")
+            state: SendState = "unknown" if exchange.written else "rejected"
+            return _all(recipients, state, error.reason), error
+        failed = _failure_state(status)
+        if failed is not None:
+            error = _error_for(status, answer, failed)
+            return _all(recipients, failed, error.reason), error
+        if form is not None:
+            one = single_outcome(answer, recipients[0])
+            return [dataclasses.replace(one, recipient=recipients[0])], None
+        return bulk_outcomes(answer, recipients), None
 
     async def mo_query(self, tenant: str, params: Mapping[str, str]) -> Any:
         status, answer = await self._call("mo_query", tenant, "mo/query", form=params)
@@ -335,14 +418,33 @@ def _short(exc: BaseException) -> str:
     return reason if isinstance(reason, str) else type(exc).__name__
 
 
-def _raise_for(status: int, answer: Any) -> None:
-    """Map a Connexus sms/out HTTP status to the legacy answer (design.md section 4)."""
+def _all(recipients: list[str], state: SendState, reason: str) -> list[RecipientOutcome]:
+    return [RecipientOutcome(r, state, None, error=reason) for r in recipients]
+
+
+def _failure_state(status: int) -> SendState | None:
+    """How a non-2xx answer to sms/out leaves its recipients (None: 2xx, read the answer).
+
+    A 3xx or 4xx is a definitive refusal (a redirect is not followed: that would be a second
+    POST). 501 and 503 say the server did not take the request on (not implemented,
+    unavailable). Any other 5xx (500, 502, 504, ...) leaves it open whether the message went
+    out (a crash after queueing it, a proxy losing the backend's answer): unknown.
+    """
     if 200 <= status < 300:
-        return
+        return None
+    if status < 500 or status in (501, 503):
+        return "rejected"
+    return "unknown"
+
+
+def _error_for(status: int, answer: Any, state: SendState) -> LegacyError:
+    """The legacy answer for a failed sms/out (design.md section 4)."""
     if status == 400:
-        raise BadRequest(upstream_reason(answer, "Rejected by Connexus"))
+        return BadRequest(upstream_reason(answer, "Rejected by Connexus"))
     if status in (402, 403):
-        raise Forbidden(upstream_reason(answer, "Insufficient funds"))
+        return Forbidden(upstream_reason(answer, "Insufficient funds"))
     if status == 401:
-        raise GatewayError("Connexus refused the gateway's credentials")
-    raise GatewayError(f"Connexus error {status}")
+        return GatewayError("Connexus refused the gateway's credentials")
+    if state == "unknown":
+        return GatewayError(f"Connexus error {status}; outcome unknown, not re-sent")
+    return GatewayError(f"Connexus error {status}")

@@ -8,20 +8,42 @@ one-line answers by `edge` (edge.py). Does not own wire parsing or translation r
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Final
 
 from aiohttp import web
 
 from bc_proxy import keys
 from bc_proxy.edge import TENANT, edge
-from bc_proxy.errors import StoreError
+from bc_proxy.errors import GatewayError, StoreError
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import read_params
+from bc_proxy.legacy.handover import peer_received
 from bc_proxy.log import get_logger
-from bc_proxy.store import Kind, SendRecord, StatusRecord
-from bc_proxy.translate import parse_send, rejection_code, render_queue, render_record
+from bc_proxy.metrics import Metrics
+from bc_proxy.store import (
+    Kind,
+    LegacyRecord,
+    SendIntent,
+    SendPlan,
+    Settlement,
+    StatusRecord,
+    Store,
+)
+from bc_proxy.translate import (
+    UNKNOWN_OUTCOME,
+    RecipientOutcome,
+    SendRequest,
+    parse_send,
+    rejection_code,
+    render_queue,
+    render_record,
+)
 
 FORM_CT: Final = "application/x-www-form-urlencoded"
+UNRESOLVED: Final = frozenset({"unknown", "pending"})  # earlier sends a retry cannot confirm
 
 log = get_logger("bc_proxy.legacy")
 
@@ -36,40 +58,115 @@ async def _authenticated(request: web.Request) -> tuple[str, dict[str, str]]:
 
 
 async def send(request: web.Request) -> web.StreamResponse:
-    """POST/GET /api/1/sms/out: forward to Connexus, record durably, answer 204."""
+    """POST/GET /api/1/sms/out: write ahead, forward what is new, settle, answer 204.
+
+    Never forwards a recipient twice: `begin_send` commits `pending` rows first and names the
+    repeats of an earlier call with the same messageId (not forwarded). The answer is 204 when
+    anything was accepted (every other recipient then gets a status record) or everything is
+    settled; otherwise the failure's legacy answer. A retry that meets an earlier send of
+    unknown outcome gets `upstream.unknown_retry_status`.
+    """
     tenant, params = await _authenticated(request)
     app = request.app
     rt = app[keys.RUNTIME]
+    store = app[keys.STORE]
+    metrics = app[keys.METRICS]
     req = parse_send(params, rt.tenants[tenant].default_from)
-    ref = app[keys.STORE].upstream_ref()
+    intent = SendIntent(tenant, req.message_id, req.recipients, req.sender)
+    plan = await store.begin_send(intent, time.time())
+    _count_plan(metrics, tenant, plan)
+    if plan.to_send:
+        await _forward(request, store, metrics, intent, req, plan)
+    if any(state in UNRESOLVED for _, state in plan.repeats):
+        status = app[keys.SETTINGS].upstream.unknown_retry_status
+        if status != 204:
+            raise GatewayError("Outcome of the earlier send with this messageId is unknown")
+    return web.Response(status=204)
+
+
+def _count_plan(metrics: Metrics, tenant: str, plan: SendPlan) -> None:
+    if plan.blocked:
+        metrics.recipients_blocked.labels(tenant).inc(len(plan.blocked))
+    if plan.repeats:
+        for state, n in Counter(state for _, state in plan.repeats).items():
+            metrics.send_repeats.labels(tenant, state).inc(n)
+
+
+async def _forward(
+    request: web.Request,
+    store: Store,
+    metrics: Metrics,
+    intent: SendIntent,
+    req: SendRequest,
+    plan: SendPlan,
+) -> None:
+    """Send `plan.to_send` upstream and settle every row in one commit; raise the legacy error
+    when nothing was accepted and a call failed."""
+    app = request.app
+    rt = app[keys.RUNTIME]
+    refs = {p.recipient: p.upstream_ref for p in plan.to_send}
     # Bounded by upstream.timeout_seconds, token fetch and the one retry after a 401 included.
     rt.sends_in_flight += 1
     try:
-        outcomes = await app[keys.CLIENT].send(tenant, req, ref)
+        result = await app[keys.CLIENT].send(intent.tenant, req, plan.to_send)
     except BaseException:
-        rt.sends_in_flight -= 1
+        # Cancelled (shutdown) or a bug mid-call: the request may be out, so never re-send.
+        lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
+        task = asyncio.ensure_future(_settle(store, metrics, intent, refs, lost, answered=False))
+        task.add_done_callback(_log_settle_failure)
         raise
-    sender = req.sender
-    sends = [
-        SendRecord(tenant, req.message_id, o.recipient, sender or o.sender, o.connexus_id, ref)
-        for o in outcomes
-    ]
-    statuses = [
-        StatusRecord(
-            tenant,
-            o.recipient,
-            sender or o.sender,
-            req.message_id,
-            rejection_code(o.error),
-            o.error,
+    finally:
+        rt.sends_in_flight -= 1
+    outcomes = result.outcomes
+    accepted = any(o.accepted for o in outcomes)
+    answered = accepted or result.failure is None
+    await _settle(store, metrics, intent, refs, outcomes, answered=answered)
+    if not answered:
+        assert result.failure is not None
+        raise result.failure
+
+
+async def _settle(
+    store: Store,
+    metrics: Metrics,
+    intent: SendIntent,
+    refs: dict[str, str],
+    outcomes: Sequence[RecipientOutcome],
+    *,
+    answered: bool,
+) -> None:
+    """Settle the pending rows; status records for every recipient not accepted when the call
+    is answered 204, else for the unknown ones only (a retry never re-sends those)."""
+    tenant, sender = intent.tenant, intent.sender
+    settlements: list[Settlement] = []
+    statuses: list[StatusRecord] = []
+    counts = {"accepted": 0, "rejected": 0, "unknown": 0}
+    for o in outcomes:
+        ref = refs.get(o.recipient)
+        if ref is None:
+            continue
+        counts[o.state] += 1
+        settlements.append(
+            Settlement(ref, o.state, o.connexus_id or None, "" if sender else o.sender)
         )
-        for o in outcomes
-        if o.connexus_id is None
-    ]
-    rt.sends_in_flight -= 1
-    await app[keys.STORE].record_sends(sends, statuses, solo=rt.sends_in_flight == 0)
-    app[keys.METRICS].observe_send(tenant, len(outcomes) - len(statuses), len(statuses))
-    return web.Response(status=204)
+        if o.accepted or (o.state == "rejected" and not answered):
+            continue
+        if o.state == "unknown":
+            code, error = "ERR", UNKNOWN_OUTCOME
+        else:
+            code, error = rejection_code(o.error), o.error
+        who = sender or o.sender
+        statuses.append(StatusRecord(tenant, o.recipient, who, intent.legacy_id, code, error, ref))
+    await store.settle_send(settlements, statuses)
+    if counts["unknown"]:
+        metrics.recipients_unknown.labels(tenant).inc(counts["unknown"])
+    if answered:
+        metrics.observe_send(tenant, counts["accepted"], counts["rejected"] + counts["unknown"])
+
+
+def _log_settle_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("settle_failed", error=repr(task.exception()))
 
 
 async def test_send(request: web.Request) -> web.StreamResponse:
@@ -84,22 +181,25 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
     app = request.app
     rt = app[keys.RUNTIME]
     store = app[keys.STORE]
-    notifier = store.notifier
+    waker = store.waker
+    # A lease of a replica that died frees itself after lease_seconds and wakes nobody: look
+    # again at least that often.
+    recheck = app[keys.SETTINGS].store.lease_seconds
     loop = asyncio.get_running_loop()
     deadline = loop.time() + rt.tenants[tenant].poll_wait_seconds
     while True:
-        seen = notifier.generation(tenant, kind)
+        seen = waker.generation(tenant, kind)
         record = await store.claim(tenant, kind)
         if record is not None:
             break
         remaining = deadline - loop.time()
-        if remaining <= 0 or rt.shutting_down:
+        if remaining <= 0 or rt.shutting_down or _gone(request):
             return web.Response(status=204)
-        woke = await notifier.wait(tenant, kind, seen, remaining)
-        if not woke or rt.shutting_down or _gone(request):
+        await waker.wait(tenant, kind, seen, min(remaining, recheck))
+        if rt.shutting_down or waker.closed or _gone(request):
             return web.Response(status=204)
     if _gone(request):
-        store.release(record)
+        await _release(store, record)
         return web.Response(status=204)
     resp = web.Response(
         body=render_record(record, rt.status_maps[tenant]),
@@ -108,14 +208,25 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
     try:
         await resp.prepare(request)
         await resp.write_eof()
+        received = await peer_received(request.transport)
     except BaseException:
-        store.release(record)  # not handed over: the next poll gets it
+        await asyncio.shield(_release(store, record))  # not handed over: the next poll gets it
         raise
+    if not received:  # closed or reset before the client's TCP stack acknowledged the answer
+        await _release(store, record)
+        return resp
     try:
         await store.ack(record)
     except StoreError as exc:
         log.error("ack_failed", tenant=tenant, kind=kind, error=str(exc))
     return resp
+
+
+async def _release(store: Store, record: LegacyRecord) -> None:
+    try:
+        await store.release(record)
+    except StoreError as exc:  # the lease runs out by itself
+        log.error("release_failed", tenant=record.tenant, kind=record.kind, error=str(exc))
 
 
 def _gone(request: web.Request) -> bool:
