@@ -21,8 +21,10 @@ import pytest
 from bc_proxy.errors import StoreError
 from bc_proxy.store import (
     Delivery,
+    DlrEvent,
     MoEvent,
     SendIntent,
+    Settlement,
     StatusRecord,
     Store,
     TenantRules,
@@ -351,3 +353,22 @@ async def test_migrate_command_reports_versions_and_refuses_newer(
     code, out, err = await migrate("--config", str(config))
     assert code == 2
     assert f"version {LATEST + 1} is newer" in err
+
+
+async def test_report_racing_its_settle_on_another_replica_is_never_left_unmatched(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A report stored on B while A's settle makes its Connexus id known ends up matched."""
+    a, b = pair
+    n = 150
+    recipients = tuple(f"6422{i:06d}" for i in range(n))
+    plan = await a.begin_send(SendIntent(POLL, "race", recipients, "552"), time.time())
+    outcomes = await asyncio.gather(
+        *(
+            a.settle_send([Settlement(p.upstream_ref, "accepted", f"cx-race-{i}")])
+            for i, p in enumerate(plan.to_send)
+        ),
+        *(b.add_dlr(DlrEvent(f"cx-race-{i}", 1, "DELIVRD")) for i in range(n)),
+    )
+    assert {o.outcome for o in outcomes[n:] if o is not None} <= {"stored", "unmatched"}
+    assert await a.queue_depth(POLL) == (0, n)
