@@ -160,12 +160,12 @@ class Polling:
         async with self.db.tx("release leases", lease=True) as (conn, wakes):
             rows = await conn.fetch(
                 "UPDATE records SET lease_owner = NULL, lease_until = NULL "
-                "WHERE lease_owner = $1 RETURNING tenant, kind",
+                "WHERE pollable AND lease_owner = $1 RETURNING tenant, kind",
                 self.owner(),
             )
             rows += await conn.fetch(
                 "UPDATE records SET push_owner = NULL, push_until = NULL "
-                "WHERE push_owner = $1 RETURNING tenant, kind",
+                "WHERE push_due IS NOT NULL AND push_owner = $1 RETURNING tenant, kind",
                 self.owner(),
             )
             wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)
@@ -207,7 +207,7 @@ async def purge(db: Db, before: float) -> int:
     total = 0
     for sql in (
         "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE created_at < $1 "
-        "AND NOT pollable AND push_due IS NULL AND NOT dead ORDER BY id LIMIT $2)",
+        "AND NOT pollable AND push_due IS NULL AND NOT dead ORDER BY created_at LIMIT $2)",
         "DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE created_at < $1 "
         "AND state <> 'pending' ORDER BY created_at LIMIT $2)",
     ):
