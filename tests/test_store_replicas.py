@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,8 +38,10 @@ from tests.pg import pg_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.postgres
 
-POLL = "acme"
-PUSH = "pusher"
+# Unique per run: NOTIFY reaches every schema of the database, and another run's "acme:in"
+# would wake this run's waiters early.
+POLL = f"acme-{secrets.token_hex(3)}"
+PUSH = f"pusher-{secrets.token_hex(3)}"
 RULES = Rules(
     {
         POLL: TenantRules(senders=("552",)),
