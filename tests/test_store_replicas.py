@@ -266,9 +266,10 @@ async def test_killed_listen_connection_comes_back_and_wakes_waiters(
 
 
 async def test_driver_failures_surface_as_store_error(opener: Opener, pg_url: str) -> None:  # noqa: F811
-    """A statement past the command timeout, a backend killed mid-statement, a dead server:
-    each is a StoreError (the app's 503/500), never a driver exception."""
-    quick = await opener("A", command_timeout=0.3)
+    """A statement past the command timeout (set in the URL), a backend killed mid-statement,
+    a dead server: each is a StoreError (the app's 503/500), never a driver exception."""
+    quick = PostgresStore(f"{pg_url}&command_timeout=0.3&pool_max=2", RULES, replica="A")
+    await quick.open()
     patient = await opener("B")
     blocker = await asyncpg.connect(pg_url)
     try:
@@ -290,6 +291,7 @@ async def test_driver_failures_surface_as_store_error(opener: Opener, pg_url: st
     finally:
         await blocker.close()
     assert await patient.queue_depth(POLL) == (0, 0)  # the pool heals
+    await quick.close()
     down = PostgresStore("postgresql://postgres@127.0.0.1:1/test", RULES, replica="X")
     with pytest.raises(StoreError, match="connect"):
         await down.open()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store import (
@@ -37,10 +38,31 @@ from bc_proxy.store.waker import LocalWaker, Waker
 POOL_MIN = 1
 POOL_MAX = 10
 COMMAND_TIMEOUT = 5.0
+URL_OPTIONS = ("pool_min", "pool_max", "command_timeout")
+
+
+def pool_options(url: str) -> tuple[str, dict[str, float]]:
+    """Take `pool_min`, `pool_max` and `command_timeout` out of the URL's query (the rest of it
+    goes to the driver): store.url alone can size the pool. Raises StoreError on a bad value."""
+    parts = urlsplit(url)
+    kept, options = [], {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in URL_OPTIONS:
+            try:
+                options[name] = float(value)
+            except ValueError:
+                raise StoreError(f"store url: {name}={value!r} is not a number") from None
+        else:
+            kept.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), options
 
 
 class PostgresStore:
-    """Records, sends and leases in one PostgreSQL database shared by every replica."""
+    """Records, sends and leases in one PostgreSQL database shared by every replica.
+
+    `url`: postgresql://user:pw@host/db, optionally with `?pool_min=1&pool_max=10&
+    command_timeout=5` (these override the keyword arguments) and libpq options.
+    """
 
     def __init__(
         self,
@@ -54,15 +76,19 @@ class PostgresStore:
         command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self.url = url
+        dsn, options = pool_options(url)
+        pool_max = max(1, int(options.get("pool_max", pool_max)))
+        pool_min = min(pool_max, int(options.get("pool_min", pool_min)))
+        command_timeout = options.get("command_timeout", command_timeout)
         self.rules = rules
         self.replica = replica or new_replica_id()
         self.lease_seconds = lease_seconds
         waker = LocalWaker()
         self.waker: Waker = waker
         self._db = Db(
-            url, waker, pool_min=pool_min, pool_max=pool_max, command_timeout=command_timeout
+            dsn, waker, pool_min=pool_min, pool_max=pool_max, command_timeout=command_timeout
         )
-        self.listener = Listener(url, waker, timeout=command_timeout)
+        self.listener = Listener(dsn, waker, timeout=command_timeout)
         self._polling = records.Polling(self._db, self._owner, lease_seconds)
         self._pushing = push.Pushing(self._db, rules, self._owner, lease_seconds)
         self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
@@ -109,7 +135,7 @@ class PostgresStore:
         """Apply pending schema migrations (without opening the store); (from, to) versions."""
         db = self._db
         if not db.started:  # the CLI: a pool of its own, closed again below
-            db = Db(self.url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=60.0)
+            db = Db(self._db.dsn, LocalWaker(), pool_min=1, pool_max=1, command_timeout=60.0)
             await db.start()
         try:
             async with db.conn("migrate") as conn:
