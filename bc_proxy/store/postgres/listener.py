@@ -35,6 +35,7 @@ class Listener:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
 
     async def start(self) -> None:
         """Connect once (raising the driver's error when PostgreSQL is down), then supervise."""
@@ -47,6 +48,9 @@ class Listener:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        conn, self._conn = self._conn, None
+        if conn is not None:  # the task may have been cancelled before it first ran
+            conn.terminate()
 
     async def _connect(self) -> tuple[Any, asyncio.Event]:
         conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
@@ -58,6 +62,7 @@ class Listener:
             conn.terminate()
             raise
         self.pid = conn.get_server_pid()
+        self._conn = conn
         self.connected.set()
         return conn, lost
 
@@ -74,6 +79,7 @@ class Listener:
             finally:
                 self.connected.clear()
                 self.pid = None
+                self._conn = None
                 conn.terminate()
             log.warning("store LISTEN connection lost; reconnecting")
             while True:
