@@ -6,6 +6,7 @@ so they never print. Does not own what the settings mean at run time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +46,14 @@ class ServerSettings(_Model):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)  # N processes on one port; N > 1 needs PostgreSQL
     read_timeout_seconds: float = Field(15, gt=0)  # headers and body must arrive within this
+    tls_cert_file: str | None = None  # serve HTTPS with this certificate chain (PEM) ...
+    tls_key_file: str | None = None  # ... and this private key (PEM); both or neither
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
 
 class UpstreamSettings(_Model):
@@ -82,6 +91,21 @@ class StoreSettings(_Model):
 class WebhookSettings(_Model):
     secret: SecretStr
     register_on_start: bool = False
+    # Optional hardening on top of the secret path: only these source networks (CIDR) ...
+    allowed_sources: tuple[str, ...] = ()
+    # ... and/or an HMAC-SHA256 of the raw body, hex, in this header, keyed by hmac_secret.
+    hmac_secret: SecretStr | None = None
+    hmac_header: str = "X-Connexus-Signature"
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network (CIDR)") from None
+        return v
 
     @field_validator("secret")
     @classmethod
@@ -177,6 +201,8 @@ class TenantSettings(_Model):
     opt_out: bool = True  # incoming STOP blocks the handset for this tenant, START unblocks
     inbound: InboundSettings = InboundSettings()
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH  # the /api/connexus/{path} allowlist
+    send_rate_per_second: float | None = Field(None, gt=0)  # optional: legacy sends above -> 429
+    send_burst: int = Field(20, ge=1)  # sends allowed at once above the rate
 
     @field_validator("webhook_secret")
     @classmethod

@@ -70,8 +70,13 @@ async def test_readyz_stays_ready_with_token_endpoint_down(
     assert status == 200
     hook = await client.post(
         f"/webhooks/connexus/{WEBHOOK_SECRET}",
-        json={"type": "mo", "messageId": "m-ready-1", "from": "+6421000009", "to": "552",
-              "body": "still here"},
+        json={
+            "type": "mo",
+            "messageId": "m-ready-1",
+            "from": "+6421000009",
+            "to": "552",
+            "body": "still here",
+        },
     )
     assert hook.status == 200
     poll = await client.post("/api/1/sms/in", data=creds())
