@@ -216,7 +216,7 @@ async def _migrate(settings: Settings) -> int:
     store = open_configured_store(settings)
     try:
         # Both backends have it; the app's Store seam does not need it.
-        before, after = await store.migrate()  # type: ignore[attr-defined]
+        before, after = await store.migrate()
     finally:
         await store.close()
     state = "up to date" if before == after else "migrated"

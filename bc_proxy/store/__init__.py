@@ -229,6 +229,9 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""
 
+    async def migrate(self) -> tuple[int, int]:
+        """Bring the schema to the latest version this code knows: (from, to)."""
+
     # -- sends (write-ahead, then settled) --
 
     async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
