@@ -26,7 +26,10 @@ _TCP_CLOSE: Final = 7  # tcpi_state after a reset (include/net/tcp_states.h)
 
 def unacked_bytes(sock: socket.socket) -> int | None:
     """Bytes written to this TCP socket that the peer has not acknowledged (Linux SIOCOUTQ:
-    write_seq - snd_una; unsent bytes included); None when the count cannot be read."""
+    write_seq - snd_una; unsent bytes included); None when the count cannot be read.
+
+    0 after a reset too (the kernel drops the unacknowledged queue): ask `reset` first.
+    """
     if _TIOCOUTQ is None or not sys.platform.startswith("linux"):
         return None
     try:
@@ -42,7 +45,11 @@ def unacked_bytes(sock: socket.socket) -> int | None:
 
 def reset(sock: socket.socket) -> bool:
     """Whether the kernel already closed this TCP connection (a reset arrived), even if the
-    event loop has not read the error yet (Linux TCP_INFO tcpi_state)."""
+    event loop has not read the error yet (Linux TCP_INFO tcpi_state).
+
+    A reset that follows an acknowledgement at once also counts: the record is then handed out
+    again (at-least-once), which is what a client that aborts right after an answer wants.
+    """
     if _TCP_INFO is None:
         return False
     try:
@@ -84,14 +91,14 @@ async def peer_received(
             if sock is None:
                 await asyncio.sleep(0)  # let a reset already read by the loop close it
                 return not transport.is_closing()
+            if reset(sock):  # before the count: a reset leaves it 0 with nothing acknowledged
+                return False
             unacked = unacked_bytes(sock)
             if unacked == 0:
                 return True
             if unacked is None:
                 sock = None
                 continue
-            if reset(sock):  # a reset purges the unacknowledged bytes: never received
-                return False
         if loop.time() >= deadline:
             return True
         await asyncio.sleep(_PAUSES[min(checks, len(_PAUSES) - 1)])

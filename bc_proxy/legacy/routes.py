@@ -213,6 +213,7 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
         await asyncio.shield(_release(store, record))  # not handed over: the next poll gets it
         raise
     if not received:  # closed or reset before the client's TCP stack acknowledged the answer
+        log.info("poll_not_received", tenant=tenant, kind=kind)
         await _release(store, record)
         return resp
     try:
