@@ -12,16 +12,20 @@ import random
 import signal
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from bc_proxy import keys
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.metrics import Metrics
+from bc_proxy.store import MoEvent
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -303,3 +307,72 @@ async def test_sigkill_mid_call_then_retry_is_not_sent_again(
                 await second.stop()
     assert [s.to for s in emu.sent] == ["6421000123"]
     assert len(emu.sms_out_requests()) == 1
+
+
+# -- the upstream client never repeats a written send ------------------------------------------
+
+
+@dataclass
+class DroppingConnexus:
+    """A Connexus stub that accepts sends, or reads one and drops the connection unanswered."""
+
+    sends: int = 0
+    drop: bool = False
+
+
+def _dropping_app(stub: DroppingConnexus) -> web.Application:
+    async def token(_: web.Request) -> web.Response:
+        return web.json_response({"access_token": "tok", "expires_in": 3600})
+
+    async def sms_out(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        stub.sends += 1
+        if stub.drop:
+            assert request.transport is not None
+            request.transport.abort()  # reset after the request was read: outcome unknown
+            raise web.HTTPInternalServerError
+        return web.json_response({"success": True, "message_id": f"c{stub.sends}"})
+
+    app = web.Application()
+    app.router.add_post("/api/connexus/auth/token", token)
+    app.router.add_post("/api/connexus/sms/out", sms_out)
+    return app
+
+
+async def test_reset_after_the_request_was_read_is_unknown_and_never_repeated(
+    aiohttp_server: AiohttpServer, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Connexus dropping a keep-alive connection after reading a send: one request only (no
+    automatic retry), 500, state unknown; the legacy retry is not sent either."""
+    stub = DroppingConnexus()
+    server = await aiohttp_server(_dropping_app(stub), host="127.0.0.1")
+    cfg = _quiet(config_dict(tmp_path, str(server.make_url("/api/connexus"))))
+    client = await gateway(cfg)
+    assert await _post(client, creds(to="6421000001", body="warm")) == (204, "")  # keep-alive
+    stub.drop = True
+    params = creds(to="6421000002", body="dropped", messageId="drop-1")
+    status, text = await _post(client, params)
+    assert status == 500
+    assert "unknown" in text
+    assert stub.sends == 2
+    assert _states(tmp_path / "bc-proxy.db")[-1] == ("6421000002", "drop-1", "unknown")
+    stub.drop = False
+    assert await _post(client, params) == (204, "")
+    assert stub.sends == 2
+
+
+async def test_blocked_handset_is_not_sent_and_counted(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A handset that sent STOP is not forwarded to: 204, a NUR record, the blocked metric."""
+    metrics = Metrics(process=False)
+    client = await gateway(_quiet(cfg), metrics)
+    stop = MoEvent(message_id="mo-stop", sender="6421000444", to="552", body="STOP")
+    await client.app[keys.STORE].add_mo(stop, account="acme")
+    params = creds(to="6421000444 6421000445", body="offer", messageId="offer-1")
+    assert await _post(client, params) == (204, "")
+    assert [s.to for s in connexus.emu.sent] == ["6421000445"]
+    assert _sample(metrics, "bc_proxy_recipients_blocked_total", tenant="acme") == 1
+    (record,) = await _status_records(client)
+    assert (record["from"], record["statusCode"]) == ("6421000444", "NUR")
+    assert "Blocked" in record["error"]
