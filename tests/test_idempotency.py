@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.connexus.client import send_failure_state
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.metrics import Metrics
@@ -376,3 +377,27 @@ async def test_blocked_handset_is_not_sent_and_counted(
     (record,) = await _status_records(client)
     assert (record["from"], record["statusCode"]) == ("6421000444", "NUR")
     assert "Blocked" in record["error"]
+
+
+@pytest.mark.parametrize(
+    ("status", "state"),
+    [
+        (200, None),
+        (204, None),
+        (301, "rejected"),
+        (307, "rejected"),
+        (400, "rejected"),
+        (401, "rejected"),
+        (403, "rejected"),
+        (429, "rejected"),
+        (501, "rejected"),
+        (503, "rejected"),
+        (500, "unknown"),
+        (502, "unknown"),
+        (504, "unknown"),
+        (599, "unknown"),
+    ],
+)
+def test_send_failure_state_table(status: int, state: str | None) -> None:
+    """A non-2xx sms/out answer leaves its recipients rejected (definitive) or unknown."""
+    assert send_failure_state(status) == state

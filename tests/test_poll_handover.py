@@ -350,3 +350,21 @@ async def test_at_least_once_window_is_milliseconds(gw: GatewayClient) -> None:
         f"max {max(windows) * 1000:.2f} ms"
     )
     assert statistics.median(windows) < 0.05
+
+
+async def test_waiting_poll_finds_an_expired_lease_of_a_dead_replica(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A poll waiting 6 s picks up a record whose lease (1 s) ran out without any wake-up, as
+    a replica that died holding it leaves it: it looks again every lease period."""
+    cfg["upstream"]["mo_query_interval_seconds"] = 0
+    cfg["store"]["lease_seconds"] = 1
+    client = await gateway(with_tenant(cfg, poll_wait_seconds=6))
+    await _store_mo(client, 1)
+    claimed = await client.app[keys.STORE].claim("acme", "in")  # never acked nor released
+    assert claimed is not None
+    started = time.monotonic()
+    async with client.get(IN, params=creds()) as resp:
+        assert resp.status == 200
+        assert "body=reply+1&" in await resp.text()
+    assert time.monotonic() - started < 3.5

@@ -364,7 +364,7 @@ class ConnexusClient:
                 error = GatewayError(f"{error.reason}; outcome unknown, not re-sent")
             state: SendState = "unknown" if exchange.written else "rejected"
             return _all(recipients, state, error.reason), error
-        failed = _failure_state(status)
+        failed = send_failure_state(status)
         if failed is not None:
             error = _error_for(status, answer, failed)
             return _all(recipients, failed, error.reason), error
@@ -422,7 +422,7 @@ def _all(recipients: list[str], state: SendState, reason: str) -> list[Recipient
     return [RecipientOutcome(r, state, None, error=reason) for r in recipients]
 
 
-def _failure_state(status: int) -> SendState | None:
+def send_failure_state(status: int) -> SendState | None:
     """How a non-2xx answer to sms/out leaves its recipients (None: 2xx, read the answer).
 
     A 3xx or 4xx is a definitive refusal (a redirect is not followed: that would be a second
