@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.connexus.client import send_failure_state
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
+from bc_proxy.connexus.outcomes import send_failure_state
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import MoEvent

@@ -14,8 +14,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import stamina
@@ -26,13 +24,20 @@ from aiohttp import (
     DummyCookieJar,
     TCPConnector,
     TraceConfig,
-    TraceRequestHeadersSentParams,
 )
 from yarl import URL
 
 from bc_proxy.config import Settings, TenantSettings
+from bc_proxy.connexus.outcomes import (
+    Exchange,
+    SendOutcome,
+    all_failed,
+    error_for,
+    headers_sent,
+    send_failure_state,
+)
 from bc_proxy.connexus.tokens import TokenManager
-from bc_proxy.errors import BadRequest, Forbidden, GatewayError, LegacyError
+from bc_proxy.errors import GatewayError, LegacyError
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import PlannedRecipient, SendState
@@ -56,35 +61,6 @@ log = get_logger("bc_proxy.connexus")
 
 class _Retryable(Exception):
     """A token fetch failed in a way worth one more try (5xx, connection error)."""
-
-
-class Exchange:
-    """Whether the current attempt of one upstream request got as far as writing it.
-
-    Set by the session's `on_request_headers_sent` trace: a failure before that (pool wait,
-    DNS, connect, token fetch) means Connexus never saw the request.
-    """
-
-    __slots__ = ("written",)
-
-    def __init__(self) -> None:
-        self.written = False
-
-
-async def _headers_sent(
-    session: ClientSession, ctx: SimpleNamespace, params: TraceRequestHeadersSentParams
-) -> None:
-    exchange = ctx.trace_request_ctx
-    if isinstance(exchange, Exchange):
-        exchange.written = True
-
-
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    """One outcome per recipient sent, and the first call-level failure (None if none)."""
-
-    outcomes: list[RecipientOutcome]
-    failure: LegacyError | None = None
 
 
 class ConnexusClient:
@@ -126,7 +102,7 @@ class ConnexusClient:
 
     async def start(self) -> None:
         trace = TraceConfig()
-        trace.on_request_headers_sent.append(_headers_sent)
+        trace.on_request_headers_sent.append(headers_sent)
         connector = TCPConnector(
             limit=self._max_conn,
             limit_per_host=self._max_conn,
@@ -363,11 +339,11 @@ class ConnexusClient:
             if exchange.written:  # a timeout or reset after the request went out
                 error = GatewayError(f"{error.reason}; outcome unknown, not re-sent")
             state: SendState = "unknown" if exchange.written else "rejected"
-            return _all(recipients, state, error.reason), error
+            return all_failed(recipients, state, error.reason), error
         failed = send_failure_state(status)
         if failed is not None:
-            error = _error_for(status, answer, failed)
-            return _all(recipients, failed, error.reason), error
+            error = error_for(status, answer, failed)
+            return all_failed(recipients, failed, error.reason), error
         if form is not None:
             one = single_outcome(answer, recipients[0])
             return [dataclasses.replace(one, recipient=recipients[0])], None
@@ -416,35 +392,3 @@ def _json(raw: bytes) -> Any:
 def _short(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     return reason if isinstance(reason, str) else type(exc).__name__
-
-
-def _all(recipients: list[str], state: SendState, reason: str) -> list[RecipientOutcome]:
-    return [RecipientOutcome(r, state, None, error=reason) for r in recipients]
-
-
-def send_failure_state(status: int) -> SendState | None:
-    """How a non-2xx answer to sms/out leaves its recipients (None: 2xx, read the answer).
-
-    A 3xx or 4xx is a definitive refusal (a redirect is not followed: that would be a second
-    POST). 501 and 503 say the server did not take the request on (not implemented,
-    unavailable). Any other 5xx (500, 502, 504, ...) leaves it open whether the message went
-    out (a crash after queueing it, a proxy losing the backend's answer): unknown.
-    """
-    if 200 <= status < 300:
-        return None
-    if status < 500 or status in (501, 503):
-        return "rejected"
-    return "unknown"
-
-
-def _error_for(status: int, answer: Any, state: SendState) -> LegacyError:
-    """The legacy answer for a failed sms/out (design.md section 4)."""
-    if status == 400:
-        return BadRequest(upstream_reason(answer, "Rejected by Connexus"))
-    if status in (402, 403):
-        return Forbidden(upstream_reason(answer, "Insufficient funds"))
-    if status == 401:
-        return GatewayError("Connexus refused the gateway's credentials")
-    if state == "unknown":
-        return GatewayError(f"Connexus error {status}; outcome unknown, not re-sent")
-    return GatewayError(f"Connexus error {status}")
