@@ -264,17 +264,33 @@ async def test_definitive_refusal_is_rejected_and_the_retry_sends(
 # -- a SIGKILL between Connexus accepting and the 204 -----------------------------------------
 
 
+STALE_AFTER = 2 * 1 + 5  # app.py: pending rows older than twice the timeout plus 5 s, at start
+
+
 async def test_sigkill_mid_call_then_retry_is_not_sent_again(
     tmp_path: Path, connexus: Connexus
 ) -> None:
     """The gateway killed after Connexus took the send, before its 204: after a restart the
-    legacy retry is answered 204 from the write-ahead row, with no upstream call."""
+    retry is answered 204 from the pending row, and after a later restart (row now unknown) with
+    the configured 500, never with an upstream call."""
     port = free_port()
-    cfg = _quiet(config_dict(tmp_path, connexus.base_url), timeout_seconds=5)
+    cfg = _quiet(config_dict(tmp_path, connexus.base_url), timeout_seconds=1)
     cfg["server"]["port"] = port
     config = write_config(tmp_path / "bc-proxy.yaml", cfg)
     emu = connexus.emu
     params = creds(to="6421000123", body="killed", messageId="kill-1")
+    db = tmp_path / "bc-proxy.db"
+
+    async def retry(http: aiohttp.ClientSession, expected: int) -> None:
+        served = Served(config, port, log)
+        await served.start(http)
+        try:
+            for _ in range(2):
+                async with http.post(served.base + OUT, data=params) as resp:
+                    assert resp.status == expected
+        finally:
+            await served.stop()
+
     with (tmp_path / "gateway.log").open("w") as log:
         async with aiohttp.ClientSession() as http:
             first = Served(config, port, log)
@@ -291,21 +307,22 @@ async def test_sigkill_mid_call_then_retry_is_not_sent_again(
                 assert time.monotonic() < deadline, "the send never reached Connexus"
                 await asyncio.sleep(0.005)
             first.signal(signal.SIGKILL)
+            killed = time.monotonic()
             assert first.proc is not None
             await first.proc.wait()
             with pytest.raises(aiohttp.ClientError):
                 await sending
-            assert _states(tmp_path / "bc-proxy.db") == [("6421000123", "kill-1", "pending")]
+            assert _states(db) == [("6421000123", "kill-1", "pending")]
 
             emu.send_response_delay = 0
-            second = Served(config, port, log)
-            await second.start(http)
-            try:
-                for _ in range(2):
-                    async with http.post(second.base + OUT, data=params) as resp:
-                        assert resp.status == 204  # upstream.unknown_retry_status default
-            finally:
-                await second.stop()
+            await retry(http, 204)  # pending: upstream.unknown_retry_status, default 204
+            assert _states(db) == [("6421000123", "kill-1", "pending")]
+
+            await asyncio.sleep(max(0.0, killed + STALE_AFTER + 0.5 - time.monotonic()))
+            cfg["upstream"]["unknown_retry_status"] = 500
+            write_config(config, cfg)
+            await retry(http, 500)  # became unknown at start; the configured answer
+            assert _states(db) == [("6421000123", "kill-1", "unknown")]
     assert [s.to for s in emu.sent] == ["6421000123"]
     assert len(emu.sms_out_requests()) == 1
 
