@@ -128,6 +128,19 @@ async def test_stalled_peer_counts_as_received_after_the_bound(
     assert (handover.unacked_bytes(sock) or 0) > 0 or transport.get_write_buffer_size() > 0
 
 
+async def test_without_the_count_only_a_seen_close_releases(
+    pair: Callable[[], Awaitable[Pair]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the unacknowledged count (not Linux, TLS) an open connection counts as received
+    once the buffer is flushed, and a closed transport as not received."""
+    monkeypatch.setattr(handover, "raw_socket", lambda _: None)
+    transport, _ = await pair()
+    transport.write(b"x" * 300)
+    assert await peer_received(transport)
+    transport.abort()
+    assert not await peer_received(transport)
+
+
 # -- end to end through the gateway -----------------------------------------------------------
 
 
