@@ -228,6 +228,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return asyncio.run(_migrate(_settings(args)))
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    from bc_proxy.store.transfer import summary, transfer
+
+    report = asyncio.run(transfer(args.source, args.target, force=args.force))
+    print("\n".join(summary(report)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bc-proxy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="bring the store's schema to this version's (then exit)")
     with_config(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "migrate-store", help="move a stopped SQLite install into PostgreSQL, counts verified"
+    )
+    p.add_argument("--from", dest="source", required=True, help="sqlite:///path/to/bc-proxy.db")
+    p.add_argument("--to", dest="target", required=True, help="postgresql://... (migrated first)")
+    p.add_argument("--force", action="store_true", help="empty a non-empty target first")
+    p.set_defaults(func=cmd_migrate_store)
     return parser
 
 

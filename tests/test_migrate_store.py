@@ -1,0 +1,178 @@
+"""`bc-proxy migrate-store`: a single-node SQLite install moved into PostgreSQL, counts verified.
+
+The source is written through the SQLite store (sends in every state, a held poll lease, a dead
+letter, a STOP, a rejected webhook, a sweep mark) plus 100,000 bulk records; the moved store then
+serves a gateway: the leased record is polled, the dead letter is replayed and pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+from aiohttp import web
+
+from bc_proxy import keys
+from bc_proxy.store import (
+    Delivery,
+    MoEvent,
+    Rules,
+    SendIntent,
+    Settlement,
+    StatusRecord,
+    SweepMark,
+    TenantRules,
+    open_store,
+)
+from tests.conftest import AiohttpServer, Connexus, GatewayFactory, config_dict, creds
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.postgres
+
+BULK = 100_000
+COUNT = re.compile(r"^(\w[\w ]*?) +(\d+) -> +(\d+)  (?:ok|MISMATCH)$", re.M)
+RULES = Rules(
+    {
+        "acme": TenantRules(senders=("552",)),
+        "pusher": TenantRules(delivery=Delivery(push_status=True), senders=("553",)),
+    }
+)
+
+
+async def _single_node_install(url: str) -> tuple[str, str]:
+    """Write one of everything through the SQLite store; (leased receipt id, dead receipt id)."""
+    store = open_store(url, RULES, replica="old-node")
+    await store.open()
+    try:
+        mo = MoEvent("mo-first", "6421000001", "552", "the oldest record")
+        assert (await store.add_mo(mo, account=None)).outcome == "stored"
+        leased = await store.claim("acme", "in")  # held when the node stopped
+        assert leased is not None
+        stop = MoEvent("mo-stop", "6421000002", "552", "STOP")
+        assert (await store.add_mo(stop, account=None)).outcome == "stored"
+        plan = await store.begin_send(
+            SendIntent("acme", "L1", ("6421000003", "6421000004", "6421000005"), "552"),
+            time.time(),
+        )
+        refs = [p.upstream_ref for p in plan.to_send]
+        await store.settle_send(
+            [Settlement(refs[0], "accepted", "cx-1"), Settlement(refs[1], "rejected")],
+            [StatusRecord("acme", "6421000004", "552", "L1", "NUR", "rejected", refs[1])],
+        )  # refs[2] stays pending
+        await store.settle_send([], [StatusRecord("pusher", "6421000006", "553", "L2", "NUR", "x")])
+        (pushed,) = await store.claim_pushes(time.time(), 10)
+        await store.push_failed(pushed, next_at=None, error="gave up")
+        await store.reject_webhook(b'{"type": "nonsense"}', "unknown type")
+        await store.set_sweep_mark(SweepMark("acme", "2026-11-29 10:00:00", "mo-first", 1.0))
+        return leased.receipt_id, pushed.receipt_id
+    finally:
+        await store.close()
+
+
+def _bulk(path: str, n: int) -> None:
+    """n pollable records of both kinds, as the SQLite store writes them."""
+    import sqlite3
+
+    now = time.time()
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO records (tenant, kind, event_key, ref, receipt_id, msisdn_from, "
+            "msisdn_to, body, dlr_status, created_at, pollable) "
+            "VALUES ('acme', ?, ?, ?, ?, '6421999999', '552', ?, ?, ?, 1)",
+            (
+                (
+                    "in" if i % 2 else "status",
+                    f"mo:bulk{i}" if i % 2 else f"dlr:bulk{i}:1",
+                    None,
+                    f"r{i:032d}",
+                    f"bulk {i}" if i % 2 else "",
+                    None if i % 2 else 1,
+                    now,
+                )
+                for i in range(n)
+            ),
+        )
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bc_proxy", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_migrate_store_moves_100k_records_with_every_count_equal(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """100,000 records and one of everything move with every count equal; the moved store serves."""
+    db = tmp_path / "bc-proxy.db"
+    source = f"sqlite:///{db}"
+    leased_id, dead_id = await _single_node_install(source)
+    await asyncio.to_thread(_bulk, str(db), BULK)
+
+    started = time.monotonic()
+    code, out, err = await _cli("migrate-store", "--from", source, "--to", pg_url)
+    took = time.monotonic() - started
+    print(f"\nmigrate-store, {BULK + 4} records: {took:.1f} s (process included)\n{out}{err}")
+    assert code == 0, err
+    counts = {m[1]: (int(m[2]), int(m[3])) for m in COUNT.finditer(out)}
+    assert all(line.endswith(" ok") for line in out.splitlines() if " -> " in line[30:]), out
+    assert counts["records"] == (BULK + 4, BULK + 4)
+    assert counts["records dead letters"] == (1, 1)
+    assert counts["records pollable"] == (BULK + 3, BULK + 3)  # the leased one included
+    assert counts["records leases held"] == (0, 0)
+    for table in ("sends", "sweep_marks", "blocked", "rejected_webhooks"):
+        assert counts[table][0] == counts[table][1] >= 1, table
+    assert (counts["sends pending"], counts["sends accepted"]) == ((1, 1), (1, 1))
+
+    code, _, err = await _cli("migrate-store", "--from", source, "--to", pg_url)
+    assert code != 0  # a second run refuses the filled target
+    assert "not empty" in err
+
+    pushed: list[dict[str, str]] = []
+    arrived = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        pushed.append(dict(parse_qsl(await request.text())))
+        arrived.set()
+        return web.Response(text="OK")
+
+    receiver_app = web.Application()
+    receiver_app.router.add_post("/status", receive)
+    receiver = await aiohttp_server(receiver_app, host="127.0.0.1")
+    cfg: dict[str, Any] = config_dict(tmp_path, connexus.base_url)
+    cfg["store"]["url"] = pg_url
+    cfg["upstream"]["mo_query_interval_seconds"] = 0
+    cfg["tenants"].append(
+        {
+            **cfg["tenants"][0],
+            "name": "pusher",
+            "legacy": {"user_id": "pusher-legacy", "password": "pusher-legacy-pass"},
+            "senders": ["553"],
+            "push": {"status_url": str(receiver.make_url("/status"))},
+        }
+    )
+    client = await gateway(cfg)
+    async with client.get("/api/1/sms/in", params=creds()) as resp:
+        assert resp.status == 200  # its SQLite lease was released in the move
+        assert dict(parse_qsl(await resp.text()))["messageId"] == leased_id
+    store = client.app[keys.STORE]
+    (dead,) = await store.dead_letters()
+    assert dead.receipt_id == dead_id
+    assert await store.replay([dead.id], time.time()) == 1
+    await asyncio.wait_for(arrived.wait(), 10)
+    assert [p["messageId"] for p in pushed] == [dead_id]
+    assert await store.blocked("acme") == ["6421000002"]
