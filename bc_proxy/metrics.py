@@ -25,7 +25,16 @@ LEGACY_ROUTES = (
     "/api/1/sms/status",
     "/api/1/sms/queue",
 )
-UPSTREAM_OPERATIONS = ("token", "sms_out", "sms_out_bulk", "mo_query", "configure", "passthrough")
+UPSTREAM_OPERATIONS = (
+    "token",
+    "sms_out",
+    "sms_out_bulk",
+    "mo_query",
+    "configure",
+    "passthrough",
+    "sms_in",
+    "sms_status",
+)
 RECORD_KINDS = ("in", "status")
 WEBHOOK_TYPES = ("mo", "dlr", "unknown")
 WEBHOOK_OUTCOMES = ("stored", "duplicate", "unmatched", "ambiguous", "assigned", "rejected")
@@ -208,6 +217,34 @@ class Metrics:
             "bc_proxy_webhooks_rejected_total",
             "Webhook payloads we could not use, kept in the rejected-webhooks table, by reason.",
             ["reason"],
+            registry=r,
+        )
+
+        self.passthrough_requests = Counter(
+            "bc_proxy_passthrough_requests_total",
+            "/api/connexus passthrough requests by path (allowlisted paths, else other) and "
+            "HTTP status (or timeout/error).",
+            ["path", "status"],
+            registry=r,
+        )
+        self.webhook_registrations = Counter(
+            "bc_proxy_webhook_registrations_total",
+            "Webhook registrations through Connexus configure, by tenant and outcome "
+            "(verified, mismatch, error).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.pulls = Counter(
+            "bc_proxy_pulls_total",
+            "Pull-mode fetches by tenant, source (mo_query, sms_in, sms_status) and outcome "
+            "(ok, error).",
+            ["tenant", "source", "outcome"],
+            registry=r,
+        )
+        self.pulled_records = Counter(
+            "bc_proxy_pulled_records_total",
+            "Records fetched by pull mode, by tenant and source.",
+            ["tenant", "source"],
             registry=r,
         )
 
