@@ -1,5 +1,6 @@
 """Graceful shutdown of `bc-proxy serve` on SIGTERM: long-polls released, in-flight sends
-finished, exit 0 within the shutdown timeout, and waiting records kept for the next start."""
+finished (or, cut off, never re-sent), exit 0 within the shutdown timeout, and waiting records
+kept for the next start."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -211,3 +213,8 @@ async def test_sigterm_exits_in_time_when_upstream_hangs(
             await stuck  # cut off: no answer is fine, a hang is not
         assert rc == 0, gw.log
         assert exited < timeout + 1.5, f"exit took {exited:.2f}s for a {timeout}s timeout"
+    with sqlite3.connect(tmp_path / "bc-proxy.db") as db:
+        states = dict(db.execute("SELECT recipient, state FROM sends").fetchall())
+    # Cut off mid-call: settled unknown as the handler is cancelled (or still pending if the
+    # store closed first, unknown at a later start); either way a retry is never re-sent.
+    assert states["64210001"] in ("unknown", "pending")
