@@ -154,6 +154,20 @@ async def test_retry_of_accepted_send_is_204_without_upstream_call(
     assert await _status_records(client) == []
 
 
+async def test_retry_after_the_idempotency_window_is_a_new_send(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """Past the tenant's idempotency_window_seconds the same messageId is a new send."""
+    client = await gateway(with_tenant(_quiet(cfg), idempotency_window_seconds=1))
+    params = creds(to="6421000001", body="later", messageId="win-1")
+    assert await _post(client, params) == (204, "")
+    assert await _post(client, params) == (204, "")
+    assert len(connexus.emu.sent) == 1
+    await asyncio.sleep(1.2)
+    assert await _post(client, params) == (204, "")
+    assert len(connexus.emu.sent) == 2
+
+
 async def test_retry_with_an_added_recipient_sends_only_the_new_one(
     connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:
