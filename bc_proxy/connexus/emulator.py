@@ -2,7 +2,8 @@
 
 Owns the emulated HTTP surface: auth/token, sms/out (single and bulk, one message_id per
 recipient), balance, mo/query (pagination and date filters as connexus-api.txt documents),
-configure, and the /_emulator/ control paths. State and outgoing webhooks live in
+configure (per account, read back by GET), the Bulletin-compatible sms/in and sms/status polls,
+and the /_emulator/ control paths. State and outgoing webhooks live in
 `emulator_state`; nothing here belongs to the proxy itself.
 """
 
@@ -21,6 +22,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from bc_proxy.connexus.emulator_polls import poll_answer
 from bc_proxy.connexus.emulator_state import (
     DLR_ID_READINGS,
     DLR_STATUS_NAMES,
@@ -146,14 +148,14 @@ async def _token(emu: Emulator, request: web.Request, params: Params) -> web.Res
 
 
 def _send_one(
-    emu: Emulator, to: str, body: str, sender: str, upstream_id: str | None
+    emu: Emulator, to: str, body: str, sender: str, upstream_id: str | None, account: str
 ) -> dict[str, Any]:
     reason = emu.reject.get(to)
     if reason is not None:
-        emu.sent.append(SentMessage("", to, body, sender, upstream_id, False, reason))
+        emu.sent.append(SentMessage("", to, body, sender, upstream_id, False, reason, account))
         return {"success": False, "status": "rejected", "to": to, "error": reason}
     message_id = emu.next_message_id()
-    sent = SentMessage(message_id, to, body, sender, upstream_id, True, "")
+    sent = SentMessage(message_id, to, body, sender, upstream_id, True, "", account)
     emu.sent.append(sent)
     if emu.auto_dlr is not None:
         emu.spawn_report(sent, emu.auto_dlr)
@@ -185,7 +187,8 @@ async def _sms_out(emu: Emulator, request: web.Request, params: Params) -> web.R
     if emu.insufficient_funds:
         return _error(403, "Insufficient funds")
     sender = _text(params.get("from")) or DEFAULT_SENDER
-    results = [_send_one(emu, str(to), body, sender, upstream_id) for to in recipients]
+    account = request[_ACCOUNT]
+    results = [_send_one(emu, str(to), body, sender, upstream_id, account) for to in recipients]
     if emu.send_response_delay > 0:
         await asyncio.sleep(emu.send_response_delay)
     if not isinstance(raw_to, list):
@@ -201,7 +204,8 @@ async def _sms_out(emu: Emulator, request: web.Request, params: Params) -> web.R
 
 
 async def _balance(emu: Emulator, request: web.Request, params: Params) -> web.Response:
-    return web.json_response({"balance": "125.50", "currency": "NZD"})
+    balance = emu.balances.get(request[_ACCOUNT], "125.50")
+    return web.json_response({"balance": balance, "currency": "NZD"})
 
 
 def _date_filter(value: Any, *, end: bool) -> str | None:
@@ -266,9 +270,17 @@ async def _configure(emu: Emulator, request: web.Request, params: Params) -> web
         url = params.get("webhook_url")
         if url is not None and not isinstance(url, str):
             return _error(400, "Invalid webhook_url")
-        emu.webhook_url = url or None
-        return web.json_response({"success": True, "webhook_url": emu.webhook_url})
-    return web.json_response({"webhook_url": emu.webhook_url})
+        emu.configure(request[_ACCOUNT], url or None)
+        return web.json_response({"success": True, "webhook_url": url or None})
+    return web.json_response({"webhook_url": emu.webhook_url_of(request[_ACCOUNT])})
+
+
+async def _sms_in(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    return poll_answer(emu, "in", request[_ACCOUNT])
+
+
+async def _sms_status(emu: Emulator, request: web.Request, params: Params) -> web.Response:
+    return poll_answer(emu, "status", request[_ACCOUNT])
 
 
 _ROUTES: dict[str, tuple[frozenset[str], _Handler]] = {
@@ -276,6 +288,8 @@ _ROUTES: dict[str, tuple[frozenset[str], _Handler]] = {
     "sms/balance": (frozenset({"GET", "POST"}), _balance),
     "mo/query": (frozenset({"GET", "POST"}), _mo_query),
     "configure": (frozenset({"GET", "POST"}), _configure),
+    "sms/in": (frozenset({"GET", "POST"}), _sms_in),
+    "sms/status": (frozenset({"GET", "POST"}), _sms_status),
 }
 
 
@@ -346,6 +360,7 @@ _SCRIPT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "auto_dlr": lambda v: v is None or type(v) is int,
     "token_ttl": lambda v: type(v) is int and v > 0,
     "webhook_url": lambda v: v is None or isinstance(v, str),
+    "configure_ignored": lambda v: isinstance(v, bool),
     "dlr_id": lambda v: v in DLR_ID_READINGS,
     "dlr_timestamp": lambda v: isinstance(v, bool),
     "dlr_details": lambda v: isinstance(v, bool),

@@ -12,7 +12,8 @@ import bisect
 import itertools
 import secrets
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -28,6 +29,10 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 DLR_ID_READINGS = ("connexus", "client")
 
 DlrId = Literal["connexus", "client"]
+PULL_QUEUE_MAX = 100_000  # records kept per account for sms/in and sms/status (oldest dropped)
+LEGACY_STATUS = {1: "RCV", 2: "NRCV", 4: "SNT", 8: "SNT", 16: "NUR"}
+IN_KEYS = ("messageId", "from", "to", "body", "rateCode", "inReplyToId")
+STATUS_KEYS = ("messageId", "from", "to", "statusCode", "inReplyToId", "error")
 
 
 @dataclass(slots=True)
@@ -41,6 +46,8 @@ class SentMessage:
     upstream_message_id: str | None
     accepted: bool
     error: str
+    # who sent it: its reports go to that account's webhook and sms/status queue
+    account: str | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -87,7 +94,13 @@ class Emulator:
         self.insufficient_funds = False
         self.send_response_delay = 0.0
         self.auto_dlr: int | None = None
-        self.webhook_url: str | None = None
+        self.webhook_url: str | None = None  # every account's, unless it configured its own
+        self.webhook_urls: dict[str, str | None] = {}  # per account, set through configure
+        self.configure_ignored = False  # configure answers success but changes nothing
+        self.balances: dict[str, str] = {}  # per account sms/balance (default 125.50)
+        # sms/in and sms/status (the Bulletin-compatible polls): one record a call, consumed
+        self._pull: dict[tuple[str, str | None], deque[dict[str, str]]] = {}
+        self._receipts = itertools.count(1)
         self.token_requests = 0
         self.requests: list[RecordedRequest] = []
         self.sent: list[SentMessage] = []
@@ -169,6 +182,15 @@ class Emulator:
         self._mo_times.insert(at, received)
         self._mo_accounts.insert(at, account)
         self.mo.insert(at, record)
+        legacy = {
+            "messageId": record["messageId"],
+            "from": from_.lstrip("+"),
+            "to": to,
+            "body": body,
+            "rateCode": "",
+            "inReplyToId": related_message_id or "",
+        }
+        self._queue("in", account).append(legacy)
         return record
 
     def mo_window(
@@ -218,7 +240,7 @@ class Emulator:
             "encoding": "text/plain",
             "network": "emulator",
         }
-        url = webhook_url or self.webhook_url
+        url = webhook_url or self.webhook_url_of(account)
         if deliver and url:
             record["callbackUrl"] = url
             status, text = await self._post_webhook(url, payload)
@@ -253,19 +275,77 @@ class Emulator:
         return payload
 
     async def fire_dlr(
-        self, message_id: str, status_code: int, *, timestamp: int | None = None
+        self,
+        message_id: str,
+        status_code: int,
+        *,
+        timestamp: int | None = None,
+        sent: SentMessage | None = None,
     ) -> dict[str, Any]:
-        """POST a delivery report for message_id to the webhook (if set); return the payload."""
+        """Queue a delivery report for sms/status and POST it to the sender's webhook (if set);
+        return the payload. `sent`: the message it is about (else looked up by id)."""
         payload = self.dlr_payload(message_id, status_code, timestamp=timestamp)
-        if self.webhook_url:
-            await self._post_webhook(self.webhook_url, payload)
+        if sent is None:
+            sent = next(
+                (m for m in reversed(self.sent) if message_id in (self.report_id(m), m.message_id)),
+                None,
+            )
+        account = sent.account if sent is not None else None
+        code = LEGACY_STATUS.get(status_code, "ERR")
+        self._queue("status", account).append(
+            {
+                "messageId": f"r{next(self._receipts)}",
+                "from": sent.to if sent is not None else "",
+                "to": sent.sender if sent is not None else "",
+                "statusCode": code,
+                "inReplyToId": message_id,
+                "error": "" if code != "ERR" else payload["status"],
+            }
+        )
+        url = self.webhook_url_of(account)
+        if url:
+            await self._post_webhook(url, payload)
         return payload
+
+    def webhook_url_of(self, account: str | None) -> str | None:
+        """The webhook an account's events go to: its own, else the emulator-wide one."""
+        if account is not None and self.webhook_urls.get(account):
+            return self.webhook_urls[account]
+        return self.webhook_url
+
+    def configure(self, account: str, url: str | None) -> None:
+        """configure POST: the account's webhook (and the emulator-wide one, the last set)."""
+        if not self.configure_ignored:
+            self.webhook_urls[account] = url
+            self.webhook_url = url
+
+    def _queue(self, kind: str, account: str | None) -> deque[dict[str, str]]:
+        key = (kind, account)
+        queue = self._pull.get(key)
+        if queue is None:
+            queue = self._pull[key] = deque(maxlen=PULL_QUEUE_MAX)
+        return queue
+
+    def take(self, kind: str, account: str) -> dict[str, str] | None:
+        """Consume the oldest unread sms/in (`in`) or sms/status (`status`) record of an account
+        (records of no known account are anyone's); None when there is none."""
+        for key in ((kind, account), (kind, None)):
+            queue = self._pull.get(key)
+            if queue:
+                return queue.popleft()
+        return None
+
+    def unread(self, kind: str, account: str | None) -> int:
+        """How many sms/in or sms/status records wait for the account (its own only)."""
+        return len(self._pull.get((kind, account), ()))
 
     async def report(
         self, sent: SentMessage, status_code: int, *, timestamp: int | None = None
     ) -> dict[str, Any]:
         """Fire the delivery report of one sent recipient, by the configured id reading."""
-        return await self.fire_dlr(self.report_id(sent), status_code, timestamp=timestamp)
+        return await self.fire_dlr(
+            self.report_id(sent), status_code, timestamp=timestamp, sent=sent
+        )
 
     def spawn_report(self, sent: SentMessage, status_code: int) -> None:
         """Fire a delivery report in the background (auto_dlr: it may beat the send's answer)."""
