@@ -20,18 +20,19 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from bc_proxy import health, keys, passthrough, webhooks
+from bc_proxy import health, keys, passthrough, registration, webhooks
 from bc_proxy.backlog import backlog_loop
 from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge
-from bc_proxy.errors import LegacyError, StoreError
+from bc_proxy.errors import StoreError
 from bc_proxy.jobs import supervise
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
+from bc_proxy.pull import pull_loop
 from bc_proxy.recovery import recovery_loop
 from bc_proxy.store import Delivery, Rules, Store, TenantRules, open_store
 
@@ -90,16 +91,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     client = app[keys.CLIENT]
-    await client.start()
-    settings = app[keys.SETTINGS]
-    if settings.webhook.register_on_start and settings.server.public_url:
-        secret = settings.webhook.secret.get_secret_value()
-        url = f"{settings.server.public_url.rstrip('/')}/webhooks/connexus/{secret}"
-        for tenant in app[keys.RUNTIME].tenants:
-            try:
-                await client.configure_webhook(tenant, url)
-            except LegacyError as exc:
-                log.error("webhook_registration_failed", tenant=tenant, error=exc.reason)
+    await client.start()  # webhook registration: a background job (bc_proxy.registration)
     yield
     await client.close()
 
@@ -207,7 +199,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
         settings.tenants, on_refusal=lambda outcome: metrics.auth_refusals.labels(outcome).inc()
     )
     app[keys.CLIENT] = ConnexusClient(settings, metrics)
-    jobs: list[Job] = [backlog_loop, recovery_loop, push_worker]  # push worker: last up
+    jobs: list[Job] = [backlog_loop, recovery_loop, registration.registration_job, pull_loop]
+    jobs.append(push_worker)  # push worker: last up
     app[BACKGROUND] = jobs
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
@@ -218,6 +211,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     webhooks.setup(app)
     health.setup(app)
     passthrough.setup(app)
+    registration.setup(app)
     if settings.server.metrics_port is None:
         app.router.add_get("/metrics", edge("/metrics", metrics.handler()))
     return app

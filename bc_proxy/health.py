@@ -16,6 +16,7 @@ from aiohttp import web
 from bc_proxy import keys
 from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
+from bc_proxy.registration import REGISTRATION
 
 STORE_CHECK_SECONDS = 0.8  # the whole answer stays under the 1 s a probe is given
 
@@ -48,6 +49,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
     if "verbose" in request.query:
         body["tenants"] = _tenant_health(request)
+        registered = app.get(REGISTRATION)
+        body["webhook_registration"] = dict(registered) if registered is not None else {}
     return _json(200 if ready else 503, body)
 
 

@@ -3,6 +3,7 @@ and /metrics moving to `server.metrics_port` when one is set."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -158,9 +159,12 @@ async def test_webhook_registered_on_start(
     cfg["server"]["public_url"] = "https://sms-gw.example.org/"
     cfg["webhook"]["register_on_start"] = True
     await gateway(cfg)
-    assert connexus.emu.webhook_url == (
-        f"https://sms-gw.example.org/webhooks/connexus/{WEBHOOK_SECRET}"
-    )
+    url = f"https://sms-gw.example.org/webhooks/connexus/{WEBHOOK_SECRET}"
+    for _ in range(100):  # registration runs in the background (bc_proxy.registration)
+        if connexus.emu.webhook_url == url:
+            break
+        await asyncio.sleep(0.05)
+    assert connexus.emu.webhook_url == url
 
 
 async def test_webhook_not_registered_by_default(
