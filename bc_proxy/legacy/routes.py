@@ -62,9 +62,9 @@ async def send(request: web.Request) -> web.StreamResponse:
 
     Never forwards a recipient twice: `begin_send` commits `pending` rows first and names the
     repeats of an earlier call with the same messageId (not forwarded). The answer is 204 when
-    anything was accepted (every other recipient then gets a status record) or everything is
-    settled; otherwise the failure's legacy answer. A retry that meets an earlier send of
-    unknown outcome gets `upstream.unknown_retry_status`.
+    anything was accepted (every other recipient then gets a status record) or no call failed;
+    otherwise the first failure's legacy answer. A retry that meets an earlier send of unknown
+    outcome (or one still pending) gets `upstream.unknown_retry_status`.
     """
     tenant, params = await _authenticated(request)
     app = request.app
@@ -113,7 +113,8 @@ async def _forward(
         # Cancelled (shutdown) or a bug mid-call: the request may be out, so never re-send.
         lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
         task = asyncio.ensure_future(_settle(store, metrics, intent, refs, lost, answered=False))
-        task.add_done_callback(_log_settle_failure)
+        _SETTLING.add(task)
+        task.add_done_callback(_settled)
         raise
     finally:
         rt.sends_in_flight -= 1
@@ -164,7 +165,11 @@ async def _settle(
         metrics.observe_send(tenant, counts["accepted"], counts["rejected"] + counts["unknown"])
 
 
-def _log_settle_failure(task: asyncio.Future[None]) -> None:
+_SETTLING: set[asyncio.Future[None]] = set()  # strong references until they finish
+
+
+def _settled(task: asyncio.Future[None]) -> None:
+    _SETTLING.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("settle_failed", error=repr(task.exception()))
 
