@@ -24,6 +24,7 @@ from bc_proxy import health, keys, passthrough, registration, webhooks
 from bc_proxy.backlog import backlog_loop
 from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.console import routes as console_routes
 from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
@@ -212,6 +213,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     health.setup(app)
     passthrough.setup(app)
     registration.setup(app)
+    console_routes.setup(app)
     if settings.server.metrics_port is None:
         app.router.add_get("/metrics", edge("/metrics", metrics.handler()))
     return app

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.console.recent import RECENT
 from bc_proxy.errors import ClientGone, LegacyError, StoreError
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import LEGACY_ROUTES, NO_TENANT
@@ -64,6 +65,9 @@ def edge(route: str, handler: Handler) -> Handler:
         app = request.app
         if legacy:
             app[keys.METRICS].observe_legacy(route, tenant, resp.status, started)
+        recent = app.get(RECENT)  # the console's last-requests ring, when the console is on
+        if recent is not None and not quiet:
+            recent.add(request, route, tenant, resp.status, started)
         if not quiet and app[keys.SETTINGS].log.requests:
             extra = {"client": request.remote} if resp.status == 401 else {}
             log.info(
