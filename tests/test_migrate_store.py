@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.errors import StoreError
 from bc_proxy.store import (
     Delivery,
     MoEvent,
@@ -29,7 +30,9 @@ from bc_proxy.store import (
     SweepMark,
     TenantRules,
     open_store,
+    transfer,
 )
+from tests import pg
 from tests.conftest import AiohttpServer, Connexus, GatewayFactory, config_dict, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
@@ -176,3 +179,25 @@ async def test_migrate_store_moves_100k_records_with_every_count_equal(
     await asyncio.wait_for(arrived.wait(), 10)
     assert [p["messageId"] for p in pushed] == [dead_id]
     assert await store.blocked("acme") == ["6421000002"]
+
+
+async def test_migrate_store_commits_nothing_when_a_count_differs(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy that loses one row fails the count check and leaves the target empty."""
+    source = f"sqlite:///{tmp_path / 'bc-proxy.db'}"
+    await _single_node_install(source)
+    batches = transfer._batches
+
+    def lossy(conn: Any, table: transfer.Table) -> Any:
+        for rows in batches(conn, table):
+            yield rows[1:] if table.name == "records" else rows
+
+    monkeypatch.setattr(transfer, "_batches", lossy)
+    lines: list[str] = []
+    with pytest.raises(StoreError, match="counts differ"):
+        await transfer.transfer(source, pg_url, out=lines.append)
+    assert any(line.startswith("records ") and "MISMATCH" in line for line in lines), lines
+    assert await pg.execute(pg_url, "SELECT count(*) FROM records") == 0
