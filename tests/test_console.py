@@ -215,3 +215,17 @@ def test_mask_hides_phone_numbers() -> None:
     """Runs of five or more digits keep only their first three and last two."""
     assert mask("to=6421234567,+6427000111") == "to=642*****67,+64******11"
     assert mask("id 1234 x") == "id 1234 x"
+
+
+async def test_upstream_error_rate_between_refreshes(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A Connexus 5xx between two page views shows in the recent and since-start error rates."""
+    client = await gateway(console_cfg(cfg))
+    assert "recent: measured from one refresh to the next" in await page(client)
+    await asyncio.sleep(1.1)
+    connexus.emu.fail_next = [503]
+    resp = await client.get("/api/1/sms/out", params=creds(to=HANDSET, body="hi"))
+    assert resp.status == 500
+    text = await page(client)
+    assert re.search(r"last 1 s: 1 of 2 \(50\.0%\); since start: 1 of 2 \(50\.0%\)", text)

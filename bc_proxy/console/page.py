@@ -166,10 +166,14 @@ def render(view: View, csrf: str, now: float | None = None) -> str:
     )
     replay_all = _replay_form(csrf, "all", "Replay all") if view.dead_count else ""
     rate = view.errors
+    recent_rate = (
+        f"last {_age(rate.window_seconds)}: {_rate(rate.window_errors, rate.window_total)}"
+        if rate.window_seconds >= 1
+        else "recent: measured from one refresh to the next"
+    )
     errors = (
-        f"<p>Last {e(_age(rate.window_seconds))}: {e(_rate(rate.window_errors, rate.window_total))}"
-        f"; since start: {e(_rate(rate.errors, rate.total))} (timeouts, connection errors, 5xx)."
-        "</p>"
+        f"<p>Requests to Connexus that timed out, failed to connect or got a 5xx: "
+        f"{e(recent_rate)}; since start: {e(_rate(rate.errors, rate.total))}.</p>"
     )
     rejected = _table(
         ("received", "reason", "body"),
