@@ -91,8 +91,8 @@ async def test_pg_cut_for_10s_under_load_loses_no_acknowledged_webhook_and_recov
     proxy: TcpProxy,
 ) -> None:
     """A 10 s cut under load: 503s and 500s, /readyz says store, nothing acked lost, recovery."""
+    # Leases of 10 s: a missed NOTIFY would leave a long-poll waiting a full lease period.
     cfg = gateway_config(tmp_path, connexus, via(pg_url, proxy.port), poll_wait_seconds=5)
-    cfg["store"]["lease_seconds"] = 10  # a missed NOTIFY would take a full lease period
     port = free_port()
     cfg["server"]["port"] = port
     config = write_config(tmp_path / "gw.yaml", cfg)
@@ -150,6 +150,10 @@ async def test_pg_cut_for_10s_under_load_loses_no_acknowledged_webhook_and_recov
         pg_url, "SELECT count(*) FROM records WHERE event_key = ANY($1::text[])",
         [f"mo:mo-{n}" for n in acked],
     )  # fmt: skip
+    half_written = await pg.execute(
+        pg_url, "SELECT count(*) FROM sends WHERE legacy_id = ANY($1::text[])",
+        [f"S{n}" for n in range(1, 6)],
+    )  # fmt: skip
     print(
         f"\noutage: {len(outcomes)} webhooks, {len(acked)} acked (all stored: {stored}), "
         f"given up after retries: {dict(failed)}; sends during the cut: {dict(during)}; "
@@ -157,6 +161,7 @@ async def test_pg_cut_for_10s_under_load_loses_no_acknowledged_webhook_and_recov
     )
     assert code == 0
     assert during == Counter({500: 5})
+    assert half_written == 0  # the refused sends left no row behind
     assert stored == len(acked)  # no acknowledged webhook lost
     assert failed, "the load never hit the cut"
     assert set(failed) == {503}  # answered, never hung: Connexus gave up on 503s only

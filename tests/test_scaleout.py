@@ -39,10 +39,12 @@ TENANT = f"acme-{secrets.token_hex(3)}"
 Start = Callable[..., Awaitable[list[Served]]]
 
 
-def gateway_config(tmp_path: Path, connexus: Connexus, url: str, **tenant: Any) -> dict[str, Any]:
+def gateway_config(
+    tmp_path: Path, connexus: Connexus, url: str, *, lease: float = 10, **tenant: Any
+) -> dict[str, Any]:
     """One tenant (`TENANT`, sender 552) on the PostgreSQL store at `url`, quiet logs."""
     cfg = config_dict(tmp_path, connexus.base_url)
-    cfg["store"] = {"url": url, "lease_seconds": 2}
+    cfg["store"] = {"url": url, "lease_seconds": lease}
     cfg["upstream"]["mo_query_interval_seconds"] = 0
     cfg["log"] = {"level": "warning", "format": "json", "requests": False}
     cfg["tenants"][0].update(name=TENANT, **tenant)
@@ -319,7 +321,7 @@ async def test_pushes_of_a_killed_replica_are_delivered_after_its_lease_expires(
     """One of two pushing replicas SIGKILLed mid-run: none lost, repeats only of its claims."""
     url, got, arrived = await _receiver(aiohttp_server)
     push = {"incoming_url": url + "in", "status_url": url + "status"}
-    a, _ = await start(gateway_config(tmp_path, connexus, pg_url, push=push))
+    a, _ = await start(gateway_config(tmp_path, connexus, pg_url, lease=2, push=push))
     await _seed_pushes(pg_url, 2000)
     await _until(lambda: sum(len(c) for c in got.values()) >= 500, arrived, 30)
     a.signal(signal.SIGKILL)
