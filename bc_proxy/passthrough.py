@@ -8,6 +8,7 @@ and the Connexus answer is streamed back unchanged. Does not interpret the Conne
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from urllib.parse import unquote_plus, urlencode
@@ -57,9 +58,19 @@ def metric_path(path: str, allowed: Iterable[str]) -> str:
     return path if path in set(allowed) else OTHER_PATH
 
 
-def _is_form(request: web.Request) -> bool:
-    raw = request.headers.get("Content-Type", "")
-    return raw.partition(";")[0].strip().lower() == _FORM
+def _media_type(request: web.Request) -> str:
+    return request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+
+
+def strip_json_credentials(body: bytes) -> bytes:
+    """A JSON object body without top-level userId/password (unchanged when it has neither)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or not _CREDENTIALS & data.keys():
+        return body
+    return json.dumps({k: v for k, v in data.items() if k not in _CREDENTIALS}).encode()
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -71,7 +82,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     parse_qs_strict(query_text, params)
     body = await request.read()
     form_text = ""
-    if body and _is_form(request):
+    media = _media_type(request)
+    if body and media == "multipart/form-data":
+        raise BadRequest("Send a form-encoded or JSON body")
+    if body and media == _FORM:
         try:
             form_text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -94,6 +108,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         query = "&".join(q for q in (query, urlencode(extra)) if q)
     if form_text:
         body = strip_credentials(form_text.strip("\r\n")).encode()
+    elif body and media.endswith("json"):
+        body = strip_json_credentials(body)
     url = f"{client.base}/{path}" + (f"?{query}" if query else "")
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
     started = time.perf_counter()

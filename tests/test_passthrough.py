@@ -8,6 +8,7 @@ import copy
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 
 from bc_proxy.metrics import Metrics
@@ -170,3 +171,25 @@ def test_metric_path_is_bounded() -> None:
     """Paths off every allowlist share one label."""
     assert metric_path("sms/balance", ["sms/balance"]) == "sms/balance"
     assert metric_path("6421234567/x", ["sms/balance"]) == "other"
+
+
+async def test_json_credentials_are_stripped_and_multipart_refused(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """Legacy credentials inside a JSON body never go upstream; multipart bodies are refused."""
+    client = await gateway(cfg)
+    resp = await client.post(
+        "/api/connexus/mo/query",
+        headers=BASIC,
+        json={"userId": LEGACY_USER, "password": LEGACY_PASSWORD, "limit": 3},
+    )
+    assert resp.status == 200
+    assert (await resp.json())["pagination"]["limit"] == 3
+    upstream = connexus.emu.requests[-1]
+    assert LEGACY_PASSWORD not in upstream.body.decode()
+    form = aiohttp.FormData({"password": LEGACY_PASSWORD, "limit": "3"})
+    form.add_field("file", b"x", filename="x.txt")
+    count = len(connexus.emu.requests)
+    resp = await client.post("/api/connexus/mo/query", headers=BASIC, data=form)
+    assert resp.status == 400
+    assert len(connexus.emu.requests) == count
