@@ -2,8 +2,8 @@
 
 Owns checking `Authorization: Basic` against `console.user` / `console.password_hash`: argon2
 verifies on one dedicated thread (never on the event loop, at most one at a time); a verified
-password is remembered as a keyed digest, never in clear. CSRF tokens are an HMAC of the
-verified credentials under a per-process key, so a token is bound to the login that got it.
+or refused login is remembered as a keyed digest (never in clear), a refusal for a minute.
+CSRF tokens are an HMAC of the verified login under a per-process key: bound to that login.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher
@@ -20,6 +21,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 REALM = 'Basic realm="bc-proxy console", charset="UTF-8"'
 _REMEMBERED = 16  # verified credential digests kept
+_REFUSED_KEPT = 1024  # refused credential digests kept ...
+_REFUSED_SECONDS = 60.0  # ... and refused from memory this long (no argon2 run)
 
 
 class ConsoleAuth:
@@ -33,6 +36,7 @@ class ConsoleAuth:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bc-console-argon2")
         self._lock = asyncio.Lock()  # one verification at a time: argon2 takes 64 MiB
         self._verified: set[bytes] = set()
+        self._refused: dict[bytes, float] = {}
 
     def _digest(self, user: str, password: str) -> bytes:
         material = f"{user}\x00{password}".encode("utf-8", "surrogatepass")
@@ -46,6 +50,9 @@ class ConsoleAuth:
         digest = self._digest(user, password)
         if digest in self._verified:
             return digest
+        now = time.monotonic()
+        if now - self._refused.get(digest, -_REFUSED_SECONDS) < _REFUSED_SECONDS:
+            return None
         user_ok = hmac.compare_digest(user.encode("utf-8", "surrogatepass"), self._user)
         async with self._lock:
             if digest in self._verified:
@@ -53,6 +60,9 @@ class ConsoleAuth:
             loop = asyncio.get_running_loop()
             ok = await loop.run_in_executor(self._pool, self._verify, password)
         if not (ok and user_ok):
+            if len(self._refused) >= _REFUSED_KEPT:
+                self._refused.clear()
+            self._refused[digest] = now
             return None
         if len(self._verified) >= _REMEMBERED:
             self._verified.clear()
