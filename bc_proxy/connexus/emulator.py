@@ -3,8 +3,8 @@
 Owns the emulated HTTP surface: auth/token, sms/out (single and bulk, one message_id per
 recipient), balance, mo/query (pagination and date filters as connexus-api.txt documents),
 configure (per account, read back by GET), the Bulletin-compatible sms/in and sms/status polls,
-and the /_emulator/ control paths. State and outgoing webhooks live in
-`emulator_state`; nothing here belongs to the proxy itself.
+wired with the /_emulator/ control paths (`emulator_control`). State and outgoing webhooks
+live in `emulator_state`; nothing here belongs to the proxy itself.
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import hmac
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from bc_proxy.connexus.emulator_control import EMULATOR_KEY, add_control_routes, scalar_text
 from bc_proxy.connexus.emulator_polls import poll_answer
 from bc_proxy.connexus.emulator_state import (
-    DLR_ID_READINGS,
     DLR_STATUS_NAMES,
     TIME_FORMAT,
     Emulator,
@@ -51,22 +50,11 @@ Params = dict[str, Any]
 _ACCOUNT = web.RequestKey("emulator_account", str)  # the authenticated account of a request
 
 
-EMULATOR_KEY = web.AppKey("connexus_emulator", Emulator)
-
 _Handler = Callable[[Emulator, web.Request, Params], Awaitable[web.Response]]
 
 
 def _error(status: int, error: str) -> web.Response:
     return web.json_response({"success": False, "error": error}, status=status)
-
-
-def _text(value: Any) -> str | None:
-    """A scalar parameter as a string (JSON numbers too); None for missing or non-scalars."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
 
 
 def _int(value: Any, default: int) -> int:
@@ -114,7 +102,7 @@ def _caller(emu: Emulator, request: web.Request, params: Params) -> str | None:
         login, sep, secret = decoded.partition(":")
         if sep and _user_ok(emu, login, secret):
             return login
-    user, password = _text(params.get("userId")), _text(params.get("password"))
+    user, password = scalar_text(params.get("userId")), scalar_text(params.get("password"))
     if user is not None and password is not None and _user_ok(emu, user, password):
         return user
     return None
@@ -126,7 +114,10 @@ def _user_ok(emu: Emulator, user: str, password: str) -> bool:
 
 
 async def _token(emu: Emulator, request: web.Request, params: Params) -> web.Response:
-    client_id, secret = _text(params.get("client_id")), _text(params.get("client_secret"))
+    client_id, secret = (
+        scalar_text(params.get("client_id")),
+        scalar_text(params.get("client_secret")),
+    )
     if not client_id or not secret:
         return web.json_response(
             {"error": "invalid_request", "error_description": "Missing client_id or client_secret"},
@@ -175,18 +166,18 @@ async def _sms_out(emu: Emulator, request: web.Request, params: Params) -> web.R
     if isinstance(raw_to, list):
         if len(raw_to) > MAX_BULK:
             return _error(400, f"Maximum {MAX_BULK} recipients per bulk request")
-        recipients = [_text(r) for r in raw_to]
+        recipients = [scalar_text(r) for r in raw_to]
     else:
-        recipients = [_text(raw_to)]
-    body = _text(params.get("body"))
+        recipients = [scalar_text(raw_to)]
+    body = scalar_text(params.get("body"))
     if not body or not recipients or not all(recipients):
         return _error(400, "Missing parameters")
-    upstream_id = _text(params.get("messageId"))
+    upstream_id = scalar_text(params.get("messageId"))
     if upstream_id is not None and len(upstream_id) > MAX_MESSAGE_ID_LEN:
         return _error(400, f"messageId exceeds {MAX_MESSAGE_ID_LEN} characters")
     if emu.insufficient_funds:
         return _error(403, "Insufficient funds")
-    sender = _text(params.get("from")) or DEFAULT_SENDER
+    sender = scalar_text(params.get("from")) or DEFAULT_SENDER
     account = request[_ACCOUNT]
     results = [_send_one(emu, str(to), body, sender, upstream_id, account) for to in recipients]
     if emu.send_response_delay > 0:
@@ -210,7 +201,7 @@ async def _balance(emu: Emulator, request: web.Request, params: Params) -> web.R
 
 def _date_filter(value: Any, *, end: bool) -> str | None:
     """A Y-m-d or Y-m-d H:i:s filter as Y-m-d H:i:s (whole day for a bare date); ValueError."""
-    text = _text(value)
+    text = scalar_text(value)
     if not text:
         return None
     try:
@@ -221,9 +212,9 @@ def _date_filter(value: Any, *, end: bool) -> str | None:
 
 
 async def _mo_query(emu: Emulator, request: web.Request, params: Params) -> web.Response:
-    sender = _text(params.get("from")) or None
-    to = _text(params.get("to")) or None
-    callback_status = _text(params.get("callback_status")) or None
+    sender = scalar_text(params.get("from")) or None
+    to = scalar_text(params.get("to")) or None
+    callback_status = scalar_text(params.get("callback_status")) or None
     try:
         start = _date_filter(params.get("start_date"), end=False)
         end = _date_filter(params.get("end_date"), end=True)
@@ -348,92 +339,6 @@ async def _answer(
     return await handler(emu, request, params)
 
 
-_SCRIPT_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "latency": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
-    "send_response_delay": lambda v: (
-        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-    ),
-    "fail_next": lambda v: isinstance(v, list) and all(type(s) is int for s in v),
-    "fail_token_next": lambda v: isinstance(v, list) and all(type(s) is int for s in v),
-    "reject": lambda v: isinstance(v, dict) and all(isinstance(r, str) for r in v.values()),
-    "insufficient_funds": lambda v: isinstance(v, bool),
-    "auto_dlr": lambda v: v is None or type(v) is int,
-    "token_ttl": lambda v: type(v) is int and v > 0,
-    "webhook_url": lambda v: v is None or isinstance(v, str),
-    "configure_ignored": lambda v: isinstance(v, bool),
-    "dlr_id": lambda v: v in DLR_ID_READINGS,
-    "dlr_timestamp": lambda v: isinstance(v, bool),
-    "dlr_details": lambda v: isinstance(v, bool),
-}
-
-
-def _script_state(emu: Emulator) -> dict[str, Any]:
-    return {name: getattr(emu, name) for name in _SCRIPT_FIELDS}
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text='{"error": "expected a JSON object"}', content_type="application/json"
-        )
-    return data
-
-
-async def _control_script(request: web.Request) -> web.Response:
-    emu = request.config_dict[EMULATOR_KEY]
-    if request.method == "POST":
-        data = await _json_object(request)
-        bad = [k for k, v in data.items() if k not in _SCRIPT_FIELDS or not _SCRIPT_FIELDS[k](v)]
-        if bad:
-            return web.json_response({"error": f"invalid fields: {', '.join(bad)}"}, status=400)
-        for key, value in data.items():
-            setattr(emu, key, value)
-    return web.json_response(_script_state(emu))
-
-
-async def _control_mo(request: web.Request) -> web.Response:
-    data = await _json_object(request)
-    sender, to, body = _text(data.get("from")), _text(data.get("to")), _text(data.get("body"))
-    if not sender or not to or body is None:
-        return web.json_response({"error": "from, to and body are required"}, status=400)
-    related = _text(data.get("relatedMessageId"))
-    account = _text(data.get("account"))
-    payload = await request.config_dict[EMULATOR_KEY].fire_mo(
-        sender,
-        to,
-        body,
-        related_message_id=related,
-        deliver=data.get("deliver", True) is not False,
-        account=account,
-    )
-    return web.json_response(payload)
-
-
-async def _control_dlr(request: web.Request) -> web.Response:
-    data = await _json_object(request)
-    message_id, code = _text(data.get("messageId")), data.get("statusCode")
-    if not message_id or type(code) is not int:
-        return web.json_response({"error": "messageId and integer statusCode required"}, status=400)
-    stamp = data.get("timestamp")
-    if stamp is not None and type(stamp) is not int:
-        return web.json_response({"error": "timestamp must be an integer"}, status=400)
-    emu = request.config_dict[EMULATOR_KEY]
-    return web.json_response(await emu.fire_dlr(message_id, code, timestamp=stamp))
-
-
-async def _control_sent(request: web.Request) -> web.Response:
-    return web.json_response([asdict(m) for m in request.config_dict[EMULATOR_KEY].sent])
-
-
-async def _control_revoke(request: web.Request) -> web.Response:
-    request.config_dict[EMULATOR_KEY].revoke_tokens()
-    return web.json_response({"revoked": True})
-
-
 def create_emulator_app(emulator: Emulator) -> web.Application:
     """The emulator app: the Connexus API under /api/connexus/, controls under /_emulator/."""
     app = web.Application()
@@ -445,12 +350,7 @@ def create_emulator_app(emulator: Emulator) -> web.Application:
 
     app.cleanup_ctx.append(close_emulator)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", _api)
-    app.router.add_get("/_emulator/script", _control_script)
-    app.router.add_post("/_emulator/script", _control_script)
-    app.router.add_post("/_emulator/mo", _control_mo)
-    app.router.add_post("/_emulator/dlr", _control_dlr)
-    app.router.add_get("/_emulator/sent", _control_sent)
-    app.router.add_post("/_emulator/revoke", _control_revoke)
+    add_control_routes(app)
     return app
 
 
