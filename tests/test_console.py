@@ -211,6 +211,20 @@ async def test_replay_needs_the_csrf_token_then_pushes_again(
     assert await store.dead_letters() == []
 
 
+async def test_recent_requests_hold_no_secrets(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """The last-requests list shows route templates: no webhook secret, no legacy password."""
+    client = await gateway(console_cfg(cfg))
+    assert (await client.post(HOOK, json=mo("s-1", "secret?"))).status == 200
+    assert (await client.get("/api/1/sms/queue", params=creds())).status == 200
+    text = await page(client)
+    assert "/webhooks/connexus/{secret}" in text
+    assert "/api/1/sms/queue" in text
+    assert WEBHOOK_SECRET not in text
+    assert creds()["password"] not in text
+
+
 def test_mask_hides_phone_numbers() -> None:
     """Runs of five or more digits keep only their first three and last two."""
     assert mask("to=6421234567,+6427000111") == "to=642*****67,+64******11"

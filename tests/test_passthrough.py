@@ -70,8 +70,10 @@ async def test_balance_is_the_tenants_own_with_bearer_and_no_legacy_credentials(
     assert (await resp.json())["balance"] == "22.00"
     balances = [r for r in connexus.emu.requests if r.path.endswith("/sms/balance")]
     assert len(balances) == 2
-    for upstream in balances:
-        assert upstream.headers["Authorization"].startswith("Bearer wst_")
+    for upstream, account in zip(balances, ("cid_demo", "cid_other"), strict=True):
+        scheme, _, token = upstream.headers["Authorization"].partition(" ")
+        assert scheme == "Bearer"
+        assert connexus.emu.token_account(token) == account  # the tenant's own token
         raw = str(upstream.headers) + upstream.body.decode()
         for secret in (LEGACY_USER, LEGACY_PASSWORD, OTHER_USER, OTHER_PASSWORD):
             assert secret not in raw
