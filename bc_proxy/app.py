@@ -29,6 +29,7 @@ from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
 from bc_proxy.jobs import supervise
+from bc_proxy.legacy import ratelimit
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.log import get_logger
@@ -208,6 +209,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_metrics_port_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_on_shutdown)
+    ratelimit.setup(app)
     legacy_routes.setup(app)
     webhooks.setup(app)
     health.setup(app)

@@ -220,6 +220,20 @@ class Metrics:
             registry=r,
         )
 
+        self.sends_rate_limited = Counter(
+            "bc_proxy_sends_rate_limited_total",
+            "Legacy sends answered 429 by the tenant's send_rate_per_second (never sent), by "
+            "tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.webhooks_refused = Counter(
+            "bc_proxy_webhooks_refused_total",
+            "Webhook requests refused before their body was used: source (address not in "
+            "webhook.allowed_sources, 403) or signature (missing or wrong HMAC, 401).",
+            ["reason"],
+            registry=r,
+        )
         self.passthrough_requests = Counter(
             "bc_proxy_passthrough_requests_total",
             "/api/connexus passthrough requests by path (allowlisted paths, else other) and "

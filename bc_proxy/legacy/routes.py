@@ -21,6 +21,7 @@ from bc_proxy.errors import GatewayError, StoreError
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import read_params
 from bc_proxy.legacy.handover import peer_received
+from bc_proxy.legacy.ratelimit import check_send
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import (
@@ -52,7 +53,7 @@ async def _authenticated(request: web.Request) -> tuple[str, dict[str, str]]:
     app = request.app  # no sub-apps: cheaper than config_dict on the hot path
     params = await read_params(request, app[keys.SETTINGS].server.max_body_bytes)
     user, password = credentials(params, request.headers.get("Authorization"))
-    tenant = await app[keys.AUTH].authenticate(user, password)
+    tenant = await app[keys.AUTH].authenticate(user, password, source=request.remote)
     request[TENANT] = tenant
     return tenant, params
 
@@ -68,6 +69,7 @@ async def send(request: web.Request) -> web.StreamResponse:
     """
     tenant, params = await _authenticated(request)
     app = request.app
+    check_send(app, tenant)  # optional per-tenant rate: 429 before anything is written
     rt = app[keys.RUNTIME]
     store = app[keys.STORE]
     metrics = app[keys.METRICS]
