@@ -1,15 +1,19 @@
 """Connexus webhook ingest: POST /webhooks/connexus/{secret}.
 
-Owns matching the path secret (the global `webhook.secret`, or a tenant's own `webhook_secret`
-naming the account the event came from) in constant time, checking the fields we use, keeping
+Owns the optional source allowlist (403 before the body is read), matching the path secret (the
+global `webhook.secret`, or a tenant's own `webhook_secret` naming the account) in constant
+time, the optional HMAC-SHA256 body signature (401), checking the fields we use, keeping
 unusable payloads verbatim (400), and answering 200 only after the store committed the event
 (503 when it could not: Connexus retries). Routing and dedupe are the store's rules.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import json
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -23,6 +27,44 @@ from bc_proxy.store import DlrEvent, IngestResult
 _OK = b'{"success":true}'
 # (secret, account): account None for the global secret (routing rules decide the tenant).
 WEBHOOK_SECRETS = web.AppKey("webhook_secrets", tuple[tuple[bytes, str | None], ...])
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The optional checks on top of the path secret: empty `sources` and no `key` = off."""
+
+    sources: tuple[Network, ...]
+    key: bytes | None
+    header: str
+
+    def source_allowed(self, remote: str | None) -> bool:
+        """Whether the peer address is in the allowlist (always, when there is none)."""
+        if not self.sources:
+            return True
+        if remote is None:
+            return False
+        try:
+            addr = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.sources)
+
+    def signed(self, raw: bytes, given: str | None) -> bool:
+        """Whether `given` is the hex HMAC-SHA256 of `raw` (always, when no key is set);
+        compared in constant time, case-insensitively."""
+        if self.key is None:
+            return True
+        if given is None:
+            return False
+        expected = hmac.new(self.key, raw, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(given.strip().lower().encode(), expected.encode())
+
+
+WEBHOOK_GUARD = web.AppKey("webhook_guard", Guard)
 
 log = get_logger("bc_proxy.webhooks")
 
@@ -48,11 +90,20 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
     """Store one Connexus event durably, then answer 200 (duplicates answer 200 too)."""
     app = request.app
     metrics = app[keys.METRICS]
+    guard = app[WEBHOOK_GUARD]
+    if not guard.source_allowed(request.remote):  # before the body is read
+        metrics.webhooks_refused.labels("source").inc()
+        log.warning("webhook_source_refused", client=request.remote)
+        return _answer(403, b'{"success":false,"error":"source not allowed"}')
     matched, account = _account(app[WEBHOOK_SECRETS], request.match_info["secret"].encode())
     if not matched:
         metrics.webhooks.labels("unknown", "rejected").inc()
         return _answer(401, b'{"success":false,"error":"unknown webhook"}')
     raw = await request.read()
+    if not guard.signed(raw, request.headers.get(guard.header)):
+        metrics.webhooks_refused.labels("signature").inc()
+        log.warning("webhook_signature_refused", client=request.remote, bytes=len(raw))
+        return _answer(401, b'{"success":false,"error":"bad signature"}')
     store = app[keys.STORE]
     try:
         event = parse_webhook(raw)
@@ -90,5 +141,13 @@ def setup(app: web.Application) -> None:
         if t.webhook_secret is not None:
             secrets.append((t.webhook_secret.get_secret_value().encode(), t.name))
     app[WEBHOOK_SECRETS] = tuple(secrets)
+    hook = settings.webhook
+    app[WEBHOOK_GUARD] = Guard(
+        sources=tuple(ipaddress.ip_network(n, strict=False) for n in hook.allowed_sources),
+        key=hook.hmac_secret.get_secret_value().encode() if hook.hmac_secret else None,
+        header=hook.hmac_header,
+    )
+    for reason in ("source", "signature"):
+        app[keys.METRICS].webhooks_refused.labels(reason)
     route = "/webhooks/connexus/{secret}"
     app.router.add_post(route, edge(route, connexus_webhook))
