@@ -63,7 +63,7 @@ def _tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from bc_proxy import log, workers
+    from bc_proxy import log, tls, workers
     from bc_proxy.app import create_app
 
     settings = _settings(args)
@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         settings = settings.model_copy(update={"server": server})
     log.setup(settings.log.level, settings.log.format, _secrets(settings))
+    ssl_context = tls.server_context(settings.server)  # None: plain HTTP
     _install_uvloop()
     app = create_app(settings)
     _tune_gc()
@@ -95,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.server.host,
         port=settings.server.port,
         reuse_port=index is not None,  # the workers of one box share the port
+        ssl_context=ssl_context,
         # aiohttp waits up to shutdown_timeout for in-flight handlers, then cancels them and
         # waits up to shutdown_timeout again: halve it so the whole drain fits the setting.
         shutdown_timeout=settings.server.shutdown_timeout_seconds / 2,
@@ -106,7 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from bc_proxy import tls
+
     settings = _settings(args)
+    tls.server_context(settings.server)  # certificate and key readable and a pair
     names = ", ".join(t.name for t in settings.tenants)
     print(f"configuration OK: {len(settings.tenants)} tenant(s): {names}")
     return 0
