@@ -1,8 +1,10 @@
-"""The reference for send-path benchmarks: a minimal, honest aiohttp pass-through proxy.
+"""The reference for send-path benchmarks: the leanest honest aiohttp pass-through (issue 13).
 
-One shared ClientSession; parse the form; drop the credentials; forward with a static bearer
-header; read the JSON; answer 204. No auth check, no store, no metrics: what bc-proxy's send
-path must match while doing all of those.
+uvloop (the gateway's loop); `await request.post()`; take `to` and `body`;
+`urllib.parse.urlencode` them to bytes; POST them with a constant header dict (bearer and form
+Content-Type) over one shared ClientSession; `await resp.read()`; `json.loads`; check
+`success`; 204. No auth, no store, no metrics, no log line: what bc-proxy's send path is
+compared against while doing all of those.
 
     python bench/baseline_proxy.py --port 8701 --upstream http://127.0.0.1:8700/api/connexus
 """
@@ -10,23 +12,28 @@ path must match while doing all of those.
 from __future__ import annotations
 
 import argparse
+import json
+import urllib.parse
 from collections.abc import AsyncIterator
 
+import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
-HEADERS = {"Authorization": "Bearer wst_bench"}
+HEADERS = {
+    "Authorization": "Bearer wst_bench",
+    "Content-Type": "application/x-www-form-urlencoded",
+}
 
 
 async def send(request: web.Request) -> web.Response:
-    form = dict(request.query)
-    form.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
-    form.pop("userId", None)
-    form.pop("password", None)
-    session = request.app[SESSION]
-    async with session.post(request.app[UPSTREAM], data=form, headers=HEADERS) as resp:
-        await resp.json()
+    form = await request.post()
+    data = urllib.parse.urlencode({"to": form["to"], "body": form["body"]}).encode()
+    async with request.app[SESSION].post(request.app[UPSTREAM], data=data, headers=HEADERS) as resp:
+        answer = json.loads(await resp.read())
+    if not answer.get("success"):
+        return web.Response(status=502)
     return web.Response(status=204)
 
 
@@ -52,7 +59,12 @@ def main() -> None:
     parser.add_argument("--upstream", default="http://127.0.0.1:8700/api/connexus")
     args = parser.parse_args()
     web.run_app(
-        create_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None
+        create_app(args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
     )
 
 

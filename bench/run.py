@@ -49,11 +49,14 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+import asyncpg
 
-from bc_proxy.store.sqlite import SCHEMA
+from bc_proxy.store.postgres import schema as pg_schema
+from bc_proxy.store.sqlite import schema as sqlite_schema
 
 BENCH = Path(__file__).resolve().parent
-SCENARIOS = ("send32", "send1", "webhook", "wakeup", "memory")
+SCENARIOS = ("send32", "send1", "webhook", "pg", "workers", "wakeup", "memory")
+PG_DSN = os.environ.get("BC_PROXY_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TENANT = "bench"
 USER = "bench"
 PASSWORD = "bench-password"
@@ -67,13 +70,26 @@ RSS_INTERVAL = 5.0
 
 # Bars of the performance issue: (key, label, threshold text).
 BARS = (
-    ("send32_ratio", "send throughput at c32, gateway / baseline", ">= 1.0x"),
-    ("send1_added_ratio", "added p50 latency at c1, gateway / baseline", "<= 1.2x"),
+    ("send32_ratio", "send throughput at c32, gateway / lean baseline", ">= 1.0x"),
+    ("send32_cpu_ratio", "CPU per request at c32, gateway / lean baseline", "<= 1.0x"),
+    ("send1_added_p50_ratio", "added p50 latency at c1, gateway / lean baseline", "<= 1.2x"),
+    ("send1_added_p99_ratio", "added p99 latency at c1, gateway / lean baseline", "<= 1.5x"),
     ("send32_tail", "gateway p99 / p50 at c32", "<= 3"),
-    ("webhook_rate", "webhook ingest, durably committed (/s)", ">= 5000"),
+    ("webhook_rate", "webhook ingest into SQLite, durably committed (/s)", ">= 5000"),
+    ("webhook_pg_rate", "webhook ingest into PostgreSQL, committed (/s)", ">= 3000"),
+    ("send32_pg_ratio", "send throughput at c32, PostgreSQL / SQLite", ">= 0.9x"),
+    ("workers_ratio", "send at c32 on PostgreSQL, 2 workers / 1 (unpinned)", ">= 1.6x"),
     ("wakeup_p99", "poll wake-up p99 (ms)", "< 5"),
     ("memory", "gateway RSS after load (MB), growth", "< 150, not growing (<= 64 kB)"),
 )
+
+
+TARGETS = {
+    "direct": "direct to the stub",
+    "baseline": "lean baseline proxy",
+    "gateway": "gateway, SQLite",
+    "gateway_pg": "gateway, PostgreSQL",
+}
 
 
 class CheckFailed(Exception):
@@ -81,7 +97,6 @@ class CheckFailed(Exception):
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
 
 
 def wrk_command(pin: Sequence[str], url: str, connections: int, seconds: int) -> list[str]:
@@ -100,7 +115,9 @@ def wrk_command(pin: Sequence[str], url: str, connections: int, seconds: int) ->
         url,
     ]
 
+
 GROWTH_TOLERANCE_KB = 64  # RSS noise between two samples, not growth
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -157,13 +174,23 @@ def rss_kb(pid: int) -> int | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of the process group `pid` leads (every child runs in its own session,
+    so this is the process plus its workers, all threads), in seconds."""
+    total = 0
+    found = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) != pid and int(entry.name) != pid:  # fields[2]: process group
+            continue
+        found = True
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def tail(path: Path, lines: int = 20) -> list[str]:
@@ -375,11 +402,24 @@ class Ctx:
 
 
 class Gateway:
-    """One `bc-proxy serve` with a fresh SQLite store in the temp dir."""
+    """One `bc-proxy serve` as users run it (request log on at info, metrics on) with a fresh
+    store: a SQLite file in the temp dir, or a fresh schema in the PostgreSQL database."""
 
-    def __init__(self, ctx: Ctx, name: str, poll_wait: float) -> None:
+    def __init__(
+        self,
+        ctx: Ctx,
+        name: str,
+        poll_wait: float,
+        *,
+        backend: str = "sqlite",
+        workers: int = 1,
+        pinned: bool = True,
+    ) -> None:
         self.ctx = ctx
         self.name = name
+        self.backend = backend
+        self.workers = workers
+        self.pinned = pinned
         d = ctx.path(f"gw-{name}")
         d.mkdir()
         self.dir = d
@@ -388,20 +428,31 @@ class Gateway:
         self.config = d / "gw.yaml"
         self.base = f"http://127.0.0.1:{ctx.gateway_port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pg_schema = f"bench_{os.getpid()}_{ctx.seq}"
+        if backend == "sqlite":
+            url = f"sqlite:///{self.db}"
+        else:
+            sep = "&" if "?" in PG_DSN else "?"
+            opts = urllib.parse.quote(f"-csearch_path={self.pg_schema}", safe="")
+            url = f"{PG_DSN}{sep}options={opts}"
+            asyncio.run(_pg(f"CREATE SCHEMA {self.pg_schema}"))
+        self.url = url
         settings = {
             "server": {
                 "host": "127.0.0.1",
                 "port": ctx.gateway_port,
                 "shutdown_timeout_seconds": 3,
+                "workers": workers,
             },
             "upstream": {
                 "base_url": ctx.upstream,
                 "timeout_seconds": 10,
                 "mo_query_interval_seconds": 0,
             },
-            "store": {"url": f"sqlite:///{self.db}"},
+            "store": {"url": url},
             "webhook": {"secret": SECRET},
-            "log": {"level": "warning", "requests": False},
+            # As users run it: one JSON access-log line per request (to this file).
+            "log": {"level": "info", "requests": not ctx.args.no_request_log},
             "tenants": [
                 {
                     "name": TENANT,
@@ -416,15 +467,36 @@ class Gateway:
         # JSON is YAML: no need for a YAML writer.
         self.config.write_text(json.dumps(settings, indent=2) + "\n")
 
-    def create_store(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db, isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(SCHEMA)
-        return conn
+    def prefill(self, sends: int, records: int, prefix: str) -> None:
+        """Create the schema with bc-proxy's own migrations; insert accepted sends (receipt
+        `{prefix}{i}`, legacy id `L{i}`) and status records (half consumed, half pollable)."""
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.db, isolation_level=None)) as conn:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = OFF")
+                sqlite_schema.migrate(conn)
+                conn.execute("BEGIN")
+                conn.executemany(_SQL_SENDS, _send_rows(sends, prefix))
+                conn.executemany(_SQL_RECORDS, _record_rows(records, prefix))
+                conn.execute("COMMIT")
+            return
+
+        async def fill() -> None:
+            conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": self.pg_schema})
+            try:
+                await pg_schema.migrate(conn)
+                await conn.executemany(_pg_sql(_SQL_SENDS), _send_rows(sends, prefix))
+                await conn.execute("ANALYZE")
+            finally:
+                await conn.close()
+
+        if records:
+            raise ValueError("records are pre-filled on SQLite only (the memory scenario)")
+        asyncio.run(fill())
 
     def start(self, ready_timeout: float = 30.0) -> int:
         cmd = [
-            *self.ctx.pin.under_test,
+            *(self.ctx.pin.under_test if self.pinned else []),
             self.ctx.gateway_exe,
             "serve",
             "--config",
@@ -447,8 +519,11 @@ class Gateway:
         return self.count("SELECT count(*) FROM sends")
 
     def count(self, sql: str, *params: Any) -> int:
-        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
-            return int(conn.execute(sql, params).fetchone()[0])
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
+                return int(conn.execute(sql, params).fetchone()[0])
+        sql = _pg_sql(sql).replace("pollable=1", "pollable")
+        return int(asyncio.run(_pg(sql, *params, schema=self.pg_schema)))
 
     def stable_sends(self, timeout: float = 10.0) -> int:
         """The sends row count once it stops moving (requests wrk abandoned may still land)."""
@@ -463,7 +538,8 @@ class Gateway:
         return last
 
     def stop(self) -> None:
-        """Stop it; a crash, a bad exit or anything it logged is a reported problem."""
+        """Stop it; a crash, a bad exit or anything it logged at warning level or above is a
+        reported problem. Drops the PostgreSQL schema."""
         if self.proc is None:
             return
         died = self.proc.poll()
@@ -472,13 +548,99 @@ class Gateway:
             self.ctx.fail(f"gateway ({self.name}) died during the run with exit code {died}")
         elif code not in (0, -signal.SIGTERM):
             self.ctx.problem(f"gateway ({self.name}) exited {code} on SIGTERM")
-        lines = [ln for ln in tail(self.log, 10_000) if ln.strip()]
+        lines = [ln for ln in tail(self.log, 10_000_000) if _logged_problem(ln)]
         if lines:
             self.ctx.problem(
                 f"gateway ({self.name}) logged {len(lines)} line(s) at warning level or above; "
                 "first: " + " | ".join(lines[:5])
             )
         self.proc = None
+        if self.backend != "sqlite":
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                asyncio.run(_pg(f"DROP SCHEMA IF EXISTS {self.pg_schema} CASCADE"))
+
+
+_SQL_SENDS = (
+    "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, connexus_id, "
+    "created_at, settled_at) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+_SQL_RECORDS = (
+    "INSERT INTO records (tenant, kind, event_key, receipt_id, msisdn_from, msisdn_to, "
+    "in_reply_to, status_code, dlr_status, error, created_at, consumed, pollable) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _send_rows(n: int, prefix: str) -> Iterator[tuple[Any, ...]]:
+    now = time.time()
+    for i in range(n):
+        recipient = f"6422{i % 10_000_000:07d}"
+        yield (
+            TENANT,
+            f"L{i}",
+            recipient,
+            SENDER,
+            "accepted",
+            f"r{prefix}{i}",
+            f"{prefix}{i}",
+            now,
+            now,
+        )
+
+
+def _record_rows(n: int, prefix: str) -> Iterator[tuple[Any, ...]]:
+    now = time.time()
+    for i in range(n):
+        yield (
+            TENANT,
+            "status",
+            f"bench:{prefix}{i}",
+            f"{i:032x}",
+            f"6422{i % 10_000_000:07d}",
+            SENDER,
+            f"L{i}",
+            "RCV",
+            1,
+            "",
+            now,
+            bool(i % 2 == 0),
+            i % 2,
+        )
+
+
+def _pg_sql(sql: str) -> str:
+    """`?` placeholders to asyncpg's `$n`."""
+    parts = sql.split("?")
+    return "".join(
+        f"{part}${i + 1}" if i < len(parts) - 1 else part for i, part in enumerate(parts)
+    )
+
+
+async def _pg(sql: str, *args: Any, schema: str | None = None) -> Any:
+    """One statement on its own connection; the first value of the first row."""
+    settings = {"search_path": schema} if schema else None
+    conn = await asyncpg.connect(PG_DSN, timeout=10, server_settings=settings)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+_SUPERVISOR_INFO = re.compile(r"^(worker \d+ started \(pid \d+\)|all workers stopped)$")
+_PROBLEM_LEVELS = frozenset({"warning", "error", "critical", "exception"})
+
+
+def _logged_problem(line: str) -> bool:
+    """A log line at warning or above (the request log's info lines are expected)."""
+    if not line.strip():
+        return False
+    if _SUPERVISOR_INFO.match(line):
+        return False
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return True  # not one of ours: a traceback or a crash
+    return not isinstance(event, dict) or event.get("level") in _PROBLEM_LEVELS
 
 
 class Baseline:
@@ -527,8 +689,9 @@ def start_nginx(ctx: Ctx) -> subprocess.Popen[bytes]:
 # -- scenarios 1 and 2: send at c32 and c1 ------------------------------------------------------
 
 
-def run_send(ctx: Ctx, conns: list[int]) -> dict[int, dict[str, Any]]:
-    """Direct stub, baseline and gateway (one after the other) at each connection count."""
+def run_send(ctx: Ctx, conns: list[int], backends: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """Direct stub, baseline and the gateway on each store (one after the other) at each
+    connection count: targets `direct`, `baseline`, `gateway` (SQLite), `gateway_pg`."""
     dur = ctx.args.duration
     out: dict[int, dict[str, Any]] = {c: {} for c in conns}
     direct = f"{ctx.upstream}/sms/out"
@@ -549,30 +712,54 @@ def run_send(ctx: Ctx, conns: list[int]) -> dict[int, dict[str, Any]]:
     finally:
         base.stop()
 
-    gw = Gateway(ctx, "send", poll_wait=0)
-    try:
-        pid = gw.start()
-        url = f"{gw.base}/api/1/sms/out"
-        for c in conns:
-            log(f"  gateway      c{c}: warm-up {WARMUP_SECONDS} s, measure {dur} s")
-            ctx.wrk(url, c, WARMUP_SECONDS, record=False)
-            before = gw.stable_sends()
-            res = ctx.wrk(url, c, dur, pid=pid)
-            after = gw.stable_sends()
-            res["store_check"] = check_sends(ctx, res, c, after - before)
-            check_core(ctx, "gateway", c, res)
-            if not gw.alive():
-                ctx.fail(f"gateway died during the c{c} send run")
-            out[c]["gateway"] = res
-    finally:
-        gw.stop()
+    for backend in backends:
+        target = "gateway" if backend == "sqlite" else f"gateway_{backend}"
+        gw = Gateway(ctx, f"send-{backend}", poll_wait=0, backend=backend)
+        try:
+            pid = gw.start()
+            for c in conns:
+                log(f"  {target:<12} c{c}: warm-up {WARMUP_SECONDS} s, measure {dur} s")
+                out[c][target] = gateway_wrk(ctx, gw, pid, c, dur)
+        finally:
+            gw.stop()
+    return out
+
+
+def gateway_wrk(ctx: Ctx, gw: Gateway, pid: int, c: int, dur: int) -> dict[str, Any]:
+    """One measured wrk run against the gateway, with the store check (a row per 204)."""
+    url = f"{gw.base}/api/1/sms/out"
+    ctx.wrk(url, c, WARMUP_SECONDS, record=False)
+    before = gw.stable_sends()
+    res = ctx.wrk(url, c, dur, pid=pid)
+    after = gw.stable_sends()
+    res["store_check"] = check_sends(ctx, res, c, after - before)
+    check_core(ctx, gw.name, c, res)
+    if not gw.alive():
+        ctx.fail(f"gateway {gw.name} died during the c{c} send run")
+    return res
+
+
+def run_workers(ctx: Ctx) -> dict[str, Any]:
+    """Send at c32 on PostgreSQL, `serve` with 1 and with 2 workers, neither pinned (a second
+    worker needs the second core; wrk and nginx stay on it, so this is what 2 cores allow)."""
+    dur = ctx.args.duration
+    out: dict[str, Any] = {}
+    for n in (1, 2):
+        gw = Gateway(ctx, f"workers-{n}", poll_wait=0, backend="pg", workers=n, pinned=False)
+        try:
+            pid = gw.start()
+            log(f"  PostgreSQL, {n} worker(s), unpinned, c32: measure {dur} s")
+            out[f"w{n}"] = gateway_wrk(ctx, gw, pid, 32, dur)
+        finally:
+            gw.stop()
+    out["ratio"] = out["w2"]["rps"] / out["w1"]["rps"]
     return out
 
 
 def check_core(ctx: Ctx, name: str, conns: int, res: dict[str, Any]) -> None:
     """At c32 the process under test should use its whole core; if not, the core was busy."""
     cpu = res.get("under_test_cpu")
-    if conns >= 32 and cpu is not None and cpu < 0.8:
+    if conns >= 32 and cpu is not None and cpu < 0.8 and not name.startswith("workers"):
         ctx.problem(
             f"{name} used only {cpu:.0%} of its CPU at c{conns}: something else was running "
             "on that core (or the process is not CPU-bound), so this run is not representative"
@@ -611,17 +798,31 @@ def send_figures(per_c: dict[int, dict[str, Any]]) -> dict[str, float | None]:
             fig[f"c{c}_{name}_p99_ms"] = r["p99_ms"]
             if "under_test_cpu" in r:
                 fig[f"c{c}_{name}_cpu"] = r["under_test_cpu"]
+                # CPU time per request (all threads of the process under test), microseconds.
+                fig[f"c{c}_{name}_cpu_us"] = r["under_test_cpu"] / r["rps"] * 1e6
     if 32 in per_c:
         t = per_c[32]
         fig["send32_ratio"] = t["gateway"]["rps"] / t["baseline"]["rps"]
         fig["send32_tail"] = t["gateway"]["p99_ms"] / t["gateway"]["p50_ms"]
+        gw_us, base_us = fig.get("c32_gateway_cpu_us"), fig.get("c32_baseline_cpu_us")
+        if gw_us is not None and base_us is not None:
+            fig["send32_cpu_ratio"] = gw_us / base_us
+        if "gateway_pg" in t:
+            fig["send32_pg_ratio"] = t["gateway_pg"]["rps"] / t["gateway"]["rps"]
+            fig["send32_pg_tail"] = t["gateway_pg"]["p99_ms"] / t["gateway_pg"]["p50_ms"]
     if 1 in per_c:
         t = per_c[1]
-        gw_added = t["gateway"]["p50_ms"] - t["direct"]["p50_ms"]
-        base_added = t["baseline"]["p50_ms"] - t["direct"]["p50_ms"]
-        fig["c1_gateway_added_ms"] = gw_added
-        fig["c1_baseline_added_ms"] = base_added
-        fig["send1_added_ratio"] = gw_added / base_added if base_added > 0 else math.inf
+        for q in ("p50", "p99"):
+            base_added = t["baseline"][f"{q}_ms"] - t["direct"][f"{q}_ms"]
+            fig[f"c1_baseline_added_{q}_ms"] = base_added
+            for target in ("gateway", "gateway_pg"):
+                if target in t:
+                    added = t[target][f"{q}_ms"] - t["direct"][f"{q}_ms"]
+                    fig[f"c1_{target}_added_{q}_ms"] = added
+                    suffix = "" if target == "gateway" else "_pg"
+                    fig[f"send1_added_{q}_ratio{suffix}"] = (
+                        added / base_added if base_added > 0 else math.inf
+                    )
     return fig
 
 
@@ -712,26 +913,11 @@ async def poll_until_empty(
 # -- scenario 3: webhook ingest, then poll everything ----------------------------------------------
 
 
-def insert_sends(conn: sqlite3.Connection, n: int, prefix: str) -> None:
-    now = time.time()
-    conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO sends (tenant, legacy_id, recipient, sender, connexus_id, upstream_ref, "
-        "created_at) VALUES (?,?,?,?,?,?,?)",
-        (
-            (TENANT, f"L{i}", f"6422{i % 10_000_000:07d}", SENDER, f"{prefix}{i}", f"r{i}", now)
-            for i in range(n)
-        ),
-    )
-    conn.execute("COMMIT")
-
-
-def run_webhook(ctx: Ctx) -> dict[str, Any]:
+def run_webhook(ctx: Ctx, backend: str = "sqlite") -> dict[str, Any]:
     n = ctx.args.webhooks
-    gw = Gateway(ctx, "webhook", poll_wait=0)
-    with contextlib.closing(gw.create_store()) as conn:
-        insert_sends(conn, n, "c")
-    res: dict[str, Any] = {"n": n}
+    gw = Gateway(ctx, f"webhook-{backend}", poll_wait=0, backend=backend)
+    gw.prefill(n, 0, "c")
+    res: dict[str, Any] = {"n": n, "backend": backend}
     try:
         pid = gw.start()
         url = f"{gw.base}/webhooks/connexus/{SECRET}"
@@ -821,8 +1007,14 @@ def run_webhook(ctx: Ctx) -> dict[str, Any]:
         if perrors:
             ctx.problem(f"webhook poll errors: {perrors[:3]}")
         queue_url = f"{gw.base}/api/1/sms/queue?" + urllib.parse.urlencode(CREDS)
-        with _NO_PROXY.open(queue_url, timeout=10) as resp:
-            res["queue_after"] = resp.read().decode()
+        # The last acks are committed just after their answers reached the client: allow 2 s.
+        deadline = time.monotonic() + 2.0
+        while True:
+            with _NO_PROXY.open(queue_url, timeout=10) as resp:
+                res["queue_after"] = resp.read().decode()
+            if res["queue_after"] == "inCount=0&statusCount=0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         if res["queue_after"] != "inCount=0&statusCount=0":
             ctx.fail(f"webhook: queue after draining is {res['queue_after']!r}")
         if not gw.alive():
@@ -927,34 +1119,7 @@ def run_wakeup(ctx: Ctx, run: int) -> dict[str, Any]:
 
 def prefill_memory(gw: Gateway, n: int) -> float:
     t0 = time.monotonic()
-    now = time.time()
-    with contextlib.closing(gw.create_store()) as conn:
-        conn.execute("PRAGMA synchronous = OFF")
-        insert_sends(conn, n, "m")
-        conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO records (tenant, kind, dedupe_key, ref, receipt_id, msisdn_from, "
-            "msisdn_to, in_reply_to, dlr_status, error, created_at, pollable) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                (
-                    TENANT,
-                    "status",
-                    f"dlr:m{i}:1",
-                    f"m{i}",
-                    f"{i:032x}",
-                    f"6422{i % 10_000_000:07d}",
-                    SENDER,
-                    f"L{i}",
-                    1,
-                    "DELIVRD",
-                    now,
-                    i % 2,
-                )
-                for i in range(n)
-            ),
-        )
-        conn.execute("COMMIT")
+    gw.prefill(n, n, "m")
     return time.monotonic() - t0
 
 
@@ -1099,9 +1264,14 @@ def versions() -> dict[str, Any]:
 def bar_verdicts(med: dict[str, Any]) -> list[dict[str, Any]]:
     checks: dict[str, Callable[[float], bool]] = {
         "send32_ratio": lambda v: v >= 1.0,
-        "send1_added_ratio": lambda v: v <= 1.2,
+        "send32_cpu_ratio": lambda v: v <= 1.0,
+        "send1_added_p50_ratio": lambda v: v <= 1.2,
+        "send1_added_p99_ratio": lambda v: v <= 1.5,
         "send32_tail": lambda v: v <= 3.0,
         "webhook_rate": lambda v: v >= 5000,
+        "webhook_pg_rate": lambda v: v >= 3000,
+        "send32_pg_ratio": lambda v: v >= 0.9,
+        "workers_ratio": lambda v: v >= 1.6,
         "wakeup_p99": lambda v: v < 5.0,
     }
     out = []
@@ -1118,7 +1288,7 @@ def bar_verdicts(med: dict[str, Any]) -> list[dict[str, Any]]:
             v = med.get(key)
             if v is None:
                 continue
-            value = fmt(v, 0 if key == "webhook_rate" else 2)
+            value = fmt(v, 0 if key.startswith("webhook") else 2)
             ok = checks[key](v)
         out.append(
             {
@@ -1142,9 +1312,22 @@ def per_run_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
             if s == "send32":
                 vals.append(f"{fmt(f.get('send32_ratio'))}x (tail {fmt(f.get('send32_tail'))})")
             elif s == "send1":
-                vals.append(f"{fmt(f.get('send1_added_ratio'))}x")
+                vals.append(
+                    f"p50 {fmt(f.get('send1_added_p50_ratio'))}x, "
+                    f"p99 {fmt(f.get('send1_added_p99_ratio'))}x"
+                )
             elif s == "webhook":
                 vals.append(f"{fmt(r.get('rate'), 0)}/s")
+            elif s == "pg":
+                vals.append(
+                    f"ingest {fmt(r.get('rate'), 0)}/s, send c32 PG/SQLite "
+                    f"{fmt(r.get('send32_pg_ratio'))}x"
+                )
+            elif s == "workers":
+                vals.append(
+                    f"{fmt(r.get('ratio'))}x ({fmt(r['w1']['rps'], 0)} -> "
+                    f"{fmt(r['w2']['rps'], 0)} req/s)"
+                )
             elif s == "wakeup":
                 vals.append(f"p99 {fmt(r.get('p99_ms'), 3)} ms")
             elif s == "memory":
@@ -1179,25 +1362,31 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Send path (median of the runs)",
             "",
-            "| connections | target | req/s | p50 ms | p99 ms | CPU of process under test |",
-            "|---|---|---|---|---|---|",
+            "| connections | target | req/s | p50 ms | p99 ms | CPU of process under test "
+            "| CPU µs/request |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in (32, 1):
-            for t in ("direct", "baseline", "gateway"):
+            for t in ("direct", "baseline", "gateway", "gateway_pg"):
                 if f"c{c}_{t}_rps" not in med:
                     continue
                 cpu = med.get(f"c{c}_{t}_cpu")
                 lines.append(
-                    f"| {c} | {t} | {fmt(med[f'c{c}_{t}_rps'], 0)} | "
+                    f"| {c} | {TARGETS[t]} | {fmt(med[f'c{c}_{t}_rps'], 0)} | "
                     f"{fmt(med[f'c{c}_{t}_p50_ms'], 3)} | {fmt(med[f'c{c}_{t}_p99_ms'], 3)} | "
-                    f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
+                    f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} | "
+                    f"{fmt(med.get(f'c{c}_{t}_cpu_us'), 0)} |"
                 )
-        if "c1_gateway_added_ms" in med:
-            lines.append("")
-            lines.append(
-                f"Added p50 at c1 over direct: gateway {fmt(med['c1_gateway_added_ms'], 3)} ms, "
-                f"baseline {fmt(med['c1_baseline_added_ms'], 3)} ms."
-            )
+        for t in ("gateway", "gateway_pg"):
+            if f"c1_{t}_added_p50_ms" in med:
+                lines.append("")
+                lines.append(
+                    f"Added at c1 over direct ({TARGETS[t]}): p50 "
+                    f"{fmt(med[f'c1_{t}_added_p50_ms'], 3)} ms, p99 "
+                    f"{fmt(med[f'c1_{t}_added_p99_ms'], 3)} ms; lean baseline p50 "
+                    f"{fmt(med['c1_baseline_added_p50_ms'], 3)} ms, p99 "
+                    f"{fmt(med['c1_baseline_added_p99_ms'], 3)} ms."
+                )
     extra = []
     if "webhook_rate" in med:
         extra.append(
@@ -1205,6 +1394,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"(gateway CPU {fmt(med.get('webhook_gateway_cpu'), 2)}, "
             f"client CPU {fmt(med.get('webhook_client_cpu'), 2)}); polled back at "
             f"{fmt(med.get('webhook_poll_rate'), 0)}/s"
+        )
+    if "webhook_pg_rate" in med:
+        extra.append(
+            f"- webhook ingest into PostgreSQL {fmt(med['webhook_pg_rate'], 0)}/s "
+            f"(gateway CPU {fmt(med.get('webhook_pg_gateway_cpu'), 2)}); polled back at "
+            f"{fmt(med.get('webhook_pg_poll_rate'), 0)}/s"
+        )
+    if "workers_ratio" in med:
+        extra.append(
+            f"- PostgreSQL send at c32, unpinned: 1 worker {fmt(med.get('workers_w1_rps'), 0)} "
+            f"req/s (CPU {fmt(med.get('workers_w1_cpu'), 2)} cores), 2 workers "
+            f"{fmt(med.get('workers_w2_rps'), 0)} req/s (CPU {fmt(med.get('workers_w2_cpu'), 2)}"
+            f" cores): {fmt(med['workers_ratio'])}x"
         )
     if "wakeup_p99" in med:
         extra.append(
@@ -1255,6 +1457,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, stores)")
     p.add_argument("--require-bars", action="store_true", help="exit 3 when a bar fails")
+    p.add_argument(
+        "--no-request-log",
+        action="store_true",
+        help="gateway with log.requests: false (an ablation; not how users run it)",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.webhooks = a.webhooks or (2_000 if q else 20_000)
@@ -1306,9 +1513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in range(args.runs):
             log(f"== run {run + 1} of {args.runs}")
             conns = [c for c, s in ((32, "send32"), (1, "send1")) if s in scenarios]
+            backends = ["sqlite", "pg"] if "pg" in scenarios else ["sqlite"]
             if conns:
-                log(f"send at {', '.join(f'c{c}' for c in conns)}")
-                per_c = run_send(ctx, conns)
+                log(f"send at {', '.join(f'c{c}' for c in conns)} on {', '.join(backends)}")
+                per_c = run_send(ctx, conns, backends)
                 figures = send_figures(per_c)
                 for c, s in ((32, "send32"), (1, "send1")):
                     if c in per_c:
@@ -1323,8 +1531,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                             }
                         )
             if "webhook" in scenarios:
-                log("webhook ingest")
+                log("webhook ingest, SQLite")
                 runs["webhook"].append(run_webhook(ctx))
+            if "pg" in scenarios:
+                log("webhook ingest, PostgreSQL")
+                pg = run_webhook(ctx, "pg")
+                if conns and 32 in per_c:
+                    pg["send32_pg_ratio"] = figures.get("send32_pg_ratio")
+                runs["pg"].append(pg)
+            if "workers" in scenarios:
+                log("1 vs 2 workers on PostgreSQL")
+                runs["workers"].append(run_workers(ctx))
             if "wakeup" in scenarios:
                 log("poll wake-up")
                 runs["wakeup"].append(run_wakeup(ctx, run))
@@ -1356,6 +1573,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         med["webhook_client_cpu"] = median([r["client_cpu"] for r in w if "client_cpu" in r])
         med["webhook_poll_rate"] = median([r["poll"]["rate"] for r in w if "poll" in r])
+    if runs.get("pg"):
+        w = runs["pg"]
+        med["webhook_pg_rate"] = median([r["rate"] for r in w if "rate" in r])
+        med["webhook_pg_gateway_cpu"] = median(
+            [r["under_test_cpu"] for r in w if "under_test_cpu" in r]
+        )
+        med["webhook_pg_poll_rate"] = median([r["poll"]["rate"] for r in w if "poll" in r])
+    if runs.get("workers"):
+        w = runs["workers"]
+        med["workers_ratio"] = median([r["ratio"] for r in w])
+        for n in ("w1", "w2"):
+            med[f"workers_{n}_rps"] = median([r[n]["rps"] for r in w])
+            med[f"workers_{n}_cpu"] = median(
+                [r[n]["under_test_cpu"] for r in w if "under_test_cpu" in r[n]]
+            )
     if runs.get("wakeup"):
         for k in ("p50", "p99", "max"):
             med[f"wakeup_{k}"] = median(
