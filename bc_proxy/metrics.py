@@ -7,12 +7,21 @@ and several apps in one process never collide. Does not own any business logic.
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -61,6 +70,11 @@ _LATENCY_BUCKETS = (
     30.0,
 )
 
+# Long-polls wait up to poll_wait_seconds (at most 300): their own histogram, so the send
+# latency histogram is not swamped by waits and the waits are not cut off at 30 s.
+POLL_ROUTES = frozenset({"/api/1/sms/in", "/api/1/sms/status"})
+_POLL_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -68,6 +82,8 @@ class Metrics:
     """Every metric family of bc-proxy, registered in one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        # `_created` series double every counter and histogram for a value nobody charts.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._legacy_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._send_children: dict[str, tuple[Any, Any, Any]] = {}
@@ -76,6 +92,17 @@ class Metrics:
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
         r = self.registry
+        from bc_proxy import __version__  # here: bc_proxy/__init__ stays import-free
+
+        self.build_info = Gauge(
+            "bc_proxy_build_info",
+            "Always 1; the labels say which bc-proxy, Python and aiohttp this process runs.",
+            ["version", "python_version", "aiohttp_version"],
+            registry=r,
+        )
+        self.build_info.labels(
+            __version__, platform.python_version(), aiohttp.__version__
+        ).set(1)
         self.legacy_requests = Counter(
             "bc_proxy_legacy_requests_total",
             "Legacy API requests by route template, tenant and HTTP status.",
@@ -84,9 +111,16 @@ class Metrics:
         )
         self.legacy_duration = Histogram(
             "bc_proxy_legacy_request_duration_seconds",
-            "Time to answer a legacy API request (long-poll waits included).",
+            "Time to answer a legacy API request other than a long-poll (sends, test, queue).",
             ["route"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.poll_wait = Histogram(
+            "bc_proxy_legacy_poll_wait_seconds",
+            "Time a legacy long-poll (in, status) took to answer, waiting included.",
+            ["route"],
+            buckets=_POLL_BUCKETS,
             registry=r,
         )
         self.upstream_requests = Counter(
@@ -109,8 +143,8 @@ class Metrics:
             registry=r,
         )
         self.token_expiry = Gauge(
-            "bc_proxy_token_expiry_seconds",
-            "Seconds until the tenant's current Connexus token expires (0 when none).",
+            "bc_proxy_token_expiry_timestamp_seconds",
+            "Unix time the tenant's current Connexus token expires (0 when none is held).",
             ["tenant"],
             registry=r,
         )
@@ -266,13 +300,14 @@ class Metrics:
         """Create every bounded label combination so series exist from the first scrape."""
         names = [*tenants, NO_TENANT]
         for route in LEGACY_ROUTES:
-            self.legacy_duration.labels(route)
+            (self.poll_wait if route in POLL_ROUTES else self.legacy_duration).labels(route)
             for tenant in names:
                 for status in ("200", "204", "400", "401", "500"):
                     self.legacy_requests.labels(route, tenant, status)
         for op in UPSTREAM_OPERATIONS:
             self.upstream_duration.labels(op)
         for tenant in names[:-1]:
+            self.token_failing.labels(tenant)
             for outcome in TOKEN_OUTCOMES:
                 self.token_refreshes.labels(tenant, outcome)
             self.token_expiry.labels(tenant)
@@ -294,6 +329,13 @@ class Metrics:
             for outcome in WEBHOOK_OUTCOMES:
                 self.webhooks.labels(wtype, outcome)
 
+    def forget_tenant(self, tenant: str) -> None:
+        """A tenant left the configuration (reload): drop its token gauges, which would
+        otherwise keep reporting the removed tenant's last token."""
+        for gauge in (self.token_expiry, self.token_failing):
+            with contextlib.suppress(KeyError):
+                gauge.remove(tenant)
+
     def observe_legacy(self, route: str, tenant: str, status: int, started: float) -> None:
         """Count one legacy request and its duration (label children cached: hot path)."""
         key = (route, tenant, status)
@@ -301,7 +343,7 @@ class Metrics:
         if child is None:
             child = self._legacy_children[key] = (
                 self.legacy_requests.labels(route, tenant, str(status)),
-                self.legacy_duration.labels(route),
+                (self.poll_wait if route in POLL_ROUTES else self.legacy_duration).labels(route),
             )
         child[0].inc()
         child[1].observe(time.perf_counter() - started)

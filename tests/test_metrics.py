@@ -15,12 +15,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from bc_proxy import __version__
 from bc_proxy.backlog import refresh_gauges
 from bc_proxy.metrics import (
     LEGACY_ROUTES,
     NO_TENANT,
     PUSH_OUTCOMES,
     RECORD_KINDS,
+    REPEAT_STATES,
     TOKEN_OUTCOMES,
     UPSTREAM_OPERATIONS,
     WEBHOOK_OUTCOMES,
@@ -50,7 +52,10 @@ FAMILIES = {
     "bc_proxy_upstream_requests",
     "bc_proxy_upstream_request_duration_seconds",
     "bc_proxy_token_refreshes",
-    "bc_proxy_token_expiry_seconds",
+    "bc_proxy_token_expiry_timestamp_seconds",
+    "bc_proxy_token_failing",
+    "bc_proxy_build_info",
+    "bc_proxy_legacy_poll_wait_seconds",
     "bc_proxy_webhooks",
     "bc_proxy_records_waiting",
     "bc_proxy_records_oldest_age_seconds",
@@ -147,11 +152,12 @@ async def test_first_scrape_has_every_family_and_zero_series(
                     tenant=tenant,
                     status=status,
                 )
-        sample(
-            "bc_proxy_legacy_request_duration_seconds",
-            "bc_proxy_legacy_request_duration_seconds_count",
-            route=route,
+        family = (
+            "bc_proxy_legacy_poll_wait_seconds"
+            if route in ("/api/1/sms/in", "/api/1/sms/status")
+            else "bc_proxy_legacy_request_duration_seconds"
         )
+        sample(family, family + "_count", route=route)
     for outcome in TOKEN_OUTCOMES:
         sample(
             "bc_proxy_token_refreshes",
@@ -159,7 +165,11 @@ async def test_first_scrape_has_every_family_and_zero_series(
             tenant="acme",
             outcome=outcome,
         )
-    sample("bc_proxy_token_expiry_seconds", "bc_proxy_token_expiry_seconds", tenant="acme")
+    sample(
+        "bc_proxy_token_expiry_timestamp_seconds",
+        "bc_proxy_token_expiry_timestamp_seconds",
+        tenant="acme",
+    )
     for wtype in WEBHOOK_TYPES:
         for w_outcome in WEBHOOK_OUTCOMES:
             sample("bc_proxy_webhooks", "bc_proxy_webhooks_total", type=wtype, outcome=w_outcome)
@@ -248,11 +258,11 @@ async def test_forced_token_refresh_counts_success_and_sets_expiry(
     """A revoked token makes the next send refresh once; both fetches count as successes."""
     m = Metrics()
     client = await gateway(cfg, metrics=m)
-    assert value(m, "bc_proxy_token_expiry_seconds", tenant="acme") == 0
+    assert value(m, "bc_proxy_token_expiry_timestamp_seconds", tenant="acme") == 0
     assert await send(client, PHONE_A) == 204
     assert value(m, "bc_proxy_token_refreshes_total", tenant="acme", outcome="success") == 1
-    expiry = value(m, "bc_proxy_token_expiry_seconds", tenant="acme")
-    assert 86000 < expiry <= connexus.emu.token_ttl
+    expiry = value(m, "bc_proxy_token_expiry_timestamp_seconds", tenant="acme")
+    assert time.time() + 86000 < expiry <= time.time() + connexus.emu.token_ttl + 1
     connexus.emu.revoke_tokens()
     assert await send(client, PHONE_B) == 204
     assert connexus.emu.token_requests == 2
@@ -260,7 +270,7 @@ async def test_forced_token_refresh_counts_success_and_sets_expiry(
     assert value(m, "bc_proxy_token_refreshes_total", tenant="acme", outcome="failure") == 0
     assert upstream(m, "token", "200") == 2
     assert upstream(m, "sms_out", "200") == 2  # the 401 was retried inside one call
-    assert value(m, "bc_proxy_token_expiry_seconds", tenant="acme") > 0
+    assert value(m, "bc_proxy_token_expiry_timestamp_seconds", tenant="acme") > 0
 
 
 @pytest.mark.parametrize("cause", ["token_endpoint_500", "wrong_client_secret"])
@@ -281,7 +291,7 @@ async def test_failed_token_fetch_counts_failure(
     assert value(m, "bc_proxy_token_refreshes_total", tenant="acme", outcome="failure") == 1
     assert value(m, "bc_proxy_token_refreshes_total", tenant="acme", outcome="success") == 0
     assert upstream(m, "token", status) >= 1
-    assert value(m, "bc_proxy_token_expiry_seconds", tenant="acme") == 0
+    assert value(m, "bc_proxy_token_expiry_timestamp_seconds", tenant="acme") == 0
     assert connexus.emu.sms_out_requests() == []
 
 
@@ -461,7 +471,16 @@ _BOUNDED: dict[str, Callable[[str], bool]] = {
     "tenant": lambda v: v in ("acme", NO_TENANT),
     "status": lambda v: re.fullmatch(r"[1-5]\d\d|timeout|error", v) is not None,
     "operation": lambda v: v in UPSTREAM_OPERATIONS,
-    "outcome": lambda v: v in (*TOKEN_OUTCOMES, *WEBHOOK_OUTCOMES, *PUSH_OUTCOMES),
+    "outcome": lambda v: v
+    in (*TOKEN_OUTCOMES, *WEBHOOK_OUTCOMES, *PUSH_OUTCOMES, "throttled", "ok", "error"),
+    "state": lambda v: v in REPEAT_STATES,
+    "job": lambda v: re.fullmatch(r"[a-z_]+", v) is not None,
+    "reason": lambda v: re.fullmatch(r"[a-z_]+", v) is not None,
+    "path": lambda v: re.fullmatch(r"[a-z_/]+", v) is not None,
+    "source": lambda v: v in ("mo_query", "sms_in", "sms_status"),
+    "version": lambda v: v == __version__,
+    "python_version": lambda v: re.fullmatch(r"3\.\d+\.\d+\S*", v) is not None,
+    "aiohttp_version": lambda v: re.fullmatch(r"3\.\d+\.\d+\S*", v) is not None,
     "type": lambda v: v in WEBHOOK_TYPES,
     "kind": lambda v: v in RECORD_KINDS,
     "le": lambda v: re.fullmatch(r"[0-9.e+-]+|\+Inf", v) is not None,
@@ -526,7 +545,62 @@ async def test_no_label_value_is_a_phone_number_or_message_id(
     assert value(m, "bc_proxy_legacy_requests_total", route=OUT, tenant="acme", status="500") == 1
 
 
+# Families driven by the tests of their own feature (file named beside each).
+TESTED_ELSEWHERE = {
+    "bc_proxy_auth_refusals",  # test_hardening.py
+    "bc_proxy_background_errors",  # test_sweep.py / jobs
+    "bc_proxy_passthrough_requests",  # test_passthrough.py
+    "bc_proxy_pulled_records",  # test_pull.py
+    "bc_proxy_pulls",  # test_pull.py
+    "bc_proxy_recipients_blocked",  # test_optout.py
+    "bc_proxy_recipients_unknown",  # test_send_failures.py
+    "bc_proxy_records_unconfigured_tenant",  # test_backlog.py
+    "bc_proxy_send_repeats",  # test_idempotency.py
+    "bc_proxy_sends_rate_limited",  # rate limiter tests
+    "bc_proxy_webhook_registrations",  # test_registration.py
+    "bc_proxy_webhooks_refused",  # webhook hardening tests
+    "bc_proxy_webhooks_rejected",  # test_webhook_payloads.py
+}
+
+
 def test_metric_families_are_all_covered() -> None:
-    """Metrics registers exactly the families this module drives (a new family needs a test)."""
+    """Metrics registers exactly the families this module or a named test drives."""
     names = {fam.name for fam in Metrics(process=False).registry.collect()}
-    assert names == FAMILIES
+    assert names == FAMILIES | TESTED_ELSEWHERE
+
+
+async def test_no_created_series_and_build_info(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """/metrics holds no `_created` series and one bc_proxy_build_info sample at 1."""
+    m = Metrics()
+    client = await gateway(cfg, metrics=m)
+    text = await (await client.get("/metrics")).text()
+    assert "_created" not in text
+    build = [
+        s
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "bc_proxy_build_info"
+        for s in fam.samples
+    ]
+    assert len(build) == 1
+    assert build[0].value == 1
+    assert build[0].labels["version"] == __version__
+
+
+async def test_long_poll_wait_has_its_own_histogram(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A long-poll's wait lands in bc_proxy_legacy_poll_wait_seconds (buckets to 300 s), not in
+    the request-duration histogram that send latency alerts read."""
+    m = Metrics()
+    waiting = with_tenant(cfg, poll_wait_seconds=0.3)
+    client = await gateway(waiting, metrics=m)
+    resp = await client.get("/api/1/sms/in", params=creds())
+    assert resp.status == 204
+    assert value(m, "bc_proxy_legacy_poll_wait_seconds_count", route="/api/1/sms/in") == 1
+    assert value(m, "bc_proxy_legacy_poll_wait_seconds_sum", route="/api/1/sms/in") >= 0.29
+    assert value(
+        m, "bc_proxy_legacy_poll_wait_seconds_bucket", route="/api/1/sms/in", le="300.0"
+    ) == 1
+    assert maybe(m, "bc_proxy_legacy_request_duration_seconds_count", route="/api/1/sms/in") == 0

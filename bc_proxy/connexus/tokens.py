@@ -17,7 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bc_proxy.errors import GatewayError
+from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
+
+log = get_logger("bc_proxy.connexus")
 
 Fetch = Callable[[], Awaitable[tuple[str, float]]]
 
@@ -54,10 +57,15 @@ class TokenManager:
         self.last_error: str | None = None
         self._failed_at = float("-inf")
         self._backoff = 0.0  # current pause after a failure (0: none failed yet)
-        metrics.token_expiry.labels(tenant).set_function(self.seconds_left)
+        metrics.token_expiry.labels(tenant).set_function(self.expires_at)
         metrics.token_failing.labels(tenant).set_function(
             lambda: 1.0 if self.last_error is not None else 0.0
         )
+
+    def expires_at(self) -> float:
+        """Unix time the current token expires (0 when none is held)."""
+        tok = self._token
+        return tok.wall_expires_at if tok else 0.0
 
     def seconds_left(self) -> float:
         tok = self._token
@@ -122,6 +130,13 @@ class TokenManager:
             self.last_error = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
             if self._token is not None and self._clock() >= self._token.expires_at:
                 self._token = None
+            log.warning(
+                "token_refresh_failed",
+                tenant=self.tenant,
+                cause=self.last_error,
+                token_held=self._token is not None,
+                retry_after_seconds=self._backoff,
+            )
             raise
         finally:
             self._inflight = None
