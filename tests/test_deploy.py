@@ -452,7 +452,8 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
 
 
 def test_dockerfile_installs_dependencies_before_the_source() -> None:
-    """Dependencies get their own layer that does not depend on the package source."""
+    """Dependencies get their own layer, from the hash-checked lockfiles alone, before the
+    package source is copied."""
     ins = _instructions()
     copy_source = next(
         i for i, (kw, rest) in enumerate(ins) if kw == "COPY" and "bc_proxy" in rest.split()
@@ -460,12 +461,46 @@ def test_dockerfile_installs_dependencies_before_the_source() -> None:
     deps = [
         i
         for i, (kw, rest) in enumerate(ins)
-        if kw == "RUN" and "pip install" in rest and "--requirement" in rest
+        if kw == "RUN" and "--requirement requirements.lock" in rest
     ]
-    assert deps, "no `pip install --requirement` step"
+    assert deps, "no `pip install --requirement requirements.lock` step"
     assert deps[0] < copy_source
+    assert ins[deps[0]][1].count("--require-hashes") >= 2, "every install checks hashes"
     copies_before = [rest for kw, rest in ins[: deps[0]] if kw == "COPY"]
-    assert copies_before == ["pyproject.toml ./"]
+    assert copies_before == ["requirements.lock requirements-build.lock ./"]
+
+
+def test_dockerfile_pins_the_base_by_digest_and_drops_pip_at_run_time() -> None:
+    """Every FROM names its image by sha256 digest; the runtime stage uninstalls pip,
+    setuptools and wheel and its venv is made without pip."""
+    froms = [rest for kw, rest in _instructions() if kw == "FROM"]
+    for line in froms:
+        assert re.search(r"@sha256:[0-9a-f]{64}\b", line), line
+    runs = " ".join(rest for kw, rest in _final_stage() if kw == "RUN")
+    assert "pip uninstall --yes" in runs
+    for tool in ("pip", "setuptools", "wheel"):
+        assert re.search(rf"uninstall[^&]*\b{tool}\b", runs), tool
+    assert "venv --without-pip" in DOCKERFILE.read_text(encoding="utf-8")
+
+
+def test_lockfile_covers_exactly_the_runtime_dependencies() -> None:
+    """requirements.lock pins, with hashes, every package pyproject's dependencies need; each
+    direct dependency is imported by the code."""
+    lock = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    pinned = {m.group(1).lower() for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", lock, re.M)}
+    hashed = r"^[A-Za-z0-9_.-]+==[^\n]*(?:\n    --hash=sha256:[0-9a-f]{64}[^\n]*)+"
+    blocks = re.findall(hashed, lock, re.M)
+    assert len(blocks) == len(pinned), "a pinned package without hashes"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "dependencies"
+    ]
+    imports = {"argon2-cffi": "argon2", "pyyaml": "yaml", "prometheus-client": "prometheus_client"}
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "bc_proxy").rglob("*.py"))
+    for dep in deps:
+        name = re.split(r"[<>=;\[ ]", dep, maxsplit=1)[0].lower()
+        assert name in pinned, name
+        module = imports.get(name, name.replace("-", "_"))
+        assert re.search(rf"^\s*(import|from) {module}\b", source, re.M), f"{name} not imported"
 
 
 def test_dockerfile_command_ports_and_paths_are_coherent() -> None:
@@ -965,7 +1000,7 @@ def test_alert_rules_are_complete() -> None:
     "pattern",
     [
         r'bc_proxy_upstream_requests_total\{status=~"5\.\.\|timeout\|error"\}',
-        r"bc_proxy_token_expiry_seconds < 3600",
+        r"bc_proxy_token_expiry_timestamp_seconds - time\(\) < 3600",
         r'bc_proxy_token_refreshes_total\{outcome="failure"\}',
         r"bc_proxy_dead_letters\) > 0",
         r"bc_proxy_records_oldest_age_seconds\) > \d+",
@@ -1015,7 +1050,7 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
         "bc_proxy_legacy_request_duration_seconds_bucket",
         "bc_proxy_upstream_requests_total",
         "bc_proxy_upstream_request_duration_seconds_bucket",
-        "bc_proxy_token_expiry_seconds",
+        "bc_proxy_token_expiry_timestamp_seconds",
         "bc_proxy_webhooks_total",
         "bc_proxy_records_waiting",
         "bc_proxy_push_attempts_total",
