@@ -224,6 +224,7 @@ async def test_send_fault(
     unknown = sample(metrics, "bc_proxy_recipients_unknown_total", tenant="acme")
     assert unknown == (1 if state == "unknown" else 0)
     assert fake.sends == 1
+    assert statuses(db) == (1 if state == "unknown" else 0)  # an ERR record says "unknown"
     assert await post(client, params) == (204, "")  # the legacy client's retry
     assert fake.sends == (2 if resent else 1)  # never twice unless definitively refused
     states = [s for _, _, s in send_rows(db)]
@@ -309,6 +310,12 @@ async def test_token_endpoint_down_mid_run(
     await asyncio.sleep(BACKOFF_INITIAL)
     assert await post(client, params) == (204, "")
     assert fake.sends == 3  # f-5 once, f-6 refused (401) then sent
+
+
+def statuses(db: Path) -> int:
+    """Status records waiting in the gateway's SQLite file."""
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM records WHERE kind = 'status'").fetchone()[0])
 
 
 # -- the store failing ------------------------------------------------------------------------
