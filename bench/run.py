@@ -193,6 +193,24 @@ def cpu_seconds(pid: int) -> float | None:
     return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
+def pg_cpu_seconds() -> float:
+    """utime + stime of every PostgreSQL server process on this machine (the local server the
+    PostgreSQL scenarios use), in seconds: its cost per operation."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        if name.startswith("postgres"):
+            fields = stat.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tail(path: Path, lines: int = 20) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-lines:]
@@ -730,8 +748,12 @@ def gateway_wrk(ctx: Ctx, gw: Gateway, pid: int, c: int, dur: int) -> dict[str, 
     url = f"{gw.base}/api/1/sms/out"
     ctx.wrk(url, c, WARMUP_SECONDS, record=False)
     before = gw.stable_sends()
+    pg0 = pg_cpu_seconds()
     res = ctx.wrk(url, c, dur, pid=pid)
+    pg1 = pg_cpu_seconds()
     after = gw.stable_sends()
+    if gw.backend == "pg" and res["requests"]:
+        res["pg_cpu_us_per_request"] = (pg1 - pg0) / res["requests"] * 1e6
     res["store_check"] = check_sends(ctx, res, c, after - before)
     check_core(ctx, gw.name, c, res)
     if not gw.alive():
@@ -936,8 +958,12 @@ def run_webhook(ctx: Ctx, backend: str = "sqlite") -> dict[str, Any]:
 
         log(f"  posting {n} delivery reports, 100 in flight")
         gcpu0 = cpu_seconds(pid)
+        pg0 = pg_cpu_seconds()
         elapsed, statuses, errors, client_cpu = asyncio.run(ingest())
+        pg1 = pg_cpu_seconds()
         gcpu1 = cpu_seconds(pid)
+        if backend == "pg":
+            res["pg_cpu_us_per_webhook"] = (pg1 - pg0) / n * 1e6
         res.update(
             seconds=elapsed,
             rate=n / elapsed,
@@ -1399,7 +1425,9 @@ def markdown(report: dict[str, Any]) -> str:
         extra.append(
             f"- webhook ingest into PostgreSQL {fmt(med['webhook_pg_rate'], 0)}/s "
             f"(gateway CPU {fmt(med.get('webhook_pg_gateway_cpu'), 2)}); polled back at "
-            f"{fmt(med.get('webhook_pg_poll_rate'), 0)}/s"
+            f"{fmt(med.get('webhook_pg_poll_rate'), 0)}/s; PostgreSQL server CPU per webhook "
+            f"{fmt(med.get('webhook_pg_server_cpu_us'), 0)} µs, per send at c32 "
+            f"{fmt(med.get('send32_pg_server_cpu_us'), 0)} µs"
         )
     if "workers_ratio" in med:
         extra.append(
@@ -1580,6 +1608,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             [r["under_test_cpu"] for r in w if "under_test_cpu" in r]
         )
         med["webhook_pg_poll_rate"] = median([r["poll"]["rate"] for r in w if "poll" in r])
+        med["webhook_pg_server_cpu_us"] = median(
+            [r["pg_cpu_us_per_webhook"] for r in w if "pg_cpu_us_per_webhook" in r]
+        )
+        if runs.get("send32"):
+            med["send32_pg_server_cpu_us"] = median(
+                [
+                    r["targets"]["gateway_pg"].get("pg_cpu_us_per_request")
+                    for r in runs["send32"]
+                    if "gateway_pg" in r["targets"]
+                ]
+            )
     if runs.get("workers"):
         w = runs["workers"]
         med["workers_ratio"] = median([r["ratio"] for r in w])

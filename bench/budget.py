@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Per-request CPU budget of one legacy send (issue 13 point 2), beside the lean proxy's.
+
+    python bench/budget.py [--reps 3] [--duration 6] [--profile-seconds 8]
+
+Two measurements, both at 32 connections with wrk and the nginx stub of bench/run.py (process
+under test on CPU 0, load on CPU 1):
+
+1. Removal: CPU time per request (utime + stime of every thread, from /proc, over the wrk run)
+   of the lean proxy, the gateway as users run it, and the gateway with one part removed at a
+   time (bench/ablate.py); medians of `--reps` interleaved repetitions. The difference to the
+   full gateway is what that part costs.
+2. Profile: py-spy samples (`py-spy record -f raw`, no idle samples) of the full gateway and of
+   the lean proxy, each stack charged to the first part it enters from the root (server,
+   parsing, auth, translation, upstream client, store, metrics, access log, response), times
+   the measured CPU per request.
+
+Results: bench/results/<UTC time>-<host>-budget.{json,md}. Loopback only, bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import run
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = (
+    "lean",
+    "gateway",
+    "-access-log",
+    "-metrics",
+    "-auth",
+    "-store",
+    "-upstream",
+    "+fast-log",
+)
+
+# (category, path fragments): a stack is charged to the first category met from the root.
+# Glue (routes.py, edge.py's own lines, asyncio, uvloop) belongs to no category by itself.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("access log line", ("structlog/", "logging/", "bc_proxy/log.py", "secrets.py")),
+    ("metrics", ("prometheus_client/", "bc_proxy/metrics.py")),
+    ("store (write-ahead + settle)", ("bc_proxy/store/", "sqlite3/")),
+    ("upstream client", ("bc_proxy/connexus/", "aiohttp/client", "aiohttp/connector.py")),
+    ("auth", ("bc_proxy/legacy/auth.py", "hmac.py")),
+    ("form parsing", ("bc_proxy/legacy/forms.py", "(post) ", "urllib/parse.py")),
+    ("translation", ("bc_proxy/translate.py",)),
+    ("rate limit", ("bc_proxy/legacy/ratelimit.py",)),
+    ("console ring", ("bc_proxy/console/",)),
+    ("response", ("aiohttp/web_response.py", "aiohttp/http_writer.py")),
+    ("HTTP server (parse, dispatch)", ("aiohttp/",)),
+)
+
+
+_IDLE = ("_worker (concurrent/futures/thread.py:81)", "wait (threading.py", "get (queue.py")
+
+
+def frame_category(frame: str) -> str | None:
+    for name, fragments in CATEGORIES:
+        if any(f in frame for f in fragments):
+            return name
+    return None
+
+
+def categorize(raw: str) -> Counter[str]:
+    """Samples per category from py-spy's raw output (`frame;frame;... count`, root first)."""
+    out: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if any(w in frames[-1] for w in _IDLE):
+            continue  # a helper thread waiting for work: py-spy does not see it as idle
+        if frames[0].startswith("thread") and "MainThread" not in frames[0]:
+            # Helper threads: the store's checkpoint and reader threads, anything else.
+            busy = "store helper threads" if "bc-store" in frames[0] else "other threads"
+            out[busy] += int(count)
+            continue
+        cat = "handler glue, event loop, GC"
+        # Charge to the first part entered below the handler (request handler frames) or
+        # the first recognizable one from the root (callbacks straight from the loop).
+        for frame in frames:
+            c = frame_category(frame)
+            if c is None:
+                continue
+            if c == "HTTP server (parse, dispatch)" and _below_handler(frames, frame):
+                continue
+            cat = c
+            break
+        out[cat] += int(count)
+    return out
+
+
+def _below_handler(frames: list[str], frame: str) -> bool:
+    """aiohttp's server frames above the handler do not decide: what the handler calls does."""
+    i = frames.index(frame)
+    return any(
+        "bc_proxy/" in f or "baseline_proxy.py" in f or "aiohttp/client" in f
+        for f in frames[i + 1 :]
+    )
+
+
+def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """Start the lean proxy or a gateway variant; (process, URL, gateway or None)."""
+    if variant == "lean":
+        base = run.Baseline(ctx)
+        base.start()
+        assert base.proc is not None
+        return base.proc, f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out", base
+    gw = run.Gateway(ctx, variant.strip("-+"), poll_wait=0)
+    part = "none" if variant == "gateway" else variant[1:]  # "-x": x removed, "+x": x added
+    cmd = [
+        *ctx.pin.under_test,
+        sys.executable,
+        str(BENCH / "ablate.py"),
+        part,
+        "--config",
+        str(gw.config),
+    ]
+    gw.proc = ctx.procs.start("gateway", cmd, gw.log)
+    url = f"{gw.base}/readyz"
+    run.wait_until(gw.proc, "gateway", gw.log, lambda: run.http_status(url) == 200, 30)
+    return gw.proc, f"{gw.base}/api/1/sms/out", gw
+
+
+def measure(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
+    proc, url, target = start_target(ctx, variant)
+    try:
+        ctx.wrk(url, 32, run.WARMUP_SECONDS, record=False)
+        res = ctx.wrk(url, 32, seconds, pid=proc.pid)
+    finally:
+        target.stop()
+    cpu = res.get("under_test_cpu")
+    return {
+        "rps": res["rps"],
+        "cpu": cpu,
+        "cpu_us": None if cpu is None else cpu / res["rps"] * 1e6,
+        "p50_ms": res["p50_ms"],
+        "p99_ms": res["p99_ms"],
+        "non2xx": res["non2xx"],
+    }
+
+
+def profile(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
+    proc, url, target = start_target(ctx, variant)
+    out = ctx.path(f"pyspy-{variant}.txt")
+    try:
+        ctx.wrk(url, 32, run.WARMUP_SECONDS, record=False)
+        wrk_cmd = run.wrk_command(ctx.pin.load, url, 32, seconds + 2)
+        wrk = ctx.procs.start("wrk", wrk_cmd, ctx.path("wrk-profile.txt"))
+        spy = [
+            *ctx.pin.load,
+            "py-spy",
+            "record",
+            "--pid",
+            str(proc.pid),
+            "--rate",
+            "250",
+            "--duration",
+            str(seconds),
+            "--format",
+            "raw",
+            "--threads",
+            "--output",
+            str(out),
+        ]
+        done = subprocess.run(spy, capture_output=True, timeout=seconds + 60, check=False)
+        wrk.wait(seconds + 30)
+        ctx.procs.stop(wrk)
+    finally:
+        target.stop()
+    if done.returncode != 0:
+        raise run.CheckFailed(f"py-spy failed: {done.stderr.decode(errors='replace')[-500:]}")
+    raw = out.read_text(errors="replace")
+    cats = categorize(raw)
+    total = sum(cats.values())
+    return {"samples": total, "shares": {k: v / total for k, v in cats.most_common()}, "raw": raw}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    med = report["medians"]
+    full = med["gateway"]["cpu_us"]
+    lines = [
+        f"# CPU budget {report['timestamp']} on {report['hostname']}",
+        "",
+        f"load average at start {report['load_average_at_start']}, at end "
+        f"{report['load_average_at_end']}; {report['pinning']}; {report['reps']} reps of "
+        f"{report['duration']} s at 32 connections, medians",
+        "",
+        "## Removing one part at a time (CPU µs per request)",
+        "",
+        "| variant | req/s | CPU µs/request | saved vs the full gateway (µs) |",
+        "|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        m = med.get(v)
+        if m is None:
+            continue
+        cost = "-" if v in ("lean", "gateway") else f"{full - m['cpu_us']:.0f}"
+        lines.append(f"| {v} | {m['rps']:,.0f} | {m['cpu_us']:.0f} | {cost} |")
+    for v, prof in report.get("profiles", {}).items():
+        us = med[v]["cpu_us"]
+        lines += [
+            "",
+            f"## py-spy profile: {v} ({prof['samples']} samples; {us:.0f} µs/request)",
+            "",
+            "| part | share of samples | µs per request |",
+            "|---|---|---|",
+        ]
+        for k, share in prof["shares"].items():
+            lines.append(f"| {k} | {share * 100:.1f}% | {share * us:.0f} |")
+    lines += ["", "## Commands", "", "```", *report["commands"], "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--duration", type=int, default=6)
+    p.add_argument("--profile-seconds", type=int, default=8)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    a = p.parse_args(argv)
+    for tool in ("wrk", "nginx", "py-spy"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return 2
+    args = run.parse_args(["--duration", str(a.duration)])
+    pin = run.choose_pinning()
+    if pin.load_cpu is not None:
+        os.sched_setaffinity(0, {pin.load_cpu})
+    started = datetime.datetime.now(datetime.UTC)
+    load0 = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="bc-budget-"))
+    procs = run.Procs()
+    exe = shutil.which("bc-proxy") or "bc-proxy"
+    ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in a.variants}
+    profiles: dict[str, Any] = {}
+    try:
+        run.start_nginx(ctx)
+        for rep in range(a.reps):
+            for v in a.variants:
+                run.log(f"rep {rep + 1}/{a.reps}: {v}")
+                results[v].append(measure(ctx, v, a.duration))
+        if not a.no_profile:
+            for v in ("gateway", "lean"):
+                run.log(f"py-spy: {v}")
+                profiles[v] = profile(ctx, v, a.profile_seconds)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    medians = {
+        v: {
+            k: statistics.median([r[k] for r in rs if r[k] is not None])
+            for k in ("rps", "cpu_us", "p50_ms", "p99_ms")
+        }
+        for v, rs in results.items()
+        if rs
+    }
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    host = socket.gethostname()
+    report: dict[str, Any] = {
+        "timestamp": stamp,
+        "hostname": host,
+        "load_average_at_start": [round(x, 2) for x in load0],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "pinning": pin.description,
+        "reps": a.reps,
+        "duration": a.duration,
+        "git_commit": subprocess.run(
+            ["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip(),
+        "results": results,
+        "medians": medians,
+        "profiles": {
+            k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()
+        },
+        "commands": procs.commands,
+        "invocation": shlex.join([sys.executable, *sys.argv]),
+    }
+    md = markdown(report)
+    print(md)
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    base = a.results_dir / f"{stamp}-{host}-budget"
+    Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{base}.md").write_text(md)
+    for v, prof in profiles.items():
+        Path(f"{base}-{v}.pyspy.txt").write_text(prof["raw"])
+    run.log(f"wrote {base}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    time.tzset()
+    sys.exit(main())
