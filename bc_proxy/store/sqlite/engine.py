@@ -79,7 +79,11 @@ class Engine:
         self._on_wakes = on_wakes
         self.conn: sqlite3.Connection | None = None
         self._reader = Reader(path)
-        self._helpers = ThreadPoolExecutor(2, thread_name_prefix="bc-store-sync")
+        self._helpers = ThreadPoolExecutor(1, thread_name_prefix="bc-store-sync")  # fsync
+        # The checkpointer's own thread: its connection is closed on the thread that runs its
+        # checkpoints, after the one in progress (on a shared pool a cancelled checkpointer's
+        # close could run beside its last checkpoint, on one connection: a crash at shutdown).
+        self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="bc-store-ckpt")
         self._checkpointer: asyncio.Task[None] | None = None
         self._wal_fd: int | None = None
         self._group = _Group()
@@ -110,7 +114,7 @@ class Engine:
             if self._fsync:
                 self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
             self._checkpointer = asyncio.get_running_loop().create_task(
-                checkpoints(self.path, self._helpers)
+                checkpoints(self.path, self._checkpoint_pool)
             )
         return migrated
 
@@ -174,6 +178,7 @@ class Engine:
             os.close(self._wal_fd)
             self._wal_fd = None
         self._helpers.shutdown(wait=True)
+        self._checkpoint_pool.shutdown(wait=True)
 
     # -- reads ---------------------------------------------------------------------------------
 
