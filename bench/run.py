@@ -55,7 +55,9 @@ from bc_proxy.store.postgres import schema as pg_schema
 from bc_proxy.store.sqlite import schema as sqlite_schema
 
 BENCH = Path(__file__).resolve().parent
-SCENARIOS = ("send32", "send1", "webhook", "pg", "workers", "wakeup", "memory")
+SCENARIOS = ("send32", "send1", "webhook", "pg", "workers", "realistic", "wakeup", "memory")
+REALISTIC_DELAY = 0.15  # Connexus answering sms/out in 150 ms (issue 13 point 5)
+REALISTIC_CONNECTIONS = 500
 PG_DSN = os.environ.get("BC_PROXY_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TENANT = "bench"
 USER = "bench"
@@ -432,6 +434,8 @@ class Gateway:
         backend: str = "sqlite",
         workers: int = 1,
         pinned: bool = True,
+        upstream: str | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.ctx = ctx
         self.name = name
@@ -463,9 +467,10 @@ class Gateway:
                 "workers": workers,
             },
             "upstream": {
-                "base_url": ctx.upstream,
+                "base_url": upstream or ctx.upstream,
                 "timeout_seconds": 10,
                 "mo_query_interval_seconds": 0,
+                **({} if max_connections is None else {"max_connections": max_connections}),
             },
             "store": {"url": url},
             "webhook": {"secret": SECRET},
@@ -778,10 +783,51 @@ def run_workers(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def run_realistic(ctx: Ctx) -> dict[str, Any]:
+    """Connexus answering in 150 ms (bench/slow_stub.py on the load CPU), 500 legacy
+    connections: gateway throughput against min(connections, max_connections) / latency, at the
+    default upstream.max_connections (100) and at 500."""
+    dur = ctx.args.duration
+    port = free_port()
+    stub_log = ctx.path("slow-stub.log")
+    cmd = [
+        *ctx.pin.load,
+        sys.executable,
+        str(BENCH / "slow_stub.py"),
+        "--port",
+        str(port),
+        "--delay",
+        str(REALISTIC_DELAY),
+    ]
+    stub = ctx.procs.start("slow stub", cmd, stub_log)
+    upstream = f"http://127.0.0.1:{port}/api/connexus"
+    out: dict[str, Any] = {"delay_s": REALISTIC_DELAY, "connections": REALISTIC_CONNECTIONS}
+    try:
+        wait_until(stub, "slow stub", stub_log, lambda: http_status(upstream) is not None, 15)
+        for limit in (100, 500):
+            gw = Gateway(
+                ctx, f"realistic-{limit}", poll_wait=0, upstream=upstream, max_connections=limit
+            )
+            try:
+                pid = gw.start()
+                ideal = min(REALISTIC_CONNECTIONS, limit) / REALISTIC_DELAY
+                log(f"  max_connections {limit}, c{REALISTIC_CONNECTIONS}: ideal {ideal:.0f}/s")
+                res = gateway_wrk(ctx, gw, pid, REALISTIC_CONNECTIONS, dur)
+                res["ideal_rps"] = ideal
+                res["of_ideal"] = res["rps"] / ideal
+                out[f"max{limit}"] = res
+            finally:
+                gw.stop()
+    finally:
+        ctx.procs.stop(stub)
+    return out
+
+
 def check_core(ctx: Ctx, name: str, conns: int, res: dict[str, Any]) -> None:
     """At c32 the process under test should use its whole core; if not, the core was busy."""
     cpu = res.get("under_test_cpu")
-    if conns >= 32 and cpu is not None and cpu < 0.8 and not name.startswith("workers"):
+    quiet = name.startswith(("workers", "realistic"))  # not meant to be CPU-bound
+    if conns >= 32 and cpu is not None and cpu < 0.8 and not quiet:
         ctx.problem(
             f"{name} used only {cpu:.0%} of its CPU at c{conns}: something else was running "
             "on that core (or the process is not CPU-bound), so this run is not representative"
@@ -1349,6 +1395,15 @@ def per_run_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                     f"ingest {fmt(r.get('rate'), 0)}/s, send c32 PG/SQLite "
                     f"{fmt(r.get('send32_pg_ratio'))}x"
                 )
+            elif s == "realistic":
+                vals.append(
+                    ", ".join(
+                        f"max_connections {m}: {fmt(r[f'max{m}']['rps'], 0)}/s "
+                        f"({fmt(r[f'max{m}']['of_ideal'])} of ideal)"
+                        for m in (100, 500)
+                        if f"max{m}" in r
+                    )
+                )
             elif s == "workers":
                 vals.append(
                     f"{fmt(r.get('ratio'))}x ({fmt(r['w1']['rps'], 0)} -> "
@@ -1436,6 +1491,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt(med.get('workers_w2_rps'), 0)} req/s (CPU {fmt(med.get('workers_w2_cpu'), 2)}"
             f" cores): {fmt(med['workers_ratio'])}x"
         )
+    for m in (100, 500):
+        if f"realistic_max{m}_rps" in med:
+            extra.append(
+                f"- Connexus at 150 ms, {REALISTIC_CONNECTIONS} connections, "
+                f"upstream.max_connections {m}: {fmt(med[f'realistic_max{m}_rps'], 0)} req/s = "
+                f"{fmt(med[f'realistic_max{m}_of_ideal'])} of the ideal "
+                f"{min(REALISTIC_CONNECTIONS, m) / REALISTIC_DELAY:.0f}/s; p50 "
+                f"{fmt(med[f'realistic_max{m}_p50_ms'], 1)} ms, p99 "
+                f"{fmt(med[f'realistic_max{m}_p99_ms'], 1)} ms, gateway CPU "
+                f"{fmt(med.get(f'realistic_max{m}_under_test_cpu'), 2)}"
+            )
     if "wakeup_p99" in med:
         extra.append(
             f"- wake-up p50 {fmt(med.get('wakeup_p50'), 3)} ms, p99 "
@@ -1570,6 +1636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "workers" in scenarios:
                 log("1 vs 2 workers on PostgreSQL")
                 runs["workers"].append(run_workers(ctx))
+            if "realistic" in scenarios:
+                log("Connexus at 150 ms, 500 legacy connections")
+                runs["realistic"].append(run_realistic(ctx))
             if "wakeup" in scenarios:
                 log("poll wake-up")
                 runs["wakeup"].append(run_wakeup(ctx, run))
@@ -1627,6 +1696,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             med[f"workers_{n}_cpu"] = median(
                 [r[n]["under_test_cpu"] for r in w if "under_test_cpu" in r[n]]
             )
+    if runs.get("realistic"):
+        for limit in (100, 500):
+            rs = [r[f"max{limit}"] for r in runs["realistic"] if f"max{limit}" in r]
+            for k in ("rps", "of_ideal", "p50_ms", "p99_ms", "under_test_cpu"):
+                med[f"realistic_max{limit}_{k}"] = median([r[k] for r in rs if k in r])
     if runs.get("wakeup"):
         for k in ("p50", "p99", "max"):
             med[f"wakeup_{k}"] = median(
