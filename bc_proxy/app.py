@@ -14,19 +14,18 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from bc_proxy import health, keys, passthrough, registration, webhooks
+from bc_proxy import __version__, health, keys, passthrough, registration, reload, webhooks, workers
 from bc_proxy.backlog import backlog_loop
 from bc_proxy.config import Settings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.console import routes as console_routes
 from bc_proxy.delivery import push_worker
-from bc_proxy.edge import edge
+from bc_proxy.edge import edge, on_prepare, plain_parse_errors
 from bc_proxy.errors import StoreError
 from bc_proxy.jobs import supervise
 from bc_proxy.legacy import ratelimit
@@ -125,55 +124,63 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         return asyncio.create_task(supervise(name, run, metrics), name=f"bc-proxy {name}")
 
     tasks = [start(job.__name__, functools.partial(job, app)) for job in app[BACKGROUND]]
-    tasks += [start("token_refresh", m.keep_fresh) for m in app[keys.CLIENT].tenant_tokens()]
+    reload.start_token_jobs(app)  # per tenant, restarted by a config reload
     yield
     for task in reversed(tasks):
         task.cancel()
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await reload.stop_token_jobs(app)
+
+
+def _store_label(url: str) -> str:
+    """The store's backend and location, never its credentials."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        return f"sqlite {url.removeprefix('sqlite:///')}"
+    where = parts.hostname or "localhost"
+    return f"postgresql {where}:{parts.port or 5432}{parts.path}"
+
+
+def _listening(settings: Settings) -> list[str]:
+    server = settings.server
+    scheme = "https" if server.tls_cert_file else "http"
+    out = [f"{scheme}://{server.host}:{server.port}"]
+    if server.metrics_port is not None:
+        out.append(f"http://{server.host}:{server.metrics_port}/metrics")
+    return out
+
+
+async def _log_started(app: web.Application) -> None:
+    settings = app[keys.SETTINGS]
+    log.info(
+        "started",
+        version=__version__,
+        listen=_listening(settings),
+        tenants=[t.name for t in settings.tenants],
+        store=_store_label(settings.store.url),
+        durability="fsync" if settings.store.fsync else "no-fsync",
+        workers=settings.server.workers,
+        worker=workers.worker_index(),
+    )
+
+
+async def _log_stopped(app: web.Application) -> None:
+    log.info("stopped", version=__version__)
 
 
 async def _on_shutdown(app: web.Application) -> None:
+    log.info("stopping", in_flight_sends=app[keys.RUNTIME].sends_in_flight)
     app[keys.RUNTIME].shutting_down = True
     store = app.get(keys.STORE)
     if store is not None:
         store.waker.close()
 
 
-def _plain_parse_errors() -> None:
-    """Answer requests aiohttp cannot parse with the status phrase only.
-
-    aiohttp's default 400 body quotes the parser's message, which quotes the request line,
-    and with it a legacy password sent in the query string. Applied once per process.
-    """
-    original = RequestHandler.handle_error
-    if getattr(original, "_bc_proxy", False):
-        return
-
-    def handle_error(
-        self: RequestHandler,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status != 500:
-            message = (
-                f"{status} {HTTPStatus(status).phrase}" if status in _PHRASES else "Bad request"
-            )
-        return original(self, request, status, exc, message)
-
-    handle_error._bc_proxy = True  # type: ignore[attr-defined]
-    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
-
-
-_PHRASES = frozenset(s.value for s in HTTPStatus)
-
-
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """Build the bc-proxy application for these settings."""
-    _plain_parse_errors()
+    plain_parse_errors()
     # No app middlewares: each route is wrapped by `edge` at registration, which saves the
     # per-request middleware chain (a measurable share of the send path).
     app = web.Application(
@@ -204,11 +211,15 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     jobs: list[Job] = [backlog_loop, recovery_loop, registration.registration_job, pull_loop]
     jobs.append(push_worker)  # push worker: last up
     app[BACKGROUND] = jobs
+    reload.prepare(app)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_metrics_port_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_on_shutdown)
+    app.on_startup.append(_log_started)
+    app.on_cleanup.append(_log_stopped)  # after every cleanup context: the last line
+    app.on_response_prepare.append(on_prepare)
     ratelimit.setup(app)
     legacy_routes.setup(app)
     webhooks.setup(app)

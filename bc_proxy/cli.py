@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import getpass
 import json
@@ -18,17 +19,22 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from bc_proxy.config import Settings, load
+from bc_proxy import __version__
+from bc_proxy.config import Settings, load, load_usable
 from bc_proxy.errors import BcProxyError, ConfigError
 
 ENV_CONFIG = "BC_PROXY_CONFIG"
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or os.environ.get(ENV_CONFIG)
+def _config_path(args: argparse.Namespace) -> str:
+    path: str | None = args.config or os.environ.get(ENV_CONFIG)
     if not path:
         raise ConfigError(f"no configuration: pass --config FILE or set {ENV_CONFIG}")
-    return load(path)
+    return path
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load(_config_path(args))
 
 
 def _secrets(settings: Settings) -> list[str]:
@@ -63,10 +69,10 @@ def _tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from bc_proxy import log, tls, workers
+    from bc_proxy import log, reload, tls, workers
     from bc_proxy.app import create_app
 
-    settings = _settings(args)
+    settings = load_usable(_config_path(args))  # what check-config refuses, serve refuses
     count = args.workers if args.workers is not None else settings.server.workers
     if count < 1:
         raise ConfigError("--workers: must be at least 1")
@@ -90,28 +96,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ssl_context = tls.server_context(settings.server)  # None: plain HTTP
     _install_uvloop()
     app = create_app(settings)
+    reload.install_sighup(app, _config_path(args))
     _tune_gc()
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        reuse_port=index is not None,  # the workers of one box share the port
-        ssl_context=ssl_context,
-        # aiohttp waits up to shutdown_timeout for in-flight handlers, then cancels them and
-        # waits up to shutdown_timeout again: halve it so the whole drain fits the setting.
-        shutdown_timeout=settings.server.shutdown_timeout_seconds / 2,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            reuse_port=index is not None,  # the workers of one box share the port
+            ssl_context=ssl_context,
+            # aiohttp waits up to shutdown_timeout for in-flight handlers, then cancels them
+            # and waits up to shutdown_timeout again: halve it so the whole drain fits.
+            shutdown_timeout=settings.server.shutdown_timeout_seconds / 2,
+            access_log=None,
+            print=None,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        # A taken port (or a host this machine lacks): one line, not a 35-line traceback.
+        print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from bc_proxy import tls
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
-    settings = _settings(args)
-    tls.server_context(settings.server)  # certificate and key readable and a pair
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    # Everything serve would refuse: the models, unset variables, files and directories it
+    # could not use (TLS pair included); every problem at once, one line each.
+    settings = load_usable(_config_path(args))
     names = ", ".join(t.name for t in settings.tenants)
     print(f"configuration OK: {len(settings.tenants)} tenant(s): {names}")
     return 0
@@ -243,6 +259,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bc-proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bc-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -317,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BcProxyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _http_url(v: str | None) -> str | None:
+    """Only http:// and https:// URLs are usable for callbacks and the public address."""
+    if v is not None and not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v
+
+
 class ServerSettings(_Model):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -48,6 +56,8 @@ class ServerSettings(_Model):
     read_timeout_seconds: float = Field(15, gt=0)  # headers and body must arrive within this
     tls_cert_file: str | None = None  # serve HTTPS with this certificate chain (PEM) ...
     tls_key_file: str | None = None  # ... and this private key (PEM); both or neither
+
+    _public_url = field_validator("public_url")(_http_url)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
@@ -178,6 +188,8 @@ class PushSettings(_Model):
     retry_initial_seconds: float = Field(5, gt=0)  # first retry delay; doubles per attempt
     retry_max_seconds: float = Field(900, gt=0)  # the longest delay between two attempts
 
+    _urls = field_validator("incoming_url", "status_url")(_http_url)
+
 
 DEFAULT_PASSTHROUGH = ("sms/balance", "sms/otp", "sms/appointment", "number/lookup", "mo/query")
 
@@ -232,6 +244,11 @@ class LogSettings(_Model):
     format: Literal["auto", "json", "console"] = "auto"
     requests: bool = True  # one line per legacy/webhook request
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _any_case(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
 
 class ConsoleSettings(_Model):
     user: str = Field(min_length=1)
@@ -250,10 +267,18 @@ class Settings(_Model):
     upstream: UpstreamSettings = UpstreamSettings()
     store: StoreSettings = StoreSettings()
     webhook: WebhookSettings
-    tenants: tuple[TenantSettings, ...] = Field(min_length=1)
+    tenants: tuple[TenantSettings, ...]
     status_map: dict[int, str] = Field(default_factory=dict)
     log: LogSettings = LogSettings()
     console: ConsoleSettings | None = None  # operator console at /console, off unless present
+
+    @field_validator("tenants")
+    @classmethod
+    def _at_least_one(cls, v: tuple[TenantSettings, ...]) -> tuple[TenantSettings, ...]:
+        # Not Field(min_length=1): pydantic would add it after any invalid tenant, as noise.
+        if not v:
+            raise ValueError("at least one tenant is needed")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:
@@ -302,34 +327,52 @@ class Settings(_Model):
         return {**DEFAULT_STATUS_MAP, **self.status_map, **tenant.status_map}
 
 
-def expand_env(value: Any, env: Mapping[str, str] | None = None, _where: str = "") -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
-    environ = os.environ if env is None else env
+def _expand(value: Any, env: Mapping[str, str], where: str, missing: list[tuple[str, str]]) -> Any:
+    """expand_env's walk: unset variables are recorded as (key, name) and expand to ''."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            got = environ.get(name)
+            got = env.get(name)
             if got is None or (got == "" and default is not None):
                 if default is None:
-                    where = f"{_where}: " if _where else ""
-                    raise ConfigError(f"{where}environment variable {name} is not set")
+                    missing.append((where, name))
+                    return ""
                 return default
             return got
 
         return _ENV_RE.sub(sub, value)
     if isinstance(value, dict):
         return {
-            k: expand_env(v, environ, f"{_where}.{k}" if _where else str(k))
+            k: _expand(v, env, f"{where}.{k}" if where else str(k), missing)
             for k, v in value.items()
         }
     if isinstance(value, list):
         out = []
         for i, v in enumerate(value):
             name = v.get("name") if isinstance(v, dict) else None
-            out.append(expand_env(v, environ, f"{_where}[{name if name else i}]"))
+            out.append(_expand(v, env, f"{where}[{name if name else i}]", missing))
         return out
     return value
+
+
+def _missing_lines(missing: list[tuple[str, str]]) -> list[str]:
+    return [
+        f"{where}: environment variable {name} is not set"
+        if where
+        else f"environment variable {name} is not set"
+        for where, name in missing
+    ]
+
+
+def expand_env(value: Any, env: Mapping[str, str] | None = None) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree; every
+    unset variable without a default is named in one ConfigError."""
+    missing: list[tuple[str, str]] = []
+    out = _expand(value, os.environ if env is None else env, "", missing)
+    if missing:
+        raise ConfigError("\n".join(_missing_lines(missing)))
+    return out
 
 
 def _location(loc: tuple[int | str, ...], data: Any) -> str:
@@ -347,23 +390,102 @@ def _location(loc: tuple[int | str, ...], data: Any) -> str:
     return "".join(parts)
 
 
-def parse(data: Any, env: dict[str, str] | None = None) -> Settings:
-    """Validate an already-parsed YAML tree; raises ConfigError naming the offending key."""
+def parse(data: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed YAML tree; raises one ConfigError naming every problem with
+    its key, one per line (unset variables included; a key whose variable is unset is not
+    reported a second time for being empty)."""
     if not isinstance(data, dict):
         raise ConfigError("the configuration must be a YAML mapping")
-    expanded = expand_env(data, env)
+    missing: list[tuple[str, str]] = []
+    expanded = _expand(data, os.environ if env is None else env, "", missing)
+    lines = _missing_lines(missing)
+    unset = {where for where, _ in missing}
     try:
-        return Settings.model_validate(expanded)
+        settings = Settings.model_validate(expanded)
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             where = _location(tuple(err["loc"]), expanded) or "(top level)"
+            if any(where == u or where.startswith(u + ".") for u in unset):
+                continue
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {msg}")
-        raise ConfigError("; ".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return settings
 
 
-def load(path: str | Path, env: dict[str, str] | None = None) -> Settings:
+def usability_problems(settings: Settings) -> list[str]:
+    """What `serve` could not use although it validates: each a line naming its key."""
+    out = _store_problems(settings.store.url)
+    from bc_proxy import tls  # tls needs this module's models
+
+    try:
+        tls.server_context(settings.server)  # readable, PEM, and a matching pair
+    except ConfigError as exc:
+        out.append(str(exc))
+    if settings.server.metrics_port is not None and (
+        settings.server.metrics_port == settings.server.port != 0
+    ):
+        out.append("server.metrics_port: the same as server.port")
+    return out
+
+
+def _store_problems(url: str) -> list[str]:
+    """A SQLite store whose directory is missing or not writable (serve could not open it)."""
+    out: list[str] = []
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            out.append(f"store.url: directory {folder} does not exist")
+        elif not _writable(folder):
+            out.append(f"store.url: directory {folder} is not writable")
+        elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            out.append(f"store.url: {path} is not readable and writable")
+    return out
+
+
+def _writable(folder: Path) -> bool:
+    """Try it: permission bits say nothing for root, nor about a read-only mount."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def load_usable(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """`load`, then refuse what `serve` could not use; every problem in one ConfigError."""
+    try:
+        settings = load(path, env)
+    except ConfigError as exc:
+        # The models refused something: still name an unusable store directory in the same
+        # report, so one check-config run shows every problem.
+        extra = _store_problems(_raw_store_url(path, env))
+        if extra and not any(line.startswith("store.url") for line in str(exc).splitlines()):
+            raise ConfigError("\n".join([str(exc), *extra])) from None
+        raise
+    problems = usability_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return settings
+
+
+def _raw_store_url(path: str | Path, env: Mapping[str, str] | None) -> str:
+    """store.url of a file the models refused, expanded where possible ('' when unknown)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        url = data["store"]["url"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+    if not isinstance(url, str):
+        return ""
+    expanded = _expand(url, os.environ if env is None else env, "store.url", [])
+    return expanded if isinstance(expanded, str) else ""
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
     """Read, expand and validate a YAML configuration file."""
     try:
         text = Path(path).read_text(encoding="utf-8")

@@ -45,22 +45,24 @@ class PushWorker:
         self.app = app
         self.rt = app[keys.RUNTIME]
         self.metrics = app[keys.METRICS]
-        self.pushes = {t.name: t.push for t in self.rt.tenants.values() if t.push is not None}
         self._inflight: set[asyncio.Task[None]] = set()
         self._freed = asyncio.Event()
         self._unpushable: set[str] = set()  # tenants already logged as having no push URL
 
+    @property
+    def pushes(self) -> dict[str, PushSettings]:
+        """Push settings by tenant, read from the runtime each time (a reload may change them)."""
+        return {t.name: t.push for t in self.rt.tenants.values() if t.push is not None}
+
     def attempt_timeout(self) -> float:
         """Per-attempt timeout: the largest configured, but inside the claim's lease."""
         lease = self.app[keys.SETTINGS].store.lease_seconds
-        wanted = max(p.timeout_seconds for p in self.pushes.values())
+        wanted = max((p.timeout_seconds for p in self.pushes.values()), default=10.0)
         if wanted > lease * LEASE_SHARE:
             log.warning("push_timeout_capped_by_lease", timeout=wanted, lease=lease)
         return min(wanted, lease * LEASE_SHARE)
 
     async def run(self) -> None:
-        if not self.pushes:
-            return
         store = self.app[keys.STORE]
         async with ClientSession(
             connector=TCPConnector(limit=CONCURRENCY),
@@ -68,6 +70,9 @@ class PushWorker:
         ) as session:
             try:
                 while not self.rt.shutting_down:
+                    if not self._inflight and not self.pushes:
+                        await asyncio.sleep(IDLE_NAP * 4)  # nobody pushes (a reload may change it)
+                        continue
                     free = CONCURRENCY - len(self._inflight)
                     self._freed.clear()
                     batch: list[LegacyRecord] = []
@@ -140,14 +145,32 @@ class PushWorker:
         deadline = record.push_deadline or (record.created_at + push.max_age_hours * 3600)
         if next_at is not None and next_at > deadline:
             next_at = None
-        outcome = "dead" if next_at is None else "failure"
-        self.metrics.push_attempts.labels(record.tenant, record.kind, outcome).inc()
-        if next_at is None:
-            log.warning("push_dead_letter", tenant=record.tenant, kind=record.kind, error=error)
         try:
             await store.push_failed(record, next_at=next_at, error=error)
         except StoreError as exc:
             log.error("push_reschedule_failed", tenant=record.tenant, error=str(exc))
+        # Counted once recorded, so the metric never runs ahead of the store.
+        outcome = "dead" if next_at is None else "failure"
+        self.metrics.push_attempts.labels(record.tenant, record.kind, outcome).inc()
+        if next_at is None:
+            log.error(
+                "push_dead_letter",
+                tenant=record.tenant,
+                kind=record.kind,
+                record_id=record.id,
+                attempts=record.push_attempts + 1,
+                cause=error,
+            )
+        else:
+            log.warning(
+                "push_failed",
+                tenant=record.tenant,
+                kind=record.kind,
+                record_id=record.id,
+                attempt=record.push_attempts + 1,
+                cause=error,
+                retry_in_seconds=round(next_at - now, 1),
+            )
 
 
 async def push_worker(app: web.Application) -> None:

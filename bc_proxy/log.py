@@ -1,23 +1,69 @@
 """Structured logging with structlog: JSON off a terminal, readable console output on one.
 
 Owns the processor chain shared by structlog loggers and the stdlib loggers (aiohttp's
-included): phone numbers masked, every configured secret scrubbed from every value as a last
-line of defence. Does not decide what is logged; callers bind request id, tenant and route.
+included): phone numbers masked in every string value, every configured secret scrubbed, and
+the request id bound to every line of a request (`request_context`). Does not decide what is
+logged. Masking rule: a run of 7-15 digits (optionally after `+`) that is not part of a longer
+word (no letter or digit right before or after it) is a phone number and keeps only its last
+three digits; values under number keys (`to`, `from`, ...) are masked whatever their length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
+if TYPE_CHECKING:
+    from bc_proxy.config import Settings
+
 _PHONE_KEYS = frozenset({"to", "from", "msisdn", "recipient", "handset"})
 _DIGITS = re.compile(r"\d")
+# A phone number anywhere in a string: 7-15 digits, not glued to letters or digits, so that
+# hex ids, receipt ids like "m-1234" and timestamps inside words stay readable.
+_PHONE = re.compile(r"(?<![A-Za-z0-9])\+?\d{7,15}(?![A-Za-z0-9])")
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_RID_ALPHABET = b"abcdefghjkmnpqrstvwxyz"  # letters only: a generated id is never masked
+# Random bytes mapped onto the alphabet in one C call (hot path: one id per request).
+_RID_TABLE = bytes(_RID_ALPHABET[i % len(_RID_ALPHABET)] for i in range(256))
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("bc_proxy_request_id", default=None)
+
+
+def new_request_id(incoming: str | None = None) -> str:
+    """The client's X-Request-Id when it is sane (1-64 of A-Z a-z 0-9 . _ : -), else a new one."""
+    if incoming and _SANE_ID.fullmatch(incoming):
+        return incoming
+    # Not a secret (it is echoed to the client): the fast PRNG, no system call.
+    return random.randbytes(16).translate(_RID_TABLE).decode("ascii")
+
+
+@contextlib.contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    """Bind `request_id` to every log line (and upstream call) made inside the block."""
+    token = REQUEST_ID.set(request_id)
+    bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**bound)
+        REQUEST_ID.reset(token)
+
+
+def mask_phones(text: str) -> str:
+    """Mask every phone-number-like digit run in `text` (the module docstring's rule)."""
+    if len(text) < 7:
+        return text
+    return _PHONE.sub(lambda m: mask_number(m.group()), text)
 
 
 def mask_number(value: str) -> str:
@@ -28,7 +74,8 @@ def mask_number(value: str) -> str:
 
 
 class _Scrubber:
-    """Processor: mask phone numbers by key and replace any secret found in any string."""
+    """Processor: mask phone numbers (by key, and by shape in every string value) and replace
+    any secret found in any string."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
@@ -46,11 +93,22 @@ class _Scrubber:
             if isinstance(value, str):
                 if key in _PHONE_KEYS:
                     event[key] = mask_number(value)
-                elif self.secrets:
-                    event[key] = self._clean(value)
+                else:
+                    event[key] = mask_phones(self._clean(value) if self.secrets else value)
             elif isinstance(value, BaseException):
-                event[key] = self._clean(repr(value))
+                event[key] = mask_phones(self._clean(repr(value)))
+            elif isinstance(value, list | tuple | dict):
+                event[key] = self._deep(value)
         return event
+
+    def _deep(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return mask_phones(self._clean(value))
+        if isinstance(value, dict):
+            return {k: self._deep(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._deep(v) for v in value]
+        return value
 
 
 class _ParseErrorFilter(logging.Filter):
@@ -66,6 +124,38 @@ class _ParseErrorFilter(logging.Filter):
         return True
 
 
+_SCRUB: list[_Scrubber] = []  # the scrubber of the configured chain (add_secrets extends it)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret a configuration holds (passwords, client secrets, store password)."""
+    out = [settings.webhook.secret.get_secret_value()]
+    if settings.webhook.hmac_secret is not None:
+        out.append(settings.webhook.hmac_secret.get_secret_value())
+    for t in settings.tenants:
+        tenant_secrets = (
+            t.legacy.password,
+            t.connexus.client_secret,
+            t.connexus.password,
+            t.webhook_secret,
+        )
+        for s in tenant_secrets:
+            if s is not None:
+                out.append(s.get_secret_value())
+    store_password = urlsplit(settings.store.url).password
+    if store_password:
+        out.append(store_password)
+    return out
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Scrub these too from now on (a reloaded configuration's new passwords)."""
+    for scrub in _SCRUB:
+        scrub.secrets = sorted(
+            {*scrub.secrets, *(s for s in secrets if len(s) >= 4)}, key=len, reverse=True
+        )
+
+
 def setup(
     level: str = "info",
     fmt: str = "auto",
@@ -76,6 +166,7 @@ def setup(
     out = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     scrub = _Scrubber(secrets)
+    _SCRUB[:] = [scrub]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -155,9 +155,14 @@ def test_check_config_valid_minimal() -> None:
     assert "acme" in res.stdout
 
 
-def test_check_config_example_with_env() -> None:
-    """The documented example passes check-config once its env vars are set."""
-    res = _run("check-config", "--config", str(EXAMPLE), env=_env(**EXAMPLE_ENV))
+def test_check_config_example_with_env(tmp_path: Path) -> None:
+    """The documented example passes check-config once its env vars are set and its store
+    directory (the container's volume, /var/lib/bc-proxy) exists: here a temporary one."""
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    data["store"]["url"] = f"sqlite:///{tmp_path}/bc-proxy.db"
+    res = _run(
+        "check-config", "--config", str(_write(tmp_path / "ex.yaml", data)), env=_env(**EXAMPLE_ENV)
+    )
     assert res.returncode == 0, res.stderr
     assert "OK" in res.stdout
 
@@ -368,3 +373,71 @@ def test_serve_invalid_config_exits_nonzero(tmp_path: Path) -> None:
     res = _run("serve", "--config", str(_write(tmp_path / "bad.yaml", data)))
     assert res.returncode != 0
     assert "store.url" in res.stderr
+
+
+# --- check-config: every problem at once, and what serve could not use ---------------------
+
+
+def test_check_config_names_three_mistakes_and_nothing_else(tmp_path: Path) -> None:
+    """Three independent mistakes give exactly three error lines, each naming its key, and no
+    follow-on noise such as "tenants: Tuple should have at least 1 item"."""
+    data = _minimal()
+    data["tenants"][0]["poll_wait_seconds"] = -1
+    data["tenants"][0]["push"] = {"incoming_url": "ftp://legacy.example/in"}
+    data["store"] = {"url": f"sqlite:///{tmp_path}/missing-dir/bc-proxy.db"}
+    res = _run("check-config", "--config", str(_write(tmp_path / "bad.yaml", data)))
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3, res.stderr
+    assert "tenants[acme].poll_wait_seconds" in res.stderr
+    assert "tenants[acme].push.incoming_url" in res.stderr
+    assert "store.url" in res.stderr
+    assert "Tuple" not in res.stderr
+    assert "OK" not in res.stdout
+
+
+def test_check_config_names_every_missing_variable(tmp_path: Path) -> None:
+    """Every unset ${VAR} is named with its key in one run, and no empty-value noise follows."""
+    data = _minimal()
+    data["webhook"]["secret"] = "${BC_TEST_UNSET_ONE}"
+    data["tenants"][0]["legacy"]["password"] = "${BC_TEST_UNSET_TWO}"
+    res = _run("check-config", "--config", str(_write(tmp_path / "env.yaml", data)))
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2, res.stderr
+    assert "webhook.secret: environment variable BC_TEST_UNSET_ONE" in res.stderr
+    assert "tenants[acme].legacy.password: environment variable BC_TEST_UNSET_TWO" in res.stderr
+
+
+def test_check_config_accepts_log_level_in_any_case(tmp_path: Path) -> None:
+    """log.level INFO, Warning and debug are all accepted."""
+    for level in ("INFO", "Warning", "debug"):
+        data = _minimal()
+        data["log"] = {"level": level}
+        res = _run("check-config", "--config", str(_write(tmp_path / "lvl.yaml", data)))
+        assert res.returncode == 0, res.stderr
+
+
+def test_version_flag() -> None:
+    """`bc-proxy --version` prints the package version and exits 0."""
+    from bc_proxy import __version__
+
+    res = _run("--version")
+    assert res.returncode == 0
+    assert res.stdout.strip() == f"bc-proxy {__version__}"
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    """serve on a port another socket holds exits non-zero with one error line, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data = _minimal()
+        data["server"] = {"host": "127.0.0.1", "port": taken.getsockname()[1]}
+        data["store"] = {"url": f"sqlite:///{tmp_path}/bc-proxy.db"}
+        data["log"] = {"level": "error"}
+        res = _run("serve", "--config", str(_write(tmp_path / "busy.yaml", data)))
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from bc_proxy import log
@@ -77,6 +78,9 @@ def issued_tokens(emu: Emulator) -> set[str]:
     return out
 
 
+BACKOFF_MAX_AFTER_TWO = 2.2  # tokens.BACKOFF_INITIAL doubled once, plus a margin
+
+
 def basic(user: str, password: str) -> dict[str, str]:
     raw = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {raw}"}
@@ -124,12 +128,14 @@ async def full_run(http: aiohttp.ClientSession, base: str, emu: Emulator) -> lis
     emu.revoke_tokens()
     emu.clients[CLIENT_ID] = "rotated-secret"
     await call("POST", out, 500, data={**acme, "to": NUMBERS[0], "body": "token refused"})
-    await call("GET", "/readyz", 503)
+    await call("GET", "/readyz?verbose", 200)  # the token error text is on the verbose page
     emu.clients[CLIENT_ID] = CLIENT_SECRET
     emu.fail_token_next = [500] * 3
     await call("POST", out, 500, data={**acme, "to": NUMBERS[0], "body": "token down"})
     emu.fail_token_next = []
     await call("GET", "/readyz", 200)
+    # /readyz fetches no token any more: wait out the failure backoff before the token calls.
+    await asyncio.sleep(BACKOFF_MAX_AFTER_TWO)
     await call("POST", "/webhooks/connexus/wrong-secret-value", 401, json={"type": "mo"})
     await call("POST", hook, 400, data=b"{broken", headers={"Content-Type": "application/json"})
     await call("POST", hook, 400, json={"type": "dlr", "messageId": CX_PASSWORD})
@@ -246,3 +252,21 @@ def test_parse_error_log_does_not_quote_the_request_line(log_stream: io.StringIO
     assert "BadStatusLine" in out
     assert "p%26ss" not in out
     assert "password" not in out
+
+
+def test_parse_error_patch_is_in_place_and_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plain_parse_errors wraps aiohttp's handle_error once, and patches nothing when the
+    method's signature is not the one it was written for."""
+    from aiohttp.web_protocol import RequestHandler
+
+    from bc_proxy.edge import plain_parse_errors
+
+    assert plain_parse_errors()
+    assert getattr(RequestHandler.handle_error, "_bc_proxy", False)
+
+    def changed(self: Any, request: Any, status: int = 500, *, reason: str = "") -> Any:
+        raise AssertionError("never called here")
+
+    monkeypatch.setattr(RequestHandler, "handle_error", changed)
+    assert not plain_parse_errors()
+    assert RequestHandler.handle_error is changed

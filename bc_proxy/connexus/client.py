@@ -38,7 +38,7 @@ from bc_proxy.connexus.outcomes import (
 )
 from bc_proxy.connexus.tokens import TokenManager
 from bc_proxy.errors import GatewayError, LegacyError
-from bc_proxy.log import get_logger
+from bc_proxy.log import REQUEST_ID, get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import PlannedRecipient, SendState
 from bc_proxy.translate import (
@@ -72,27 +72,43 @@ class ConnexusClient:
         self._max_conn = settings.upstream.max_connections
         self.metrics = metrics
         self._session: ClientSession | None = None
-        self.tenants = {t.name: t for t in settings.tenants}
+        self.tenants: dict[str, TenantSettings] = {}
         self.tokens: dict[str, TokenManager] = {}
         self._password: dict[str, dict[str, str]] = {}
-        for t in settings.tenants:
-            c = t.connexus
-            if c.token_auth:
-                mgr = TokenManager(t.name, self._token_fetcher(t), metrics)
-                self.tokens[t.name] = mgr
-            else:
-                assert c.user_id is not None
-                assert c.password is not None
-                self._password[t.name] = {
-                    "userId": c.user_id,
-                    "password": c.password.get_secret_value(),
-                }
+        self.update_tenants(settings.tenants)
         self._url_out = URL(f"{self.base}/sms/out")  # parsed once, not per send
         # cached label children, keyed by status: the send path skips labels() lookups
         self._out_status: dict[str, dict[str, Any]] = {op: {} for op in ("sms_out", "sms_out_bulk")}
         self._out_duration = {
             op: metrics.upstream_duration.labels(op) for op in ("sms_out", "sms_out_bulk")
         }
+
+    def update_tenants(self, tenants: Sequence[TenantSettings]) -> list[TokenManager]:
+        """Use these tenants' Connexus credentials from now on (start, config reload); the
+        token managers that are new (new or re-keyed tenants), whose keep_fresh must run.
+        A tenant whose credentials did not change keeps its manager and token; a request in
+        flight keeps the manager it started with."""
+        tokens: dict[str, TokenManager] = {}
+        password: dict[str, dict[str, str]] = {}
+        fresh: list[TokenManager] = []
+        for t in tenants:
+            c = t.connexus
+            if c.token_auth:
+                old = self.tokens.get(t.name)
+                before = self.tenants.get(t.name)
+                if old is not None and before is not None and before.connexus == c:
+                    tokens[t.name] = old
+                    continue
+                mgr = TokenManager(t.name, self._token_fetcher(t), self.metrics)
+                tokens[t.name] = mgr
+                fresh.append(mgr)
+            else:
+                assert c.user_id is not None
+                assert c.password is not None
+                password[t.name] = {"userId": c.user_id, "password": c.password.get_secret_value()}
+        self.tenants = {t.name: t for t in tenants}
+        self.tokens, self._password = tokens, password
+        return fresh
 
     @property
     def session(self) -> ClientSession:
@@ -222,17 +238,31 @@ class ConnexusClient:
             status, raw, _ = await self.request(
                 tenant, method, url, data, headers, exchange=exchange
             )
-        except GatewayError:
+        except GatewayError as exc:
             self._count(op, "error", started)
+            log.warning("upstream_failed", operation=op, tenant=tenant, cause=exc.reason)
             raise
         except TimeoutError:
             self._count(op, "timeout", started)
+            log.warning(
+                "upstream_timeout", operation=op, tenant=tenant, timeout_seconds=self.timeout
+            )
             raise GatewayError("Connexus did not answer in time") from None
         except ClientError as exc:
             self._count(op, "error", started)
+            log.warning("upstream_failed", operation=op, tenant=tenant, cause=repr(exc))
             raise GatewayError(f"Connexus unreachable ({type(exc).__name__})") from None
         self._count(op, str(status), started)
-        return status, _json(raw)
+        answer = _json(raw)
+        if status >= 500 or status == 401:
+            log.warning(
+                "upstream_error",
+                operation=op,
+                tenant=tenant,
+                status=status,
+                cause=upstream_reason(answer, f"HTTP {status}"),
+            )
+        return status, answer
 
     async def request(
         self,
@@ -282,6 +312,9 @@ class ConnexusClient:
         headers: Mapping[str, str],
         exchange: Exchange | None = None,
     ) -> tuple[int, bytes, str]:
+        rid = REQUEST_ID.get()
+        if rid is not None:  # the legacy request's id, so Connexus support can find the call
+            headers = {**headers, "X-Request-Id": rid}
         if exchange is None:
             async with self.session.request(method, url, data=data, headers=headers) as resp:
                 return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
@@ -343,6 +376,14 @@ class ConnexusClient:
         failed = send_failure_state(status)
         if failed is not None:
             error = error_for(status, answer, failed)
+            if status < 500 and status != 401:  # 5xx and 401 were logged by _call
+                log.info(
+                    "send_refused_upstream",
+                    operation=op,
+                    tenant=tenant,
+                    status=status,
+                    cause=error.reason,
+                )
             return all_failed(recipients, failed, error.reason), error
         if form is not None:
             one = single_outcome(answer, recipients[0])

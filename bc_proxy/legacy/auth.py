@@ -56,22 +56,32 @@ class Authenticator:
         self._on_refusal = on_refusal or (lambda outcome: None)
         self._plain: dict[str, tuple[str, bytes]] = {}
         self._hashed: dict[str, tuple[str, str]] = {}
-        for t in tenants:
-            if t.legacy.password is not None:
-                self._plain[t.legacy.user_id] = (
-                    t.name,
-                    self._digest(t.legacy.password.get_secret_value()),
-                )
-            elif t.legacy.password_hash is not None:
-                self._hashed[t.legacy.user_id] = (t.name, t.legacy.password_hash.get_secret_value())
         self._dummy = self._digest(secrets.token_hex(16))
-        # With any hashed tenant, every refusal costs one argon2 check (a dummy one where no
-        # hash applies): a wrong password and an unknown user then take the same time.
-        self._dummy_hash = self._hasher.hash(secrets.token_hex(16)) if self._hashed else None
+        self._dummy_hash: str | None = None
         self._verified: dict[tuple[str, bytes], str] = {}
         self._refused: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str | None]] = {}
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self.replace_tenants(tenants)
+
+    def replace_tenants(self, tenants: Iterable[TenantSettings]) -> None:
+        """Use these tenants' credentials from now on (config reload): what was verified or
+        refused under the old ones is forgotten, so a rotated password stops working at once."""
+        plain: dict[str, tuple[str, bytes]] = {}
+        hashed: dict[str, tuple[str, str]] = {}
+        for t in tenants:
+            if t.legacy.password is not None:
+                digest = self._digest(t.legacy.password.get_secret_value())
+                plain[t.legacy.user_id] = (t.name, digest)
+            elif t.legacy.password_hash is not None:
+                hashed[t.legacy.user_id] = (t.name, t.legacy.password_hash.get_secret_value())
+        # With any hashed tenant, every refusal costs one argon2 check (a dummy one where no
+        # hash applies): a wrong password and an unknown user then take the same time.
+        if hashed and self._dummy_hash is None:
+            self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        self._plain, self._hashed = plain, hashed
+        self._verified = {}
+        self._refused.clear()
 
     def _digest(self, password: str) -> bytes:
         return hmac.new(

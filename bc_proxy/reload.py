@@ -1,0 +1,173 @@
+"""Configuration reload (SIGHUP): tenants added, removed or re-keyed and passwords rotated in
+place, without dropping open long-polls or in-flight sends.
+
+Owns swapping everything built from the tenants: the runtime's tenant and status-map tables,
+the legacy Authenticator, the Connexus client's credentials and token managers (and their
+refresh jobs), the store's Rules and the log scrubber's secrets. Sections that shape the
+process itself (server, upstream, store, webhook, log, console) and per-tenant webhook secrets
+and inbound modes need a restart: a change there is logged and otherwise ignored. An invalid
+new file is refused with a log line; the running configuration stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bc_proxy import keys, log
+from bc_proxy.config import Settings, load_usable
+from bc_proxy.connexus.tokens import TokenManager
+from bc_proxy.errors import BcProxyError
+from bc_proxy.jobs import supervise
+from bc_proxy.store import Rules
+
+logger = log.get_logger("bc_proxy.reload")
+
+# Parts of the configuration a reload cannot apply to a running process.
+RESTART_SECTIONS = ("server", "upstream", "store", "webhook", "log", "console")
+
+Job = tuple[TokenManager, "asyncio.Task[None]"]
+TOKEN_JOBS = web.AppKey("token_jobs", dict[str, Job])  # tenant -> its manager and refresh job
+CURRENT = web.AppKey("current_settings", list[Settings])  # one item: the settings in force
+
+
+def prepare(app: web.Application) -> None:
+    """Called by create_app: the mutable holders a later reload updates."""
+    app[TOKEN_JOBS] = {}
+    app[CURRENT] = [app[keys.SETTINGS]]
+
+
+def start_token_jobs(app: web.Application) -> None:
+    """Start keep_fresh for every token manager that has no running job yet."""
+    jobs = app[TOKEN_JOBS]
+    for mgr in app[keys.CLIENT].tenant_tokens():
+        job = jobs.get(mgr.tenant)
+        if job is not None and job[0] is mgr:
+            continue
+        if job is not None:
+            job[1].cancel()
+        task = asyncio.create_task(
+            supervise("token_refresh", mgr.keep_fresh, app[keys.METRICS]),
+            name=f"bc-proxy token_refresh {mgr.tenant}",
+        )
+        jobs[mgr.tenant] = (mgr, task)
+
+
+async def stop_token_jobs(app: web.Application, names: set[str] | None = None) -> None:
+    """Cancel the refresh jobs of these tenants (all when None) and wait for them."""
+    jobs = app[TOKEN_JOBS]
+    stopping = [jobs.pop(n)[1] for n in list(jobs) if names is None or n in names]
+    for task in stopping:
+        task.cancel()
+    for task in stopping:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _needs_restart(old: Settings, new: Settings) -> list[str]:
+    changed = [s for s in RESTART_SECTIONS if s != "server" and getattr(old, s) != getattr(new, s)]
+    # A worker of `server.workers` runs with metrics_port + its index: not a change.
+    if old.server.model_dump(exclude={"metrics_port"}) != new.server.model_dump(
+        exclude={"metrics_port"}
+    ):
+        changed.insert(0, "server")
+    before = {t.name: t for t in old.tenants}
+    for t in new.tenants:
+        o = before.get(t.name)
+        if o is None:
+            if t.webhook_secret is not None or t.inbound.mode != "webhook":
+                changed.append(f"tenants[{t.name}] (own webhook_secret or pull mode)")
+        elif o.webhook_secret != t.webhook_secret or o.inbound != t.inbound:
+            changed.append(f"tenants[{t.name}].webhook_secret/inbound")
+    return changed
+
+
+def _swap_store_rules(store: Any, rules: Rules) -> None:
+    """The store reads `rules` at each operation; PostgreSQL's push claimer keeps its own."""
+    store.rules = rules
+    pushing = getattr(store, "_pushing", None)
+    if pushing is not None and hasattr(pushing, "rules"):
+        pushing.rules = rules
+
+
+async def apply(app: web.Application, new: Settings) -> None:
+    """Use `new`'s tenants from now on (what `reload` does once the file is valid)."""
+    from bc_proxy.app import store_rules  # app imports this module
+
+    old = app[CURRENT][0]
+    restart = _needs_restart(old, new)
+    if restart:
+        logger.warning("config_reload_needs_restart", sections=", ".join(restart))
+    names = {t.name for t in new.tenants}
+    removed = {t.name for t in old.tenants} - names
+    log.add_secrets(log.secrets_of(new))
+    metrics = app[keys.METRICS]
+    metrics.initialise(names)
+    client = app[keys.CLIENT]
+    before = dict(client.tokens)
+    fresh = client.update_tenants(new.tenants)
+    replaced = {m.tenant for m in fresh if m.tenant in before} | (set(before) - set(client.tokens))
+    await stop_token_jobs(app, replaced | removed)
+    for name in removed:
+        metrics.forget_tenant(name)
+    for mgr in fresh:
+        # A re-keyed tenant's gauges now follow its new manager (set_function re-pointed).
+        metrics.token_failing.labels(mgr.tenant)
+    start_token_jobs(app)
+    app[keys.AUTH].replace_tenants(new.tenants)
+    _swap_store_rules(app[keys.STORE], store_rules(new))
+    rt = app[keys.RUNTIME]
+    rt.status_maps = {t.name: new.status_map_for(t) for t in new.tenants}
+    rt.tenants = {t.name: t for t in new.tenants}
+    rt.fallback_tenant = new.tenants[0].name if len(new.tenants) == 1 else None
+    app[CURRENT][0] = new
+    logger.info(
+        "config_reloaded",
+        tenants=", ".join(sorted(names)),
+        added=", ".join(sorted(names - {t.name for t in old.tenants})),
+        removed=", ".join(sorted(removed)),
+        rekeyed=", ".join(sorted(m.tenant for m in fresh if m.tenant in before)),
+    )
+
+
+async def reload(app: web.Application, path: str | Path) -> bool:
+    """Read `path` again and apply it; an invalid file is refused (logged), nothing changes."""
+    try:
+        new = load_usable(path)
+    except BcProxyError as exc:
+        logger.error("config_reload_refused", path=str(path), error=str(exc))
+        return False
+    await apply(app, new)
+    return True
+
+
+def install_sighup(app: web.Application, path: str | Path) -> None:
+    """Reload `path` on SIGHUP while the app runs (one reload at a time, in order)."""
+    lock = asyncio.Lock()
+    pending: set[asyncio.Task[bool]] = set()
+
+    async def one() -> bool:
+        async with lock:
+            return await reload(app, path)
+
+    def on_hup() -> None:
+        logger.info("config_reload_requested", path=str(path))
+        task = asyncio.create_task(one(), name="bc-proxy reload")
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    async def on_startup(app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def on_shutdown(app: web.Application) -> None:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(pending):
+            task.cancel()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)

@@ -1,0 +1,170 @@
+"""Logs that explain failures: the request id on every line of a request, echoed and sent
+upstream; warnings with their cause; start and stop lines; phone numbers masked by shape."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from bc_proxy import log
+from bc_proxy.log import mask_phones, new_request_id
+from tests.conftest import WEBHOOK_SECRET, Connexus, GatewayFactory, creds, with_tenant
+
+OUT = "/api/1/sms/out"
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every JSON log line written so far."""
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+
+
+async def test_upstream_failure_warns_with_cause_and_the_echoed_request_id(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A send Connexus answers 500 logs a warning naming the cause, carrying the request id
+    the client received in X-Request-Id; the request line carries it too."""
+    client = await gateway(cfg)
+    connexus.emu.fail_next = [500]
+    resp = await client.post(OUT, data=creds(to="6421000001", body="hi"))
+    assert resp.status == 500
+    rid = resp.headers["X-Request-Id"]
+    assert rid
+    mine = [e for e in lines(log_stream) if e.get("request_id") == rid]
+    warnings = [e for e in mine if e["level"] == "warning"]
+    assert warnings, mine
+    assert any("cause" in e and e["cause"] for e in warnings)
+    assert any(e["event"] == "request" and e["status"] == 500 for e in mine)
+
+
+async def test_timeout_warns_with_cause(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A send Connexus never answers in time logs an upstream_timeout warning for its request."""
+    cfg = {**cfg, "upstream": {**cfg["upstream"], "timeout_seconds": 0.3}}
+    client = await gateway(cfg)
+    await client.post(OUT, data=creds(to="6421000001", body="warm the token"))
+    connexus.emu.latency = 1.0
+    resp = await client.post(OUT, data=creds(to="6421000002", body="slow"))
+    assert resp.status == 500
+    rid = resp.headers["X-Request-Id"]
+    events = {e["event"] for e in lines(log_stream) if e.get("request_id") == rid}
+    assert "upstream_timeout" in events
+
+
+async def test_incoming_request_id_is_echoed_and_sent_upstream(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A sane incoming X-Request-Id is echoed, bound to the log line and sent to Connexus."""
+    client = await gateway(cfg)
+    resp = await client.post(
+        OUT, data=creds(to="6421000001", body="hi"), headers={"X-Request-Id": "abc-123.x"}
+    )
+    assert resp.status == 204
+    assert resp.headers["X-Request-Id"] == "abc-123.x"
+    sent = connexus.emu.sms_out_requests()[-1]
+    sent_headers = {k.lower(): v for k, v in sent.headers.items()}
+    assert sent_headers.get("x-request-id") == "abc-123.x"
+    assert any(e.get("request_id") == "abc-123.x" for e in lines(log_stream))
+
+
+async def test_insane_request_id_is_replaced(gateway: GatewayFactory, cfg: dict[str, Any]) -> None:
+    """An X-Request-Id with spaces or over 64 characters is replaced by a generated one."""
+    client = await gateway(cfg)
+    for bad in ("has space", "x" * 65, "quote\"d"):
+        resp = await client.get("/api/1/sms/queue", params=creds(), headers={"X-Request-Id": bad})
+        assert resp.headers["X-Request-Id"] != bad
+        assert len(resp.headers["X-Request-Id"]) == 16
+
+
+async def test_every_response_carries_a_request_id(
+    gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """Answers of routes, of streamed long-polls and of unknown paths (404) carry an id; the
+    404 is logged with the client address and without its path."""
+    client = await gateway(with_tenant(cfg, poll_wait_seconds=0))
+    for path in ("/healthz", "/api/1/sms/in", "/nowhere/secret-ish"):
+        resp = await client.get(path, params=creds())
+        assert resp.headers.get("X-Request-Id"), path
+    hook = await client.post(
+        f"/webhooks/connexus/{WEBHOOK_SECRET}",
+        json={"type": "mo", "messageId": "m-1", "from": "+6421000009", "to": "552", "body": "x"},
+    )
+    assert hook.headers.get("X-Request-Id")
+    unmatched = [e for e in lines(log_stream) if e.get("route") == "unmatched"]
+    assert unmatched
+    assert unmatched[0]["status"] == 404
+    assert unmatched[0]["client"] == "127.0.0.1"
+    assert "secret-ish" not in log_stream.getvalue()
+
+
+async def test_401_line_names_the_client(
+    gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A refused login's request line carries the client address."""
+    client = await gateway(cfg)
+    resp = await client.post(OUT, data={"userId": "nobody", "password": "nope", "to": "1"})
+    assert resp.status == 401
+    refused = [e for e in lines(log_stream) if e.get("status") == 401]
+    assert refused
+    assert refused[0]["client"] == "127.0.0.1"
+
+
+async def test_start_and_stop_lines(
+    gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """Start-up logs version, listen address, tenants, store (no credentials), durability and
+    workers; clean-up logs a stop line."""
+    client = await gateway(cfg)
+    started = [e for e in lines(log_stream) if e["event"] == "started"]
+    assert len(started) == 1
+    line = started[0]
+    assert line["version"]
+    assert line["listen"]
+    assert line["tenants"] == ["acme"]
+    assert line["store"].startswith("sqlite ")
+    assert line["durability"] == "no-fsync"
+    assert line["workers"] == 1
+    await client.close()
+    assert [e for e in lines(log_stream) if e["event"] == "stopped"]
+
+
+def test_phone_numbers_masked_in_every_string_value() -> None:
+    """A phone number inside free text, a list or an exception is masked; ids stay readable."""
+    stream = io.StringIO()
+    log.setup("info", "json", (), stream=stream)
+    logger = log.get_logger("bc_proxy.test")
+    logger.warning(
+        "probe",
+        error="Invalid number +6421234567 for send",
+        numbers=["6421000001", "ok"],
+        cause=ValueError("to=64211234567"),
+        request_id="a1234567890b",
+        message_id="legacy-msg-77",
+        when="2026-11-29T18:00:00Z",
+    )
+    text = stream.getvalue()
+    for raw in ("6421234567", "6421000001", "64211234567"):
+        assert raw not in text
+    event = json.loads(text.splitlines()[0])
+    assert event["error"] == "Invalid number +*******567 for send"
+    assert event["request_id"] == "a1234567890b"
+    assert event["message_id"] == "legacy-msg-77"
+    assert event["when"] == "2026-11-29T18:00:00Z"
+
+
+def test_mask_rule_boundaries() -> None:
+    """Runs of 7-15 digits standing alone are masked; shorter runs and digits glued to letters
+    (hex ids) are not."""
+    assert mask_phones("sender 552 port 8080") == "sender 552 port 8080"
+    assert mask_phones("n=1234567") == "n=****567"
+    assert mask_phones("id deadbeef12345678") == "id deadbeef12345678"
+    assert mask_phones("x" + "1" * 16) == "x" + "1" * 16
+
+
+def test_generated_request_ids_are_never_masked() -> None:
+    """A generated request id has no digit, so the phone mask can never hide it."""
+    for _ in range(200):
+        rid = new_request_id(None)
+        assert mask_phones(rid) == rid
+        assert len(rid) == 16

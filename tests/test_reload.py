@@ -1,0 +1,153 @@
+"""Configuration reload on SIGHUP: a running `bc-proxy serve` takes a new tenant and a rotated
+password without dropping an open long-poll, and refuses an invalid file keeping the old one."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.conftest import (
+    LEGACY_PASSWORD,
+    LEGACY_USER,
+    WEBHOOK_SECRET,
+    Connexus,
+    config_dict,
+)
+from tests.served import Served, free_port, write_config
+
+BETA_USER, BETA_PASSWORD = "beta-legacy", "beta-legacy-pass"
+BETA_CLIENT, BETA_SECRET = "cid_beta", "csk_beta_secret"
+ROTATED = "acme-rotated-pass"
+
+
+async def status_of(http: aiohttp.ClientSession, url: str, **data: str) -> int:
+    async with http.post(url, data=data) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def until(check: Any, within: float = 10.0) -> None:
+    """Wait until the coroutine function `check()` returns True."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def _config(tmp_path: Path, connexus: Connexus, port: int) -> dict[str, Any]:
+    cfg = config_dict(tmp_path, connexus.base_url, port=port, shutdown_timeout_seconds=3)
+    cfg["tenants"][0]["poll_wait_seconds"] = 20
+    return cfg
+
+
+def _reloaded(cfg: dict[str, Any]) -> dict[str, Any]:
+    new = copy.deepcopy(cfg)
+    new["tenants"][0]["legacy"]["password"] = ROTATED
+    new["tenants"].append(
+        {
+            "name": "beta",
+            "legacy": {"user_id": BETA_USER, "password": BETA_PASSWORD},
+            "connexus": {"client_id": BETA_CLIENT, "client_secret": BETA_SECRET},
+            "default_from": "777",
+            "senders": ["777"],
+        }
+    )
+    return new
+
+
+async def test_sighup_adds_tenant_rotates_password_and_keeps_long_poll(
+    tmp_path: Path, connexus: Connexus
+) -> None:
+    """After SIGHUP the new tenant can send, the old password gets 401, the new one works, and
+    a long-poll opened before the reload still receives the record stored after it."""
+    connexus.emu.clients[BETA_CLIENT] = BETA_SECRET
+    port = free_port()
+    cfg = _config(tmp_path, connexus, port)
+    path = write_config(tmp_path / "bc-proxy.yaml", cfg)
+    out = f"http://127.0.0.1:{port}/api/1/sms/out"
+    with (tmp_path / "serve.log").open("w") as log:
+        gw = Served(path, port, log)
+        async with aiohttp.ClientSession() as http:
+            await gw.start(http)
+            try:
+                old = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD}
+                assert await status_of(http, out, **old, to="6421000001", body="before") == 204
+                wait = aiohttp.ClientTimeout(30)
+                poll = asyncio.create_task(
+                    http.get(gw.base + "/api/1/sms/in", params=old, timeout=wait)
+                )
+                await asyncio.sleep(0.3)  # the long-poll is open and waiting
+                write_config(path, _reloaded(cfg))
+                gw.signal(signal.SIGHUP)
+
+                async def old_refused() -> bool:
+                    return await status_of(http, out, **old, to="6421000001", body="x") == 401
+
+                await until(old_refused)
+                rotated = {"userId": LEGACY_USER, "password": ROTATED}
+                assert await status_of(http, out, **rotated, to="6421000002", body="new") == 204
+                beta = {"userId": BETA_USER, "password": BETA_PASSWORD}
+                assert await status_of(http, out, **beta, to="6421000003", body="beta") == 204
+                assert not poll.done(), "the long-poll was dropped by the reload"
+                hook = await http.post(
+                    f"{gw.base}/webhooks/connexus/{WEBHOOK_SECRET}",
+                    json={
+                        "type": "mo",
+                        "messageId": "mo-after-reload",
+                        "from": "+6421000009",
+                        "to": "552",
+                        "body": "for the old poll",
+                    },
+                )
+                assert hook.status == 200
+                resp = await asyncio.wait_for(poll, 15)
+                assert resp.status == 200
+                assert "body=for+the+old+poll" in await resp.text()
+            finally:
+                code = await gw.stop()
+    assert code == 0
+    text = (tmp_path / "serve.log").read_text()
+    assert "config_reloaded" in text
+    assert ROTATED not in text
+    assert BETA_PASSWORD not in text
+
+
+async def test_sighup_with_invalid_config_keeps_the_old_one(
+    tmp_path: Path, connexus: Connexus
+) -> None:
+    """An invalid file on SIGHUP is refused with a log line naming the problem; the process
+    keeps serving with the old configuration and password."""
+    port = free_port()
+    cfg = _config(tmp_path, connexus, port)
+    path = write_config(tmp_path / "bc-proxy.yaml", cfg)
+    out = f"http://127.0.0.1:{port}/api/1/sms/out"
+    with (tmp_path / "serve.log").open("w") as log:
+        gw = Served(path, port, log)
+        async with aiohttp.ClientSession() as http:
+            await gw.start(http)
+            try:
+                bad = copy.deepcopy(cfg)
+                bad["tenants"][0]["legacy"]["password"] = ROTATED
+                bad["tenants"][0]["poll_wait_seconds"] = -5
+                path.write_text(yaml.safe_dump(bad), encoding="utf-8")
+                gw.signal(signal.SIGHUP)
+
+                async def refused_logged() -> bool:
+                    return "config_reload_refused" in (tmp_path / "serve.log").read_text()
+
+                await until(refused_logged)
+                old = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD}
+                assert await status_of(http, out, **old, to="6421000001", body="still") == 204
+                assert gw.proc is not None
+                assert gw.proc.returncode is None
+            finally:
+                code = await gw.stop()
+    assert code == 0
+    assert "poll_wait_seconds" in (tmp_path / "serve.log").read_text()
