@@ -110,6 +110,7 @@ class FakeConnexus:
         self.script: list[str] = []  # next sms/out modes, then `mode`
         self.token_mode = "ok"
         self.sends = 0  # sms/out requests received whole
+        self.before_answer: Callable[[], None] | None = None  # runs as sms/out is answered
         self.tokens = 0
 
     @property
@@ -128,6 +129,8 @@ class FakeConnexus:
             return True
         self.sends += 1
         mode = self.script.pop(0) if self.script else self.mode
+        if self.before_answer is not None:
+            self.before_answer()
         if mode == "ok":
             answer = {"success": True, "status": "accepted", "message_id": f"cx-{self.sends}"}
             w.write(response(200, json.dumps(answer).encode()))
@@ -372,6 +375,32 @@ async def test_store_read_only(fake: FakeConnexus, gateway: GatewayFactory, tmp_
     assert fake.sends == 1
     assert send_rows(db) == [("6421000406", "f-7", "accepted")]
     assert records(db) == 1
+
+
+async def test_store_fails_after_connexus_accepted(
+    fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """The store turns read-only while Connexus accepts a send: the settle commit fails, so
+    the client gets 500 'Storage failure' for a send that went out; the row stays pending and
+    the retry (store writable again) is 204 with no second upstream call."""
+    metrics = Metrics(process=False)
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
+    conn = writer_conn(client)
+
+    def read_only() -> None:
+        conn.execute("PRAGMA query_only = ON")
+
+    fake.before_answer = read_only
+    params = creds(to="6421000408", body="settle", messageId="f-8")
+    assert await post(client, params) == (500, "Storage failure\n")
+    assert fake.sends == 1
+    fake.before_answer = None
+    conn.execute("PRAGMA query_only = OFF")
+    db = tmp_path / "bc-proxy.db"
+    assert send_rows(db) == [("6421000408", "f-8", "pending")]
+    assert await post(client, params) == (204, "")  # upstream.unknown_retry_status
+    assert fake.sends == 1
+    assert sample(metrics, "bc_proxy_send_repeats_total", tenant="acme", state="pending") == 1
 
 
 async def test_store_disk_full(fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path) -> None:
