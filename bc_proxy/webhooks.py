@@ -1,10 +1,8 @@
-"""Connexus webhook ingest: POST /webhooks/connexus/{secret}.
+"""Connexus webhook ingest: POST /webhooks/connexus/{secret}, answered 200 only once stored.
 
-Owns the optional source allowlist (403 before the body is read), matching the path secret (the
-global `webhook.secret`, or a tenant's own `webhook_secret` naming the account) in constant
-time, the optional HMAC-SHA256 body signature (401), checking the fields we use, keeping
-unusable payloads verbatim (400), and answering 200 only after the store committed the event
-(503 when it could not: Connexus retries). Routing and dedupe are the store's rules.
+Checks in order: optional source allowlist (403, before the body is read), path secret in
+constant time (401), optional HMAC-SHA256 of the raw body (401), fields (400, payload kept);
+503 when the store fails (Connexus retries). Routing and dedupe are the store's rules.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Fault injection: one row per fault, each asserting the legacy answer, what the store keeps
-and what the metrics say (docs/reliability.md has the matrix).
-
-Real servers on loopback: the gateway app on 127.0.0.1 with a real SQLite file, a raw asyncio
-TCP "Connexus" that can refuse, reset, stall or garble where aiohttp would not, and raw push
-receivers that hang, loop redirects or answer 3xx/4xx/5xx. Upstream timeout 0.5 s.
+"""Fault injection, one row per fault: the legacy answer, what the store keeps, the metrics.
+Real loopback servers: the gateway app on a SQLite file, a raw asyncio "Connexus" that refuses,
+resets, stalls or garbles, and raw push receivers (docs/reliability.md has the matrix).
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Hypothesis fuzzing of the legacy endpoints and the webhook against the real app on
-127.0.0.1 (real SQLite store, the Connexus emulator upstream), fixed seed, invariants checked
-after every case: no 5xx but a 500 for an upstream 5xx the case scripted, legacy shapes only,
-queue counts equal to the model, no record handed out twice, no secret in any answer.
-
-One event loop is driven by hand inside sync tests (hypothesis does not run async tests).
-BC_PROXY_FUZZ_CASES raises the case count (default 10,000 in all; see docs/reliability.md).
+"""Hypothesis fuzzing (fixed seed) of the legacy and webhook endpoints of the real app on
+127.0.0.1 with a real SQLite store; invariants after every case (see docs/reliability.md). One
+event loop is driven by hand; BC_PROXY_FUZZ_CASES raises the case count (default 10,000).
 """
 
 from __future__ import annotations
