@@ -91,6 +91,9 @@ async def test_every_response_carries_a_request_id(
         json={"type": "mo", "messageId": "m-1", "from": "+6421000009", "to": "552", "body": "x"},
     )
     assert hook.headers.get("X-Request-Id")
+    handed = await client.get("/api/1/sms/in", params=creds())  # prepared inside the handler
+    assert handed.status == 200
+    assert handed.headers.get("X-Request-Id")
     unmatched = [e for e in lines(log_stream) if e.get("route") == "unmatched"]
     assert unmatched
     assert unmatched[0]["status"] == 404
