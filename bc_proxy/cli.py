@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from bc_proxy import __version__
 from bc_proxy.config import Settings, load, load_usable
@@ -35,18 +34,6 @@ def _config_path(args: argparse.Namespace) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load(_config_path(args))
-
-
-def _secrets(settings: Settings) -> list[str]:
-    out = [settings.webhook.secret.get_secret_value()]
-    for t in settings.tenants:
-        for s in (t.legacy.password, t.connexus.client_secret, t.connexus.password):
-            if s is not None:
-                out.append(s.get_secret_value())
-    store_password = urlsplit(settings.store.url).password
-    if store_password:
-        out.append(store_password)
-    return out
 
 
 def _install_uvloop() -> None:
@@ -92,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             update={"metrics_port": settings.server.metrics_port + index}
         )
         settings = settings.model_copy(update={"server": server})
-    log.setup(settings.log.level, settings.log.format, _secrets(settings))
+    log.setup(settings.log.level, settings.log.format, log.secrets_of(settings))
     ssl_context = tls.server_context(settings.server)  # None: plain HTTP
     _install_uvloop()
     app = create_app(settings)

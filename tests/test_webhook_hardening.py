@@ -8,13 +8,17 @@ import asyncio
 import hashlib
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bc_proxy import cli, log
+from bc_proxy.errors import ConfigError
 from bc_proxy.metrics import Metrics
-from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory
+from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict
 from tests.sendcalls import sample
+from tests.served import write_config
 from tests.test_inbound import db_count, mo
 
 HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
@@ -136,3 +140,24 @@ async def test_both_checks_together(gateway: GatewayFactory, cfg: dict[str, Any]
     assert await post(client, raw, {HEADER: sign(raw)}) == 200
     assert await post(client, raw, {HEADER: sign(raw)}) == 200  # duplicate: 200 again
     assert db_count(cfg, "records") == 1
+
+
+def test_serve_scrubs_webhook_secrets_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` hands the log scrubber the HMAC key and every tenant's own webhook secret."""
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["webhook"]["hmac_secret"] = KEY
+    cfg["tenants"][0]["webhook_secret"] = "tenant-own-secret-0123"
+    config = write_config(tmp_path / "bc-proxy.yaml", cfg)
+    handed: list[str] = []
+
+    def setup(level: str, fmt: str, secrets: list[str], **kw: Any) -> None:
+        handed.extend(secrets)
+        raise ConfigError("stop here")  # nothing of serve runs past the logging set-up
+
+    monkeypatch.setattr(log, "setup", setup)
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    assert KEY in handed
+    assert "tenant-own-secret-0123" in handed
+    assert WEBHOOK_SECRET in handed
