@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bc_proxy import keys
 from bc_proxy.legacy.ratelimit import TokenBucket
 from bc_proxy.metrics import Metrics
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Connexus, GatewayFactory, creds
@@ -59,3 +60,20 @@ async def test_sixth_immediate_send_is_429_and_not_sent(
         assert await post(client, {**theirs, "to": "6421000101", "body": f"o{i}"}) == (204, "")
     assert sample(metrics, "bc_proxy_sends_rate_limited_total", tenant="other") == 0
     assert len(connexus.emu.sent) == 15
+
+
+async def test_rate_follows_the_runtime_tenants(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A rate set on the runtime's tenant (what a SIGHUP reload swaps) applies to the next
+    send, and removing it lifts the limit."""
+    client = await gateway(quiet(cfg))
+    rt = client.app[keys.RUNTIME]
+    acme = rt.tenants["acme"]
+    assert await post(client, creds(to="6421000102", body="a")) == (204, "")
+    rt.tenants = {"acme": acme.model_copy(update={"send_rate_per_second": 0.01, "send_burst": 1})}
+    assert await post(client, creds(to="6421000102", body="b")) == (204, "")
+    assert (await post(client, creds(to="6421000102", body="c")))[0] == 429
+    rt.tenants = {"acme": acme}
+    assert await post(client, creds(to="6421000102", body="d")) == (204, "")
+    assert len(connexus.emu.sent) == 3
