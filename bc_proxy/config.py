@@ -106,10 +106,11 @@ class WebhookSettings(_Model):
                 raise ValueError(f"{net!r} is not an IP network (CIDR)") from None
         return v
 
-    @field_validator("secret")
+    @field_validator("secret", "hmac_secret")
     @classmethod
-    def _long_enough(cls, v: SecretStr) -> SecretStr:
-        if len(v.get_secret_value()) < 8:
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        # An empty hmac_secret (an empty ${VAR}) would make every signature forgeable.
+        if v is not None and len(v.get_secret_value()) < 8:
             raise ValueError("must be at least 8 characters")
         return v
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bc_proxy import cli, log
+from bc_proxy.config import parse
 from bc_proxy.errors import ConfigError
 from bc_proxy.metrics import Metrics
 from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict
@@ -161,3 +162,12 @@ def test_serve_scrubs_webhook_secrets_from_the_start(
     assert KEY in handed
     assert "tenant-own-secret-0123" in handed
     assert WEBHOOK_SECRET in handed
+
+
+@pytest.mark.parametrize("value", ["", "short"])
+def test_empty_or_short_hmac_secret_is_a_config_error(tmp_path: Path, value: str) -> None:
+    """An empty (unset-but-empty ${VAR}) or short webhook.hmac_secret is refused, naming it."""
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["webhook"]["hmac_secret"] = value
+    with pytest.raises(ConfigError, match="hmac_secret"):
+        parse(cfg)
