@@ -548,14 +548,36 @@ class Gateway:
         sql = _pg_sql(sql).replace("pollable=1", "pollable")
         return int(asyncio.run(_pg(sql, *params, schema=self.pg_schema)))
 
+    def leftovers(self) -> list[str]:
+        """The records still pollable or leased (for a failed drain check), as text."""
+        sql = (
+            "SELECT id, kind, pollable, lease_owner, lease_until, receipt_id, in_reply_to "
+            "FROM records WHERE pollable{} OR lease_owner IS NOT NULL LIMIT 10"
+        )
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
+                return [repr(r) for r in conn.execute(sql.format(" = 1")).fetchall()]
+
+        async def fetch() -> list[str]:
+            conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": self.pg_schema})
+            try:
+                return [repr(tuple(r)) for r in await conn.fetch(sql.format(""))]
+            finally:
+                await conn.close()
+
+        return asyncio.run(fetch())
+
     def stable_sends(self, timeout: float = 10.0) -> int:
-        """The sends row count once it stops moving (requests wrk abandoned may still land)."""
+        """The sends row count once it stops moving (requests wrk abandoned may still land):
+        unchanged over three samples 0.3 s apart."""
         last = self.sends()
+        still = 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(0.3)
             now = self.sends()
-            if now == last:
+            still = still + 1 if now == last else 0
+            if still >= 3:
                 return now
             last = now
         return last
@@ -1088,7 +1110,9 @@ def run_webhook(ctx: Ctx, backend: str = "sqlite") -> dict[str, Any]:
                 break
             time.sleep(0.1)
         if res["queue_after"] != "inCount=0&statusCount=0":
-            ctx.fail(f"webhook: queue after draining is {res['queue_after']!r}")
+            left = gw.leftovers()
+            res["leftover_records"] = left
+            ctx.fail(f"webhook: queue after draining is {res['queue_after']!r}; left: {left}")
         if not gw.alive():
             ctx.fail("gateway died during the webhook run")
     finally:
