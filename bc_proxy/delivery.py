@@ -123,7 +123,11 @@ class PushWorker:
         body = render_record(record, self.rt.status_maps.get(record.tenant, {}))
         error = ""
         try:
-            async with session.post(url, data=body, headers=_FORM) as resp:
+            # A redirect is a failed attempt: following it would turn the POST into a
+            # body-less GET (counted as delivered) and could point anywhere, inside networks too.
+            async with session.post(
+                url, data=body, headers=_FORM, allow_redirects=False
+            ) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
                     await store.push_done(record)
