@@ -108,17 +108,11 @@ async def apply(app: web.Application, new: Settings) -> None:
     log.add_secrets(log.secrets_of(new))
     metrics = app[keys.METRICS]
     metrics.initialise(names)
+    # Everything below up to the first await is one step of the event loop: no request sees
+    # the new credentials with the old tenant table, or the other way round.
     client = app[keys.CLIENT]
     before = dict(client.tokens)
-    fresh = client.update_tenants(new.tenants)
-    replaced = {m.tenant for m in fresh if m.tenant in before} | (set(before) - set(client.tokens))
-    await stop_token_jobs(app, replaced | removed)
-    for name in removed:
-        metrics.forget_tenant(name)
-    for mgr in fresh:
-        # A re-keyed tenant's gauges now follow its new manager (set_function re-pointed).
-        metrics.token_failing.labels(mgr.tenant)
-    start_token_jobs(app)
+    fresh = client.update_tenants(new.tenants)  # a re-keyed tenant's gauges follow its new one
     app[keys.AUTH].replace_tenants(new.tenants)
     _swap_store_rules(app[keys.STORE], store_rules(new))
     rt = app[keys.RUNTIME]
@@ -126,6 +120,10 @@ async def apply(app: web.Application, new: Settings) -> None:
     rt.tenants = {t.name: t for t in new.tenants}
     rt.fallback_tenant = new.tenants[0].name if len(new.tenants) == 1 else None
     app[CURRENT][0] = new
+    for name in removed:
+        metrics.forget_tenant(name)
+    start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
+    await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
     logger.info(
         "config_reloaded",
         tenants=", ".join(sorted(names)),

@@ -13,11 +13,16 @@ from typing import Any
 import aiohttp
 import yaml
 
+from bc_proxy import keys
+from bc_proxy.reload import TOKEN_JOBS
+from bc_proxy.reload import reload as reload_config
 from tests.conftest import (
+    CLIENT_ID,
     LEGACY_PASSWORD,
     LEGACY_USER,
     WEBHOOK_SECRET,
     Connexus,
+    GatewayFactory,
     config_dict,
 )
 from tests.served import Served, free_port, write_config
@@ -151,3 +156,43 @@ async def test_sighup_with_invalid_config_keeps_the_old_one(
                 code = await gw.stop()
     assert code == 0
     assert "poll_wait_seconds" in (tmp_path / "serve.log").read_text()
+
+
+async def test_reload_rekeys_removes_and_keeps_jobs_consistent(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory
+) -> None:
+    """In process: a re-keyed tenant gets a new token manager (and refresh job) that uses the
+    new secret; a removed tenant loses its job and its token gauges; a bad file changes
+    nothing."""
+    cfg = config_dict(tmp_path, connexus.base_url)
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    send = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD, "to": "6421000001", "body": "x"}
+    assert (await client.post("/api/1/sms/out", data=send)).status == 204
+    old_mgr = app[keys.CLIENT].tokens["acme"]
+
+    new = _reloaded(cfg)
+    new["tenants"][0]["legacy"]["password"] = LEGACY_PASSWORD
+    new["tenants"][0]["connexus"]["client_secret"] = "csk_rekeyed"
+    connexus.emu.clients[CLIENT_ID] = "csk_rekeyed"
+    connexus.emu.clients[BETA_CLIENT] = BETA_SECRET
+    connexus.emu.revoke_tokens()
+    path = write_config(tmp_path / "new.yaml", new)
+    assert await reload_config(app, path)
+    mgr = app[keys.CLIENT].tokens["acme"]
+    assert mgr is not old_mgr
+    jobs = app[TOKEN_JOBS]
+    assert sorted(jobs) == ["acme", "beta"]
+    assert app[TOKEN_JOBS]["acme"][0] is mgr
+    assert (await client.post("/api/1/sms/out", data=send)).status == 204
+
+    only_acme = {**new, "tenants": new["tenants"][:1]}
+    assert await reload_config(app, write_config(tmp_path / "back.yaml", only_acme))
+    assert sorted(jobs) == ["acme"]
+    metrics = app[keys.METRICS]
+    assert metrics.registry.get_sample_value("bc_proxy_token_failing", {"tenant": "beta"}) is None
+
+    (tmp_path / "bad.yaml").write_text("tenants: []\n", encoding="utf-8")
+    assert not await reload_config(app, tmp_path / "bad.yaml")
+    assert app[keys.CLIENT].tokens["acme"] is mgr
