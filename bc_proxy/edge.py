@@ -1,12 +1,7 @@
 """The edge of every route: a request id, the exception tree turned into one-line legacy
-answers, one metric sample and one log line per request.
-
-Applied as a wrapper when a route is registered (`edge(path, handler)`) rather than as an app
-middleware: same behaviour, without aiohttp building a middleware chain for every request.
-`on_prepare` (an on_response_prepare hook) puts the id on streamed answers and logs requests
-no route took (404, 405), so every response carries `X-Request-Id`. `plain_parse_errors` is
-the one place that touches aiohttp internals (see its docstring).
-"""
+answers, one metric sample and one log line per request; wrapped around each handler at
+registration (no per-request middleware chain). Also the on_response_prepare hook for ids on
+streamed and unrouted answers, and the one guarded patch of aiohttp (`plain_parse_errors`)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Structured logging with structlog: JSON off a terminal, readable console output on one.
-
-Owns the processor chain shared by structlog loggers and the stdlib loggers (aiohttp's
-included): phone numbers masked in every string value, every configured secret scrubbed, and
-the request id bound to every line of a request (`request_context`). Does not decide what is
-logged. Masking rule: a run of 7-15 digits (optionally after `+`) that is not part of a longer
-word (no letter or digit right before or after it) is a phone number and keeps only its last
-three digits; values under number keys (`to`, `from`, ...) are masked whatever their length.
-"""
+"""Structured logging with structlog: JSON off a terminal, console output on one. Owns the
+processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
+request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
+configured secret scrubbed. Does not decide what is logged."""
 
 from __future__ import annotations
 
@@ -60,7 +55,10 @@ def request_context(request_id: str) -> Iterator[None]:
 
 
 def mask_phones(text: str) -> str:
-    """Mask every phone-number-like digit run in `text` (the module docstring's rule)."""
+    """Mask every phone number in `text`: a run of 7-15 digits (optionally after `+`) with no
+    letter or digit right before or after it keeps only its last three digits. Digits glued to
+    letters (hex ids) and shorter runs (ports, short codes) stay readable; values under number
+    keys (`to`, `from`, ...) are masked whatever their shape, by the scrubber."""
     if len(text) < 7:
         return text
     return _PHONE.sub(lambda m: mask_number(m.group()), text)

@@ -1,13 +1,7 @@
 """Configuration reload (SIGHUP): tenants added, removed or re-keyed and passwords rotated in
-place, without dropping open long-polls or in-flight sends.
-
-Owns swapping everything built from the tenants: the runtime's tenant and status-map tables,
-the legacy Authenticator, the Connexus client's credentials and token managers (and their
-refresh jobs), the store's Rules and the log scrubber's secrets. Sections that shape the
-process itself (server, upstream, store, webhook, log, console) and per-tenant webhook secrets
-and inbound modes need a restart: a change there is logged and otherwise ignored. An invalid
-new file is refused with a log line; the running configuration stays.
-"""
+place, without dropping open long-polls or in-flight sends; an invalid file is refused and
+logged. Owns swapping what is built from the tenants; sections that shape the process
+(RESTART_SECTIONS, a tenant's webhook_secret or inbound mode) need a restart."""
 
 from __future__ import annotations
 
