@@ -202,7 +202,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.RUNTIME] = keys.Runtime(
         status_maps={t.name: settings.status_map_for(t) for t in settings.tenants},
         tenants={t.name: t for t in settings.tenants},
-        fallback_tenant=settings.tenants[0].name if len(settings.tenants) == 1 else None,
     )
     app[keys.AUTH] = Authenticator(
         settings.tenants, on_refusal=lambda outcome: metrics.auth_refusals.labels(outcome).inc()

@@ -20,7 +20,6 @@ class Runtime:
     shutting_down: bool = False
     status_maps: dict[str, dict[int, str]] = field(default_factory=dict)
     tenants: dict[str, TenantSettings] = field(default_factory=dict)
-    fallback_tenant: str | None = None  # the only tenant, when there is exactly one
     sends_in_flight: int = 0  # legacy sends between upstream call and record
 
 

@@ -112,7 +112,6 @@ async def apply(app: web.Application, new: Settings) -> None:
     rt = app[keys.RUNTIME]
     rt.status_maps = {t.name: new.status_map_for(t) for t in new.tenants}
     rt.tenants = {t.name: t for t in new.tenants}
-    rt.fallback_tenant = new.tenants[0].name if len(new.tenants) == 1 else None
     app[CURRENT][0] = new
     for name in removed:
         metrics.forget_tenant(name)
