@@ -8,14 +8,10 @@ once about 2,000 have been answered, restarted on the same file, and drained by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TextIO
 from urllib.parse import parse_qs
 
 import pytest
@@ -30,68 +26,13 @@ from tests.conftest import (
     config_dict,
     creds,
 )
+from tests.served import Served, free_port
 
 RECIPIENTS = 2500  # one legacy send; two delivery reports each -> 5,000 webhooks
 KILL_AFTER = 2000  # webhooks answered 200 before the SIGKILL
 IN_FLIGHT = 100
 LEGACY_ID = "storm-1700000000.1234"
 STATUS_OF = {4: "SNT", 1: "RCV"}
-
-Proc = asyncio.subprocess.Process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Gateway:
-    """`bc-proxy serve --config F` as a subprocess; started, killed and restarted by the test."""
-
-    def __init__(self, config_file: Path, port: int, log: TextIO) -> None:
-        self.config_file = config_file
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.proc: Proc | None = None
-
-    async def start(self, session: ClientSession) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bc_proxy",
-            "serve",
-            "--config",
-            str(self.config_file),
-            stdout=self.log,
-            stderr=self.log,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.proc.returncode is None, "the gateway exited during start-up"
-            assert time.monotonic() < deadline, "the gateway did not come up"
-            with contextlib.suppress(ClientError, TimeoutError):
-                async with session.get(self.base + "/readyz", timeout=ClientTimeout(1)) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
 
 @pytest.fixture
 async def session() -> AsyncIterator[ClientSession]:
@@ -135,7 +76,7 @@ async def test_sigkill_mid_storm_loses_no_acknowledged_webhook(
     port = free_port()
     config_file = write_config(tmp_path, connexus, port)
     with (tmp_path / "gateway.log").open("w") as log:
-        gw = Gateway(config_file, port, log)
+        gw = Served(config_file, port, log)
         try:
             await run_storm(connexus, session, gw)
         finally:
@@ -145,7 +86,7 @@ async def test_sigkill_mid_storm_loses_no_acknowledged_webhook(
     assert time.monotonic() - started < 60
 
 
-async def run_storm(connexus: Connexus, session: ClientSession, gw: Gateway) -> None:
+async def run_storm(connexus: Connexus, session: ClientSession, gw: Served) -> None:
     await gw.start(session)
     handsets = [f"6421{i:07d}" for i in range(RECIPIENTS)]
     form = creds(to=",".join(handsets), body="storm", messageId=LEGACY_ID)
@@ -179,7 +120,7 @@ async def run_storm(connexus: Connexus, session: ClientSession, gw: Gateway) -> 
             acked.add((mid, code))
             if len(acked) >= KILL_AFTER and killed_at is None:
                 killed_at = time.monotonic()
-                gw.kill()
+                gw.signal(signal.SIGKILL)
 
     storm_started = time.monotonic()
     async with asyncio.timeout(30):
@@ -223,5 +164,4 @@ async def run_storm(connexus: Connexus, session: ClientSession, gw: Gateway) -> 
             assert resp.status == 200
     async with session.get(gw.base + "/api/1/sms/queue", params=params) as resp:
         assert await resp.read() == b"inCount=0&statusCount=0"
-    await gw.stop()
-    assert gw.proc.returncode == 0
+    assert await gw.stop() == 0
