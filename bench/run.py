@@ -5,15 +5,17 @@
 
 Needs the project installed plus Debian's `wrk` and `nginx`. All traffic stays on 127.0.0.1.
 It starts a fixed-response Connexus stub (nginx), the gateway under test (`bc-proxy serve`)
-and the reference pass-through proxy (`bench/baseline_proxy.py`), one process under test at a
-time. The process under test is pinned to the first CPU (`taskset -c 0`); wrk, nginx and this
-script (which is the Python load client) to the second. Every wait is bounded, and everything
+and the reference pass-through proxy (`bench/baseline_proxy.py`, the lean one of issue 13, on
+uvloop like the gateway), one process under test at a time. The process under test is pinned
+to the first CPU (`taskset -c 0`); wrk, nginx and this script (which is the Python load
+client) to the second. Every wait is bounded, and everything
 started is stopped at the end, also on Ctrl-C or an error (each child is its own process group).
 
-Scenarios (see bench/README.md): send32, send1, webhook, wakeup, memory. Results go to
-bench/results/<UTC timestamp>-<hostname>.json and .md; the exit status is 1 when a correctness
-check failed (a 204 without its stored send, a lost or duplicated receipt, a crash), 3 with
---require-bars when a bar failed, else 0.
+Scenarios (see bench/README.md): send32, send1, webhook, pg (PostgreSQL beside SQLite),
+workers (1 vs 2 on PostgreSQL), realistic (Connexus at 150 ms, 500 connections), wakeup,
+memory. Results go to bench/results/<UTC timestamp>-<hostname>.json and .md; the exit status
+is 1 when a correctness check failed (a 204 without its stored send, a lost or duplicated
+receipt, a crash), 3 with --require-bars when a bar failed, else 0.
 """
 
 from __future__ import annotations
