@@ -77,7 +77,7 @@ class StoreSettings(_Model):
     url: str = "sqlite:///bc-proxy.db"
     fsync: bool = False  # true: also survive power loss (one fsync per commit group)
     retention_days: float = Field(30, gt=0)  # consumed records and sends older than this go
-    lease_seconds: float = Field(10, gt=0, le=600)  # a dead replica's claims come back after this
+    lease_seconds: float = Field(15, gt=0, le=600)  # a dead replica's claims come back after this
 
     @field_validator("url")
     @classmethod

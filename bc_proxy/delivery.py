@@ -58,7 +58,7 @@ class PushWorker:
         """Per-attempt timeout: the largest configured, but inside the claim's lease."""
         lease = self.app[keys.SETTINGS].store.lease_seconds
         wanted = max((p.timeout_seconds for p in self.pushes.values()), default=10.0)
-        if wanted > lease * LEASE_SHARE:
+        if self.pushes and wanted > lease * LEASE_SHARE:
             log.warning("push_timeout_capped_by_lease", timeout=wanted, lease=lease)
         return min(wanted, lease * LEASE_SHARE)
 

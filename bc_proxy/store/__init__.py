@@ -325,7 +325,7 @@ class Store(Protocol):
         this replica got it. A backend with one process per database always gets it."""
 
 
-LEASE_SECONDS = 10.0  # a poll or push claim of a replica that died comes back after this
+LEASE_SECONDS = 15.0  # a poll or push claim of a replica that died comes back after this
 
 
 def open_store(
