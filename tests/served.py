@@ -96,6 +96,22 @@ class Served:
         return proc.returncode
 
 
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `bc-proxy ARGS` in a subprocess; (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bc_proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def rss_peak_kib(pid: int) -> int:
     """The process's peak resident set size (VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from tests.conftest import (
     with_tenant,
 )
 from tests.readings import ONE_READING, reading_connexus  # noqa: F401 - each test, each reading
+from tests.served import run_cli
 
 IN_KEYS = {"messageId", "from", "to", "body", "rateCode", "inReplyToId"}
 STATUS_KEYS = {"messageId", "from", "to", "statusCode", "inReplyToId", "error"}
@@ -252,22 +252,6 @@ def push_cfg(cfg: dict[str, Any], receiver: Receiver, **push: Any) -> dict[str, 
         **push,
     }
     return with_tenant(cfg, push=settings)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run `bc-proxy ARGS` in a subprocess; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bc_proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 # -- 1. webhook ingest --------------------------------------------------------------------------

@@ -8,9 +8,7 @@ the 503 that makes Connexus retry when the store fails.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from tests.conftest import (
     GatewayClient,
     GatewayFactory,
 )
+from tests.served import run_cli
 
 HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
 HANDSET = "6421000111"
@@ -99,22 +98,6 @@ def value(m: Metrics, name: str, **labels: str) -> float:
 async def post(client: GatewayClient, raw: bytes, path: str = HOOK) -> tuple[int, dict[str, Any]]:
     async with client.post(path, data=raw, headers={"Content-Type": "application/json"}) as resp:
         return resp.status, await resp.json()
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run `bc-proxy ARGS` in a subprocess; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bc_proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 # -- the parser ---------------------------------------------------------------------------------
