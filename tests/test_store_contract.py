@@ -494,6 +494,17 @@ async def test_unlisted_number_same_tenant_whichever_path_first(store: Store, or
     assert (await only(store, OTHER, "in")).body == "hello"
 
 
+async def test_unmatched_routed_by_the_same_rule_when_seen_again(store: Store) -> None:
+    """An unmatched message seen again after a send to its handset exists goes to that send's
+    tenant by the one routing rule, even with no account known (both backends alike)."""
+    event = mo("m1", sender="64888", to=UNLISTED)
+    assert await store.add_mo(event, account=None) == IngestResult("unmatched", None)
+    await sent(store, 1, tenant=OTHER, recipient="64888")
+    assert await store.add_mo(event, account=None) == IngestResult("assigned", OTHER)
+    assert await store.add_mo(event, account=POLL) == IngestResult("duplicate", OTHER)
+    assert (await only(store, OTHER, "in")).body == "hello"
+
+
 async def test_assignment_wakes_the_tenant(store: Store) -> None:
     """Assigning an unmatched message wakes the long-polls of its new tenant."""
     await store.add_mo(mo("m1", to=UNLISTED), account=None)

@@ -95,7 +95,6 @@ async def store_mos(
             body=w.event.body,
             in_reply_to=route.in_reply_to,
         )
-        rules.opt_out_command(route.tenant, w.event.body)  # a body it cannot read fails here
         new.append((n, record))
     values = sorted((r.values(rules, writes[n].now) for n, r in new), key=lambda v: str(v[2]))
     inserted = await insert_keyed(conn, values)

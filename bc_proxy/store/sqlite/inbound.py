@@ -75,25 +75,26 @@ def add_mo(
     """Store an incoming SMS once per messageId, routed by `Rules.route_mo`."""
     key = rules.mo_key(event.message_id)
     existing = conn.execute("SELECT id, tenant FROM records WHERE event_key = ?", (key,)).fetchone()
-    if existing is not None:
-        rid, tenant = existing
-        if tenant is not None or account is None:
-            return IngestResult("duplicate", tenant)
-        place = rules.placement(account, "in", now)
-        conn.execute(
-            "UPDATE records SET tenant = ?, pollable = ?, push_due = ?, push_deadline = ? "
-            "WHERE id = ?",
-            (account, int(place.pollable), place.push_due, place.push_deadline, rid),
-        )
-        wake(wakes, account, "in", place)
-        _opt_out(conn, rules, account, event, now)
-        return IngestResult("assigned", account)
+    if existing is not None and existing[1] is not None:
+        return IngestResult("duplicate", existing[1])
     related = None
     if event.related_id:
         candidates = find_sends(conn, event.related_id)
         related = max(candidates, key=lambda c: c.id) if candidates else None
     latest = latest_to(conn, event.sender, rules.owner(event.to), now)
     route = rules.route_mo(event.to, related=related, latest=latest, account=account)
+    if existing is not None:  # stored unmatched: the same rule, with today's facts, may route it
+        if route.tenant is None:
+            return IngestResult("duplicate", None)
+        place = rules.placement(route.tenant, "in", now)
+        conn.execute(
+            "UPDATE records SET tenant = ?, pollable = ?, push_due = ?, push_deadline = ? "
+            "WHERE id = ?",
+            (route.tenant, int(place.pollable), place.push_due, place.push_deadline, existing[0]),
+        )
+        wake(wakes, route.tenant, "in", place)
+        _opt_out(conn, rules, route.tenant, event, now)
+        return IngestResult("assigned", route.tenant)
     place = rules.placement(route.tenant, "in", now)
     conn.execute(
         INSERT,
