@@ -3,6 +3,7 @@ hash-password, emulator and serve, each bounded by timeouts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 import yaml
 from argon2 import PasswordHasher
@@ -33,6 +35,7 @@ from tests.conftest import (
     GatewayFactory,
     config_dict,
 )
+from tests.served import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "bc-proxy.example.yaml"
@@ -441,3 +444,54 @@ def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_demo_runs_the_readme_send_and_polls() -> None:
+    """`bc-proxy demo` (the README's first command) starts; the send it prints answers 204,
+    and its delivery report and reply then come back through the legacy poll calls."""
+    port, emu_port = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bc_proxy",
+        "demo",
+        "--port",
+        str(port),
+        "--emulator-port",
+        str(emu_port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/api/1/sms"
+    auth = {"userId": "demo", "password": "demo-password"}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with asyncio.timeout(20):
+                while True:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                            if r.status == 200:
+                                break
+                    await asyncio.sleep(0.1)
+            form = {
+                **auth,
+                "to": "6421000001",
+                "body": "Hello from bc-proxy",
+                "messageId": "demo-1",
+            }
+            async with http.post(base + "/out", data=form) as r:
+                assert r.status == 204
+            got: dict[str, str] = {}
+            async with asyncio.timeout(10):
+                for kind in ("status", "in"):
+                    while kind not in got:
+                        async with http.get(f"{base}/{kind}", params=auth) as r:
+                            if r.status == 200:
+                                got[kind] = await r.text()
+                        await asyncio.sleep(0.05)
+            assert "inReplyToId=demo-1" in got["status"]
+            assert "from=6421000001" in got["in"]
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(15):
+            await proc.wait()

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import io
 import json
+import random
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bc_proxy.config import PushSettings
+from bc_proxy.delivery import next_delay
 from bc_proxy.metrics import Metrics
 from tests.conftest import (
     WEBHOOK_SECRET,
@@ -146,3 +149,16 @@ async def test_removed_tenant_records_kept_not_pushed(
     lines = [json.loads(x) for x in log_stream.getvalue().splitlines() if x.startswith("{")]
     logged = [x for x in lines if x.get("event") == "records_of_unconfigured_tenant"]
     assert [(x["tenant"], x["records"]) for x in logged] == [("globex", 3)]
+
+
+def test_push_backoff_doubles_from_initial_to_max_with_jitter() -> None:
+    """Push retries back off exponentially (design.md section 5): the delay after n failures
+    lies in [c/2, c] with c = initial * 2**(n-1), capped at retry_max_seconds."""
+    push = PushSettings(
+        incoming_url="http://127.0.0.1:9/in", retry_initial_seconds=5, retry_max_seconds=900
+    )
+    rng = random.Random(0)
+    for attempts, ceiling in [(1, 5), (2, 10), (3, 20), (5, 80), (8, 640), (9, 900), (30, 900)]:
+        delays = [next_delay(attempts, push, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempts, min(delays))
+        assert max(delays) > ceiling * 0.9  # jitter spans the range, not a constant

@@ -69,11 +69,11 @@ async def send(request: web.Request) -> web.StreamResponse:
     """
     tenant, params = await _authenticated(request)
     app = request.app
-    check_send(app, tenant)  # optional per-tenant rate: 429 before anything is written
     rt = app[keys.RUNTIME]
     store = app[keys.STORE]
     metrics = app[keys.METRICS]
     req = parse_send(params, rt.tenants[tenant].default_from)
+    check_send(app, tenant)  # optional per-tenant rate (a 400 costs none): 429, nothing written
     intent = SendIntent(tenant, req.message_id, req.recipients, req.sender)
     plan = await store.begin_send(intent, time.time())
     _count_plan(metrics, tenant, plan)
@@ -123,7 +123,9 @@ async def _forward(
     outcomes = result.outcomes
     accepted = any(o.accepted for o in outcomes)
     answered = accepted or result.failure is None
-    await _settle(store, metrics, intent, refs, outcomes, answered=answered)
+    # Shielded: the SMS may be out, so a cancellation here (a shutdown's deadline) must not
+    # roll back the record of its outcome and its Connexus ids.
+    await asyncio.shield(_settle(store, metrics, intent, refs, outcomes, answered=answered))
     if not answered:
         assert result.failure is not None
         raise result.failure
