@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from bc_proxy import keys
 from bc_proxy.console.recent import RECENT
 from bc_proxy.errors import ClientGone, LegacyError, StoreError
-from bc_proxy.log import REQUEST_ID, get_logger, new_request_id, request_context
+from bc_proxy.log import REQUEST_ID, access, get_logger, new_request_id, request_context
 from bc_proxy.metrics import LEGACY_ROUTES, NO_TENANT
 
 log = get_logger("bc_proxy.http")
@@ -74,13 +74,14 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     response.headers[RID_HEADER] = rid
     if request.app[keys.SETTINGS].log.requests:
         # No path: an unknown path may hold a mistyped webhook secret or a password.
-        log.info(
-            "request",
-            request_id=rid,
-            route="unmatched",
-            method=request.method,
-            status=response.status,
-            client=request.remote,
+        access(
+            {
+                "request_id": rid,
+                "route": "unmatched",
+                "method": request.method,
+                "status": response.status,
+                "client": request.remote,
+            }
         )
 
 
@@ -104,16 +105,16 @@ def edge(route: str, handler: Handler) -> Handler:
             if recent is not None and not quiet:
                 recent.add(request, route, tenant, resp.status, started)
             if not quiet and app[keys.SETTINGS].log.requests:
-                extra = {"client": request.remote} if resp.status == 401 else {}
-                log.info(
-                    "request",
-                    tenant=tenant,
-                    route=route,
-                    method=request.method,
-                    status=resp.status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                    **extra,
-                )
+                fields = {
+                    "tenant": tenant,
+                    "route": route,
+                    "method": request.method,
+                    "status": resp.status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+                if resp.status == 401:
+                    fields["client"] = request.remote
+                access(fields)
         return resp
 
     return at_edge

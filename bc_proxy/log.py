@@ -1,15 +1,19 @@
 """Structured logging with structlog: JSON off a terminal, console output on one. Owns the
 processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
 request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
-configured secret scrubbed. Does not decide what is logged."""
+configured secret scrubbed; and the access line's render-once path (`access`), the one line
+per request, which gives the same JSON as the chain at a fraction of its cost. Does not decide
+what is logged."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
@@ -205,11 +209,70 @@ def setup(
     handler._bc_proxy = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(lvl)
+    _ACCESS[:] = [_Access(handler, scrub)] if not console and lvl <= logging.INFO else []
     # The access log would print the webhook path, secret included: bc-proxy logs requests itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ParseErrorFilter) for f in server.filters):
         server.addFilter(_ParseErrorFilter())
+
+
+class _Access:
+    """The access line's writer: the configured scrubber applied once, one `json.dumps`, one
+    write under the handler's lock; the same keys, order and timestamp format as a line that
+    went through structlog's chain and the stdlib formatter (tests/test_logs.py compares them).
+    """
+
+    __slots__ = ("_prefix", "_second", "handler", "scrub")
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], scrub: _Scrubber) -> None:
+        self.handler = handler
+        self.scrub = scrub
+        self._second = -1
+        self._prefix = ""
+
+    def timestamp(self) -> str:
+        """ISO 8601 in UTC with microseconds and a Z, as structlog's TimeStamper(fmt="iso")."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # formatted once a second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def write(self, fields: dict[str, Any]) -> None:
+        fields["event"] = "request"
+        rid = REQUEST_ID.get()
+        if rid is not None and "request_id" not in fields:
+            fields["request_id"] = rid
+        fields["level"] = "info"
+        fields["timestamp"] = self.timestamp()
+        line = json.dumps(self.scrub(None, "info", fields), default=repr) + "\n"
+        handler = self.handler
+        handler.acquire()
+        try:
+            stream = handler.stream
+            stream.write(line)
+            stream.flush()
+        except Exception:
+            handler.handleError(logging.makeLogRecord({"msg": "request"}))
+        finally:
+            handler.release()
+
+
+_ACCESS: list[_Access] = []  # set by setup() for JSON output at level info or below
+
+
+def access(fields: dict[str, Any]) -> None:
+    """The one log line of a request (`event: request`, the bound request id added), at info.
+
+    JSON output takes the render-once path; console output and loggers not configured by
+    `setup` go through structlog as any other line. `fields` is consumed."""
+    if _ACCESS:
+        _ACCESS[0].write(fields)
+    else:
+        # A new proxy each time: a cached one would keep the configuration of its first use.
+        structlog.get_logger("bc_proxy.http").info("request", **fields)
 
 
 def get_logger(name: str = "bc_proxy") -> Any:

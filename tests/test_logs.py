@@ -71,7 +71,7 @@ async def test_incoming_request_id_is_echoed_and_sent_upstream(
 async def test_insane_request_id_is_replaced(gateway: GatewayFactory, cfg: dict[str, Any]) -> None:
     """An X-Request-Id with spaces or over 64 characters is replaced by a generated one."""
     client = await gateway(cfg)
-    for bad in ("has space", "x" * 65, "quote\"d"):
+    for bad in ("has space", "x" * 65, 'quote"d'):
         resp = await client.get("/api/1/sms/queue", params=creds(), headers={"X-Request-Id": bad})
         assert resp.headers["X-Request-Id"] != bad
         assert len(resp.headers["X-Request-Id"]) == 16
@@ -171,3 +171,50 @@ def test_generated_request_ids_are_never_masked() -> None:
         rid = new_request_id(None)
         assert mask_phones(rid) == rid
         assert len(rid) == 16
+
+
+def test_access_line_is_the_line_the_structlog_chain_renders() -> None:
+    """The render-once access line has the keys, order, values and timestamp format of the
+    same fields logged through structlog's chain and the stdlib formatter; secrets and phone
+    numbers are scrubbed in it exactly as there; an incoming id is kept, not replaced."""
+    stream = io.StringIO()
+    log.setup("info", "json", ["hunter2-secret"], stream=stream)
+    fields: dict[str, Any] = {
+        "tenant": "acme",
+        "route": "/api/1/sms/out",
+        "method": "POST",
+        "status": 401,
+        "duration_ms": 1.25,
+        "client": "x hunter2-secret 6421234567",
+    }
+    with log.request_context("rid-1"):
+        log.access(dict(fields))
+        log.get_logger("bc_proxy.http").info("request", **fields)
+    log.access({"request_id": "theirs", "route": "unmatched", "status": 404})
+    fast, chained, unmatched = lines(stream)
+    assert list(fast) == list(chained)
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+        k: v for k, v in chained.items() if k != "timestamp"
+    }
+    assert fast["client"] == "x *** *******567"
+    assert fast["request_id"] == "rid-1"
+    assert len(fast["timestamp"]) == len(chained["timestamp"])
+    assert fast["timestamp"][:16] == chained["timestamp"][:16]
+    assert fast["timestamp"].endswith("Z")
+    assert unmatched["request_id"] == "theirs"
+    assert list(unmatched) == ["request_id", "route", "status", "event", "level", "timestamp"]
+
+
+def test_access_line_follows_the_level_and_the_console_format() -> None:
+    """At level warning no access line is written; with console output it goes through the
+    console renderer (not JSON)."""
+    stream = io.StringIO()
+    log.setup("warning", "json", [], stream=stream)
+    log.access({"route": "/x", "status": 204})
+    assert stream.getvalue() == ""
+    log.setup("info", "console", [], stream=stream)
+    log.access({"route": "/x", "status": 204})
+    text = stream.getvalue()
+    assert "request" in text
+    assert "/x" in text
+    assert not text.startswith("{")

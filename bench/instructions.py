@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Instructions per legacy send, counted by valgrind's callgrind: the lean proxy and the gateway.
+
+    python bench/instructions.py [--requests 400] [--connections 8] [--variants lean gateway]
+
+Wall-clock and CPU-time figures move with whatever else the machine runs; instruction counts
+do not (the same binary, input and environment give the same count within a fraction of a
+percent, whatever the other core does). So this is the A/B tool for a change to the send path
+on a shared machine, beside bench/run.py's throughput and latency on an idle one.
+
+Each target runs under `valgrind --tool=callgrind --instr-atstart=no` (started without
+instrumentation, so imports are not counted) against the nginx stub of bench/run.py; after a
+warm-up of plain requests, instrumentation is switched on and the counters zeroed
+(`callgrind_control -i on`, `-z`), `--requests` sends are made at `--connections` concurrent
+connections by this script, and the counters are dumped: every thread's instructions (the
+event loop, the store's threads), divided by the number of requests. The gateway runs as users
+run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQLite store).
+
+Loopback only, bounded counts; results printed and written to bench/results/ as JSON + .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import run
+
+BENCH = Path(__file__).resolve().parent
+WARMUP = 200
+_TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
+
+
+def callgrind(out: Path) -> list[str]:
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        "--dump-instr=no",
+        "--trace-children=no",
+    ]
+
+
+async def load(url: str, n: int, connections: int) -> int:
+    """`n` sends at `connections` concurrent connections; how many got a 204."""
+    ok = 0
+    left = n
+    lock = asyncio.Lock()
+    conn = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+
+        async def worker(w: int) -> None:
+            nonlocal ok, left
+            i = 0
+            while True:
+                async with lock:
+                    if left <= 0:
+                        return
+                    left -= 1
+                i += 1
+                # The request of bench/send.lua (wrk's): the PHP client's form POST.
+                data = {
+                    "to": "6421000000",
+                    "body": "Hello & welcome = \u00fc",
+                    "messageId": f"ins-{os.getpid()}-{w}-{i}-{time.monotonic_ns()}",
+                    "userId": run.USER,
+                    "password": run.PASSWORD,
+                }
+                async with s.post(url, data=data) as resp:
+                    await resp.read()
+                    ok += resp.status == 204
+
+        await asyncio.gather(*(worker(w) for w in range(connections)))
+    return ok
+
+
+def control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def measure(ctx: run.Ctx, variant: str, requests: int, connections: int) -> dict[str, Any]:
+    out = ctx.tmp / f"callgrind-{variant}.out"
+    if variant == "lean":
+        cmd = [
+            *callgrind(out),
+            sys.executable,
+            str(BENCH / "baseline_proxy.py"),
+            "--port",
+            str(ctx.baseline_port),
+            "--upstream",
+            ctx.upstream,
+        ]
+        url = f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out"
+        log = ctx.path("lean.log")
+        proc = ctx.procs.start("lean", cmd, log)
+        ready = url
+    else:
+        gw = run.Gateway(ctx, variant, poll_wait=0)
+        cmd = [*callgrind(out), ctx.gateway_exe, "serve", "--config", str(gw.config)]
+        url = f"{gw.base}/api/1/sms/out"
+        log = gw.log
+        proc = ctx.procs.start("gateway", cmd, log)
+        ready = f"{gw.base}/readyz"
+    try:
+        run.wait_until(proc, variant, log, lambda: run.http_status(ready) is not None, 300)
+        warm = asyncio.run(load(url, WARMUP, connections))
+        if warm != WARMUP:
+            raise run.CheckFailed(f"{variant}: {warm}/{WARMUP} warm-up sends answered 204")
+        control(proc.pid, "-i", "on")
+        control(proc.pid, "-z")
+        started = time.monotonic()
+        ok = asyncio.run(load(url, requests, connections))
+        elapsed = time.monotonic() - started
+        control(proc.pid, "-d")
+        control(proc.pid, "-i", "off")
+        if ok != requests:
+            raise run.CheckFailed(f"{variant}: {ok}/{requests} sends answered 204")
+    finally:
+        ctx.procs.stop(proc, grace=60)
+    total = 0
+    for dump in out.parent.glob(out.name + "*"):
+        text = dump.read_text(errors="replace")
+        found = _TOTALS.findall(text)
+        if found and "-i on" not in text[:0]:
+            total += int(found[-1])
+    return {
+        "instructions_per_request": total / requests,
+        "requests": requests,
+        "connections": connections,
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--variants", nargs="+", default=["lean", "gateway"])
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    a = p.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return 2
+    if not 1 <= a.requests <= 20_000 or not 1 <= a.connections <= 64:
+        print("error: --requests 1..20000, --connections 1..64", file=sys.stderr)
+        return 2
+    args = run.parse_args([])
+    pin = run.Pinning([], [], None, "unpinned: instruction counts do not depend on it")
+    tmp = Path(tempfile.mkdtemp(prefix="bc-instr-"))
+    procs = run.Procs()
+    exe = shutil.which("bc-proxy") or str(Path(sys.executable).parent / "bc-proxy")
+    ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
+    started = datetime.datetime.now(datetime.UTC)
+    results: dict[str, Any] = {}
+    try:
+        run.start_nginx(ctx)
+        for v in a.variants:
+            run.log(f"callgrind: {v}")
+            results[v] = measure(ctx, v, a.requests, a.connections)
+            run.log(f"{v}: {results[v]['instructions_per_request']:,.0f} instructions/request")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    commit = subprocess.run(
+        ["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    lines = [
+        f"# Instructions per send {stamp} (commit {commit}{', dirty tree' if dirty else ''})",
+        "",
+        f"{a.requests} sends at {a.connections} connections after {WARMUP} warm-up sends; "
+        "callgrind, every thread of the process under test",
+        "",
+        "| target | instructions per request | ratio to lean |",
+        "|---|---|---|",
+    ]
+    lean = results.get("lean", {}).get("instructions_per_request")
+    for v, r in results.items():
+        ipr = r["instructions_per_request"]
+        ratio = f"{ipr / lean:.2f}x" if lean else "-"
+        lines.append(f"| {v} | {ipr:,.0f} | {ratio} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    base = a.results_dir / f"{stamp}-{socket.gethostname()}-instructions"
+    report = {"timestamp": stamp, "commit": commit, "dirty": dirty, "results": results}
+    Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{base}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
