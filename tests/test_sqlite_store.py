@@ -19,7 +19,7 @@ import pytest
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store import DlrEvent, MoEvent, SendIntent, Settlement, open_store
-from bc_proxy.store.sqlite import SQLiteStore, engine, upkeep
+from bc_proxy.store.sqlite import SQLiteStore, engine, helpers, upkeep
 from tests.test_store_contract import HANDSET, POLL, PUSH, RULES, SENDER
 
 # The first release's schema (bc_proxy/store/sqlite.py before the versioned migrations).
@@ -289,3 +289,37 @@ async def test_fsync_once_per_group_off_the_loop(db: str, monkeypatch: Any) -> N
         assert threading.get_ident() not in calls
     finally:
         await store.close()
+
+
+def _nice(tid: int) -> int:
+    """A thread's nice value, from /proc (field 19 of its stat line)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+async def test_checkpointer_runs_below_the_loop(db: str) -> None:
+    """The checkpoint thread runs at a higher nice value than the event loop's thread, so a
+    checkpoint on a one-core box does not take half the core from requests."""
+    store = open_store(f"sqlite:///{db}", RULES)
+    await store.open()
+    try:
+        loop_nice = _nice(threading.get_native_id())
+        for i in range(200):
+            await store.add_mo(
+                MoEvent(f"m{i}", HANDSET, SENDER, "hi", "2026-01-01T00:00:00Z"), account=None
+            )
+        deadline = time.monotonic() + 5
+        ckpt: list[threading.Thread] = []
+        while not ckpt and time.monotonic() < deadline:
+            ckpt = [t for t in threading.enumerate() if t.name.startswith("bc-store-ckpt")]
+            await asyncio.sleep(0.05)
+        assert ckpt, "no checkpoint thread"
+        assert ckpt[0].native_id is not None
+        assert _nice(ckpt[0].native_id) == min(19, loop_nice + upkeep_nice())
+    finally:
+        await store.close()
+
+
+def upkeep_nice() -> int:
+    return helpers.CHECKPOINT_NICE
