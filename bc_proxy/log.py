@@ -49,13 +49,21 @@ def new_request_id(incoming: str | None = None) -> str:
 @contextlib.contextmanager
 def request_context(request_id: str) -> Iterator[None]:
     """Bind `request_id` to every log line (and upstream call) made inside the block."""
-    token = REQUEST_ID.set(request_id)
-    bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+    token = REQUEST_ID.set(request_id)  # added to each line by _add_request_id
     try:
         yield
     finally:
-        structlog.contextvars.reset_contextvars(**bound)
         REQUEST_ID.reset(token)
+
+
+def _add_request_id(
+    logger: Any, name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Processor: the request id of the request being handled, where the line has none."""
+    rid = REQUEST_ID.get()
+    if rid is not None:
+        event.setdefault("request_id", rid)
+    return event
 
 
 def mask_phones(text: str) -> str:
@@ -170,6 +178,7 @@ def setup(
     scrub = _Scrubber(secrets)
     _SCRUB[:] = [scrub]
     shared: list[Any] = [
+        _add_request_id,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
