@@ -101,8 +101,8 @@ async def test_wrong_passwords_for_hashed_tenant_bounded_memory_and_timing(
 async def test_failed_logins_throttled_per_address(
     gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:
-    """After many failures from one address, even the right password gets the same 401 and
-    the refusals are counted as throttled."""
+    """After many failures for one user from one address, even its right password (never
+    proven before) gets the same 401 and the refusals are counted as throttled."""
     client = await gateway(cfg)
     for i in range(THROTTLE_FAILURES):
         resp = await client.post("/api/1/sms/queue", data={"userId": LEGACY_USER, "password": i})

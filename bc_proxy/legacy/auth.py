@@ -5,9 +5,12 @@ Owns finding the tenant for a legacy caller. Plain passwords compare with
 ~100 ms a check, so at most HASH_THREADS run at once). A verified password is remembered as a
 keyed digest (never in clear) so the send path pays for argon2 once; a refused one is
 remembered for a short while so repeating it costs nothing; an unknown user pays the same
-dummy verification as a wrong password, so timing does not reveal user names; and a source
-address with many recent failures is refused without any verification (same 401 answer).
-Does not own what a tenant may do.
+dummy verification as a wrong password, so timing does not reveal user names. Many recent
+failures for one user from one address, or very many for any users from one address, make
+that address's unproven credentials be refused without any verification (same 401 answer);
+credentials this process has already verified keep working, so one misconfigured client
+behind a NAT or the load balancer does not lock out the others. Does not own what a tenant
+may do.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ HASH_THREADS = 1  # argon2 verifications at once (64 MiB each)
 POSITIVE_LIMIT = 1024  # remembered good credentials
 NEGATIVE_SECONDS = 60.0  # a refused password is refused from memory this long
 NEGATIVE_LIMIT = 4096
-THROTTLE_FAILURES = 20  # failures from one address within THROTTLE_SECONDS ...
-THROTTLE_SECONDS = 60.0  # ... and further attempts from it are refused unverified
-THROTTLE_LIMIT = 10_000  # addresses tracked at most (oldest forgotten first)
+THROTTLE_FAILURES = 20  # failures for one user from one address within THROTTLE_SECONDS,
+THROTTLE_ADDRESS_FAILURES = 100  # or for any users from one address, and its unproven
+THROTTLE_SECONDS = 60.0  # credentials are refused unverified (proven ones still pass)
+THROTTLE_LIMIT = 10_000  # (address, user) pairs and addresses tracked at most (oldest first)
 
 Outcome = Callable[[str], None]  # told "failure" or "throttled" (a metric)
 
@@ -61,7 +65,8 @@ class Authenticator:
         self._verified: dict[tuple[str, bytes], str] = {}
         self._refused: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str | None]] = {}
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        # Failure times per (address, user) and per (address, None).
+        self._failures: OrderedDict[tuple[str, str | None], list[float]] = OrderedDict()
         self.replace_tenants(tenants)
 
     def replace_tenants(self, tenants: Iterable[TenantSettings]) -> None:
@@ -95,23 +100,29 @@ class Authenticator:
         client's address, for throttling failures)."""
         if not user or password is None:
             raise Unauthorized("Missing credentials")
-        if source is not None and self._throttled(source):
-            self._on_refusal("throttled")
-            raise Unauthorized("Invalid credentials")
         digest = self._digest(password)
         tenant = self._verified.get((user, digest))
-        if tenant is not None:
+        if tenant is not None:  # proven earlier: passes even from a throttled address
             return tenant
+        if source is not None and self._throttled(source, user):
+            self._on_refusal("throttled")
+            raise Unauthorized("Invalid credentials")
         plain = self._plain.get(user)
         if plain is not None and hmac.compare_digest(digest, plain[1]):
+            self._remember(user, digest, plain[0])
             return plain[0]
         if plain is None and user not in self._hashed:
             hmac.compare_digest(digest, self._dummy)  # the same work as a plain tenant's check
         tenant = await self._slow_check(user, password, digest)
         if tenant is None:
-            self._refuse(source)
+            self._refuse(source, user)
             raise Unauthorized("Invalid credentials")
         return tenant
+
+    def _remember(self, user: str, digest: bytes, tenant: str) -> None:
+        if len(self._verified) >= POSITIVE_LIMIT:
+            self._verified.clear()
+        self._verified[(user, digest)] = tenant
 
     async def _slow_check(self, user: str, password: str, digest: bytes) -> str | None:
         """argon2 for a hashed tenant (or a dummy one on every refusal), once per credential
@@ -135,9 +146,7 @@ class Authenticator:
             )
             tenant = hashed[0] if ok and hashed is not None else None
             if tenant is not None:
-                if len(self._verified) >= POSITIVE_LIMIT:
-                    self._verified.clear()
-                self._verified[key] = tenant
+                self._remember(user, digest, tenant)
             else:
                 self._refused[key] = self._clock()
                 self._refused.move_to_end(key)
@@ -158,23 +167,33 @@ class Authenticator:
         except (VerificationError, InvalidHashError):
             return False
 
-    def _throttled(self, source: str) -> bool:
-        times = self._failures.get(source)
+    def _throttled(self, source: str, user: str) -> bool:
+        return self._recent((source, user)) >= THROTTLE_FAILURES or (
+            self._recent((source, None)) >= THROTTLE_ADDRESS_FAILURES
+        )
+
+    def _recent(self, key: tuple[str, str | None]) -> int:
+        times = self._failures.get(key)
         if not times:
-            return False
+            return 0
         cutoff = self._clock() - THROTTLE_SECONDS
         while times and times[0] < cutoff:
             times.pop(0)
-        return len(times) >= THROTTLE_FAILURES
+        return len(times)
 
-    def _refuse(self, source: str | None) -> None:
+    def _refuse(self, source: str | None, user: str) -> None:
         self._on_refusal("failure")
         if source is None:
             return
-        times = self._failures.setdefault(source, [])
-        self._failures.move_to_end(source)
-        times.append(self._clock())
-        del times[:-THROTTLE_FAILURES]
+        now = self._clock()
+        for key, keep in (
+            ((source, user), THROTTLE_FAILURES),
+            ((source, None), THROTTLE_ADDRESS_FAILURES),
+        ):
+            times = self._failures.setdefault(key, [])
+            self._failures.move_to_end(key)
+            times.append(now)
+            del times[:-keep]
         while len(self._failures) > THROTTLE_LIMIT:
             self._failures.popitem(last=False)
 
