@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -71,14 +71,7 @@ def _event(msg: object) -> MoEvent | None:
     received = _received(msg)
     if received is None:
         return event
-    return MoEvent(
-        message_id=event.message_id,
-        sender=event.sender,
-        to=event.to,
-        body=event.body,
-        related_id=event.related_id,
-        received_at=received,
-    )
+    return replace(event, received_at=received)
 
 
 def start_of_window(mark: SweepMark | None, now: datetime) -> str:
