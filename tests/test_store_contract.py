@@ -34,6 +34,7 @@ from bc_proxy.store import (
     open_store,
 )
 from bc_proxy.store.rules import BLOCKED_ERROR, DEFAULT_IDEMPOTENCY_WINDOW
+from bc_proxy.translate import UNKNOWN_OUTCOME
 from tests import pg
 
 BACKENDS = ["sqlite", "sqlite-fsync", "postgres"]  # sqlite-fsync also fsyncs each commit group
@@ -249,6 +250,55 @@ async def test_duplicate_recipient_in_one_call_is_forwarded_once(store: Store) -
     plan = await store.begin_send(intent("L1", HANDSET, HANDSET), time.time())
     assert [p.recipient for p in plan.to_send] == [HANDSET]
     assert plan.repeats == ((HANDSET, "pending"),)
+
+
+async def test_duplicate_recipient_without_message_id_is_forwarded_once(store: Store) -> None:
+    """Without a messageId too: a number named twice in one call is sent once."""
+    plan = await store.begin_send(intent(None, HANDSET, "6421000002", HANDSET), time.time())
+    assert [p.recipient for p in plan.to_send] == [HANDSET, "6421000002"]
+    assert plan.repeats == ((HANDSET, "pending"),)
+
+
+async def test_group_of_sends_plans_each_call_on_its_own(store: Store) -> None:
+    """Many calls at one moment (one group commit): each gets its own plan, in its own order;
+    a blocked handset and a repeat are decided per call."""
+    await store.add_mo(mo("stop-1", sender="6421000009", body="STOP"), account=None)
+    await sent(store, 1, recipient="6421000008")
+    calls = [intent(f"G{i}", f"64210001{i:02d}", "6421000009") for i in range(20)]
+    calls.append(intent("L1", "6421000008", "6421000007"))
+    plans = await asyncio.gather(*(store.begin_send(c, time.time()) for c in calls))
+    for i, plan in enumerate(plans[:20]):
+        assert [p.recipient for p in plan.to_send] == [f"64210001{i:02d}"]
+        assert plan.blocked == ("6421000009",)
+    assert [p.recipient for p in plans[20].to_send] == ["6421000007"]
+    assert plans[20].repeats == (("6421000008", "accepted"),)
+    assert len({p.upstream_ref for plan in plans for p in plan.to_send}) == 21
+    nur = [r for r in await drain(store, POLL, "status") if r.msisdn_from == "6421000009"]
+    assert len(nur) == 20
+    assert {r.status_code for r in nur} == {"NUR"}
+
+
+async def test_expire_pending_writes_one_unknown_outcome_record(store: Store) -> None:
+    """An expired pending send gets the status record a live send writes for an unknown
+    outcome (ERR), once: a second expiry finds nothing and writes nothing."""
+    plan = await store.begin_send(intent("L7", HANDSET, "6421000002"), time.time())
+    await store.settle_send([Settlement(plan.to_send[1].upstream_ref, "accepted", "cx-7")])
+    assert await store.expire_pending(later()) == 1
+    assert await store.expire_pending(later()) == 0
+    record = await only(store, POLL, "status")
+    assert (record.status_code, record.error) == ("ERR", UNKNOWN_OUTCOME)
+    assert (record.msisdn_from, record.msisdn_to, record.in_reply_to) == (HANDSET, SENDER, "L7")
+    again = await store.begin_send(intent("L7", HANDSET), time.time())
+    assert again.repeats == ((HANDSET, "unknown"),)
+
+
+async def test_expire_pending_record_is_placed_by_the_tenants_rules(store: Store) -> None:
+    """The unknown-outcome record of a push tenant's expired send is pushed, not polled."""
+    await store.begin_send(intent("L8", tenant=PUSH), time.time())
+    assert await store.expire_pending(later()) == 1
+    pushes = await store.claim_pushes(later(), 10)
+    assert [(r.tenant, r.status_code) for r in pushes] == [(PUSH, "ERR")]
+    assert await store.claim(PUSH, "status") is None
 
 
 async def test_expire_pending_makes_calls_unknown(store: Store) -> None:

@@ -199,6 +199,66 @@ async def test_concurrent_begin_send_of_one_key_writes_one_pending_row(
     assert rows == 40
 
 
+async def test_replicas_expiring_at_once_expire_each_pending_row_once(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Two replicas expiring the same stale sends concurrently: one ERR record per send."""
+    a, b = pair
+    recipients = tuple(f"64210{i:05d}" for i in range(30))
+    for i in range(0, 30, 3):
+        await a.begin_send(SendIntent(POLL, f"x-{i}", recipients[i : i + 3], "552"), time.time())
+    counts = await asyncio.gather(
+        *(s.expire_pending(time.time() + 1) for s in (a, b, a, b)),
+    )
+    assert sum(counts) == 30
+    assert await a.expire_pending(time.time() + 1) == 0
+    errs = await pg.execute(
+        a.url, "SELECT count(*) FROM records WHERE status_code = 'ERR' AND send_id IS NOT NULL"
+    )
+    assert errs == 30
+    per_send = await pg.execute(
+        a.url, "SELECT max(n) FROM (SELECT count(*) AS n FROM records GROUP BY send_id) AS c"
+    )
+    assert per_send == 1
+
+
+async def test_concurrent_group_commits_on_two_replicas_never_deadlock(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Groups of begin_send on both replicas naming the same keys in opposite orders: every
+    call answers, and each key is sent once."""
+    a, b = pair
+    keys = [f"k-{i}" for i in range(40)]
+    now = time.time()
+    calls = [a.begin_send(SendIntent(POLL, k, ("6421000001",), "552"), now) for k in keys]
+    calls += [b.begin_send(SendIntent(POLL, k, ("6421000001",), "552"), now) for k in keys[::-1]]
+    async with asyncio.timeout(20):
+        plans = await asyncio.gather(*calls)
+    assert sum(len(p.to_send) for p in plans) == 40
+    assert sum(len(p.repeats) for p in plans) == 40
+
+
+async def test_report_stored_before_its_settle_commits_is_matched_by_either_side(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Reports racing their settles (on the other replica), many times: none stays
+    unmatched, whichever side commits second (the post-commit checks of both)."""
+    a, b = pair
+    for i in range(40):
+        plan = await a.begin_send(SendIntent(POLL, f"r-{i}", ("6421000001",), "552"), time.time())
+        ref = plan.to_send[0].upstream_ref
+        await asyncio.gather(
+            a.settle_send([Settlement(ref, "accepted", f"cx-race-{i}")]),
+            b.add_dlr(DlrEvent(f"cx-race-{i}", 1, "DELIVRD")),
+        )
+    unmatched = await pg.execute(a.url, "SELECT count(*) FROM records WHERE tenant IS NULL")
+    assert unmatched == 0
+    matched = await pg.execute(
+        a.url, "SELECT count(*) FROM records WHERE kind = 'status' AND send_id IS NOT NULL"
+    )
+    assert matched == 40
+
+
 async def test_exclusive_is_held_by_one_replica_at_a_time(
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:

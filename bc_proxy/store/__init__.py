@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from bc_proxy.store.rules import KINDS, Delivery, Kind, Rules, TenantRules
+from bc_proxy.store.rules import KINDS, Delivery, Kind, Rules, SendState, TenantRules
 from bc_proxy.store.waker import LocalWaker, Waker
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "sqlite_path",
 ]
 
-SendState = Literal["pending", "accepted", "rejected", "unknown"]
 Outcome = Literal["stored", "duplicate", "unmatched", "ambiguous", "assigned"]
 
 

@@ -12,11 +12,12 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 Kind = Literal["in", "status"]
+SendState = Literal["pending", "accepted", "rejected", "unknown"]
 KINDS: tuple[Kind, Kind] = ("in", "status")
 
 REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0  # a reply belongs to the latest send to its handset within
@@ -60,6 +61,20 @@ class Placement:
     pollable: bool
     push_due: float | None
     push_deadline: float | None
+
+    @property
+    def waiting(self) -> bool:
+        """Someone will take it (a poll or a push): a waiter of its tenant should wake."""
+        return self.pollable or self.push_due is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientPlan:
+    """`Rules.plan`'s decision for one send call, recipient by recipient (in call order)."""
+
+    to_send: tuple[str, ...] = ()
+    repeats: tuple[tuple[str, SendState], ...] = ()
+    blocked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +210,42 @@ class Rules:
     def is_repeat(state: str) -> bool:
         """An earlier send in this state is not forwarded again (rejected ones are)."""
         return state in ("accepted", "unknown", "pending")
+
+    @classmethod
+    def plan(
+        cls,
+        recipients: Sequence[str],
+        latest: Mapping[str, SendState],
+        blocked: Collection[str],
+    ) -> RecipientPlan:
+        """What to do with each recipient of a send call.
+
+        `latest`: the state of each recipient's latest earlier send with the same tenant and
+        legacy messageId inside the idempotency window (empty without a messageId); `blocked`:
+        the recipients that opted out. A repeat (`is_repeat`) is never forwarded, whether
+        blocked or not; a blocked handset is not sent (it gets a NUR record); the rest are sent.
+        A number named twice in one call is sent once: its next mention is a repeat of the
+        pending send (with or without a messageId); a repeated or blocked number's next mention
+        is dropped (listed once).
+        """
+        to_send: list[str] = []
+        repeats: list[tuple[str, SendState]] = []
+        out: list[str] = []
+        seen: set[str] = set()
+        for recipient in recipients:
+            if recipient in seen:
+                if recipient in to_send:
+                    repeats.append((recipient, "pending"))
+                continue
+            seen.add(recipient)
+            state = latest.get(recipient)
+            if state is not None and cls.is_repeat(state):
+                repeats.append((recipient, state))
+            elif recipient in blocked:
+                out.append(recipient)
+            else:
+                to_send.append(recipient)
+        return RecipientPlan(tuple(to_send), tuple(repeats), tuple(out))
 
     # -- opt-out --
 

@@ -69,6 +69,9 @@ class Db:
         self._pool_max = pool_max
         self._pool: Any = None
         self._lease_pool: Any = None
+        # Server pids of pooled connections that took session-level state (advisory locks of
+        # exclusive() or a migration): only these get asyncpg's full reset query on release.
+        self._session_state: set[int] = set()
 
     async def start(self) -> None:
         try:
@@ -88,7 +91,27 @@ class Db:
             command_timeout=self.command_timeout,
             timeout=self.command_timeout,  # connecting
             server_settings=settings,
+            reset=self._reset,
         )
+
+    async def _reset(self, conn: Conn) -> None:
+        """What a connection needs before it goes back to the pool (asyncpg has already rolled
+        back an open transaction and dropped listener callbacks by then).
+
+        asyncpg's default runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on
+        every release: a round trip and server work per operation. Nothing of this store leaves
+        session state on a pooled connection (no SET, cursors or LISTEN: the listener has its
+        own connection) except session advisory locks, taken only on connections marked with
+        `session_state`; those, and only those, get the full reset.
+        """
+        pid = conn.get_server_pid()
+        if pid in self._session_state:
+            self._session_state.discard(pid)
+            await conn.execute(conn.get_reset_query())
+
+    def session_state(self, conn: Conn) -> None:
+        """Mark a pooled connection that may hold session state: fully reset on release."""
+        self._session_state.add(conn.get_server_pid())
 
     async def stop(self) -> None:
         pools = (self._pool, self._lease_pool)
@@ -107,13 +130,19 @@ class Db:
         return self._pool is not None
 
     @contextlib.asynccontextmanager
-    async def conn(self, what: str, *, lease: bool = False) -> AsyncIterator[Conn]:
-        """A pooled connection outside any explicit transaction (each statement commits)."""
+    async def conn(
+        self, what: str, *, lease: bool = False, session: bool = False
+    ) -> AsyncIterator[Conn]:
+        """A pooled connection outside any explicit transaction (each statement commits).
+
+        `session`: the caller may leave session state (advisory locks): reset on release."""
         pool = self._lease_pool if lease else self._pool
         if pool is None:
             raise StoreError("store is closed")
         try:
             async with pool.acquire(timeout=self.command_timeout) as conn:
+                if session:
+                    self.session_state(conn)
                 yield conn
         except StoreError:
             raise
@@ -121,13 +150,16 @@ class Db:
             raise store_error(exc, what) from exc
 
     async def acquire(self, what: str) -> Conn:
-        """A pooled connection to hold across the caller's own code (give it back: release)."""
+        """A pooled connection to hold across the caller's own code (give it back: release);
+        it may take session-level advisory locks (fully reset on release)."""
         if self._pool is None:
             raise StoreError("store is closed")
         try:
-            return await self._pool.acquire(timeout=self.command_timeout)
+            conn = await self._pool.acquire(timeout=self.command_timeout)
         except DRIVER_ERRORS as exc:
             raise store_error(exc, what) from exc
+        self.session_state(conn)  # exclusive(): session advisory locks
+        return conn
 
     async def release(self, conn: Conn) -> None:
         pool = self._pool

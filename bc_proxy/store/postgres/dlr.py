@@ -1,9 +1,9 @@
 """Delivery reports in PostgreSQL, stored a group at a time (group commit).
 
 Owns the SQL of add_dlr: the candidate sends of every report in the group in one query,
-`Rules.attribute_dlr` per report, one insert deduped by event key. A report with no send yet is
-decided again under its id's advisory lock, which the settle that makes the id known also
-takes: whichever commits second sees the other, so no report is left unmatched by a race.
+`Rules.attribute_dlr` per report, one insert deduped by event key. A report stored unmatched
+is looked at again after its commit (`sends.recheck_unmatched`, called by the store), as a
+settle looks for unmatched reports after its own: whichever commits second sees the other.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from bc_proxy.store import DlrEvent, IngestResult
 from bc_proxy.store.postgres.db import Conn, Wakes
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
-from bc_proxy.store.postgres.sends import LOCK_REPORT_IDS, candidates
+from bc_proxy.store.postgres.sends import candidates
 from bc_proxy.store.rules import Rules, SendFacts
 
 
@@ -52,11 +52,6 @@ async def store_dlrs(
     ids = sorted({w.event.message_id for w in writes})
     sends = await candidates(conn, ids)
     found = {i: rules.attribute_dlr(sends.get(i, [])) for i in ids}
-    missing = [i for i in ids if found[i] is None]
-    if missing:
-        await conn.fetchval(LOCK_REPORT_IDS, missing)
-        sends = await candidates(conn, missing)
-        found.update({i: rules.attribute_dlr(sends.get(i, [])) for i in missing})
     records = [record_of(w, found[w.event.message_id]) for w in writes]
     # Sorted by key: two replicas inserting the same keys wait on each other in one order.
     rows = sorted((r.values(rules, w.now) for r, w in zip(records, writes, strict=True)), key=_key)

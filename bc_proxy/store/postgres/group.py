@@ -4,6 +4,8 @@ Owns the queue, the one writer task per kind, cutting groups (size cap, never th
 twice, so a group equals its writes run one after another) and the fallback: a group that
 fails is retried write by write, so one write that cannot be stored fails alone. A group is
 one transaction of a few statements whatever its size (the bulk function's set-based SQL).
+A batcher built with `run` instead of `bulk` leaves transactions to that function (a group
+that is one statement needs none).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bc_proxy.store.postgres.db import Conn, Db, Wakes, store_error
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
 Bulk = Callable[[Conn, Wakes, list[I]], Awaitable[list[R]]]
+Run = Callable[[list[I]], Awaitable[list[R]]]
 
 MAX_GROUP = 500
 log = logging.getLogger(__name__)
@@ -31,13 +34,16 @@ class Batcher(Generic[I, R]):
         self,
         db: Db,
         what: str,
-        bulk: Bulk[I, R],
+        bulk: Bulk[I, R] | None,
         key: Callable[[I], Hashable],
         max_group: int = MAX_GROUP,
+        *,
+        run: Run[I, R] | None = None,
     ) -> None:
         self.db = db
         self.what = what
         self.bulk = bulk
+        self.run = run if run is not None else self._in_transaction
         self.key = key
         self.max_group = max_group
         self.groups = 0  # committed groups (diagnostics, tests)
@@ -83,11 +89,15 @@ class Batcher(Generic[I, R]):
                 _fail(fut, StoreError("store is closing"))
             self._queue = []
 
+    async def _in_transaction(self, items: list[I]) -> list[R]:
+        assert self.bulk is not None
+        async with self.db.tx(self.what) as (conn, wakes):
+            return await self.bulk(conn, wakes, items)
+
     async def _write_group(self, group: list[tuple[I, asyncio.Future[R]]]) -> None:
         if len(group) > 1:
             try:
-                async with self.db.tx(self.what) as (conn, wakes):
-                    results = await self.bulk(conn, wakes, [item for item, _ in group])
+                results = await self.run([item for item, _ in group])
             except Exception as exc:  # whatever it was, each write is retried alone
                 log.info("%s: group of %d failed (%s); one by one", self.what, len(group), exc)
             else:
@@ -98,8 +108,7 @@ class Batcher(Generic[I, R]):
                 return
         for item, fut in group:
             try:
-                async with self.db.tx(self.what) as (conn, wakes):
-                    (result,) = await self.bulk(conn, wakes, [item])
+                (result,) = await self.run([item])
             except StoreError as exc:
                 _fail(fut, exc)
             except Exception as exc:  # a write never leaves its caller hanging

@@ -130,7 +130,7 @@ async def _assign(
     if done is None:
         return IngestResult("duplicate", None)
     await _opt_out(conn, rules, tenant, w)
-    if p.pollable or p.push_due is not None:
+    if p.waiting:
         wakes.add((tenant, "in"))
     return IngestResult("assigned", tenant)
 

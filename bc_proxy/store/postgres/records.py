@@ -79,8 +79,7 @@ class NewRecord:
         )
 
     def wakes(self, rules: Rules, now: float) -> bool:
-        p = rules.placement(self.tenant, self.kind, now)
-        return self.tenant is not None and (p.pollable or p.push_due is not None)
+        return self.tenant is not None and rules.placement(self.tenant, self.kind, now).waiting
 
 
 def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -99,10 +98,17 @@ async def insert_many(
     conn: Conn, rules: Rules, records: Sequence[NewRecord], now: float, wakes: Wakes
 ) -> None:
     """Insert records without event keys inside the caller's transaction."""
+    await insert_timed(conn, rules, [(r, now) for r in records], wakes)
+
+
+async def insert_timed(
+    conn: Conn, rules: Rules, records: Sequence[tuple[NewRecord, float]], wakes: Wakes
+) -> None:
+    """Insert records without event keys, each made at its own time, in one statement."""
     if not records:
         return
-    await conn.execute(INSERT_ARRAYS, *columns([r.values(rules, now) for r in records]))
-    for r in records:
+    await conn.execute(INSERT_ARRAYS, *columns([r.values(rules, now) for r, now in records]))
+    for r, now in records:
         if r.tenant is not None and r.wakes(rules, now):
             wakes.add((r.tenant, r.kind))
 

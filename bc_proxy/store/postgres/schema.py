@@ -100,6 +100,30 @@ MIGRATIONS: tuple[str, ...] = (
         body bytea NOT NULL
     );
     """,
+    # 2: the facts begin_send plans with, for a whole group of send calls, in one round trip:
+    # the advisory locks of every (tenant, legacy messageId) first (sorted, each once), then
+    # (a new snapshot, so rows committed by the lock's previous holder are seen) per recipient
+    # the state of its latest send with that key inside the window, and whether it is blocked.
+    f"""
+    CREATE FUNCTION bc_send_facts(
+        tenants text[], legacy_ids text[], recipients text[], since float8[]
+    ) RETURNS TABLE (n bigint, latest text, is_blocked boolean)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    BEGIN
+        PERFORM count(pg_advisory_xact_lock({LOCK_CLASS_SEND}, k.h)) FROM (
+            SELECT DISTINCT hashtext(x.t || chr(1) || x.l) AS h
+            FROM unnest(tenants, legacy_ids) AS x(t, l) WHERE x.l IS NOT NULL ORDER BY 1) AS k;
+        RETURN QUERY
+        SELECT x.i,
+            (SELECT s.state FROM sends AS s
+             WHERE s.tenant = x.t AND s.legacy_id = x.l AND s.recipient = x.r
+               AND s.created_at > x.since ORDER BY s.id DESC LIMIT 1),
+            EXISTS (SELECT 1 FROM blocked AS b WHERE b.tenant = x.t AND b.handset = x.r)
+        FROM unnest(tenants, legacy_ids, recipients, since) WITH ORDINALITY AS x(t, l, r, since, i)
+        ORDER BY x.i;
+    END
+    $fn$;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

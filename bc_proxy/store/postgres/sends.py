@@ -1,16 +1,27 @@
 """Sends in PostgreSQL: write-ahead `pending` rows, their settlement, and expiry of lost calls.
 
-Owns the SQL of begin_send (idempotency looked up under a transaction-scoped advisory lock on
-the (tenant, legacy messageId) pair, so two replicas never both write a pending row for one
-key), settle_send (and late matching of delivery reports), expire_pending. Rules decide.
+Owns the SQL of begin_send (a group of calls at a time: `bc_send_facts` takes the advisory lock
+of every (tenant, legacy messageId) pair, so two replicas never both write a pending row for one
+key, and returns the facts `Rules.plan` decides on; then one insert), settle_send (a group of
+settlements in one statement; the late matching of delivery reports), expire_pending.
+
+Late matching of a report that arrived before its Connexus id was known: a settle commits the
+ids first and then looks for unmatched reports naming them; an ingest commits an unmatched
+report first and then looks for a send it names (`recheck_unmatched`). Each looks after its
+own commit, so whichever of the two commits second sees the other's row (or both do): no
+report is left unmatched by the race. The matching itself runs under the ids' advisory locks
+(`match_reports`), so two matchers of one id run one after the other.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from bc_proxy.errors import StoreError
 from bc_proxy.store import (
     PlannedRecipient,
     SendIntent,
@@ -20,9 +31,12 @@ from bc_proxy.store import (
     StatusRecord,
 )
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
-from bc_proxy.store.postgres.records import NewRecord, insert_many
-from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, LOCK_CLASS_SEND
+from bc_proxy.store.postgres.records import NewRecord, insert_timed
+from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, SendFacts, new_ref
+from bc_proxy.translate import UNKNOWN_OUTCOME
+
+log = logging.getLogger(__name__)
 
 FACTS = "id, tenant, recipient, sender, legacy_id"
 _S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
@@ -31,12 +45,36 @@ _CANDIDATES = (
     f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
     "ON s.upstream_ref = m"
 )
-# Report ids are locked (sorted, each once) by a settle that makes them known and by an
-# ingest that finds no send for one: whichever commits second sees the other's rows.
+# Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
 LOCK_REPORT_IDS = (
     f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, h)) FROM "
     "(SELECT DISTINCT hashtext(i) AS h FROM unnest($1::text[]) AS i ORDER BY h) AS s"
 )
+_UNMATCHED = (
+    "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
+    "AND kind = 'status' AND ref = ANY($1::text[])"
+)
+_INSERT_SENDS = (
+    "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at) "
+    "SELECT t, l, r, s, 'pending', u, c "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[]) "
+    "AS x(t, l, r, s, u, c)"
+)
+_SETTLE = (
+    "UPDATE sends SET state = s.state, settled_at = $5, "
+    "connexus_id = coalesce(s.connexus_id, sends.connexus_id), "
+    "sender = CASE WHEN sends.sender = '' THEN s.sender ELSE sends.sender END "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+    "AS s(ref, state, connexus_id, sender) WHERE sends.upstream_ref = s.ref "
+    "RETURNING sends.id, sends.upstream_ref, sends.connexus_id"
+)
+_EXPIRE = (
+    "UPDATE sends SET state = 'unknown', settled_at = $2 WHERE id IN ("
+    "SELECT id FROM sends WHERE state = 'pending' AND created_at < $1 "
+    "ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) AND state = 'pending' "
+    "RETURNING id, tenant, recipient, sender, legacy_id, upstream_ref"
+)
+EXPIRE_CHUNK = 500
 
 
 def facts(row: Any) -> SendFacts:
@@ -51,124 +89,198 @@ async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[S
     return out
 
 
-async def begin_send(db: Db, rules: Rules, intent: SendIntent, now: float) -> SendPlan:
-    tenant = intent.tenant
-    async with db.tx("begin send") as (conn, wakes):
+@dataclass(frozen=True, slots=True)
+class BeginWrite:
+    """One begin_send call waiting for its group."""
+
+    intent: SendIntent
+    now: float
+
+    def key(self) -> object:
+        """Calls of one (tenant, messageId) never share a group: the later one must see the
+        earlier one's pending rows."""
+        i = self.intent
+        return self if i.legacy_id is None else (i.tenant, i.legacy_id)
+
+
+async def begin_sends(
+    conn: Conn, wakes: Wakes, rules: Rules, writes: list[BeginWrite]
+) -> list[SendPlan]:
+    """Plan a group of send calls (distinct keys) and write their pending rows, inside the
+    caller's transaction: the facts in one call, the rows in one insert."""
+    tenants: list[str] = []
+    legacy_ids: list[str | None] = []
+    recipients: list[str] = []
+    since: list[float] = []
+    for w in writes:
+        window_start = w.now - rules.window(w.intent.tenant)
+        for recipient in w.intent.recipients:
+            tenants.append(w.intent.tenant)
+            legacy_ids.append(w.intent.legacy_id)
+            recipients.append(recipient)
+            since.append(window_start)
+    rows = iter(
+        await conn.fetch(
+            "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
+            "$4::float8[])",
+            tenants,
+            legacy_ids,
+            recipients,
+            since,
+        )
+    )
+    plans: list[SendPlan] = []
+    send_rows: list[tuple[Any, ...]] = []
+    statuses: list[tuple[NewRecord, float]] = []
+    for w in writes:
+        intent = w.intent
         latest: dict[str, SendState] = {}
-        if intent.legacy_id is not None:
-            # Serialises begin_send of one (tenant, messageId) across replicas until commit:
-            # the second sees the first's pending rows and answers them as repeats.
-            await conn.execute(
-                f"SELECT pg_advisory_xact_lock({LOCK_CLASS_SEND}, hashtext($1 || chr(1) || $2))",
-                tenant,
-                intent.legacy_id,
-            )
-            rows = await conn.fetch(
-                "SELECT DISTINCT ON (recipient) recipient, state FROM sends "
-                "WHERE tenant = $1 AND legacy_id = $2 AND recipient = ANY($3::text[]) "
-                "AND created_at > $4 ORDER BY recipient, id DESC",
-                tenant,
-                intent.legacy_id,
-                list(intent.recipients),
-                now - rules.window(tenant),
-            )
-            latest = {r["recipient"]: r["state"] for r in rows}
-        blocked = {
-            r["handset"]
-            for r in await conn.fetch(
-                "SELECT handset FROM blocked WHERE tenant = $1 AND handset = ANY($2::text[])",
-                tenant,
-                list(intent.recipients),
-            )
-        }
-        to_send: list[PlannedRecipient] = []
-        repeats: list[tuple[str, SendState]] = []
-        blocked_out: list[str] = []
+        blocked: set[str] = set()
         for recipient in intent.recipients:
-            state = latest.get(recipient)
-            if state is not None and rules.is_repeat(state):
-                repeats.append((recipient, state))
-            elif recipient in blocked:
-                blocked_out.append(recipient)
-            else:
-                to_send.append(PlannedRecipient(recipient, new_ref()))
-                if intent.legacy_id is not None:
-                    latest[recipient] = "pending"  # the same number twice in one call
-        if to_send:
-            await conn.executemany(
-                "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, "
-                "created_at) VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
-                [
-                    (tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, now)
-                    for p in to_send
-                ],
+            row = next(rows)
+            if row["latest"] is not None:
+                latest[recipient] = _state(row["latest"])
+            if row["is_blocked"]:
+                blocked.add(recipient)
+        decided = rules.plan(intent.recipients, latest, blocked)
+        to_send = tuple(PlannedRecipient(r, new_ref()) for r in decided.to_send)
+        send_rows.extend(
+            (intent.tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, w.now)
+            for p in to_send
+        )
+        statuses.extend(
+            (
+                NewRecord(
+                    intent.tenant,
+                    "status",
+                    msisdn_from=handset,
+                    msisdn_to=intent.sender,
+                    in_reply_to=intent.legacy_id or "",
+                    status_code="NUR",
+                    error=BLOCKED_ERROR,
+                ),
+                w.now,
             )
-        statuses = [
-            NewRecord(
-                tenant,
-                "status",
-                msisdn_from=handset,
-                msisdn_to=intent.sender,
-                in_reply_to=intent.legacy_id or "",
-                status_code="NUR",
-                error=BLOCKED_ERROR,
-            )
-            for handset in blocked_out
-        ]
-        await insert_many(conn, rules, statuses, now, wakes)
-    return SendPlan(tuple(to_send), tuple(repeats), tuple(blocked_out))
+            for handset in decided.blocked
+        )
+        plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
+    if send_rows:
+        await conn.execute(_INSERT_SENDS, *(list(c) for c in zip(*send_rows, strict=True)))
+    await insert_timed(conn, rules, statuses, wakes)
+    return plans
 
 
-async def settle_send(
-    db: Db, rules: Rules, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord]
-) -> None:
-    now = time.time()
-    async with db.tx("settle send") as (conn, wakes):
-        known: list[str] = []
-        if settlements:
-            rows = await conn.fetch(
-                "UPDATE sends SET state = s.state, settled_at = $5, "
-                "connexus_id = coalesce(s.connexus_id, sends.connexus_id), "
-                "sender = CASE WHEN sends.sender = '' THEN s.sender ELSE sends.sender END "
-                "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-                "AS s(ref, state, connexus_id, sender) WHERE sends.upstream_ref = s.ref "
-                "RETURNING sends.connexus_id",
-                [s.upstream_ref for s in settlements],
-                [s.state for s in settlements],
-                [s.connexus_id for s in settlements],
-                [s.sender for s in settlements],
-                now,
-            )
-            known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
-        send_ids: dict[str, int] = {}
-        refs = sorted({s.upstream_ref for s in statuses if s.upstream_ref})
-        if refs:
-            rows = await conn.fetch(
-                "SELECT id, upstream_ref FROM sends WHERE upstream_ref = ANY($1::text[])", refs
-            )
+def _state(state: str) -> SendState:
+    if state in ("accepted", "unknown", "rejected"):
+        return state  # type: ignore[return-value]
+    return "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class SettleWrite:
+    """One settle_send call waiting for its group."""
+
+    settlements: tuple[Settlement, ...]
+    statuses: tuple[StatusRecord, ...]
+    now: float = field(default_factory=time.time)
+
+
+async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None]:
+    """Settle a group of calls in one commit: one UPDATE, in autocommit when no status record
+    comes with it; then the late matching of reports (see the module docstring)."""
+    settlements = sorted((s for w in writes for s in w.settlements), key=lambda s: s.upstream_ref)
+    statuses = [(s, w.now) for w in writes for s in w.statuses]
+    now = max(w.now for w in writes)
+    args = (
+        [s.upstream_ref for s in settlements],
+        [s.state for s in settlements],
+        [s.connexus_id for s in settlements],
+        [s.sender for s in settlements],
+        now,
+    )
+    rows: list[Any] = []
+    if statuses:
+        async with db.tx("settle send") as (conn, wakes):
+            if settlements:
+                rows = await conn.fetch(_SETTLE, *args)
             send_ids = {r["upstream_ref"]: r["id"] for r in rows}
-        records = [
+            await insert_statuses(conn, wakes, rules, statuses, send_ids)
+    elif settlements:
+        async with db.conn("settle send") as conn:
+            rows = await conn.fetch(_SETTLE, *args)
+    known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
+    if known:
+        await _match_late(db, rules, known)
+    return [None] * len(writes)
+
+
+async def insert_statuses(
+    conn: Conn,
+    wakes: Wakes,
+    rules: Rules,
+    statuses: Sequence[tuple[StatusRecord, float]],
+    send_ids: Mapping[str, int],
+) -> None:
+    """Store status records bc-proxy made (each with its time), placed by the rules, inside
+    the caller's transaction; a send id not in `send_ids` is looked up by its ref."""
+    refs = sorted({s.upstream_ref for s, _ in statuses if s.upstream_ref} - send_ids.keys())
+    ids = dict(send_ids)
+    if refs:
+        rows = await conn.fetch(
+            "SELECT id, upstream_ref FROM sends WHERE upstream_ref = ANY($1::text[])", refs
+        )
+        ids.update({r["upstream_ref"]: r["id"] for r in rows})
+    records = [
+        (
             NewRecord(
-                s.tenant,
+                st.tenant,
                 "status",
-                send_id=send_ids.get(s.upstream_ref or ""),
-                msisdn_from=s.recipient,
-                msisdn_to=s.sender,
-                in_reply_to=s.legacy_id or "",
-                status_code=s.status_code,
-                error=s.error,
-            )
-            for s in statuses
-        ]
-        await insert_many(conn, rules, records, now, wakes)
-        if known:
-            await match_reports(conn, rules, known, now, wakes)
+                send_id=ids.get(st.upstream_ref or ""),
+                msisdn_from=st.recipient,
+                msisdn_to=st.sender,
+                in_reply_to=st.legacy_id or "",
+                status_code=st.status_code,
+                error=st.error,
+            ),
+            now,
+        )
+        for st, now in statuses
+    ]
+    await insert_timed(conn, rules, records, wakes)
+
+
+async def _match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
+    """After a settle's commit: reports kept unmatched under ids it made known get their send.
+
+    The settle is committed whatever happens here; a failure is logged, not raised (the
+    report stays unmatched, as if it had come with an id nobody knows)."""
+    try:
+        async with db.conn("match reports") as conn:
+            waiting = [r["ref"] for r in await conn.fetch(_UNMATCHED, message_ids)]
+        if waiting:
+            async with db.tx("match reports") as (conn, wakes):
+                await match_reports(conn, rules, sorted(waiting), time.time(), wakes)
+    except StoreError as exc:
+        log.warning("late report matching failed after a settle: %s", exc)
+
+
+async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:
+    """After an ingest committed an unmatched report: if a send it names exists now (its
+    settle committed meanwhile), match it; the tenant it went to, else None."""
+    async with db.conn("match reports") as conn:
+        sends = await candidates(conn, [message_id])
+    if rules.attribute_dlr(sends.get(message_id, [])) is None:
+        return None
+    async with db.tx("match reports") as (conn, wakes):
+        matched = await match_reports(conn, rules, [message_id], time.time(), wakes)
+    return matched.get(message_id)
 
 
 async def match_reports(
     conn: Conn, rules: Rules, message_ids: list[str], now: float, wakes: Wakes
-) -> None:
-    """Give delivery reports kept unmatched under these ids to the one send they name."""
+) -> dict[str, str]:
+    """Give delivery reports kept unmatched under these ids to the one send they name (under
+    the ids' advisory locks); the tenant each matched id went to."""
     await conn.fetchval(LOCK_REPORT_IDS, message_ids)
     waiting = await conn.fetch(
         "SELECT id, ref FROM records WHERE tenant IS NULL AND NOT ambiguous AND kind = 'status' "
@@ -176,6 +288,7 @@ async def match_reports(
         message_ids,
     )
     sends = await candidates(conn, sorted({row["ref"] for row in waiting}))
+    matched: dict[str, str] = {}
     for row in waiting:
         found = rules.attribute_dlr(sends.get(row["ref"], []))
         if found is None:
@@ -197,16 +310,39 @@ async def match_reports(
             p.push_due,
             p.push_deadline,
         )
-        if p.pollable or p.push_due is not None:
+        matched[row["ref"]] = found.tenant
+        if p.waiting:
             wakes.add((found.tenant, "status"))
+    return matched
 
 
-async def expire_pending(db: Db, before: float) -> int:
-    async with db.conn("expire pending") as conn:
-        status = await conn.execute(
-            "UPDATE sends SET state = 'unknown', settled_at = $2 "
-            "WHERE state = 'pending' AND created_at < $1",
-            before,
-            time.time(),
-        )
-    return int(status.split()[-1])
+async def expire_pending(db: Db, rules: Rules, before: float) -> int:
+    """Pending rows created before `before` become `unknown`, each with the status record a
+    live send writes for an unknown outcome, in one commit per chunk. A row is expired once
+    even by replicas expiring at the same time (locked rows are skipped, state re-checked)."""
+    total = 0
+    while True:
+        now = time.time()
+        async with db.tx("expire pending") as (conn, wakes):
+            rows = await conn.fetch(_EXPIRE, before, now, EXPIRE_CHUNK)
+            statuses = [
+                (
+                    StatusRecord(
+                        r["tenant"],
+                        r["recipient"],
+                        r["sender"],
+                        r["legacy_id"],
+                        "ERR",
+                        UNKNOWN_OUTCOME,
+                        r["upstream_ref"],
+                    ),
+                    now,
+                )
+                for r in rows
+            ]
+            await insert_statuses(
+                conn, wakes, rules, statuses, {r["upstream_ref"]: r["id"] for r in rows}
+            )
+        total += len(rows)
+        if len(rows) < EXPIRE_CHUNK:
+            return total

@@ -100,11 +100,25 @@ class PostgresStore:
         self._rejects: Batcher[inbound.RejectWrite, None] = Batcher(
             self._db, "reject webhook", inbound.store_rejects, key=id
         )
+        self._begins: Batcher[sends.BeginWrite, SendPlan] = Batcher(
+            self._db, "begin send", self._begin_sends, key=sends.BeginWrite.key
+        )
+        self._settles: Batcher[sends.SettleWrite, None] = Batcher(
+            self._db, "settle send", None, key=id, run=self._settle_sends
+        )
         self._opened = False
         self._closed = False
 
     async def _store_dlrs(self, conn: Conn, wakes: Wakes, w: list[DlrWrite]) -> list[IngestResult]:
         return await store_dlrs(conn, wakes, self.rules, w)
+
+    async def _begin_sends(
+        self, conn: Conn, wakes: Wakes, w: list[sends.BeginWrite]
+    ) -> list[SendPlan]:
+        return await sends.begin_sends(conn, wakes, self.rules, w)
+
+    async def _settle_sends(self, w: list[sends.SettleWrite]) -> list[None]:
+        return await sends.settle_sends(self._db, self.rules, w)
 
     async def _store_mos(self, conn: Conn, wakes: Wakes, w: list[MoWrite]) -> list[IngestResult]:
         return await store_mos(conn, wakes, self.rules, w)
@@ -119,7 +133,7 @@ class PostgresStore:
             raise StoreError("store is closed")
         await self._db.start()
         try:
-            async with self._db.conn("migrate") as conn:
+            async with self._db.conn("migrate", session=True) as conn:
                 await schema.migrate(conn)
             await push.unpush_stranded(self._db, self.rules)
             try:
@@ -138,7 +152,7 @@ class PostgresStore:
             db = Db(self._db.dsn, LocalWaker(), pool_min=1, pool_max=1, command_timeout=60.0)
             await db.start()
         try:
-            async with db.conn("migrate") as conn:
+            async with db.conn("migrate", session=True) as conn:
                 return await schema.migrate(conn)
         finally:
             if db is not self._db:
@@ -148,7 +162,7 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
-        for batcher in (self._dlrs, self._mos, self._rejects):
+        for batcher in (self._begins, self._settles, self._dlrs, self._mos, self._rejects):
             await batcher.drain()
         self.waker.close()
         await self.listener.stop()
@@ -164,23 +178,28 @@ class PostgresStore:
     # -- sends --
 
     async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
-        return await sends.begin_send(self._db, self.rules, intent, now)
+        return await self._begins.submit(sends.BeginWrite(intent, now))
 
     async def settle_send(
         self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
     ) -> None:
         if settlements or statuses:
-            await sends.settle_send(self._db, self.rules, settlements, statuses)
+            await self._settles.submit(sends.SettleWrite(tuple(settlements), tuple(statuses)))
 
     async def expire_pending(self, before: float) -> int:
-        return await sends.expire_pending(self._db, before)
+        return await sends.expire_pending(self._db, self.rules, before)
 
     # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        return await self._dlrs.submit(
+        result = await self._dlrs.submit(
             DlrWrite(event, self.rules.dlr_key(event.message_id, event.status))
         )
+        if result.outcome == "unmatched":  # committed: did its settle commit meanwhile?
+            tenant = await sends.recheck_unmatched(self._db, self.rules, event.message_id)
+            if tenant is not None:
+                return IngestResult("stored", tenant)
+        return result
 
     async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
         return await self._mos.submit(MoWrite(event, account, self.rules.mo_key(event.message_id)))

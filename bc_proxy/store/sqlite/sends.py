@@ -7,7 +7,7 @@ report attribution (`Rules.attribute_dlr`) are the rules' decisions; this module
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bc_proxy.store import (
@@ -21,6 +21,7 @@ from bc_proxy.store import (
 from bc_proxy.store.rules import BLOCKED_ERROR, REPLY_WINDOW_SECONDS, Rules, SendFacts, new_ref
 from bc_proxy.store.sqlite.engine import Wakes
 from bc_proxy.store.sqlite.records import INSERT, row_values, wake
+from bc_proxy.translate import UNKNOWN_OUTCOME
 
 _FACTS = "id, tenant, recipient, sender, legacy_id"
 _INSERT_SEND = (
@@ -76,58 +77,49 @@ def _blocked(conn: sqlite3.Connection, tenant: str, handsets: Sequence[str]) -> 
 def begin_sends(
     conn: sqlite3.Connection, wakes: Wakes, rules: Rules, items: list[tuple[SendIntent, float]]
 ) -> list[SendPlan]:
-    """Plan every intent of one group, then write all their pending rows in one executemany."""
+    """Plan every intent of one group (`Rules.plan`), then write all their pending rows in one
+    executemany. Pending rows planned earlier in the group count as earlier sends."""
     send_rows: list[tuple[Any, ...]] = []
     status_rows: list[tuple[Any, ...]] = []
-    in_group: dict[tuple[str, str], dict[str, str]] = {}  # pending rows not yet inserted
+    in_group: dict[tuple[str, str], dict[str, SendState]] = {}  # pending rows not yet inserted
     plans: list[SendPlan] = []
     for intent, now in items:
-        latest: dict[str, str] = {}
+        latest: dict[str, SendState] = {}
         if intent.legacy_id is not None:
             for recipient, state in conn.execute(
                 "SELECT recipient, state FROM sends WHERE tenant = ? AND legacy_id = ? "
                 "AND created_at > ? ORDER BY id",
                 (intent.tenant, intent.legacy_id, now - rules.window(intent.tenant)),
             ):
-                latest[recipient] = state
+                latest[recipient] = _state(state)
             latest.update(in_group.get((intent.tenant, intent.legacy_id), {}))
-        blocked = _blocked(conn, intent.tenant, intent.recipients)
-        to_send: list[PlannedRecipient] = []
-        repeats: list[tuple[str, SendState]] = []
-        blocked_out: list[str] = []
-        for recipient in intent.recipients:
-            state = latest.get(recipient)
-            if state is not None and rules.is_repeat(state):
-                repeats.append((recipient, _state(state)))
-            elif recipient in blocked:
-                blocked_out.append(recipient)
-                place = rules.placement(intent.tenant, "status", now)
-                status_rows.append(
-                    row_values(
-                        tenant=intent.tenant,
-                        kind="status",
-                        place=place,
-                        now=now,
-                        msisdn_from=recipient,
-                        msisdn_to=intent.sender,
-                        in_reply_to=intent.legacy_id or "",
-                        status_code="NUR",
-                        error=BLOCKED_ERROR,
-                    )
+        decided = rules.plan(
+            intent.recipients, latest, _blocked(conn, intent.tenant, intent.recipients)
+        )
+        for recipient in decided.blocked:
+            place = rules.placement(intent.tenant, "status", now)
+            status_rows.append(
+                row_values(
+                    tenant=intent.tenant,
+                    kind="status",
+                    place=place,
+                    now=now,
+                    msisdn_from=recipient,
+                    msisdn_to=intent.sender,
+                    in_reply_to=intent.legacy_id or "",
+                    status_code="NUR",
+                    error=BLOCKED_ERROR,
                 )
-                wake(wakes, intent.tenant, "status", place)
-            else:
-                ref = new_ref()
-                send_rows.append(
-                    (intent.tenant, intent.legacy_id, recipient, intent.sender, ref, now)
-                )
-                to_send.append(PlannedRecipient(recipient, ref))
-                latest[recipient] = "pending"
-                if intent.legacy_id is not None:
-                    in_group.setdefault((intent.tenant, intent.legacy_id), {})[recipient] = (
-                        "pending"
-                    )
-        plans.append(SendPlan(tuple(to_send), tuple(repeats), tuple(blocked_out)))
+            )
+            wake(wakes, intent.tenant, "status", place)
+        to_send = tuple(PlannedRecipient(r, new_ref()) for r in decided.to_send)
+        for p in to_send:
+            send_rows.append(
+                (intent.tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, now)
+            )
+            if intent.legacy_id is not None:
+                in_group.setdefault((intent.tenant, intent.legacy_id), {})[p.recipient] = "pending"
+        plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
     if send_rows:
         conn.executemany(_INSERT_SEND, send_rows)
     if status_rows:
@@ -161,14 +153,34 @@ def settle(
         "WHERE upstream_ref = ?",
         [(s.state, s.connexus_id, s.sender, now, s.upstream_ref) for s in settlements],
     )
+    insert_statuses(conn, wakes, rules, statuses, now)
+    if match_early:
+        ids = {s.connexus_id for s in settlements if s.connexus_id}
+        for cid in ids:
+            match_unmatched(conn, wakes, rules, cid, now)
+
+
+def insert_statuses(
+    conn: sqlite3.Connection,
+    wakes: Wakes,
+    rules: Rules,
+    statuses: Sequence[StatusRecord],
+    now: float,
+    send_ids: Mapping[str, int] | None = None,
+) -> None:
+    """Store status records bc-proxy made, placed by the rules; `send_ids` by upstream ref
+    when the caller knows them (else looked up)."""
     rows = []
     for st in statuses:
         send_id = None
         if st.upstream_ref is not None:
-            row = conn.execute(
-                "SELECT id FROM sends WHERE upstream_ref = ?", (st.upstream_ref,)
-            ).fetchone()
-            send_id = None if row is None else int(row[0])
+            if send_ids is not None and st.upstream_ref in send_ids:
+                send_id = send_ids[st.upstream_ref]
+            else:
+                row = conn.execute(
+                    "SELECT id FROM sends WHERE upstream_ref = ?", (st.upstream_ref,)
+                ).fetchone()
+                send_id = None if row is None else int(row[0])
         place = rules.placement(st.tenant, "status", now)
         rows.append(
             row_values(
@@ -187,10 +199,6 @@ def settle(
         wake(wakes, st.tenant, "status", place)
     if rows:
         conn.executemany(INSERT, rows)
-    if match_early:
-        ids = {s.connexus_id for s in settlements if s.connexus_id}
-        for cid in ids:
-            match_unmatched(conn, wakes, rules, cid, now)
 
 
 def match_unmatched(
@@ -235,10 +243,20 @@ def match_unmatched(
     wake(wakes, facts.tenant, "status", place)
 
 
-def expire_pending(conn: sqlite3.Connection, before: float, now: float) -> int:
-    cur = conn.execute(
-        "UPDATE sends SET state = 'unknown', settled_at = ? "
-        "WHERE state = 'pending' AND created_at < ?",
-        (now, before),
-    )
-    return cur.rowcount
+def expire_pending(
+    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, before: float, now: float, limit: int
+) -> int:
+    """Up to `limit` pending rows created before `before` become `unknown`, each with the
+    status record a live send writes for an unknown outcome, in the caller's transaction."""
+    rows = conn.execute(
+        "UPDATE sends SET state = 'unknown', settled_at = ? WHERE id IN (SELECT id FROM sends "
+        "WHERE state = 'pending' AND created_at < ? ORDER BY created_at LIMIT ?) "
+        "RETURNING id, tenant, recipient, sender, legacy_id, upstream_ref",
+        (now, before, limit),
+    ).fetchall()
+    statuses = [
+        StatusRecord(tenant, recipient, sender, legacy_id, "ERR", UNKNOWN_OUTCOME, ref)
+        for _, tenant, recipient, sender, legacy_id, ref in rows
+    ]
+    insert_statuses(conn, wakes, rules, statuses, now, {r[5]: int(r[0]) for r in rows})
+    return len(rows)

@@ -34,6 +34,8 @@ from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
 from bc_proxy.store.sqlite.engine import Engine, Wakes
 from bc_proxy.store.waker import LocalWaker, Waker
 
+EXPIRE_CHUNK = 500  # pending rows expired per write (each gets a status record)
+
 
 class SQLiteStore:
     """The embedded store: one SQLite file (WAL), one process, group-committed writes."""
@@ -116,9 +118,17 @@ class SQLiteStore:
         return self._maybe_unmatched
 
     async def expire_pending(self, before: float) -> int:
-        now = time.time()
-        n: int = await self._engine.write(lambda c, w: sends.expire_pending(c, before, now))
-        return n
+        """In chunks, each its own short write, so a large backlog never holds the loop."""
+        total = 0
+        while True:
+            n: int = await self._engine.write(
+                lambda c, w: sends.expire_pending(
+                    c, w, self.rules, before, time.time(), EXPIRE_CHUNK
+                )
+            )
+            total += n
+            if n < EXPIRE_CHUNK:
+                return total
 
     # -- inbound -------------------------------------------------------------------------------
 
