@@ -851,3 +851,44 @@ async def test_recovery_sweep_stores_missed_messages_once(
     late = emu.mo[1]
     assert await hook(client, mo(late["messageId"], late["from"], late["to"], late["body"])) == 200
     await queue_settles(client, b"inCount=0&statusCount=0")
+
+
+@ONE_READING
+async def test_dead_letter_replay_by_id(
+    aiohttp_server: AiohttpServer,
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """`dead-letters replay ID` queues that dead letter only; an unknown id queues nothing."""
+    receiver = await start_receiver(aiohttp_server, Receiver(default=500))
+    config = push_cfg(cfg, receiver, max_age_hours=0.0003)  # about 1.1 s
+    config_file = tmp_path / "bc-proxy.yaml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    client = await gateway(config)
+    for n in (1, 2):
+        assert await hook(client, mo(f"r-{n}", "+" + HANDSET, "552", f"letter {n}")) == 200
+    store = client.app[keys.STORE]
+    deadline = time.monotonic() + 8
+    while len(await store.dead_letters()) < 2:
+        assert time.monotonic() < deadline, "never dead-lettered"
+        await asyncio.sleep(0.05)
+    first, second = sorted(await store.dead_letters(), key=lambda r: r.id)
+    await client.close()
+
+    code, out, err = await run_cli(
+        "dead-letters", "replay", "999999999", "--config", str(config_file)
+    )
+    assert code == 0, err
+    assert out.startswith("0 dead letter")
+    code, out, err = await run_cli(
+        "dead-letters", "replay", str(first.id), "--config", str(config_file)
+    )
+    assert code == 0, err
+    assert out.startswith("1 dead letter")
+    code, out, err = await run_cli("dead-letters", "list", "--config", str(config_file))
+    assert code == 0, err
+    assert [line.split("\t")[0] for line in out.strip().splitlines()] == [str(second.id)]
+    code, out, err = await run_cli("dead-letters", "replay", "--config", str(config_file))
+    assert code == 2
+    assert "needs --all or one or more ids" in err
