@@ -17,7 +17,7 @@ from aiohttp import ClientError, web
 
 from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
-from bc_proxy.connexus.models import Unusable, parse_mo
+from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo
 from bc_proxy.errors import BcProxyError, GatewayError
 from bc_proxy.log import get_logger
 from bc_proxy.recovery import sweep_tenant
@@ -65,7 +65,7 @@ def dlr_from_record(record: Mapping[str, str], inverse: Mapping[str, int]) -> Dl
     Connexus's webhook reports carry); None without one."""
     message_id = record.get("inReplyToId", "")
     legacy = record.get("statusCode", "")
-    if not message_id or len(message_id) > 100 or not legacy:
+    if not message_id or len(message_id) > MAX_ID or not legacy:
         return None
     code = inverse.get(legacy)
     if code is None:
