@@ -79,15 +79,36 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = open_configured_store(settings)
     await store.open()
     app[keys.STORE] = store
-    # A send whose call was in flight when a process died: its outcome is unknown, and it is
-    # never sent again by the gateway (its legacy retry gets upstream.unknown_retry_status).
-    stale = time.time() - settings.upstream.timeout_seconds * 2 - 5
     with contextlib.suppress(StoreError):
-        expired = await store.expire_pending(stale)
+        expired = await store.expire_pending(_stale_before(settings))
         if expired:
             log.warning("sends_outcome_unknown_at_start", recipients=expired)
     yield
     await store.close()
+
+
+EXPIRE_EVERY = 30.0  # seconds between expiries of pending sends of a dead process
+
+
+def _stale_before(settings: Settings) -> float:
+    """Pending sends created before this are of a process that died mid-call: their outcome
+    is unknown, and they are never sent again by the gateway (a legacy retry gets
+    upstream.unknown_retry_status); the legacy client gets an ERR status record for each."""
+    return time.time() - settings.upstream.timeout_seconds * 2 - 5
+
+
+async def expire_pending_loop(app: web.Application) -> None:
+    """Background job: every EXPIRE_EVERY seconds, on one replica at a time, expire the
+    pending sends another (crashed) replica left behind, as a restart does at start."""
+    store = app[keys.STORE]
+    while True:
+        await asyncio.sleep(EXPIRE_EVERY)
+        with contextlib.suppress(StoreError):
+            async with store.exclusive("expire pending") as got:
+                if got:
+                    expired = await store.expire_pending(_stale_before(app[keys.SETTINGS]))
+                    if expired:
+                        log.warning("sends_outcome_unknown", recipients=expired)
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -208,6 +229,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[keys.CLIENT] = ConnexusClient(settings, metrics)
     jobs: list[Job] = [backlog_loop, recovery_loop, registration.registration_job, pull_loop]
+    jobs.append(expire_pending_loop)
     jobs.append(push_worker)  # push worker: last up
     app[BACKGROUND] = jobs
     reload.prepare(app)

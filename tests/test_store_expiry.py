@@ -1,0 +1,97 @@
+"""The periodic expiry of pending sends a dead process left behind (app.expire_pending_loop).
+
+A replica that crashed mid-call leaves `pending` rows; every replica's background job expires
+them (one replica at a time, under exclusive()) with the start-up cut-off, so the legacy client
+gets its ERR status record without waiting for a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bc_proxy import app as app_module
+from bc_proxy import keys
+from bc_proxy.store import Rules, SendIntent, Store, TenantRules, open_store
+from bc_proxy.translate import UNKNOWN_OUTCOME
+from tests import pg
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+RULES = Rules({"acme": TenantRules(senders=("552",))})
+
+
+def _app(store: Store) -> web.Application:
+    app = web.Application()
+    app[keys.STORE] = store
+    settings: Any = SimpleNamespace(upstream=SimpleNamespace(timeout_seconds=1.0))
+    app[keys.SETTINGS] = settings
+    return app
+
+
+async def _run_loops(apps: list[web.Application], seconds: float) -> None:
+    tasks = [asyncio.create_task(app_module.expire_pending_loop(a)) for a in apps]
+    await asyncio.sleep(seconds)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stale_and_fresh(store: Store) -> None:
+    old = time.time() - 60  # past the cut-off (timeout * 2 + 5 s)
+    await store.begin_send(SendIntent("acme", "old", ("6421000001", "6421000002"), "552"), old)
+    await store.begin_send(SendIntent("acme", "new", ("6421000003",), "552"), time.time())
+
+
+async def _statuses(store: Store) -> list[tuple[str, str, str]]:
+    out = []
+    while (r := await store.claim("acme", "status")) is not None:
+        assert await store.ack(r)
+        out.append((r.msisdn_from, r.status_code, r.error))
+    return sorted(out)
+
+
+EXPECTED = [("6421000001", "ERR", UNKNOWN_OUTCOME), ("6421000002", "ERR", UNKNOWN_OUTCOME)]
+
+
+async def test_job_expires_stale_pending_sends_periodically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale pending sends become unknown with one ERR record each; a fresh one stays."""
+    monkeypatch.setattr(app_module, "EXPIRE_EVERY", 0.05)
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}", RULES)
+    await store.open()
+    try:
+        await _stale_and_fresh(store)
+        await _run_loops([_app(store)], 0.4)
+        assert await _statuses(store) == EXPECTED
+        again = await store.begin_send(SendIntent("acme", "new", ("6421000003",), "552"), 0)
+        assert again.repeats == (("6421000003", "pending"),)
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_two_replicas_running_the_job_write_one_record_per_send(
+    pg_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two replicas' jobs on one database: each stale send is expired, and recorded, once."""
+    monkeypatch.setattr(app_module, "EXPIRE_EVERY", 0.02)
+    stores = [open_store(pg_url, RULES, replica=name) for name in ("A", "B")]
+    for s in stores:
+        await s.open()
+    try:
+        await _stale_and_fresh(stores[0])
+        await _run_loops([_app(s) for s in stores], 0.5)
+        assert await _statuses(stores[1]) == EXPECTED
+        unknown = await pg.execute(pg_url, "SELECT count(*) FROM sends WHERE state = 'unknown'")
+        assert unknown == 2
+    finally:
+        for s in stores:
+            await s.close()
