@@ -123,9 +123,10 @@ async def _forward(
     outcomes = result.outcomes
     accepted = any(o.accepted for o in outcomes)
     answered = accepted or result.failure is None
-    # Shielded: the SMS may be out, so a cancellation here (a shutdown's deadline) must not
-    # roll back the record of its outcome and its Connexus ids.
-    await asyncio.shield(_settle(store, metrics, intent, refs, outcomes, answered=answered))
+    # The SMS may be out, so a cancellation here (a shutdown's deadline) must not roll back the
+    # record of its outcome and its Connexus ids: settle_send commits once called, whether or
+    # not its caller is still waiting (Store contract, tests/test_store_cancel.py).
+    await _settle(store, metrics, intent, refs, outcomes, answered=answered)
     if not answered:
         assert result.failure is not None
         raise result.failure

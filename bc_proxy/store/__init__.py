@@ -246,7 +246,11 @@ class Store(Protocol):
         self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
     ) -> None:
         """Record the upstream outcome of pending rows and the status records it produced, in one
-        commit; delivery reports that arrived before their Connexus id was known are matched."""
+        commit; delivery reports that arrived before their Connexus id was known are matched.
+
+        Once called, the commit happens even if the caller is cancelled while it waits (the
+        write is queued before the first suspension): a send's outcome is never lost to a
+        shutdown's cancellation, and the send path needs no task of its own to shield it."""
 
     async def expire_pending(self, before: float) -> int:
         """Pending rows created before `before` become `unknown` (their call died); how many."""
