@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["lean", "gateway"])
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    p.add_argument("--keep-profiles", type=Path, help="copy callgrind's output files here")
     a = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if shutil.which(tool) is None:
@@ -176,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             run.log(f"{v}: {results[v]['instructions_per_request']:,.0f} instructions/request")
     finally:
         procs.stop_all()
+        if a.keep_profiles is not None:
+            a.keep_profiles.mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("callgrind-*"):
+                shutil.copy(f, a.keep_profiles / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
     commit = subprocess.run(
         ["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"],
