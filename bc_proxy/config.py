@@ -59,6 +59,9 @@ class UpstreamSettings(_Model):
     base_url: str = "https://websms.co.nz/api/connexus"
     timeout_seconds: float = Field(10, gt=0)
     max_connections: int = Field(100, ge=1)
+    # Idle upstream connections are closed after this (below the usual server-side 60 s, so a
+    # connection is not reused just as Connexus closes it).
+    keepalive_seconds: float = Field(30, gt=0)
     mo_query_interval_seconds: float = Field(300, ge=0)  # 0 turns the missed-webhook sweep off
     # What a legacy retry of a send whose outcome is unknown (Connexus timed out or the gateway
     # died mid-call) is answered: 204 (never risk a duplicate SMS; the status record says

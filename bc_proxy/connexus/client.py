@@ -1,10 +1,10 @@
-"""The Connexus HTTP client: one shared ClientSession, per-tenant auth, send/query calls.
+"""The Connexus HTTP client: per-tenant auth, send/query calls, their metrics and logs.
 
-Owns the upstream wire: timeouts and connection limits, bearer-token injection (a 401
-discards the token, refreshes once and retries once), password-auth parameters, single vs
-bulk sms/out, and classifying each send: accepted, rejected (refused, or never written) or
-unknown (written, no usable answer). Never re-sends a written sms/out by itself.
-Does not own validation of legacy input or what is stored.
+Owns bearer-token injection (a 401 discards the token, refreshes once and retries once),
+password-auth parameters, single vs bulk sms/out, and classifying each send: accepted,
+rejected (refused, or never written) or unknown (written, no usable answer). Never re-sends
+a written sms/out by itself. Connections, TLS and timeouts are transport.py's; validation of
+legacy input and what is stored are not this module's.
 """
 
 from __future__ import annotations
@@ -17,14 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import stamina
-from aiohttp import (
-    ClientError,
-    ClientSession,
-    ClientTimeout,
-    DummyCookieJar,
-    TCPConnector,
-    TraceConfig,
-)
+from aiohttp import ClientError, ClientSession
 from yarl import URL
 
 from bc_proxy.config import Settings, TenantSettings
@@ -33,12 +26,12 @@ from bc_proxy.connexus.outcomes import (
     SendOutcome,
     all_failed,
     error_for,
-    headers_sent,
     send_failure_state,
 )
 from bc_proxy.connexus.tokens import TokenManager
+from bc_proxy.connexus.transport import Upstream
 from bc_proxy.errors import GatewayError, LegacyError
-from bc_proxy.log import REQUEST_ID, get_logger
+from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import PlannedRecipient, SendState
 from bc_proxy.translate import (
@@ -66,17 +59,24 @@ class _Retryable(Exception):
 class ConnexusClient:
     """Calls Connexus on behalf of tenants."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.base = settings.upstream.base_url
-        self.timeout = settings.upstream.timeout_seconds
-        self._max_conn = settings.upstream.max_connections
+    def __init__(self, settings: Settings, metrics: Metrics, *, wire: bool = True) -> None:
+        """`wire=False`: sends go through aiohttp like every other call (for comparison)."""
+        up = settings.upstream
+        self.base = up.base_url
+        self.timeout = up.timeout_seconds
         self.metrics = metrics
-        self._session: ClientSession | None = None
+        self.upstream = Upstream(
+            self.base,
+            timeout=self.timeout,
+            max_connections=up.max_connections,
+            keepalive=up.keepalive_seconds,
+            wire=wire,
+        )
         self.tenants: dict[str, TenantSettings] = {}
         self.tokens: dict[str, TokenManager] = {}
         self._password: dict[str, dict[str, str]] = {}
         self.update_tenants(settings.tenants)
-        self._url_out = URL(f"{self.base}/sms/out")  # parsed once, not per send
+        self._url_out = self.upstream.url_out  # the URL object the wire pool recognises
         # cached label children, keyed by status: the send path skips labels() lookups
         self._out_status: dict[str, dict[str, Any]] = {op: {} for op in ("sms_out", "sms_out_bulk")}
         self._out_duration = {
@@ -112,33 +112,14 @@ class ConnexusClient:
 
     @property
     def session(self) -> ClientSession:
-        if self._session is None:
-            raise RuntimeError("ConnexusClient.start() was not awaited")
-        return self._session
+        """The aiohttp session (every call but sends without a proxy; passthrough)."""
+        return self.upstream.session
 
     async def start(self) -> None:
-        trace = TraceConfig()
-        trace.on_request_headers_sent.append(headers_sent)
-        connector = TCPConnector(
-            limit=self._max_conn,
-            limit_per_host=self._max_conn,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        self._session = ClientSession(
-            connector=connector,
-            timeout=ClientTimeout(total=self.timeout, connect=min(self.timeout, 5.0)),
-            raise_for_status=False,
-            auto_decompress=True,
-            # Connexus sets no cookies we need; a real jar costs a lookup on every request.
-            cookie_jar=DummyCookieJar(),
-            trace_configs=[trace],
-        )
+        await self.upstream.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.upstream.close()
 
     # -- metrics helpers ---------------------------------------------------------------------
 
@@ -283,15 +264,14 @@ class ConnexusClient:
         is left of it. Password-auth tenants' parameters are already in `data`. `exchange`
         (sends): tracks whether the last attempt was written; redirects are not followed.
         """
+        up = self.upstream
         mgr = self.tokens.get(tenant)
         if mgr is None:
-            return await self._raw(method, url, data, headers, exchange)
+            return await up.request(method, url, data, headers, None, exchange)
         started = asyncio.get_running_loop().time()
         token = mgr.current()
         if token is not None:
-            answer = await self._raw(
-                method, url, data, {**headers, "Authorization": f"Bearer {token}"}, exchange
-            )
+            answer = await up.request(method, url, data, headers, token, exchange)
             if answer[0] != 401:
                 return answer
             mgr.invalidate(token)
@@ -300,34 +280,7 @@ class ConnexusClient:
         left = self.timeout - (asyncio.get_running_loop().time() - started)
         async with asyncio.timeout(max(left, 0.001)):
             token = await mgr.get()
-            return await self._raw(
-                method, url, data, {**headers, "Authorization": f"Bearer {token}"}, exchange
-            )
-
-    async def _raw(
-        self,
-        method: str,
-        url: str | URL,
-        data: bytes | None,
-        headers: Mapping[str, str],
-        exchange: Exchange | None = None,
-    ) -> tuple[int, bytes, str]:
-        rid = REQUEST_ID.get()
-        if rid is not None:  # the legacy request's id, so Connexus support can find the call
-            headers = {**headers, "X-Request-Id": rid}
-        if exchange is None:
-            async with self.session.request(method, url, data=data, headers=headers) as resp:
-                return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
-        # A send: aiohttp never retries a POST itself (not idempotent); a redirect would be one.
-        async with self.session.request(
-            method,
-            url,
-            data=data,
-            headers=headers,
-            allow_redirects=False,
-            trace_request_ctx=exchange,
-        ) as resp:
-            return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
+            return await up.request(method, url, data, headers, token, exchange)
 
     async def send(
         self, tenant: str, req: SendRequest, planned: Sequence[PlannedRecipient]
