@@ -765,6 +765,30 @@ async def test_keep_for_polling(
     assert len(receiver.hits) == 1
 
 
+async def _dead_lettered(
+    aiohttp_server: AiohttpServer,
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    tmp_path: Path,
+    messages: dict[str, str],
+) -> tuple[Receiver, dict[str, Any], Path, GatewayClient]:
+    """A gateway pushing to a receiver that answers 500, its config written to a file, and
+    one incoming SMS per (messageId, body) posted and dead-lettered (max age about 1.1 s)."""
+    receiver = await start_receiver(aiohttp_server, Receiver(default=500))
+    config = push_cfg(cfg, receiver, max_age_hours=0.0003)
+    config_file = tmp_path / "bc-proxy.yaml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    client = await gateway(config)
+    for message_id, body in messages.items():
+        assert await hook(client, mo(message_id, "+" + HANDSET, "552", body)) == 200
+    store = client.app[keys.STORE]
+    deadline = time.monotonic() + 8
+    while len(await store.dead_letters()) < len(messages):
+        assert time.monotonic() < deadline, "never dead-lettered"
+        await asyncio.sleep(0.05)
+    return receiver, config, config_file, client
+
+
 @ONE_READING
 async def test_push_dead_letter_then_replay(
     aiohttp_server: AiohttpServer,
@@ -773,21 +797,9 @@ async def test_push_dead_letter_then_replay(
     tmp_path: Path,
 ) -> None:
     """A receiver down past max age dead-letters the record; CLI replay delivers it later."""
-    receiver = await start_receiver(aiohttp_server, Receiver(default=500))
-    config = push_cfg(cfg, receiver, max_age_hours=0.0003)  # about 1.1 s
-    config_file = tmp_path / "bc-proxy.yaml"
-    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-    client = await gateway(config)
-    assert await hook(client, mo("d-1", "+" + HANDSET, "552", "dead letter")) == 200
-    store = client.app[keys.STORE]
-
-    async def dead() -> int:
-        return len(await store.dead_letters())
-
-    deadline = time.monotonic() + 8
-    while await dead() == 0:
-        assert time.monotonic() < deadline, "never dead-lettered"
-        await asyncio.sleep(0.05)
+    receiver, config, config_file, client = await _dead_lettered(
+        aiohttp_server, gateway, cfg, tmp_path, {"d-1": "dead letter"}
+    )
     attempts = len(receiver.hits)
     assert attempts >= 2
     assert all(h.answered == 500 for h in receiver.hits)
@@ -861,19 +873,10 @@ async def test_dead_letter_replay_by_id(
     tmp_path: Path,
 ) -> None:
     """`dead-letters replay ID` queues that dead letter only; an unknown id queues nothing."""
-    receiver = await start_receiver(aiohttp_server, Receiver(default=500))
-    config = push_cfg(cfg, receiver, max_age_hours=0.0003)  # about 1.1 s
-    config_file = tmp_path / "bc-proxy.yaml"
-    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-    client = await gateway(config)
-    for n in (1, 2):
-        assert await hook(client, mo(f"r-{n}", "+" + HANDSET, "552", f"letter {n}")) == 200
-    store = client.app[keys.STORE]
-    deadline = time.monotonic() + 8
-    while len(await store.dead_letters()) < 2:
-        assert time.monotonic() < deadline, "never dead-lettered"
-        await asyncio.sleep(0.05)
-    first, second = sorted(await store.dead_letters(), key=lambda r: r.id)
+    _, _, config_file, client = await _dead_lettered(
+        aiohttp_server, gateway, cfg, tmp_path, {"r-1": "letter 1", "r-2": "letter 2"}
+    )
+    first, second = sorted(await client.app[keys.STORE].dead_letters(), key=lambda r: r.id)
     await client.close()
 
     code, out, err = await run_cli(
