@@ -2,6 +2,7 @@
 """Instructions per legacy send, counted by valgrind's callgrind: the lean proxy and the gateway.
 
     python bench/instructions.py [--requests 400] [--connections 8] [--variants lean gateway]
+    python bench/instructions.py --variants gateway gateway_pg --path mo   # webhook ingest
 
 Wall-clock and CPU-time figures move with whatever else the machine runs; instruction counts
 do not (the same binary, input and environment give the same count within a fraction of a
@@ -14,7 +15,10 @@ warm-up of plain requests, instrumentation is switched on and the counters zeroe
 (`callgrind_control -i on`, `-z`), `--requests` sends are made at `--connections` concurrent
 connections by this script, and the counters are dumped: every thread's instructions (the
 event loop, the store's threads), divided by the number of requests. The gateway runs as users
-run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQLite store).
+run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQLite store;
+`gateway_pg`: a fresh PostgreSQL schema, the server's own instructions not counted).
+`--path mo` posts incoming-SMS webhooks (each a new messageId) instead of legacy sends; the
+lean proxy has no such path.
 
 Loopback only, bounded counts; results printed and written to bench/results/ as JSON + .md.
 """
@@ -55,8 +59,22 @@ def callgrind(out: Path) -> list[str]:
     ]
 
 
-async def load(url: str, n: int, connections: int) -> int:
-    """`n` sends at `connections` concurrent connections; how many got a 204."""
+def mo_webhook(w: int, i: int) -> bytes:
+    """An incoming SMS to the bench tenant's number, a new messageId each."""
+    return json.dumps(
+        {
+            "type": "mo",
+            "messageId": f"ins-{os.getpid()}-{w}-{i}-{time.monotonic_ns()}",
+            "from": "+6421000000",
+            "to": run.SENDER,
+            "body": "Hello & welcome = \u00fc",
+            "timestamp": int(time.time()),
+        }
+    ).encode()
+
+
+async def load(url: str, n: int, connections: int, path: str = "send") -> int:
+    """`n` requests at `connections` concurrent connections; how many got a 2xx."""
     ok = 0
     left = n
     lock = asyncio.Lock()
@@ -81,9 +99,13 @@ async def load(url: str, n: int, connections: int) -> int:
                     "userId": run.USER,
                     "password": run.PASSWORD,
                 }
-                async with s.post(url, data=data) as resp:
+                if path == "mo":
+                    post = s.post(url, data=mo_webhook(w, i), headers=run.JSON_CT)
+                else:
+                    post = s.post(url, data=data)
+                async with post as resp:
                     await resp.read()
-                    ok += resp.status == 204
+                    ok += resp.status in (200, 204)
 
         await asyncio.gather(*(worker(w) for w in range(connections)))
     return ok
@@ -93,7 +115,9 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def measure(ctx: run.Ctx, variant: str, requests: int, connections: int) -> dict[str, Any]:
+def measure(
+    ctx: run.Ctx, variant: str, requests: int, connections: int, path: str = "send"
+) -> dict[str, Any]:
     out = ctx.tmp / f"callgrind-{variant}.out"
     if variant == "lean":
         cmd = [
@@ -110,26 +134,29 @@ def measure(ctx: run.Ctx, variant: str, requests: int, connections: int) -> dict
         proc = ctx.procs.start("lean", cmd, log)
         ready = url
     else:
-        gw = run.Gateway(ctx, variant, poll_wait=0)
+        backend = "pg" if variant.endswith("_pg") else "sqlite"
+        gw = run.Gateway(ctx, variant, poll_wait=0, backend=backend)
         cmd = [*callgrind(out), ctx.gateway_exe, "serve", "--config", str(gw.config)]
         url = f"{gw.base}/api/1/sms/out"
+        if path == "mo":
+            url = f"{gw.base}/webhooks/connexus/{run.SECRET}"
         log = gw.log
         proc = ctx.procs.start("gateway", cmd, log)
         ready = f"{gw.base}/readyz"
     try:
         run.wait_until(proc, variant, log, lambda: run.http_status(ready) is not None, 300)
-        warm = asyncio.run(load(url, WARMUP, connections))
+        warm = asyncio.run(load(url, WARMUP, connections, path))
         if warm != WARMUP:
-            raise run.CheckFailed(f"{variant}: {warm}/{WARMUP} warm-up sends answered 204")
+            raise run.CheckFailed(f"{variant}: {warm}/{WARMUP} warm-up requests answered 2xx")
         control(proc.pid, "-i", "on")
         control(proc.pid, "-z")
         started = time.monotonic()
-        ok = asyncio.run(load(url, requests, connections))
+        ok = asyncio.run(load(url, requests, connections, path))
         elapsed = time.monotonic() - started
         control(proc.pid, "-d")
         control(proc.pid, "-i", "off")
         if ok != requests:
-            raise run.CheckFailed(f"{variant}: {ok}/{requests} sends answered 204")
+            raise run.CheckFailed(f"{variant}: {ok}/{requests} requests answered 2xx")
     finally:
         ctx.procs.stop(proc, grace=60)
     total = 0
@@ -150,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--connections", type=int, default=8)
-    p.add_argument("--variants", nargs="+", default=["lean", "gateway"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["lean", "gateway"],
+        choices=["lean", "gateway", "gateway_pg"],
+    )
+    p.add_argument("--path", choices=["send", "mo"], default="send")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     p.add_argument("--keep-profiles", type=Path, help="copy callgrind's output files here")
     a = p.parse_args(argv)
@@ -173,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         run.start_nginx(ctx)
         for v in a.variants:
             run.log(f"callgrind: {v}")
-            results[v] = measure(ctx, v, a.requests, a.connections)
+            if v == "lean" and a.path != "send":
+                continue  # the lean proxy has only the send path
+            results[v] = measure(ctx, v, a.requests, a.connections, a.path)
             run.log(f"{v}: {results[v]['instructions_per_request']:,.0f} instructions/request")
     finally:
         procs.stop_all()
@@ -198,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     lines = [
-        f"# Instructions per send {stamp} (commit {commit}{', dirty tree' if dirty else ''})",
+        f"# Instructions per {a.path} request {stamp} "
+        f"(commit {commit}{', dirty tree' if dirty else ''})",
         "",
-        f"{a.requests} sends at {a.connections} connections after {WARMUP} warm-up sends; "
+        f"{a.requests} requests at {a.connections} connections after {WARMUP} warm-up; "
         "callgrind, every thread of the process under test",
         "",
         "| target | instructions per request | ratio to lean |",
@@ -215,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     base = a.results_dir / f"{stamp}-{socket.gethostname()}-instructions"
-    report = {"timestamp": stamp, "commit": commit, "dirty": dirty, "results": results}
+    report = {
+        "timestamp": stamp,
+        "commit": commit,
+        "dirty": dirty,
+        "path": a.path,
+        "results": results,
+    }
     Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(f"{base}.md").write_text(md)
     return 0
