@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from bc_proxy.store import DlrEvent, IngestResult
-from bc_proxy.store.postgres.db import Conn, Wakes
+from bc_proxy.store.postgres.db import Db, Wakes
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
 from bc_proxy.store.postgres.sends import candidates
 from bc_proxy.store.rules import Rules, SendFacts
@@ -45,18 +45,28 @@ def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
     )
 
 
-async def store_dlrs(
-    conn: Conn, wakes: Wakes, rules: Rules, writes: list[DlrWrite]
-) -> list[IngestResult]:
-    """Store a group of reports (distinct event keys) inside the caller's transaction."""
+async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[IngestResult]:
+    """Store a group of reports (distinct event keys): two statements and no explicit
+    transaction. The candidates are read first; the insert and its NOTIFY are one statement
+    (atomic by itself). A settle committing in between is caught by the post-commit checks
+    (module docstring), as one committing just after would be."""
     ids = sorted({w.event.message_id for w in writes})
-    sends = await candidates(conn, ids)
-    found = {i: rules.attribute_dlr(sends.get(i, [])) for i in ids}
-    records = [record_of(w, found[w.event.message_id]) for w in writes]
-    # Sorted by key: two replicas inserting the same keys wait on each other in one order.
-    rows = sorted((r.values(rules, w.now) for r, w in zip(records, writes, strict=True)), key=_key)
-    inserted = await insert_keyed(conn, rows)
+    async with db.conn("add dlr") as conn:
+        sends = await candidates(conn, ids)
+        found = {i: rules.attribute_dlr(sends.get(i, [])) for i in ids}
+        records = [record_of(w, found[w.event.message_id]) for w in writes]
+        # Sorted by key: two replicas inserting the same keys wait on each other in one order.
+        rows = sorted(
+            (r.values(rules, w.now) for r, w in zip(records, writes, strict=True)), key=_key
+        )
+        wakes: Wakes = {
+            (r.tenant, "status")
+            for r, w in zip(records, writes, strict=True)
+            if r.tenant is not None and r.wakes(rules, w.now)
+        }
+        inserted = await insert_keyed(conn, rows, notify=wakes)
     results: list[IngestResult] = []
+    fired: Wakes = set()
     for w, record in zip(writes, records, strict=True):
         tenant = record.tenant
         if w.key not in inserted:
@@ -64,9 +74,10 @@ async def store_dlrs(
         elif tenant is None:
             results.append(IngestResult("ambiguous" if record.ambiguous else "unmatched", None))
         else:
-            if record.wakes(rules, w.now):
-                wakes.add((tenant, "status"))
+            if (tenant, "status") in wakes:
+                fired.add((tenant, "status"))
             results.append(IngestResult("stored", tenant))
+    db.fire(fired)
     return results
 
 

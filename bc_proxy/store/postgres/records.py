@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bc_proxy.store import KINDS, LegacyRecord, WaitingStat
-from bc_proxy.store.postgres.db import DB_NOW, Conn, Db, Wakes
+from bc_proxy.store.postgres.db import CHANNEL, DB_NOW, Conn, Db, Wakes, wake_payloads
 from bc_proxy.store.rules import Kind, Rules, receipt_id
 
 PURGE_CHUNK = 2000
@@ -35,6 +35,13 @@ INSERT_ARRAYS = (
     + ")"
 )
 INSERT_KEYED = f"{INSERT_ARRAYS} ON CONFLICT (event_key) DO NOTHING RETURNING event_key"
+# The same and its wake-ups in one statement: both scalar subqueries of a one-row SELECT are
+# evaluated, whether anything was inserted or not.
+_INSERT_KEYED_NOTIFY = (
+    f"WITH ins AS ({INSERT_KEYED}), n AS (SELECT count(pg_notify('{CHANNEL}', w)) AS c "
+    f"FROM unnest(${len(_TYPES) + 1}::text[]) AS w) "
+    "SELECT array(SELECT event_key FROM ins) AS keys, (SELECT c FROM n) AS notified"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +94,19 @@ def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in _TYPES]
 
 
-async def insert_keyed(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> set[str]:
-    """Insert rows with event keys; the keys actually inserted (the others were stored before)."""
+async def insert_keyed(
+    conn: Conn, rows: Sequence[tuple[Any, ...]], *, notify: Wakes | None = None
+) -> set[str]:
+    """Insert rows with event keys; the keys actually inserted (the others were stored before).
+
+    `notify`: wake-ups to NOTIFY in the same statement (outside an explicit transaction the
+    statement is the transaction: they are delivered at its commit)."""
     if not rows:
         return set()
-    return {r["event_key"] for r in await conn.fetch(INSERT_KEYED, *columns(rows))}
+    if notify is None:
+        return {r["event_key"] for r in await conn.fetch(INSERT_KEYED, *columns(rows))}
+    keys = await conn.fetchval(_INSERT_KEYED_NOTIFY, *columns(rows), wake_payloads(notify))
+    return set(keys)
 
 
 async def insert_many(

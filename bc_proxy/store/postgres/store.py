@@ -92,7 +92,7 @@ class PostgresStore:
         self._polling = records.Polling(self._db, self._owner, lease_seconds)
         self._pushing = push.Pushing(self._db, rules, self._owner, lease_seconds)
         self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
-            self._db, "add dlr", self._store_dlrs, key=lambda w: w.key
+            self._db, "add dlr", None, key=lambda w: w.key, run=self._store_dlrs
         )
         self._mos: Batcher[MoWrite, IngestResult] = Batcher(
             self._db, "add mo", self._store_mos, key=lambda w: w.key
@@ -109,8 +109,8 @@ class PostgresStore:
         self._opened = False
         self._closed = False
 
-    async def _store_dlrs(self, conn: Conn, wakes: Wakes, w: list[DlrWrite]) -> list[IngestResult]:
-        return await store_dlrs(conn, wakes, self.rules, w)
+    async def _store_dlrs(self, w: list[DlrWrite]) -> list[IngestResult]:
+        return await store_dlrs(self._db, self.rules, w)
 
     async def _begin_sends(
         self, conn: Conn, wakes: Wakes, w: list[sends.BeginWrite]
