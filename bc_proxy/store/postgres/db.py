@@ -32,7 +32,7 @@ DRIVER_ERRORS = (
 )
 # What a write may raise besides the driver: bad input that cannot be stored.
 WRITE_ERRORS = (*DRIVER_ERRORS, TypeError, ValueError)
-_NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
+NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:
@@ -178,7 +178,7 @@ class Db:
         async with self.conn(what, lease=lease) as conn, conn.transaction():
             yield conn, wakes
             if wakes:
-                await conn.fetchval(_NOTIFY, wake_payloads(wakes))
+                await conn.fetchval(NOTIFY, wake_payloads(wakes))
         self.fire(wakes)
 
     def fire(self, wakes: Iterable[tuple[str, str]]) -> None:

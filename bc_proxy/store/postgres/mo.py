@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bc_proxy.store import IngestResult, MoEvent
-from bc_proxy.store.postgres.db import Conn, Wakes
+from bc_proxy.store.postgres.db import NOTIFY, Conn, Db, Wakes, wake_payloads
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
 from bc_proxy.store.postgres.sends import FACTS
-from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Rules, SendFacts
+from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Route, Rules, SendFacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,24 +60,59 @@ def _facts(row: Any, prefix: str) -> SendFacts | None:
     return SendFacts(*(row[f"{prefix}_{c}"] for c in _F))
 
 
-async def store_mos(
-    conn: Conn, wakes: Wakes, rules: Rules, writes: list[MoWrite]
+async def store_mos(db: Db, rules: Rules, writes: list[MoWrite]) -> list[IngestResult]:
+    """Store a group of incoming messages (distinct keys). The facts are read first; a group
+    that only inserts is then one statement (insert and NOTIFY, atomic by itself), and one
+    with an assignment or a STOP/START runs its writes in one transaction."""
+    wakes: Wakes = set()
+    async with db.conn("add mo") as conn:
+        rows = await conn.fetch(
+            _FACTS,
+            [w.key for w in writes],
+            [w.event.related_id for w in writes],
+            [w.event.sender for w in writes],
+            [rules.owner(w.event.to) for w in writes],
+            [w.now - REPLY_WINDOW_SECONDS for w in writes],
+        )
+        routes = [
+            rules.route_mo(
+                w.event.to, related=_facts(row, "r"), latest=_facts(row, "l"), account=w.account
+            )
+            for w, row in zip(writes, rows, strict=True)
+        ]
+        if any(_needs_tx(rules, w, row, r) for w, row, r in zip(writes, rows, routes, strict=True)):
+            async with conn.transaction():
+                results = await _write(conn, wakes, rules, writes, rows, routes, in_tx=True)
+                if wakes:
+                    await conn.fetchval(NOTIFY, wake_payloads(wakes))
+        else:
+            results = await _write(conn, wakes, rules, writes, rows, routes, in_tx=False)
+    db.fire(wakes)
+    return results
+
+
+def _needs_tx(rules: Rules, w: MoWrite, row: Any, route: Route) -> bool:
+    """An assignment of a stored unmatched message, or a STOP/START of a new one."""
+    if row["e_id"] is not None:
+        return row["e_tenant"] is None and route.tenant is not None
+    return rules.opt_out_command(route.tenant, w.event.body) is not None
+
+
+async def _write(
+    conn: Conn,
+    wakes: Wakes,
+    rules: Rules,
+    writes: list[MoWrite],
+    rows: list[Any],
+    routes: list[Route],
+    *,
+    in_tx: bool,
 ) -> list[IngestResult]:
-    """Store a group of incoming messages (distinct keys) inside the caller's transaction."""
-    rows = await conn.fetch(
-        _FACTS,
-        [w.key for w in writes],
-        [w.event.related_id for w in writes],
-        [w.event.sender for w in writes],
-        [rules.owner(w.event.to) for w in writes],
-        [w.now - REPLY_WINDOW_SECONDS for w in writes],
-    )
+    """The group's writes; outside a transaction (`in_tx` False) only the insert may write,
+    carrying its NOTIFY. `wakes` gets what to wake locally after the commit."""
     results: list[IngestResult | None] = [None] * len(writes)
     new: list[tuple[int, NewRecord]] = []
-    for n, (w, row) in enumerate(zip(writes, rows, strict=True)):
-        route = rules.route_mo(
-            w.event.to, related=_facts(row, "r"), latest=_facts(row, "l"), account=w.account
-        )
+    for n, (w, row, route) in enumerate(zip(writes, rows, routes, strict=True)):
         if row["e_id"] is not None:
             if row["e_tenant"] is not None or route.tenant is None:
                 results[n] = IngestResult("duplicate", row["e_tenant"])
@@ -97,7 +132,14 @@ async def store_mos(
         )
         new.append((n, record))
     values = sorted((r.values(rules, writes[n].now) for n, r in new), key=lambda v: str(v[2]))
-    inserted = await insert_keyed(conn, values)
+    notify = None
+    if not in_tx:
+        notify = {
+            (r.tenant, "in")
+            for n, r in new
+            if r.tenant is not None and r.wakes(rules, writes[n].now)
+        }
+    inserted = await insert_keyed(conn, values, notify=notify)
     for n, record in new:
         w, tenant = writes[n], record.tenant
         if w.key not in inserted:

@@ -95,7 +95,7 @@ class PostgresStore:
             self._db, "add dlr", None, key=lambda w: w.key, run=self._store_dlrs
         )
         self._mos: Batcher[MoWrite, IngestResult] = Batcher(
-            self._db, "add mo", self._store_mos, key=lambda w: w.key
+            self._db, "add mo", None, key=lambda w: w.key, run=self._store_mos
         )
         self._rejects: Batcher[inbound.RejectWrite, None] = Batcher(
             self._db, "reject webhook", inbound.store_rejects, key=id
@@ -120,8 +120,8 @@ class PostgresStore:
     async def _settle_sends(self, w: list[sends.SettleWrite]) -> list[None]:
         return await sends.settle_sends(self._db, self.rules, w)
 
-    async def _store_mos(self, conn: Conn, wakes: Wakes, w: list[MoWrite]) -> list[IngestResult]:
-        return await store_mos(conn, wakes, self.rules, w)
+    async def _store_mos(self, w: list[MoWrite]) -> list[IngestResult]:
+        return await store_mos(self._db, self.rules, w)
 
     def _owner(self) -> str:
         return self.replica
