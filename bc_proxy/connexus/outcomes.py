@@ -21,8 +21,10 @@ from bc_proxy.translate import RecipientOutcome, upstream_reason
 class Exchange:
     """Whether the current attempt of one upstream request got as far as writing it.
 
-    Set by the session's `on_request_headers_sent` trace: a failure before that (pool wait,
-    DNS, connect, token fetch) means Connexus never saw the request.
+    Set by the send client (wire.py) when it hands the request to the socket, or, for a send
+    that goes through aiohttp (a proxy applies), by the session's `on_request_headers_sent`
+    trace: a failure before that (pool wait, DNS, connect, TLS, token fetch) means Connexus
+    never saw the request.
     """
 
     __slots__ = ("written",)
