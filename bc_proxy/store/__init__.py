@@ -253,7 +253,11 @@ class Store(Protocol):
         shutdown's cancellation, and the send path needs no task of its own to shield it."""
 
     async def expire_pending(self, before: float) -> int:
-        """Pending rows created before `before` become `unknown` (their call died); how many."""
+        """Pending rows created before `before` become `unknown` (their call died); how many.
+
+        Each gets, in the same commit, the status record a live send writes for an unknown
+        outcome (ERR, `translate.UNKNOWN_OUTCOME`), placed by the rules. A row is expired once,
+        even by several replicas expiring at the same time."""
 
     # -- inbound --
 

@@ -101,10 +101,10 @@ class PostgresStore:
             self._db, "reject webhook", inbound.store_rejects, key=id
         )
         self._begins: Batcher[sends.BeginWrite, SendPlan] = Batcher(
-            self._db, "begin send", self._begin_sends, key=sends.BeginWrite.key
+            self._db, "begin send", self._begin_sends, key=sends.BeginWrite.key, max_group=128
         )
         self._settles: Batcher[sends.SettleWrite, None] = Batcher(
-            self._db, "settle send", None, key=id, run=self._settle_sends
+            self._db, "settle send", None, key=id, max_group=128, run=self._settle_sends
         )
         self._opened = False
         self._closed = False
