@@ -10,8 +10,10 @@ and Kubernetes themselves are not run; all network traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import fnmatch
+import http.client
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1223,18 +1226,30 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> int:
         raise
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_ids)
-def test_shipped_config_starts_serves_and_stops(
-    variant: Variant, tmp_path: Path, emulator: str, request: pytest.FixtureRequest
-) -> None:
-    """The shipped config, ${VAR}s filled, passes check-config, serves /readyz and /metrics
-    on every replica against its real store, and each process exits 0 on SIGTERM."""
-    config = variant.config()
-    store = str(request.getfixturevalue("pg_database")) if variant.postgres() else None
-    env = _child_env(_fill(config, emulator, store))
-    processes: list[tuple[subprocess.Popen[bytes], int, int, Path]] = []
+@dataclass
+class Replica:
+    """One running `bc-proxy serve` of a shipped config: its process, ports and log file."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    def output(self) -> str:
+        """Everything the process has logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _serve_replicas(
+    config: dict[str, Any], env: dict[str, str], emulator: str, tmp_path: Path, count: int
+) -> Iterator[list[Replica]]:
+    """`count` `bc-proxy serve` processes of one shipped config (`_localise`d, each on its own
+    free ports, ${VAR}s from `env`), each after a passing `check-config`, all answering /readyz
+    200 when this yields; any still running on the way out is killed."""
+    replicas: list[Replica] = []
     try:
-        for i in range(variant.replicas):
+        for i in range(count):
             port, metrics_port = _free_port(), _free_port()
             path = tmp_path / f"replica-{i}.yaml"
             path.write_text(yaml.safe_dump(_localise(config, port, metrics_port, tmp_path)))
@@ -1259,20 +1274,39 @@ def test_shipped_config_starts_serves_and_stops(
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
-            processes.append((proc, port, metrics_port, log))
+            replicas.append(Replica(proc, port, metrics_port, log))
 
         deadline = time.monotonic() + READY_DEADLINE
-        for proc, port, metrics_port, log in processes:
-            while _get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
-                assert proc.poll() is None, f"serve exited: {log.read_text(errors='replace')}"
-                assert time.monotonic() < deadline, (
-                    f"never ready: {log.read_text(errors='replace')}"
-                )
+        for replica in replicas:
+            while _get(f"http://127.0.0.1:{replica.port}/readyz")[0] != 200:
+                assert replica.proc.poll() is None, f"serve exited: {replica.output()}"
+                assert time.monotonic() < deadline, f"never ready: {replica.output()}"
                 time.sleep(0.1)
-            status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        yield replicas
+    finally:
+        for replica in replicas:
+            if replica.proc.poll() is None:
+                replica.proc.kill()
+                replica.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_ids)
+def test_shipped_config_starts_serves_and_stops(
+    variant: Variant, tmp_path: Path, emulator: str, request: pytest.FixtureRequest
+) -> None:
+    """The shipped config, ${VAR}s filled, passes check-config, serves /readyz and /metrics
+    on every replica against its real store, and each process exits 0 on SIGTERM."""
+    config = variant.config()
+    store = str(request.getfixturevalue("pg_database")) if variant.postgres() else None
+    env = _child_env(_fill(config, emulator, store))
+    with _serve_replicas(config, env, emulator, tmp_path, variant.replicas) as replicas:
+        for replica in replicas:
+            status, body = _get(f"http://127.0.0.1:{replica.metrics_port}/metrics")
             assert status == 200
             assert b"bc_proxy_" in body
-            assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 404, "/metrics on the public port"
+            assert _get(f"http://127.0.0.1:{replica.port}/metrics")[0] == 404, (
+                "/metrics on the public port"
+            )
         if store is None:
             assert list(tmp_path.glob("*.db")), "the SQLite store was not created"
         else:
@@ -1280,14 +1314,9 @@ def test_shipped_config_starts_serves_and_stops(
             assert asyncio.run(pg.execute(store, tables)) > 0, "the schema was not migrated"
 
         grace = parse(config, variant.env()).server.shutdown_timeout_seconds + 10
-        for proc, _, _, log in processes:
-            code = _stop(proc, grace)
-            assert code == 0, f"exit status {code}: {log.read_text(errors='replace')}"
-    finally:
-        for proc, *_ in processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        for replica in replicas:
+            code = _stop(replica.proc, grace)
+            assert code == 0, f"exit status {code}: {replica.output()}"
 
 
 def test_container_command_runs_and_passes_its_healthcheck(tmp_path: Path) -> None:
@@ -1343,3 +1372,232 @@ def test_container_command_runs_and_passes_its_healthcheck(tmp_path: Path) -> No
         if proc.stderr:
             proc.stderr.close()
     assert proc.returncode == 0
+
+
+# --- the replicas behind the shipped HAProxy -------------------------------------------------
+
+HAPROXY_UP_DEADLINE = 15.0  # seconds for haproxy to pass requests to both replicas
+HAPROXY_DOWN_DEADLINE = 10.0  # seconds for its checks (inter 2s, fall 2) to take a dead one out
+
+
+def _haproxy_binary() -> str:
+    """The haproxy executable; skipped where it is absent, a failure in CI."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy missing in CI: .ci/run installs Debian's haproxy package")
+        pytest.skip("haproxy is not installed (apt-get install haproxy) to run haproxy.cfg")
+    return binary
+
+
+def _localise_haproxy(text: str, port: int, servers: dict[str, int]) -> str:
+    """The shipped haproxy.cfg with ONLY what differs between this host and the compose network.
+
+    - `bind :8080` -> `bind 127.0.0.1:<port>`: the container's port on every interface of its
+      own network namespace; here a free loopback port (8080 may be taken, traffic stays on
+      loopback).
+    - `server bc-proxy-N bc-proxy-N:8080` -> `server bc-proxy-N 127.0.0.1:<port of replica N>`:
+      compose service names resolved by Docker's DNS, each replica on 8080 in its own
+      container; here both processes on one host, each on its own free port.
+    - `resolvers docker` dropped from `default-server`: its nameserver 127.0.0.11 (Docker's
+      embedded DNS) exists only inside a compose network, and the addresses are literal here.
+      The `resolvers docker` section itself, `init-addr`, the checks and everything else stay.
+    `log stdout` stays too: haproxy runs in the foreground (-db), its stdout into a file.
+    """
+    text, n = re.subn(r"^(\s*bind\s+):8080\s*$", rf"\g<1>127.0.0.1:{port}", text, flags=re.M)
+    assert n == 1, "expected one `bind :8080`"
+    for name, server_port in servers.items():
+        line = rf"^(\s*server\s+{re.escape(name)}\s+){re.escape(name)}:8080(?=\s|$)"
+        text, n = re.subn(line, rf"\g<1>127.0.0.1:{server_port}", text, flags=re.M)
+        assert n == 1, f"expected one `server {name} {name}:8080`"
+    assert not re.search(r"^\s*server\s+\S+\s+(?!127\.0\.0\.1:)", text, re.M), "a server left"
+    text, n = re.subn(
+        r"^(\s*default-server\s.*) resolvers docker(?=\s|$)", r"\g<1>", text, flags=re.M
+    )
+    assert n == 1, "expected `resolvers docker` on default-server"
+    return text
+
+
+def _http(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str = "application/x-www-form-urlencoded",
+) -> tuple[int, bytes]:
+    """One request on `conn` (kept open for the next one when the answer allows): (status,
+    body), status 0 when the connection failed (refused, reset, closed without an answer)."""
+    headers = {"Content-Type": content_type} if body is not None else {}
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return 0, b""
+
+
+def _once(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str = "application/x-www-form-urlencoded",
+) -> tuple[int, bytes]:
+    """One request on a loopback connection of its own, closed after the answer (a client
+    without keep-alive, like most legacy ones)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=45)
+    try:
+        return _http(conn, method, path, body, content_type)
+    finally:
+        conn.close()
+
+
+_HTTPLOG_RE = re.compile(
+    r" bc_proxy/(?P<server>\S+) \S+ (?P<status>\d{3}) .* \d+/\d+/\d+/\d+/(?P<retries>\+?\d+) "
+    r'.*"[A-Z]+ (?P<path>\S+) HTTP/'
+)
+
+
+def _haproxy_log(log: Path, path: str) -> list[re.Match[str]]:
+    """HAProxy's request log lines of `path` that reached a server: groups `server`, `status`,
+    `retries` (+N when the request was redispatched to another server) and `path`."""
+    found = (_HTTPLOG_RE.search(line) for line in log.read_text(errors="replace").splitlines())
+    return [m for m in found if m and m["path"] == path]
+
+
+def test_replicas_behind_the_shipped_haproxy(
+    tmp_path: Path, emulator: str, pg_database: str
+) -> None:
+    """The real haproxy on the shipped haproxy.cfg (only host-specific lines rewritten) in front
+    of the shipped replicas config served twice on one fresh PostgreSQL schema, everything
+    through haproxy's port: both replicas take traffic, legacy sends answer 204,
+    /readyz?verbose is hidden, incoming SMS posted and long-polled back come out exactly once
+    (also when a poll's client gave up), no secret reaches haproxy's log, and sends keep
+    answering 204 across a SIGKILL of one replica."""
+    binary = _haproxy_binary()
+    variant = BY_NAME["compose-replicas"]
+    config = variant.config()
+    values = _fill(config, emulator, pg_database)
+    settings = parse(config, values)
+    legacy = settings.tenants[0].legacy
+    assert legacy.password is not None
+    credentials = {"userId": legacy.user_id, "password": legacy.password.get_secret_value()}
+    poll_in = "/api/1/sms/in?" + urllib.parse.urlencode(credentials)
+    queue = "/api/1/sms/queue?" + urllib.parse.urlencode(credentials)
+    secret = settings.webhook.secret.get_secret_value()
+    hook = f"/webhooks/connexus/{secret}"
+    names = _bc_services(COMPOSE_REPLICAS)
+    assert len(names) == variant.replicas == 2
+
+    def send(conn: http.client.HTTPConnection | None, n: int) -> int:
+        """A legacy send on `conn`, or on a connection of its own (None): the status."""
+        form = {
+            **credentials,
+            "to": f"64210009{n:03d}",
+            "body": f"sent through haproxy {n}",
+            "messageId": f"haproxy-{n}",
+        }
+        body = urllib.parse.urlencode(form).encode()
+        if conn is None:
+            return _once(port, "POST", "/api/1/sms/out", body)[0]
+        return _http(conn, "POST", "/api/1/sms/out", body)[0]
+
+    def incoming(n: int, text: str) -> int:
+        payload = {
+            "type": "mo",
+            "messageId": f"haproxy-mo-{n}",
+            "from": f"+64210008{n:03d}",
+            "to": settings.tenants[0].senders[0],
+            "body": text,
+            "timestamp": int(time.time()),
+        }
+        return _once(port, "POST", hook, json.dumps(payload).encode(), "application/json")[0]
+
+    def poll() -> tuple[int, str]:
+        status, answer = _once(port, "GET", poll_in)
+        assert status in (200, 204), (status, answer)
+        return status, urllib.parse.parse_qs(answer.decode()).get("body", [""])[0]
+
+    with _serve_replicas(config, _child_env(values), emulator, tmp_path, 2) as replicas:
+        port = _free_port()
+        cfg = tmp_path / "haproxy.cfg"
+        ports = {name: r.port for name, r in zip(names, replicas, strict=True)}
+        cfg.write_text(_localise_haproxy(HAPROXY.read_text(encoding="utf-8"), port, ports))
+        log = tmp_path / "haproxy.log"
+        with log.open("wb") as out:
+            haproxy = subprocess.Popen(
+                [binary, "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            # (1) haproxy passes requests to both replicas (leastconn alternates when idle).
+            deadline = time.monotonic() + HAPROXY_UP_DEADLINE
+            while {m["server"] for m in _haproxy_log(log, "/healthz")} != set(names):
+                assert haproxy.poll() is None, log.read_text(errors="replace")
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                _once(port, "GET", "/healthz")
+                time.sleep(0.05)
+
+            # (2) legacy sends, one connection each.
+            assert [send(None, n) for n in range(10)] == [204] * 10
+
+            # (3) the verbose readiness answer stays inside the network; /readyz does not.
+            assert _once(port, "GET", "/readyz?verbose")[0] == 404
+            assert _once(port, "GET", "/readyz?x=1&verbose=1")[0] == 404
+            assert _once(port, "GET", "/readyz")[0] == 200
+
+            # (4) incoming SMS in through haproxy, long-polled back through it: exactly once.
+            texts = [f"incoming through haproxy {n}" for n in range(20)]
+            assert [incoming(n, text) for n, text in enumerate(texts)] == [200] * len(texts)
+            polled: list[str] = []
+            while (answer := poll())[0] == 200:
+                polled.append(answer[1])
+                assert len(polled) <= len(texts), f"handed out again: {sorted(polled)}"
+            assert sorted(polled) == sorted(texts), "each message exactly once"
+            served = {
+                m["server"] for m in _haproxy_log(log, "/api/1/sms/in") if m["status"] == "200"
+            }
+            assert served == set(names), f"polls answered by {served} only"
+
+            # (4b) a client gives up its long-poll: the message that arrives next is not
+            # handed to haproxy for nobody, the next poll gets it.
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as gone:
+                gone.sendall(f"GET {poll_in} HTTP/1.1\r\nHost: bc-proxy\r\n\r\n".encode())
+                time.sleep(0.5)  # waiting in a replica
+            time.sleep(0.2)
+            assert incoming(100, "after a poll gave up") == 200
+            time.sleep(0.5)  # time to hand it to the abandoned poll, if it were still open
+            assert _once(port, "GET", queue)[1] == b"inCount=1&statusCount=0", "lost"
+            assert poll() == (200, "after a poll gave up")
+
+            # (5) SIGKILL one replica: sends through haproxy keep answering 204, through the
+            # window before its checks take the replica out and after, on new connections
+            # and on a kept-alive one.
+            keep = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+            try:
+                assert [send(keep, n) for n in range(100, 104)] == [204] * 4
+                killed = names[0]
+                replicas[0].proc.kill()
+                replicas[0].proc.wait(timeout=10)
+                at_kill = len(_haproxy_log(log, "/api/1/sms/out"))
+                statuses: list[int] = []
+                for n in range(200, 230):
+                    statuses.append(send(keep if n % 2 else None, n))
+                    time.sleep(0.2)  # 30 sends over 6 s: past haproxy's 2 x 2 s checks
+            finally:
+                keep.close()
+            assert statuses == [204] * 30, statuses
+            after = _haproxy_log(log, "/api/1/sms/out")[at_kill:]
+            assert {m["server"] for m in after} == {names[1]}, "a send answered by the dead one"
+            assert any(m["retries"].startswith("+") for m in after), "no send met the dead one"
+            deadline = time.monotonic() + HAPROXY_DOWN_DEADLINE
+            while f"Server bc_proxy/{killed} is DOWN" not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, "haproxy never took the dead replica out"
+                time.sleep(0.1)
+
+            text = log.read_text(errors="replace")
+            for value in (credentials["password"], secret):
+                assert value not in text, "a secret in haproxy's log"
+        finally:
+            haproxy.terminate()
+            haproxy.wait(timeout=10)
