@@ -478,6 +478,9 @@ def test_parse_qs_strict_keeps_earlier_values() -> None:
         "body=a%00b",
         "a%00=b",
         "ok=1&body=%G0",
+        "body=a\x01b",  # literal control characters, not escaped: no decoding path
+        "a\x00=b",
+        "to=1&body=caf%C3%A9&x=\x7f",
     ],
 )
 def test_parse_qs_strict_rejects(text: str) -> None:

@@ -36,19 +36,25 @@ def parse_qs_strict(text: str, into: dict[str, str]) -> None:
     """Parse `a=1&b=2` into `into` (first value of a key wins); raises BadRequest."""
     if not text:
         return
-    if "%" in text and _BAD_PERCENT.search(text):
+    check_value(text)  # literal control characters, once for the whole text
+    escaped = "%" in text
+    if escaped and _BAD_PERCENT.search(text):
         raise BadRequest("Malformed percent-encoding")
     for part in text.split("&"):
         if not part:
             continue
         key, _, value = part.partition("=")
-        try:
-            k = unquote_plus(key, errors="strict")
-            v = unquote_plus(value, errors="strict")
-        except UnicodeDecodeError:
-            raise BadRequest("Parameters are not valid UTF-8") from None
-        check_value(k)
-        check_value(v)
+        if escaped and "%" in part:  # decoding may give control characters: check what it gave
+            try:
+                k = unquote_plus(key, errors="strict")
+                v = unquote_plus(value, errors="strict")
+            except UnicodeDecodeError:
+                raise BadRequest("Parameters are not valid UTF-8") from None
+            check_value(k)
+            check_value(v)
+        else:
+            k = key.replace("+", " ")
+            v = value.replace("+", " ")
         if k not in into:
             into[k] = v
 
@@ -80,11 +86,14 @@ async def read_params(request: web.Request, max_body: int) -> dict[str, str]:
     ctype = _media_type(request)
     timeout = request.app[keys.SETTINGS].server.read_timeout_seconds
     try:
-        async with asyncio.timeout(timeout):
-            if ctype == _MULTIPART:
-                await _read_multipart(request, params)
-                return params
-            body = await request.read()
+        if ctype != _MULTIPART and request.content.is_eof():
+            body = await request.read()  # all of it has arrived: nothing to wait for
+        else:
+            async with asyncio.timeout(timeout):
+                if ctype == _MULTIPART:
+                    await _read_multipart(request, params)
+                    return params
+                body = await request.read()
     except TimeoutError:
         raise RequestTimeout("Request body not received in time") from None
     except web.HTTPRequestEntityTooLarge:
