@@ -122,7 +122,7 @@ async def begin_sends(
     rows = iter(
         await conn.fetch(
             "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
-            "$4::float8[])",
+            "$4::float8[]) ORDER BY n",
             tenants,
             legacy_ids,
             recipients,
