@@ -1,4 +1,5 @@
-"""Store contract: a settle_send whose caller is cancelled still commits, on every backend.
+"""Store contract on cancelled callers, every backend: a settle_send still commits; a
+begin_send cancelled before its group ran writes nothing.
 
 The send path relies on it instead of shielding the settle in a task of its own
 (legacy/routes.py `_forward`): the SMS may be out, so its outcome must not be rolled back.
@@ -37,3 +38,17 @@ async def test_settle_commits_when_its_caller_is_cancelled(store: Store) -> None
     rec = await store.claim(POLL, "status")
     assert rec is not None
     assert (rec.status_code, rec.in_reply_to) == ("ERR", "L1")
+
+
+async def test_begin_cancelled_before_its_commit_writes_nothing(store: Store) -> None:
+    """A begin_send whose caller is cancelled while it waits for its group writes no pending
+    row: the client's retry is then sent, not answered as a repeat of a send that never was."""
+    task = asyncio.ensure_future(store.begin_send(intent("L9"), time.time()))
+    await asyncio.sleep(0)  # the task runs until it waits for its group
+    assert not task.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    plan = await store.begin_send(intent("L9"), time.time())
+    assert plan.repeats == ()
+    assert [p.recipient for p in plan.to_send] == [HANDSET]

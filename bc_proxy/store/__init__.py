@@ -240,6 +240,10 @@ class Store(Protocol):
         tenant's idempotency window and is `accepted`, `unknown` or `pending` is a repeat (not
         written, not to be sent); one that was `rejected` is sent again. Without a legacy
         messageId nothing is a repeat. Blocked handsets get a NUR status record instead.
+
+        A call whose caller is cancelled before its commit starts writes nothing: no `pending`
+        row is left that nobody sends, which a retry would answer as a repeat (never sending
+        it) and expiry would report as an unknown outcome.
         """
 
     async def settle_send(

@@ -39,6 +39,7 @@ class Batcher(Generic[I, R]):
         max_group: int = MAX_GROUP,
         *,
         run: Run[I, R] | None = None,
+        droppable: bool = False,
     ) -> None:
         self.db = db
         self.what = what
@@ -46,6 +47,9 @@ class Batcher(Generic[I, R]):
         self.run = run if run is not None else self._in_transaction
         self.key = key
         self.max_group = max_group
+        # An item whose caller was cancelled before its group ran is not written (a
+        # write-ahead row nobody will act on); without it, a queued item is always written.
+        self.droppable = droppable
         self.groups = 0  # committed groups (diagnostics, tests)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -66,6 +70,8 @@ class Batcher(Generic[I, R]):
             await asyncio.shield(self._writer)
 
     def _cut(self) -> list[tuple[I, asyncio.Future[R]]]:
+        if self.droppable:
+            self._queue = [(item, fut) for item, fut in self._queue if not fut.cancelled()]
         seen: set[Hashable] = set()
         n = 0
         for item, _ in self._queue[: self.max_group]:
@@ -107,6 +113,8 @@ class Batcher(Generic[I, R]):
                         fut.set_result(result)
                 return
         for item, fut in group:
+            if self.droppable and fut.cancelled():
+                continue
             try:
                 (result,) = await self.run([item])
             except StoreError as exc:

@@ -101,7 +101,12 @@ class PostgresStore:
             self._db, "reject webhook", inbound.store_rejects, key=id
         )
         self._begins: Batcher[sends.BeginWrite, SendPlan] = Batcher(
-            self._db, "begin send", self._begin_sends, key=sends.BeginWrite.key, max_group=128
+            self._db,
+            "begin send",
+            self._begin_sends,
+            key=sends.BeginWrite.key,
+            max_group=128,
+            droppable=True,
         )
         self._settles: Batcher[sends.SettleWrite, None] = Batcher(
             self._db, "settle send", None, key=id, max_group=128, run=self._settle_sends

@@ -93,6 +93,7 @@ class Engine:
         self._unsynced: list[tuple[asyncio.Future[Any], Any]] = []
         self._unsynced_wakes: Wakes = set()
         self._sync_task: asyncio.Task[None] | None = None
+        self._droppable: set[BatchFn] = set()
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -216,9 +217,15 @@ class Engine:
         result: T = await fut
         return result
 
-    async def write_batched(self, fn: BatchFn, item: Any) -> Any:
-        """Queue `item` for `fn`, called once per group with every item queued for it."""
+    async def write_batched(self, fn: BatchFn, item: Any, *, droppable: bool = False) -> Any:
+        """Queue `item` for `fn`, called once per group with every item queued for it.
+
+        `droppable`: an item whose caller was cancelled before its group ran is not written
+        (a write-ahead row nobody will act on); otherwise a queued item is written whatever
+        happens to its caller."""
         fut = self._future()
+        if droppable:
+            self._droppable.add(fn)
         self._group.batches.setdefault(fn, []).append((item, fut))
         self._schedule_flush()
         return await fut
@@ -241,6 +248,12 @@ class Engine:
     def _flush(self) -> None:
         self._flush_handle = None
         group, self._group = self._group, _Group()
+        for fn in self._droppable.intersection(group.batches):
+            kept = [(item, fut) for item, fut in group.batches[fn] if not fut.cancelled()]
+            if kept:
+                group.batches[fn] = kept
+            else:
+                del group.batches[fn]
         if not len(group):
             return
         if not group.since:

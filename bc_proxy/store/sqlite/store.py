@@ -91,7 +91,9 @@ class SQLiteStore:
         return sends.begin_sends(conn, wakes, self.rules, items)
 
     async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
-        plan: SendPlan = await self._engine.write_batched(self._begin_batch, (intent, now))
+        plan: SendPlan = await self._engine.write_batched(
+            self._begin_batch, (intent, now), droppable=True
+        )
         return plan
 
     async def settle_send(
