@@ -7,21 +7,21 @@ part with the cheapest stand-in that keeps the rest of the path doing its work (
 fresh refs instead of the write-ahead commit, an accepted outcome instead of the upstream call,
 ...). Never for production: the guarantees go with the part.
 
-`fast-log` is not a removal but a prototype of the cheaper access-log path issue 13 asks for:
-the same JSON line (same keys, request id bound, the configured scrubber applied once) rendered
-once with json.dumps and written to the log stream, without structlog's processor chain, the
-stdlib LogRecord and the formatter's second chain; and a request id from os.urandom instead of
-16 calls to secrets.choice.
+`structlog-log` is not a removal but the access line as it was before the render-once path
+(`bc_proxy.log.access`): through structlog's processor chain, the stdlib LogRecord and the
+formatter's second chain, the request id bound through structlog's contextvars; so the
+budget shows what that path saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-PARTS = ("none", "metrics", "store", "auth", "upstream", "access-log", "fast-log")
+PARTS = ("none", "metrics", "store", "auth", "upstream", "access-log", "structlog-log")
 
 
 def remove(part: str) -> None:
@@ -69,61 +69,42 @@ def remove(part: str) -> None:
     elif part == "access-log":
         from bc_proxy import edge
 
-        class Quiet:
-            def __getattr__(self, name: str) -> Any:
-                return lambda *args, **kwargs: None
+        def no_line(fields: dict[str, Any]) -> None:
+            return None
 
-        edge.log = Quiet()
-    elif part == "fast-log":
-        fast_log()
+        setattr(edge, "access", no_line)  # noqa: B010 (bench-only monkeypatch)
+    elif part == "structlog-log":
+        structlog_access()
     elif part != "none":
         raise SystemExit(f"unknown part {part!r}: one of {', '.join(PARTS)}")
 
 
-def fast_log() -> None:
-    """The render-once access-log prototype (see the module docstring)."""
-    import datetime
-    import json
-    import os
-    import re
+def structlog_access() -> None:
+    """The access line as it was before issue 13's render-once path: through structlog's
+    processor chain, the stdlib LogRecord and the formatter's second chain, with the request
+    id bound through structlog's contextvars: what the render-once path replaced."""
+    import structlog
 
     from bc_proxy import edge
     from bc_proxy import log as bclog
 
-    structured = edge.log
-    sane = getattr(bclog, "_SANE_ID", re.compile(r"[A-Za-z0-9._:-]{1,64}"))
-    scrubbers = getattr(bclog, "_SCRUB", [])
-    request_id = getattr(bclog, "REQUEST_ID", None)
-    letters = b"abcdefghjkmnpqrstvwxyz"
-    table = bytes(letters[i % len(letters)] for i in range(256))
+    chained = structlog.get_logger("bc_proxy.http")
+    plain_context = bclog.request_context
 
-    def new_request_id(incoming: str | None = None) -> str:
-        if incoming and sane.fullmatch(incoming):
-            return incoming
-        return os.urandom(16).translate(table).decode()
+    def access(fields: dict[str, Any]) -> None:
+        chained.info("request", **fields)
 
-    class Access:
-        def info(self, event: str, **fields: Any) -> None:
-            if event != "request":
-                structured.info(event, **fields)
-                return
-            rid = None if request_id is None else request_id.get()
-            line: dict[str, Any] = {"request_id": rid} if rid is not None else {}
-            line.update(fields)
-            line["event"] = event
-            line["level"] = "info"
-            now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-            line["timestamp"] = now.isoformat() + "Z"
-            for scrub in scrubbers:
-                scrub(None, "info", line)
-            sys.stderr.write(json.dumps(line) + "\n")
+    @contextlib.contextmanager
+    def request_context(request_id: str) -> Iterator[None]:
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            with plain_context(request_id):
+                yield
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(structured, name)
-
-    edge.log = Access()
-    if hasattr(edge, "new_request_id"):
-        edge.new_request_id = new_request_id
+    setattr(edge, "access", access)  # noqa: B010
+    setattr(edge, "request_context", request_context)  # noqa: B010
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,7 +47,7 @@ VARIANTS = (
     "-auth",
     "-store",
     "-upstream",
-    "+fast-log",
+    "+structlog-log",
 )
 
 # (category, path fragments): a stack is charged to the first category met from the root.
