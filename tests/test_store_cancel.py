@@ -1,5 +1,6 @@
-"""Store contract on cancelled callers, every backend: a settle_send still commits; a
-begin_send cancelled before its group ran writes nothing.
+"""Store contract on cancelled and concurrent callers, every backend: a settle_send still
+commits; a begin_send cancelled before its group ran writes nothing; identical sends at once
+are forwarded once whatever groups they land in.
 
 The send path relies on it instead of shielding the settle in a task of its own
 (legacy/routes.py `_forward`): the SMS may be out, so its outcome must not be rolled back.
@@ -52,3 +53,19 @@ async def test_begin_cancelled_before_its_commit_writes_nothing(store: Store) ->
     plan = await store.begin_send(intent("L9"), time.time())
     assert plan.repeats == ()
     assert [p.recipient for p in plan.to_send] == [HANDSET]
+
+
+async def test_many_identical_sends_at_once_forward_once(store: Store) -> None:
+    """12 identical calls at once, among calls of 30 other keys: each key is forwarded once.
+    On PostgreSQL the identical ones land in different groups in flight at the same time (one
+    key never twice in a group), so this is what the groups' advisory locks must serialize."""
+    now = time.time()
+    calls = [intent("SAME") for _ in range(12)]
+    calls += [intent(f"K{i}", f"64210002{i:02d}") for i in range(30)]
+    plans = await asyncio.gather(*(store.begin_send(c, now) for c in calls))
+    same = plans[:12]
+    assert sorted(len(p.to_send) for p in same) == [0] * 11 + [1]
+    assert sorted(p.repeats for p in same) == [()] + [((HANDSET, "pending"),)] * 11
+    assert all(len(p.to_send) == 1 and p.repeats == () for p in plans[12:])
+    again = await asyncio.gather(*(store.begin_send(c, now) for c in calls[11:]))
+    assert all(p.to_send == () for p in again)

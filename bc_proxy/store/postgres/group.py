@@ -1,7 +1,8 @@
 """Group commit: writes of one kind queued while a group is in flight share the next one.
 
-Owns the queue, the one writer task per kind, cutting groups (size cap, never the same key
-twice, so a group equals its writes run one after another) and the fallback: a group that
+Owns the queue, the writer tasks per kind (one, or a few for sends: groups in flight at
+once), cutting groups (size cap, never the same key twice, so a group equals its writes run
+one after another) and the fallback: a group that
 fails is retried write by write, so one write that cannot be stored fails alone. A group is
 one transaction of a few statements whatever its size (the bulk function's set-based SQL).
 A batcher built with `run` instead of `bulk` leaves transactions to that function (a group
@@ -40,6 +41,7 @@ class Batcher(Generic[I, R]):
         *,
         run: Run[I, R] | None = None,
         droppable: bool = False,
+        writers: int = 1,
     ) -> None:
         self.db = db
         self.what = what
@@ -50,9 +52,13 @@ class Batcher(Generic[I, R]):
         # An item whose caller was cancelled before its group ran is not written (a
         # write-ahead row nobody will act on); without it, a queued item is always written.
         self.droppable = droppable
+        # Groups in flight at once. One writer makes each group wait for the previous one's
+        # commit (a WAL flush); several overlap those waits. Items of one key in two groups at
+        # once are serialized by the bulk function's own locks (begin_send's advisory locks).
+        self.writers = max(1, writers)
         self.groups = 0  # committed groups (diagnostics, tests)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: I) -> R:
         if not self.db.started:
@@ -60,14 +66,16 @@ class Batcher(Generic[I, R]):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
-        if self._writer is None:
-            self._writer = loop.create_task(self._write())
+        if len(self._running) < self.writers:
+            task = loop.create_task(self._write())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         return await fut
 
     async def drain(self) -> None:
         """Wait until every queued write is answered (close)."""
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+        while self._running:
+            await asyncio.shield(next(iter(self._running)))
 
     def _cut(self) -> list[tuple[I, asyncio.Future[R]]]:
         if self.droppable:
@@ -90,8 +98,14 @@ class Batcher(Generic[I, R]):
                 group = self._cut()
                 await self._write_group(group)
         finally:
-            self._writer = None
-            for _, fut in group + self._queue:  # cancelled (loop shutdown): nobody hangs
+            # Off the running set now, not in a done callback a loop iteration later: a write
+            # submitted meanwhile would find the set full and no writer left to run it.
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
+            # Normally the queue is empty here. A writer cancelled at loop shutdown fails its
+            # group and whatever is queued, so that nobody hangs.
+            for _, fut in group + self._queue:
                 _fail(fut, StoreError("store is closing"))
             self._queue = []
 
