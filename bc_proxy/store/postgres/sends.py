@@ -131,7 +131,7 @@ async def begin_sends(
     )
     plans: list[SendPlan] = []
     send_rows: list[tuple[Any, ...]] = []
-    statuses: list[tuple[NewRecord, float]] = []
+    statuses: list[tuple[StatusRecord, float]] = []
     for w in writes:
         intent = w.intent
         latest: dict[str, SendState] = {}
@@ -148,25 +148,15 @@ async def begin_sends(
             (intent.tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, w.now)
             for p in to_send
         )
+        lid = intent.legacy_id
         statuses.extend(
-            (
-                NewRecord(
-                    intent.tenant,
-                    "status",
-                    msisdn_from=handset,
-                    msisdn_to=intent.sender,
-                    in_reply_to=intent.legacy_id or "",
-                    status_code="NUR",
-                    error=BLOCKED_ERROR,
-                ),
-                w.now,
-            )
-            for handset in decided.blocked
+            (StatusRecord(intent.tenant, h, intent.sender, lid, "NUR", BLOCKED_ERROR), w.now)
+            for h in decided.blocked
         )
         plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
     if send_rows:
         await conn.execute(_INSERT_SENDS, *(list(c) for c in zip(*send_rows, strict=True)))
-    await insert_timed(conn, rules, statuses, wakes)
+    await insert_statuses(conn, wakes, rules, statuses, {})
     return plans
 
 

@@ -80,7 +80,6 @@ def begin_sends(
     """Plan every intent of one group (`Rules.plan`), then write all their pending rows in one
     executemany. Pending rows planned earlier in the group count as earlier sends."""
     send_rows: list[tuple[Any, ...]] = []
-    status_rows: list[tuple[Any, ...]] = []
     in_group: dict[tuple[str, str], dict[str, SendState]] = {}  # pending rows not yet inserted
     plans: list[SendPlan] = []
     for intent, now in items:
@@ -96,22 +95,13 @@ def begin_sends(
         decided = rules.plan(
             intent.recipients, latest, _blocked(conn, intent.tenant, intent.recipients)
         )
-        for recipient in decided.blocked:
-            place = rules.placement(intent.tenant, "status", now)
-            status_rows.append(
-                row_values(
-                    tenant=intent.tenant,
-                    kind="status",
-                    place=place,
-                    now=now,
-                    msisdn_from=recipient,
-                    msisdn_to=intent.sender,
-                    in_reply_to=intent.legacy_id or "",
-                    status_code="NUR",
-                    error=BLOCKED_ERROR,
-                )
-            )
-            wake(wakes, intent.tenant, "status", place)
+        if decided.blocked:  # each blocked handset gets the NUR record a refusal would give
+            lid = intent.legacy_id
+            nur = [
+                StatusRecord(intent.tenant, h, intent.sender, lid, "NUR", BLOCKED_ERROR)
+                for h in decided.blocked
+            ]
+            insert_statuses(conn, wakes, rules, nur, now)
         to_send = tuple(PlannedRecipient(r, new_ref()) for r in decided.to_send)
         for p in to_send:
             send_rows.append(
@@ -122,8 +112,6 @@ def begin_sends(
         plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
     if send_rows:
         conn.executemany(_INSERT_SEND, send_rows)
-    if status_rows:
-        conn.executemany(INSERT, status_rows)
     return plans
 
 
