@@ -33,7 +33,7 @@ _F = [c.strip() for c in FACTS.split(",")]
 # Per message: the stored record with its key, the send it relates to (by Connexus id or our
 # ref), the latest send to the handset inside the reply window (of the number's owner, when it
 # has one: the only facts route_mo takes from it then).
-_FACTS = f"""
+MO_FACTS = f"""
 SELECT x.i, e.id AS e_id, e.tenant AS e_tenant,
     {", ".join(f"r.{c} AS r_{c}" for c in _F)},
     {", ".join(f"l.{c} AS l_{c}" for c in _F)}
@@ -67,7 +67,7 @@ async def store_mos(db: Db, rules: Rules, writes: list[MoWrite]) -> list[IngestR
     wakes: Wakes = set()
     async with db.conn("add mo") as conn:
         rows = await conn.fetch(
-            _FACTS,
+            MO_FACTS,
             [w.key for w in writes],
             [w.event.related_id for w in writes],
             [w.event.sender for w in writes],

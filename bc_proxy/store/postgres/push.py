@@ -16,7 +16,7 @@ from bc_proxy.store.rules import Rules
 
 PUSH_ERROR_CHARS = 200
 
-_CLAIM = f"""
+CLAIM = f"""
 WITH due AS (
     SELECT r.id FROM records r
     WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
@@ -54,7 +54,7 @@ class Pushing:
             return []
         async with self.db.conn("claim pushes", lease=True) as conn:
             rows = await conn.fetch(
-                _CLAIM,
+                CLAIM,
                 now,
                 tenants_in,
                 tenants_status,

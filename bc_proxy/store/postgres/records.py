@@ -132,6 +132,16 @@ def to_record(row: Any) -> LegacyRecord:
     return LegacyRecord(*tuple(row)[:16])
 
 
+CLAIM_POLL = f"""
+UPDATE records SET lease_owner = $3, lease_until = {DB_NOW} + $4
+WHERE id = (
+    SELECT id FROM records
+    WHERE tenant = $1 AND kind = $2 AND pollable
+      AND (lease_until IS NULL OR lease_until < {DB_NOW})
+    ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING {RECORD_COLUMNS}"""
+
+
 class Polling:
     """Poll claims of one replica: the lease (owner, expiry) lives in the row."""
 
@@ -141,16 +151,8 @@ class Polling:
         self.lease_seconds = lease_seconds
 
     async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
-        sql = f"""
-            UPDATE records SET lease_owner = $3, lease_until = {DB_NOW} + $4
-            WHERE id = (
-                SELECT id FROM records
-                WHERE tenant = $1 AND kind = $2 AND pollable
-                  AND (lease_until IS NULL OR lease_until < {DB_NOW})
-                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-            RETURNING {RECORD_COLUMNS}"""
         async with self.db.conn("claim", lease=True) as conn:
-            row = await conn.fetchrow(sql, tenant, kind, self.owner(), self.lease_seconds)
+            row = await conn.fetchrow(CLAIM_POLL, tenant, kind, self.owner(), self.lease_seconds)
         return None if row is None else to_record(row)
 
     async def ack(self, record: LegacyRecord) -> bool:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 FACTS = "id, tenant, recipient, sender, legacy_id"
 _S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
-_CANDIDATES = (
+CANDIDATES = (
     f"SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s ON s.connexus_id = m "
     f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
     "ON s.upstream_ref = m"
@@ -50,7 +50,7 @@ LOCK_REPORT_IDS = (
     f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, h)) FROM "
     "(SELECT DISTINCT hashtext(i) AS h FROM unnest($1::text[]) AS i ORDER BY h) AS s"
 )
-_UNMATCHED = (
+UNMATCHED = (
     "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
     "AND kind = 'status' AND ref = ANY($1::text[])"
 )
@@ -60,7 +60,7 @@ _INSERT_SENDS = (
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[]) "
     "AS x(t, l, r, s, u, c)"
 )
-_SETTLE = (
+SETTLE = (
     "UPDATE sends SET state = s.state, settled_at = $5, "
     "connexus_id = coalesce(s.connexus_id, sends.connexus_id), "
     "sender = CASE WHEN sends.sender = '' THEN s.sender ELSE sends.sender END "
@@ -84,7 +84,7 @@ def facts(row: Any) -> SendFacts:
 async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
     """Send rows each report id may name: by Connexus id or by our upstream ref."""
     out: dict[str, list[SendFacts]] = {}
-    for r in await conn.fetch(_CANDIDATES, list(message_ids)):
+    for r in await conn.fetch(CANDIDATES, list(message_ids)):
         out.setdefault(r["m"], []).append(facts(r))
     return out
 
@@ -192,12 +192,12 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
     if statuses:
         async with db.tx("settle send") as (conn, wakes):
             if settlements:
-                rows = await conn.fetch(_SETTLE, *args)
+                rows = await conn.fetch(SETTLE, *args)
             send_ids = {r["upstream_ref"]: r["id"] for r in rows}
             await insert_statuses(conn, wakes, rules, statuses, send_ids)
     elif settlements:
         async with db.conn("settle send") as conn:
-            rows = await conn.fetch(_SETTLE, *args)
+            rows = await conn.fetch(SETTLE, *args)
     known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
     if known:
         await _match_late(db, rules, known)
@@ -246,7 +246,7 @@ async def _match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
     report stays unmatched, as if it had come with an id nobody knows)."""
     try:
         async with db.conn("match reports") as conn:
-            waiting = [r["ref"] for r in await conn.fetch(_UNMATCHED, message_ids)]
+            waiting = [r["ref"] for r in await conn.fetch(UNMATCHED, message_ids)]
         if waiting:
             async with db.tx("match reports") as (conn, wakes):
                 await match_reports(conn, rules, sorted(waiting), time.time(), wakes)

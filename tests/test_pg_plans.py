@@ -1,0 +1,145 @@
+"""PostgreSQL plans of the store's hot statements stay index lookups whatever the statistics.
+
+Plans are generic and made once per pooled connection (`db.PLANNER_SETTINGS`), so a plan made
+while a table was empty or tiny is the plan used when it holds millions of rows. For each hot
+statement, on tables in the states where the planner's choice used to flip (empty; one row,
+vacuumed; 100 rows, vacuumed; 300 rows never analyzed; 3,000 sends to one handset, analyzed),
+the plan the store's own pool makes must read no table whole (no Seq Scan, Hash or Merge Join),
+and the send-facts lookup must use its key index and no other index of `sends`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bc_proxy.store.postgres import mo, push, schema, sends
+from bc_proxy.store.postgres.db import PLANNER_SETTINGS, Db
+from bc_proxy.store.postgres.records import CLAIM_POLL
+from bc_proxy.store.waker import LocalWaker
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+FACTS = (
+    schema.SEND_FACTS_QUERY.replace("p_tenants", "$1::text[]")
+    .replace("p_legacy_ids", "$2::text[]")
+    .replace("p_recipients", "$3::text[]")
+    .replace("p_since", "$4::float8[]")
+)
+HANDSET = "6421000000"
+# name: (SQL, parameter types, arguments of one execution)
+STATEMENTS = {
+    "send facts": (
+        FACTS,
+        "text[], text[], text[], float8[]",
+        f"ARRAY['b'], ARRAY['l5'], ARRAY['{HANDSET}'], ARRAY[0.0::float8]",
+    ),
+    "settle": (
+        sends.SETTLE,
+        "text[], text[], text[], text[], float8",
+        "ARRAY['u5'], ARRAY['accepted'], ARRAY['cx5'], ARRAY['552'], 1.0",
+    ),
+    "unmatched reports": (sends.UNMATCHED, "text[]", "ARRAY['cx5']"),
+    "report candidates": (sends.CANDIDATES, "text[]", "ARRAY['cx5']"),
+    "mo facts": (
+        mo.MO_FACTS,
+        "text[], text[], text[], text[], float8[]",
+        f"ARRAY['k'], ARRAY['cx5'], ARRAY['{HANDSET}'], ARRAY[NULL::text], ARRAY[0.0::float8]",
+    ),
+    "poll claim": (CLAIM_POLL, "text, text, text, float8", "'b', 'in', 'me', 10.0"),
+    "push claim": (
+        push.CLAIM,
+        "float8, text[], text[], int, text, float8",
+        "1e12, ARRAY['b'], ARRAY['b'], 10, 'me', 10.0",
+    ),
+}
+# (rows of each table, VACUUM ANALYZE after filling)
+STATES = [(0, False), (1, True), (100, True), (300, False), (3000, True)]
+WHOLE_TABLE = re.compile(r"Seq Scan|Hash Join|Merge Join")
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
+    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=2, command_timeout=10)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+async def test_pooled_connections_carry_the_planner_settings(db: Db) -> None:
+    for lease in (False, True):
+        async with db.conn("settings", lease=lease) as conn:
+            for name, value in PLANNER_SETTINGS.items():
+                assert await conn.fetchval(f"SHOW {name}") == value, (lease, name)
+
+
+async def _fill(conn: object, n: int, vacuum: bool) -> None:
+    c = conn  # asyncpg connection
+    await c.execute(  # type: ignore[attr-defined]
+        "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, connexus_id, "
+        "created_at) SELECT 'b', 'l' || g, $1, 'accepted', 'u' || g, 'cx' || g, 1 "
+        "FROM generate_series(1, $2::int) AS g",
+        HANDSET,
+        n,
+    )
+    await c.execute(  # type: ignore[attr-defined]
+        "INSERT INTO records (tenant, kind, receipt_id, created_at, pollable, push_due) "
+        "SELECT 'b', 'in', 'r' || g, 1, g % 2 = 0, CASE WHEN g % 3 = 0 THEN 1 END "
+        "FROM generate_series(1, $1::int) AS g",
+        n,
+    )
+    if vacuum:
+        for table in ("sends", "records", "blocked"):
+            await c.execute(f"VACUUM ANALYZE {table}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("rows", "vacuum"), STATES)
+async def test_hot_statements_plan_index_lookups_in_every_table_state(
+    db: Db, rows: int, vacuum: bool
+) -> None:
+    async with db.conn("plans", session=True) as conn:
+        await schema.migrate(conn)
+        await _fill(conn, rows, vacuum)
+        problems = []
+        for i, (name, (sql, types, args)) in enumerate(STATEMENTS.items()):
+            await conn.execute(f"PREPARE p{i} ({types}) AS {sql}")
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE p{i} ({args})"))
+            await conn.execute(f"DEALLOCATE p{i}")
+            if WHOLE_TABLE.search(plan):
+                problems.append(f"{name} reads a whole table:\n{plan}")
+            if name == "send facts":
+                used = set(re.findall(r"using (\w+) on sends", plan))
+                if used != {"sends_key"}:
+                    problems.append(f"send facts uses {sorted(used)}, not sends_key:\n{plan}")
+        assert not problems, f"{rows} rows, vacuumed={vacuum}:\n" + "\n\n".join(problems)
+
+
+async def test_upgrade_from_version_2_finds_the_sends_it_stored(db: Db) -> None:
+    async with db.conn("upgrade", session=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+        )
+        for version, sql in enumerate(schema.MIGRATIONS[:2], 1):
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await conn.execute(
+            "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, created_at) "
+            "VALUES ('b', 'm-1', $1, 'rejected', 'u1', 10), ('b', 'm-1', $1, 'accepted', 'u2', 20),"
+            " ('b', 'm-12', '1', 'accepted', 'u3', 20)",
+            HANDSET,
+        )
+        assert await schema.migrate(conn) == (2, schema.LATEST)
+        rows = await conn.fetch(
+            "SELECT latest FROM bc_send_facts($1::text[], $2::text[], $3::text[], $4::float8[]) "
+            "ORDER BY n",
+            ["b", "b", "b", "b"],
+            ["m-1", "m-1", "m-1", "m-"],
+            [HANDSET, HANDSET, "x", "12" + "1"],
+            [0.0, 25.0, 0.0, 0.0],
+        )
+    # the latest of the key; none inside a later window; another recipient; and a key that would be
+    # the same text as ('m-12', '1') if the parts were only concatenated
+    assert [r["latest"] for r in rows] == ["accepted", None, None, None]
