@@ -23,6 +23,7 @@ I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
 Bulk = Callable[[Conn, Wakes, list[I]], Awaitable[list[R]]]
 Run = Callable[[list[I]], Awaitable[list[R]]]
+Recover = Callable[[list[I]], Awaitable[list[R] | None]]
 
 MAX_GROUP = 500
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Batcher(Generic[I, R]):
         run: Run[I, R] | None = None,
         droppable: bool = False,
         writers: int = 1,
+        recover: Recover[I, R] | None = None,
     ) -> None:
         self.db = db
         self.what = what
@@ -56,6 +58,9 @@ class Batcher(Generic[I, R]):
         # commit (a WAL flush); several overlap those waits. Items of one key in two groups at
         # once are serialized by the bulk function's own locks (begin_send's advisory locks).
         self.writers = max(1, writers)
+        # After a failed group or write, whose COMMIT may have reached the server with only
+        # its answer lost: the results it committed, or None (not committed: retry or fail).
+        self.recover = recover
         self.groups = 0  # committed groups (diagnostics, tests)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -120,6 +125,8 @@ class Batcher(Generic[I, R]):
                 results = await self.run([item for item, _ in group])
             except Exception as exc:  # whatever it was, each write is retried alone
                 log.info("%s: group of %d failed (%s); one by one", self.what, len(group), exc)
+                if await self._recovered(group):
+                    return
             else:
                 self.groups += 1
                 for (_, fut), result in zip(group, results, strict=True):
@@ -131,14 +138,32 @@ class Batcher(Generic[I, R]):
                 continue
             try:
                 (result,) = await self.run([item])
-            except StoreError as exc:
-                _fail(fut, exc)
             except Exception as exc:  # a write never leaves its caller hanging
-                _fail(fut, store_error(exc, self.what))
+                if not await self._recovered([(item, fut)]):
+                    _fail(fut, exc if isinstance(exc, StoreError) else store_error(exc, self.what))
             else:
                 self.groups += 1
                 if not fut.done():
                     fut.set_result(result)
+
+
+    async def _recovered(self, group: list[tuple[I, asyncio.Future[R]]]) -> bool:
+        """Answer a failed group from `recover` when it committed after all."""
+        if self.recover is None:
+            return False
+        try:
+            results = await self.recover([item for item, _ in group])
+        except Exception as exc:  # cannot tell now: as if it had not committed
+            log.info("%s: could not tell whether a failed group committed (%s)", self.what, exc)
+            return False
+        if results is None:
+            return False
+        log.info("%s: a group of %d committed although it failed; answered", self.what, len(group))
+        self.groups += 1
+        for (_, fut), result in zip(group, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+        return True
 
 
 def _fail(fut: asyncio.Future[R], exc: BaseException) -> None:

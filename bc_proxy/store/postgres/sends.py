@@ -91,10 +91,15 @@ async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[S
 
 @dataclass(frozen=True, slots=True)
 class BeginWrite:
-    """One begin_send call waiting for its group."""
+    """One begin_send call waiting for its group.
+
+    `planned`: the plan its latest attempt made (set by begin_sends before the commit), so
+    that after a group whose COMMIT answer was lost `recover_begins` can tell whether the
+    group committed and answer with what it committed."""
 
     intent: SendIntent
     now: float
+    planned: list[SendPlan] = field(default_factory=list, compare=False)
 
     def key(self) -> object:
         """Calls of one (tenant, messageId) never share a group: the later one must see the
@@ -153,11 +158,32 @@ async def begin_sends(
             (StatusRecord(intent.tenant, h, intent.sender, lid, "NUR", BLOCKED_ERROR), w.now)
             for h in decided.blocked
         )
-        plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
+        plan = SendPlan(to_send, decided.repeats, decided.blocked)
+        w.planned[:] = [plan]
+        plans.append(plan)
     if send_rows:
         await conn.execute(_INSERT_SENDS, *(list(c) for c in zip(*send_rows, strict=True)))
     await insert_statuses(conn, wakes, rules, statuses, {})
     return plans
+
+
+async def recover_begins(db: Db, writes: list[BeginWrite]) -> list[SendPlan] | None:
+    """After a group of begin_send calls failed with its outcome unknown (a connection lost
+    while its COMMIT was on the wire): the plans it committed, or None when it did not
+    commit, or when that cannot be told (no pending row to look for).
+
+    The group is one transaction, so one of its pending rows found means all of it committed.
+    Without this, the calls would be retried one by one: each would find its own pending rows
+    and be answered as a repeat, and nobody would send them (until expiry said "unknown")."""
+    plans = [w.planned[0] for w in writes if w.planned]
+    refs = [p.upstream_ref for plan in plans for p in plan.to_send]
+    if len(plans) < len(writes) or not refs:
+        return None
+    async with db.conn("recover begin send") as conn:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[])", refs
+        )
+    return plans if found else None
 
 
 def _state(state: str) -> SendState:

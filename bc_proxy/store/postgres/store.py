@@ -113,6 +113,7 @@ class PostgresStore:
             max_group=128,
             droppable=True,
             writers=send_writers,
+            recover=self._recover_begins,
         )
         self._settles: Batcher[sends.SettleWrite, None] = Batcher(
             self._db,
@@ -133,6 +134,9 @@ class PostgresStore:
         self, conn: Conn, wakes: Wakes, w: list[sends.BeginWrite]
     ) -> list[SendPlan]:
         return await sends.begin_sends(conn, wakes, self.rules, w)
+
+    async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
+        return await sends.recover_begins(self._db, w)
 
     async def _settle_sends(self, w: list[sends.SettleWrite]) -> list[None]:
         return await sends.settle_sends(self._db, self.rules, w)

@@ -1,0 +1,149 @@
+"""A begin_send group whose COMMIT reached PostgreSQL but whose answer was lost.
+
+The failure window: the connection drops while COMMIT is on the wire; the server committed the
+pending rows, the gateway sees an error. Retried one call at a time, each call would find its
+own pending rows and be answered as a repeat: nobody would send those SMS, and expiry would
+later report them as "outcome unknown". With recovery, the group's callers get the plans that
+were committed, so the route sends them, and no row is written twice.
+
+The lost answer is made by the group function itself: it commits through the real store
+module, then raises as a reset connection would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store import SendIntent, SendPlan
+from bc_proxy.store.postgres import schema, sends
+from bc_proxy.store.postgres.db import Db
+from bc_proxy.store.postgres.group import Batcher
+from bc_proxy.store.rules import Rules, TenantRules
+from bc_proxy.store.waker import LocalWaker
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+RULES = Rules({"t": TenantRules(senders=("552",))})
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
+    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=4, command_timeout=10)
+    await d.start()
+    async with d.conn("migrate", session=True) as conn:
+        await schema.migrate(conn)
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+def _batcher(
+    db: Db, *, recover: bool, lose_answers: list[int]
+) -> Batcher[sends.BeginWrite, SendPlan]:
+    """A begin-send batcher whose group function loses the COMMIT answer of the groups
+    (counted from 0) listed in `lose_answers`."""
+    calls = [0]
+
+    async def run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
+        async with db.tx("begin send") as (conn, wakes):
+            plans = await sends.begin_sends(conn, wakes, RULES, writes)
+        call, calls[0] = calls[0], calls[0] + 1
+        if call in lose_answers:
+            raise ConnectionResetError("connection lost while COMMIT was on the wire")
+        return plans
+
+    async def recover_begins(writes: list[sends.BeginWrite]) -> list[SendPlan] | None:
+        return await sends.recover_begins(db, writes)
+
+    return Batcher(
+        db,
+        "begin send",
+        None,
+        key=sends.BeginWrite.key,
+        run=run,
+        droppable=True,
+        recover=recover_begins if recover else None,
+    )
+
+
+async def _rows(db: Db) -> list[tuple[str | None, str]]:
+    async with db.conn("rows") as conn:
+        rows = await conn.fetch("SELECT legacy_id, recipient FROM sends ORDER BY id")
+    return [(r["legacy_id"], r["recipient"]) for r in rows]
+
+
+def _intents() -> list[SendIntent]:
+    return [
+        SendIntent("t", "m-1", ("6421000001", "6421000002"), "552"),
+        SendIntent("t", "m-2", ("6421000003",), "552"),
+        SendIntent("t", None, ("6421000004",), "552"),
+    ]
+
+
+async def _submit_all(b: Batcher[sends.BeginWrite, SendPlan]) -> list[SendPlan]:
+    now = time.time()
+    return list(
+        await asyncio.gather(*(b.submit(sends.BeginWrite(i, now)) for i in _intents()))
+    )
+
+
+async def test_a_group_committed_with_its_answer_lost_is_answered_with_its_plans(
+    db: Db,
+) -> None:
+    plans = await _submit_all(_batcher(db, recover=True, lose_answers=[0]))
+    assert [sorted(p.recipient for p in plan.to_send) for plan in plans] == [
+        ["6421000001", "6421000002"],
+        ["6421000003"],
+        ["6421000004"],
+    ]
+    assert all(plan.repeats == () for plan in plans)
+    # the rows the answers name are the committed ones, each written once
+    assert sorted(await _rows(db), key=str) == sorted(
+        [("m-1", "6421000001"), ("m-1", "6421000002"), ("m-2", "6421000003"), (None, "6421000004")],
+        key=str,
+    )
+    async with db.conn("refs") as conn:
+        stored = {r[0] for r in await conn.fetch("SELECT upstream_ref FROM sends")}
+    assert {p.upstream_ref for plan in plans for p in plan.to_send} == stored
+
+
+async def test_a_group_that_did_not_commit_is_retried_call_by_call(db: Db) -> None:
+    async def failing_run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
+        if len(writes) > 1:
+            async with db.tx("begin send") as (conn, wakes):
+                await sends.begin_sends(conn, wakes, RULES, writes)
+                raise ConnectionResetError("lost before COMMIT")  # rolled back
+        async with db.tx("begin send") as (conn, wakes):
+            return await sends.begin_sends(conn, wakes, RULES, writes)
+
+    async def recover_begins(writes: list[sends.BeginWrite]) -> list[SendPlan] | None:
+        return await sends.recover_begins(db, writes)
+
+    b: Batcher[sends.BeginWrite, SendPlan] = Batcher(
+        db, "begin send", None, key=sends.BeginWrite.key, run=failing_run, recover=recover_begins
+    )
+    plans = await _submit_all(b)
+    assert [len(plan.to_send) for plan in plans] == [2, 1, 1]
+    assert len(await _rows(db)) == 4
+
+
+async def _plan_and_roll_back(db: Db, writes: list[sends.BeginWrite]) -> None:
+    async with db.tx("rolled back") as (conn, wakes):
+        await sends.begin_sends(conn, wakes, RULES, writes)
+        raise ConnectionResetError("lost before COMMIT")
+
+
+async def test_recover_begins_tells_committed_from_rolled_back(db: Db) -> None:
+    writes = [sends.BeginWrite(i, time.time()) for i in _intents()]
+    assert await sends.recover_begins(db, writes) is None  # never planned
+    with pytest.raises(StoreError, match="lost before COMMIT"):
+        await _plan_and_roll_back(db, writes)
+    assert await sends.recover_begins(db, writes) is None  # planned, rolled back
+    async with db.tx("committed") as (conn, wakes):
+        committed = await sends.begin_sends(conn, wakes, RULES, writes)
+    assert await sends.recover_begins(db, writes) == committed
