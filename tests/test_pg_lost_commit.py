@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bc_proxy.errors import StoreError
-from bc_proxy.store import SendIntent, SendPlan
+from bc_proxy.store import SendIntent, SendPlan, Settlement, StatusRecord
 from bc_proxy.store.postgres import schema, sends
 from bc_proxy.store.postgres.db import Db
 from bc_proxy.store.postgres.group import Batcher
@@ -147,3 +147,77 @@ async def test_recover_begins_tells_committed_from_rolled_back(db: Db) -> None:
     async with db.tx("committed") as (conn, wakes):
         committed = await sends.begin_sends(conn, wakes, RULES, writes)
     assert await sends.recover_begins(db, writes) == committed
+
+
+async def test_a_settle_group_committed_with_its_answer_lost_stores_its_statuses_once(
+    db: Db,
+) -> None:
+    now = time.time()
+    async with db.tx("begin") as (conn, wakes):
+        begun = await sends.begin_sends(
+            conn, wakes, RULES, [sends.BeginWrite(i, now) for i in _intents()]
+        )
+    refs = [p.upstream_ref for plan in begun for p in plan.to_send]
+    async with db.conn("unmatched report") as conn:  # a report that came before its settle
+        await conn.execute(
+            "INSERT INTO records (kind, ref, receipt_id, created_at, status_code) "
+            "VALUES ('status', 'cx-0', 'r-0', $1, 'DELIVRD')",
+            now,
+        )
+    writes = [
+        sends.SettleWrite((Settlement(refs[0], "accepted", "cx-0"),), ()),
+        sends.SettleWrite(
+            (Settlement(refs[1], "rejected"),),
+            (StatusRecord("t", "6421000002", "552", "m-1", "ERR", "rejected", refs[1]),),
+        ),
+        sends.SettleWrite(
+            (Settlement(refs[2], "unknown"),),
+            (StatusRecord("t", "6421000003", "552", "m-2", "ERR", "unknown", refs[2]),),
+        ),
+    ]
+    calls = [0]
+
+    async def run(ws: list[sends.SettleWrite]) -> list[None]:
+        calls[0] += 1
+        if calls[0] > 1:
+            return await sends.settle_sends(db, RULES, ws)
+        # What settle_sends commits, through its COMMIT; then the answer is lost, so its late
+        # report matching (after the commit) does not run either.
+        done = [s for w in ws for s in w.settlements]
+        async with db.tx("settle send") as (conn, wakes):
+            rows = await conn.fetch(
+                sends.SETTLE,
+                [s.upstream_ref for s in done],
+                [s.state for s in done],
+                [s.connexus_id for s in done],
+                [s.sender for s in done],
+                max(w.now for w in ws),
+            )
+            await sends.insert_statuses(
+                conn,
+                wakes,
+                RULES,
+                [(st, w.now) for w in ws for st in w.statuses],
+                {r["upstream_ref"]: r["id"] for r in rows},
+            )
+        raise ConnectionResetError("connection lost while COMMIT was on the wire")
+
+    async def recover_settles(ws: list[sends.SettleWrite]) -> list[None] | None:
+        return await sends.recover_settles(db, RULES, ws)
+
+    b: Batcher[sends.SettleWrite, None] = Batcher(
+        db, "settle send", None, key=id, run=run, recover=recover_settles
+    )
+    # the group's calls, queued together before its writer runs
+    await asyncio.gather(*(b.submit(w) for w in writes))
+    async with db.conn("check") as conn:
+        errs = await conn.fetch(
+            "SELECT msisdn_from FROM records WHERE status_code = 'ERR' ORDER BY msisdn_from"
+        )
+        report = await conn.fetchrow("SELECT tenant, send_id FROM records WHERE ref = 'cx-0'")
+        states = dict(await conn.fetch("SELECT upstream_ref, state FROM sends"))
+    assert [r["msisdn_from"] for r in errs] == ["6421000002", "6421000003"]  # once each
+    assert report["tenant"] == "t"  # matched late
+    assert report["send_id"] is not None
+    assert [states[r] for r in refs[:3]] == ["accepted", "rejected", "unknown"]
+    assert calls[0] == 1  # answered by the recovery, not run again

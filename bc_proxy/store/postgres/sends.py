@@ -230,6 +230,30 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
     return [None] * len(writes)
 
 
+async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None] | None:
+    """After a group of settle_send calls failed with its outcome unknown: [None, ...] when it
+    committed after all (its rows carry the group's `settled_at`), else None (retried call by
+    call). Retried after a commit, its status records would be stored a second time, and the
+    legacy client would get each twice. The late report matching that the lost call did not
+    get to run runs here."""
+    settlements = [s for w in writes for s in w.settlements]
+    if not settlements:
+        return None
+    now = max(w.now for w in writes)
+    async with db.conn("recover settle send") as conn:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[]) AND settled_at = $2",
+            [s.upstream_ref for s in settlements],
+            now,
+        )
+    if not found:
+        return None
+    known = sorted({s.connexus_id for s in settlements if s.connexus_id})
+    if known:
+        await _match_late(db, rules, known)
+    return [None] * len(writes)
+
+
 async def insert_statuses(
     conn: Conn,
     wakes: Wakes,

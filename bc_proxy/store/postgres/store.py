@@ -123,6 +123,7 @@ class PostgresStore:
             max_group=128,
             run=self._settle_sends,
             writers=send_writers,
+            recover=self._recover_settles,
         )
         self._opened = False
         self._closed = False
@@ -140,6 +141,9 @@ class PostgresStore:
 
     async def _settle_sends(self, w: list[sends.SettleWrite]) -> list[None]:
         return await sends.settle_sends(self._db, self.rules, w)
+
+    async def _recover_settles(self, w: list[sends.SettleWrite]) -> list[None] | None:
+        return await sends.recover_settles(self._db, self.rules, w)
 
     async def _store_mos(self, w: list[MoWrite]) -> list[IngestResult]:
         return await store_mos(self._db, self.rules, w)
