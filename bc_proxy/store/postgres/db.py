@@ -87,6 +87,10 @@ class Db:
         # Server pids of pooled connections that took session-level state (advisory locks of
         # exclusive() or a migration): only these get asyncpg's full reset query on release.
         self._session_state: set[int] = set()
+        # Connections kept checked out between uses, per pool (`conn`): given back at stop.
+        self._kept: list[Conn] = []
+        self._kept_lease: list[Conn] = []
+        self._acquiring: dict[Any, int] = {}  # callers waiting in each pool's acquire
 
     async def start(self) -> None:
         try:
@@ -129,13 +133,15 @@ class Db:
         self._session_state.add(conn.get_server_pid())
 
     async def stop(self) -> None:
-        pools = (self._pool, self._lease_pool)
+        pools = ((self._pool, self._kept), (self._lease_pool, self._kept_lease))
         self._pool = self._lease_pool = None
-        for pool in pools:
+        for pool, kept in pools:
             if pool is None:
                 continue
             try:
                 async with asyncio.timeout(self.command_timeout):
+                    while kept:
+                        await pool.release(kept.pop())
                     await pool.close()
             except DRIVER_ERRORS:
                 pool.terminate()
@@ -154,15 +160,49 @@ class Db:
         pool = self._lease_pool if lease else self._pool
         if pool is None:
             raise StoreError("store is closed")
+        kept = self._kept_lease if lease else self._kept
         try:
-            async with pool.acquire(timeout=self.command_timeout) as conn:
-                if session:
-                    self.session_state(conn)
+            conn = await self._take(pool, kept)
+            if session:
+                self.session_state(conn)
+            clean = False
+            try:
                 yield conn
+                clean = True
+            finally:
+                if clean and not session and self._reusable(conn, pool, lease):
+                    kept.append(conn)
+                else:
+                    await pool.release(conn, timeout=self.command_timeout)
         except StoreError:
             raise
         except WRITE_ERRORS as exc:
             raise store_error(exc, what) from exc
+
+    async def _take(self, pool: Any, kept: list[Conn]) -> Conn:
+        """A connection kept from an earlier use, else one from the pool."""
+        while kept:
+            conn = kept.pop()
+            if not conn.is_closed():
+                return conn
+            await pool.release(conn)  # frees its place in the pool
+        self._acquiring[pool] = self._acquiring.get(pool, 0) + 1
+        try:
+            return await pool.acquire(timeout=self.command_timeout)
+        finally:
+            self._acquiring[pool] -= 1
+
+    def _reusable(self, conn: Conn, pool: Any, lease: bool) -> bool:
+        """Keep a connection checked out for the next use (asyncpg's release and acquire cost a
+        task and a timer each, per statement group), when it is idle and healthy and nobody is
+        waiting for the pool (a connection kept would never reach that waiter)."""
+        current = self._lease_pool if lease else self._pool
+        return (
+            current is pool
+            and not self._acquiring.get(pool)
+            and not conn.is_closed()
+            and not conn.is_in_transaction()
+        )
 
     async def acquire(self, what: str) -> Conn:
         """A pooled connection to hold across the caller's own code (give it back: release);
@@ -170,7 +210,7 @@ class Db:
         if self._pool is None:
             raise StoreError("store is closed")
         try:
-            conn = await self._pool.acquire(timeout=self.command_timeout)
+            conn = await self._take(self._pool, self._kept)
         except DRIVER_ERRORS as exc:
             raise store_error(exc, what) from exc
         self.session_state(conn)  # exclusive(): session advisory locks

@@ -1,0 +1,78 @@
+"""The PostgreSQL store's connections (`store/postgres/db.py`): kept between uses, never hoarded.
+
+`Db.conn` keeps an idle, healthy connection checked out for the next use instead of giving it
+back to asyncpg's pool (whose acquire and release each cost a task and a timer). That must not
+keep a connection from a caller waiting for the pool, nor keep session state (advisory locks)
+on a connection someone else gets next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bc_proxy.store.postgres.db import Db
+from bc_proxy.store.waker import LocalWaker
+from tests import pg
+from tests.pg import pg_url  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
+    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=5)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+async def _pid(db: Db) -> int:
+    async with db.conn("pid") as conn:
+        return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+async def test_a_connection_is_reused_from_one_use_to_the_next(db: Db) -> None:
+    assert await _pid(db) == await _pid(db)
+
+
+async def test_a_caller_waiting_for_the_pool_gets_the_connection_given_back(db: Db) -> None:
+    # pool_max=1: the second caller can only run once the first gives its connection back.
+    order: list[str] = []
+    first_holds = asyncio.Event()
+
+    async def first() -> None:
+        async with db.conn("first") as conn:
+            first_holds.set()
+            await asyncio.sleep(0.2)
+            await conn.fetchval("SELECT 1")
+            order.append("first done")
+
+    async def second() -> None:
+        await first_holds.wait()
+        async with db.conn("second") as conn:
+            await conn.fetchval("SELECT 1")
+            order.append("second done")
+
+    await asyncio.wait_for(asyncio.gather(first(), second()), 5)
+    assert order == ["first done", "second done"]
+
+
+async def test_a_connection_with_session_locks_is_reset_not_kept(db: Db, pg_url: str) -> None:  # noqa: F811
+    async with db.conn("lock", session=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(424242)")
+    held = await pg.execute(
+        pg_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 424242"
+    )
+    assert held == 0
+
+
+async def test_a_connection_left_in_a_transaction_is_rolled_back_not_kept(db: Db) -> None:
+    async with db.conn("open tx") as conn:  # a caller that forgot its COMMIT
+        await conn.execute("BEGIN")
+        await conn.execute("CREATE TEMP TABLE t_left (x int)")
+    async with db.conn("after") as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.t_left')") is None
