@@ -20,6 +20,10 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from bc_proxy.store.postgres import schema
+from bc_proxy.store.postgres.db import Db
+from bc_proxy.store.waker import LocalWaker
+
 DSN = os.environ.get("BC_PROXY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRED = os.environ.get("BC_PROXY_REQUIRE_PG") == "1"
 T = TypeVar("T")
@@ -83,6 +87,20 @@ async def execute(url: str, sql: str, *args: Any) -> Any:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def started_db(url: str, *, pool_max: int = 2, migrated: bool = False) -> AsyncIterator[Db]:
+    """The store's own connection layer (`Db`) on `url`, started (and migrated), stopped after."""
+    db = Db(url, LocalWaker(), pool_min=1, pool_max=pool_max, command_timeout=10)
+    await db.start()
+    try:
+        if migrated:
+            async with db.conn("migrate", session=True) as conn:
+                await schema.migrate(conn)
+        yield db
+    finally:
+        await db.stop()
 
 
 @pytest.fixture

@@ -14,19 +14,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bc_proxy.store.postgres.db import Db
-from bc_proxy.store.waker import LocalWaker
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
-    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=1, command_timeout=5)
-    await d.start()
-    try:
+    async with pg.started_db(pg_url, pool_max=1) as d:
         yield d
-    finally:
-        await d.stop()
 
 
 async def _pid(db: Db) -> int:

@@ -20,11 +20,11 @@ import pytest
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store import SendIntent, SendPlan, Settlement, StatusRecord
-from bc_proxy.store.postgres import schema, sends
+from bc_proxy.store.postgres import sends
 from bc_proxy.store.postgres.db import Db
 from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.rules import Rules, TenantRules
-from bc_proxy.store.waker import LocalWaker
+from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 RULES = Rules({"t": TenantRules(senders=("552",))})
@@ -32,14 +32,8 @@ RULES = Rules({"t": TenantRules(senders=("552",))})
 
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
-    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=4, command_timeout=10)
-    await d.start()
-    async with d.conn("migrate", session=True) as conn:
-        await schema.migrate(conn)
-    try:
+    async with pg.started_db(pg_url, pool_max=4, migrated=True) as d:
         yield d
-    finally:
-        await d.stop()
 
 
 def _batcher(

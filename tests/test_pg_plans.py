@@ -18,7 +18,7 @@ import pytest
 from bc_proxy.store.postgres import mo, push, schema, sends
 from bc_proxy.store.postgres.db import PLANNER_SETTINGS, Db
 from bc_proxy.store.postgres.records import CLAIM_POLL
-from bc_proxy.store.waker import LocalWaker
+from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 FACTS = (
@@ -61,12 +61,8 @@ WHOLE_TABLE = re.compile(r"Seq Scan|Hash Join|Merge Join")
 
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
-    d = Db(pg_url, LocalWaker(), pool_min=1, pool_max=2, command_timeout=10)
-    await d.start()
-    try:
+    async with pg.started_db(pg_url, pool_max=2) as d:
         yield d
-    finally:
-        await d.stop()
 
 
 async def test_pooled_connections_carry_the_planner_settings(db: Db) -> None:
