@@ -71,3 +71,25 @@ async def test_a_connection_left_in_a_transaction_is_rolled_back_not_kept(db: Db
     async with db.conn("after") as conn:
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SELECT to_regclass('pg_temp.t_left')") is None
+
+
+async def test_kept_connections_lost_by_the_server_are_replaced_not_handed_out(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # A server restart or a terminated backend: asyncpg detaches the lost connections.
+    async with pg.started_db(pg_url, pool_max=3) as db:
+
+        async def use() -> int:
+            async with db.conn("use") as conn:
+                await conn.fetchval("SELECT pg_sleep(0.05)")
+                return int(conn.get_server_pid())
+
+        pids = await asyncio.gather(use(), use(), use())  # three connections, all kept
+        terminated = await pg.execute(
+            pg_url, "SELECT count(pg_terminate_backend(p)) FROM unnest($1::int[]) AS p", pids
+        )
+        assert terminated == 3
+        await asyncio.sleep(0.3)  # asyncpg notices the closed sockets
+        for _ in range(4):
+            new_pid = await _pid(db)
+            assert new_pid not in pids

@@ -135,6 +135,7 @@ class Db:
     async def stop(self) -> None:
         pools = ((self._pool, self._kept), (self._lease_pool, self._kept_lease))
         self._pool = self._lease_pool = None
+        self._acquiring.clear()
         for pool, kept in pools:
             if pool is None:
                 continue
@@ -145,6 +146,7 @@ class Db:
                     await pool.close()
             except DRIVER_ERRORS:
                 pool.terminate()
+            kept.clear()
 
     @property
     def started(self) -> bool:
@@ -183,9 +185,9 @@ class Db:
         """A connection kept from an earlier use, else one from the pool."""
         while kept:
             conn = kept.pop()
-            if not conn.is_closed():
+            if _usable(conn):
                 return conn
-            await pool.release(conn)  # frees its place in the pool
+            await pool.release(conn)  # frees its place (a detached one has freed it already)
         self._acquiring[pool] = self._acquiring.get(pool, 0) + 1
         try:
             return await pool.acquire(timeout=self.command_timeout)
@@ -200,7 +202,7 @@ class Db:
         return (
             current is pool
             and not self._acquiring.get(pool)
-            and not conn.is_closed()
+            and _usable(conn)
             and not conn.is_in_transaction()
         )
 
@@ -240,3 +242,14 @@ class Db:
         """Wake this process's waiters at once (the LISTEN echo follows; re-checks are cheap)."""
         for tenant, kind in wakes:
             self.waker.notify(tenant, kind)
+
+
+def _usable(conn: Conn) -> bool:
+    """Open and still this caller's: when asyncpg loses a checked-out connection (a server
+    restart, a terminated backend) it detaches it from its pool proxy, whose every method then
+    raises InterfaceError, and gives the place back to the pool itself."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
