@@ -10,9 +10,11 @@ and the send-facts lookup must use its key index and no other index of `sends`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bc_proxy.store.postgres import mo, push, schema, sends
@@ -139,3 +141,45 @@ async def test_upgrade_from_version_2_finds_the_sends_it_stored(db: Db) -> None:
     # the latest of the key; none inside a later window; another recipient; and a key that would be
     # the same text as ('m-12', '1') if the parts were only concatenated
     assert [r["latest"] for r in rows] == ["accepted", None, None, None]
+
+
+async def test_upgrade_to_version_3_beside_a_running_send_does_not_deadlock(
+    db: Db,
+    pg_url: str,  # noqa: F811
+) -> None:
+    # An older replica's begin_send: its facts read (the table share-locked), then, while the
+    # migration waits for a lock on `sends`, its insert. Taking the share lock for the index
+    # build first and the exclusive one for DROP INDEX after made a deadlock of this.
+    async with db.conn("v2", session=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+        )
+        for version, sql in enumerate(schema.MIGRATIONS[:2], 1):
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+    old_replica = await asyncpg.connect(pg_url)
+    try:
+        tx = old_replica.transaction()
+        await tx.start()
+        await old_replica.fetch(
+            "SELECT * FROM bc_send_facts(ARRAY['b'], ARRAY['m-1'], ARRAY['1'], ARRAY[0.0::float8])"
+        )
+        async with db.conn("migrate", session=True) as conn:
+            migrator = conn.get_server_pid()
+            migration = asyncio.ensure_future(schema.migrate(conn))
+            for _ in range(100):  # until it waits for a lock held by the old replica
+                waiting = await pg.execute(
+                    pg_url, "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", migrator
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the migration never waited for the open send transaction"
+            await old_replica.execute(
+                "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, created_at) "
+                "VALUES ('b', 'm-1', '1', 'pending', 'u-1', 1)"
+            )
+            await tx.commit()
+            assert await asyncio.wait_for(migration, 30) == (2, schema.LATEST)
+    finally:
+        await old_replica.close()

@@ -156,9 +156,13 @@ MIGRATIONS: tuple[str, ...] = (
     # when a connection first planned it (and kept: plans are generic, db.PLANNER_SETTINGS).
     # Seen in a benchmark: sends_recipient, which reads every send to one busy handset per call
     # (125 ms at 20,000 sends). Now one expression index holds the key and the lookup has no
-    # other indexable condition; the window is a filter of the aggregate. Building the index
-    # locks `sends` against writes for as long as it takes (seconds per million sends).
+    # other indexable condition; the window is a filter of the aggregate. The table lock comes
+    # first: taken by CREATE INDEX (share) and then DROP INDEX (exclusive), it deadlocked with a
+    # running replica's begin_send (facts read, then its insert waiting behind the build).
+    # `sends` is closed to every other session for as long as the build takes (seconds per
+    # million sends).
     f"""
+    LOCK TABLE sends IN ACCESS EXCLUSIVE MODE;
     CREATE INDEX sends_key ON sends (({send_key("tenant", "legacy_id", "recipient")}))
         WHERE legacy_id IS NOT NULL;
     DROP INDEX sends_idempotency;
