@@ -215,3 +215,70 @@ async def test_a_settle_group_committed_with_its_answer_lost_stores_its_statuses
     assert report["send_id"] is not None
     assert [states[r] for r in refs[:3]] == ["accepted", "rejected", "unknown"]
     assert calls[0] == 1  # answered by the recovery, not run again
+
+
+async def test_a_group_of_blocked_handsets_committed_with_its_answer_lost_is_stored_once(
+    db: Db,
+) -> None:
+    async with db.conn("block") as conn:
+        await conn.execute(
+            "INSERT INTO blocked (tenant, handset, since) VALUES ('t', '6421000001', 0), "
+            "('t', '6421000003', 0)"
+        )
+    now = time.time()
+    b = _batcher(db, recover=True, lose_answers=[0])
+    plans = await asyncio.gather(
+        b.submit(sends.BeginWrite(SendIntent("t", "m-1", ("6421000001",), "552"), now)),
+        b.submit(sends.BeginWrite(SendIntent("t", "m-2", ("6421000003",), "552"), now)),
+    )
+    assert [plan.blocked for plan in plans] == [("6421000001",), ("6421000003",)]
+    async with db.conn("check") as conn:
+        nurs = await conn.fetch(
+            "SELECT msisdn_from FROM records WHERE status_code = 'NUR' ORDER BY msisdn_from"
+        )
+    assert [r["msisdn_from"] for r in nurs] == ["6421000001", "6421000003"]  # once each
+
+
+async def test_calls_of_a_group_whose_commit_could_not_be_told_are_checked_before_a_retry(
+    db: Db,
+) -> None:
+    # The group committed, its answer was lost, and the check right after failed too (the
+    # database still unreachable): each call is checked again before it is written alone.
+    now = time.time()
+    async with db.tx("begin") as (conn, wakes):
+        begun = await sends.begin_sends(
+            conn, wakes, RULES, [sends.BeginWrite(i, now) for i in _intents()]
+        )
+    refs = [p.upstream_ref for plan in begun for p in plan.to_send]
+    writes = [
+        sends.SettleWrite(
+            (Settlement(ref, "rejected"),),
+            (StatusRecord("t", f"64210000{i:02d}", "552", None, "ERR", "rejected", ref),),
+            now=now + i,  # the group stores the latest time of its calls
+        )
+        for i, ref in enumerate(refs)
+    ]
+    runs = [0]
+    checks = [0]
+
+    async def run(ws: list[sends.SettleWrite]) -> list[None]:
+        runs[0] += 1
+        await sends.settle_sends(db, RULES, ws)
+        if runs[0] == 1:
+            raise ConnectionResetError("connection lost while COMMIT was on the wire")
+        return [None] * len(ws)
+
+    async def recover_settles(ws: list[sends.SettleWrite]) -> list[None] | None:
+        checks[0] += 1
+        if checks[0] == 1:
+            raise ConnectionRefusedError("the database is still unreachable")
+        return await sends.recover_settles(db, RULES, ws)
+
+    b: Batcher[sends.SettleWrite, None] = Batcher(
+        db, "settle send", None, key=id, run=run, recover=recover_settles
+    )
+    await asyncio.gather(*(b.submit(w) for w in writes))
+    async with db.conn("check") as conn:
+        errs = await conn.fetchval("SELECT count(*) FROM records WHERE status_code = 'ERR'")
+    assert errs == len(refs)  # once each
+    assert runs[0] == 1  # no call was written again

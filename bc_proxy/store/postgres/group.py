@@ -120,13 +120,16 @@ class Batcher(Generic[I, R]):
             return await self.bulk(conn, wakes, items)
 
     async def _write_group(self, group: list[tuple[I, asyncio.Future[R]]]) -> None:
+        unknown = False  # the group failed and whether it committed could not be told
         if len(group) > 1:
             try:
                 results = await self.run([item for item, _ in group])
             except Exception as exc:  # whatever it was, each write is retried alone
                 log.info("%s: group of %d failed (%s); one by one", self.what, len(group), exc)
-                if await self._recovered(group):
+                recovered = await self._recovered(group)
+                if recovered:
                     return
+                unknown = recovered is None
             else:
                 self.groups += 1
                 for (_, fut), result in zip(group, results, strict=True):
@@ -136,6 +139,8 @@ class Batcher(Generic[I, R]):
         for item, fut in group:
             if self.droppable and fut.cancelled():
                 continue
+            if unknown and await self._recovered([(item, fut)]):
+                continue  # it committed with its group: not written twice
             try:
                 (result,) = await self.run([item])
             except Exception as exc:  # a write never leaves its caller hanging
@@ -146,16 +151,16 @@ class Batcher(Generic[I, R]):
                 if not fut.done():
                     fut.set_result(result)
 
-
-    async def _recovered(self, group: list[tuple[I, asyncio.Future[R]]]) -> bool:
-        """Answer a failed group from `recover` when it committed after all."""
+    async def _recovered(self, group: list[tuple[I, asyncio.Future[R]]]) -> bool | None:
+        """Answer a failed group from `recover` when it committed after all: True when
+        answered, False when it did not commit, None when that could not be told."""
         if self.recover is None:
             return False
         try:
             results = await self.recover([item for item, _ in group])
-        except Exception as exc:  # cannot tell now: as if it had not committed
+        except Exception as exc:
             log.info("%s: could not tell whether a failed group committed (%s)", self.what, exc)
-            return False
+            return None
         if results is None:
             return False
         log.info("%s: a group of %d committed although it failed; answered", self.what, len(group))

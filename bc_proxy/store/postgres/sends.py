@@ -46,6 +46,9 @@ CANDIDATES = (
     "ON s.upstream_ref = m"
 )
 # Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
+# The event key of a NUR record begin_send writes for a blocked handset (with a new ref): how
+# recover_begins finds a group that stored only those.
+NUR_MARK = "bc-nur:"
 LOCK_REPORT_IDS = (
     f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, h)) FROM "
     "(SELECT DISTINCT hashtext(i) AS h FROM unnest($1::text[]) AS i ORDER BY h) AS s"
@@ -93,13 +96,15 @@ async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[S
 class BeginWrite:
     """One begin_send call waiting for its group.
 
-    `planned`: the plan its latest attempt made (set by begin_sends before the commit), so
-    that after a group whose COMMIT answer was lost `recover_begins` can tell whether the
-    group committed and answer with what it committed."""
+    `planned`: the plan its latest attempt made (set by begin_sends before the commit), and
+    `marks`: the event keys of the NUR records it wrote for blocked handsets, so that after a
+    group whose COMMIT answer was lost `recover_begins` can tell whether the group committed
+    and answer with what it committed."""
 
     intent: SendIntent
     now: float
     planned: list[SendPlan] = field(default_factory=list, compare=False)
+    marks: list[str] = field(default_factory=list, compare=False)
 
     def key(self) -> object:
         """Calls of one (tenant, messageId) never share a group: the later one must see the
@@ -137,6 +142,7 @@ async def begin_sends(
     plans: list[SendPlan] = []
     send_rows: list[tuple[Any, ...]] = []
     statuses: list[tuple[StatusRecord, float]] = []
+    marks: list[str] = []
     for w in writes:
         intent = w.intent
         latest: dict[str, SendState] = {}
@@ -160,10 +166,12 @@ async def begin_sends(
         )
         plan = SendPlan(to_send, decided.repeats, decided.blocked)
         w.planned[:] = [plan]
+        w.marks[:] = [f"{NUR_MARK}{new_ref()}" for _ in decided.blocked]
+        marks.extend(w.marks)
         plans.append(plan)
     if send_rows:
         await conn.execute(_INSERT_SENDS, *(list(c) for c in zip(*send_rows, strict=True)))
-    await insert_statuses(conn, wakes, rules, statuses, {})
+    await insert_statuses(conn, wakes, rules, statuses, {}, marks)
     return plans
 
 
@@ -172,16 +180,22 @@ async def recover_begins(db: Db, writes: list[BeginWrite]) -> list[SendPlan] | N
     while its COMMIT was on the wire): the plans it committed, or None when it did not
     commit, or when that cannot be told (no pending row to look for).
 
-    The group is one transaction, so one of its pending rows found means all of it committed.
-    Without this, the calls would be retried one by one: each would find its own pending rows
-    and be answered as a repeat, and nobody would send them (until expiry said "unknown")."""
+    The group is one transaction, so one of its pending rows (or NUR records) found means all
+    of it committed. Without this, the calls would be retried one by one: each would find its
+    own pending rows and be answered as a repeat, and nobody would send them (until expiry
+    said "unknown"); and NUR records would be stored twice. A group of repeats only wrote
+    nothing: retrying it writes nothing either."""
     plans = [w.planned[0] for w in writes if w.planned]
     refs = [p.upstream_ref for plan in plans for p in plan.to_send]
-    if len(plans) < len(writes) or not refs:
+    marks = [m for w in writes for m in w.marks]
+    if len(plans) < len(writes) or not (refs or marks):
         return None
     async with db.conn("recover begin send") as conn:
         found = await conn.fetchval(
-            "SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[])", refs
+            "SELECT (SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[])) "
+            "+ (SELECT count(*) FROM records WHERE event_key = ANY($2::text[]))",
+            refs,
+            marks,
         )
     return plans if found else None
 
@@ -232,22 +246,28 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
 
 async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None] | None:
     """After a group of settle_send calls failed with its outcome unknown: [None, ...] when it
-    committed after all (its rows carry the group's `settled_at`), else None (retried call by
-    call). Retried after a commit, its status records would be stored a second time, and the
-    legacy client would get each twice. The late report matching that the lost call did not
-    get to run runs here."""
-    settlements = [s for w in writes for s in w.settlements]
-    if not settlements:
+    committed after all, else None (retried call by call). Committed means a row holds the
+    state a call set, settled no earlier than the call was made (a group stores the latest
+    time of its calls, so a call retried alone after its group is recognised too; a row that
+    expiry made `unknown` meanwhile counts for a settle to `unknown`, whose status record
+    expiry has written). Retried after a commit, its status records would be stored a second
+    time, and the legacy client would get each twice. The late report matching that the lost
+    call did not get to run runs here."""
+    settled = [(s, w.now) for w in writes for s in w.settlements]
+    if not settled:
         return None
-    now = max(w.now for w in writes)
     async with db.conn("recover settle send") as conn:
         found = await conn.fetchval(
-            "SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[]) AND settled_at = $2",
-            [s.upstream_ref for s in settlements],
-            now,
+            "SELECT count(*) FROM unnest($1::text[], $2::text[], $3::float8[]) AS x(ref, st, t) "
+            "JOIN sends ON sends.upstream_ref = x.ref "
+            "WHERE sends.state = x.st AND sends.settled_at >= x.t",
+            [s.upstream_ref for s, _ in settled],
+            [s.state for s, _ in settled],
+            [now for _, now in settled],
         )
     if not found:
         return None
+    settlements = [s for s, _ in settled]
     known = sorted({s.connexus_id for s in settlements if s.connexus_id})
     if known:
         await _match_late(db, rules, known)
@@ -260,9 +280,11 @@ async def insert_statuses(
     rules: Rules,
     statuses: Sequence[tuple[StatusRecord, float]],
     send_ids: Mapping[str, int],
+    keys: Sequence[str] = (),
 ) -> None:
     """Store status records bc-proxy made (each with its time), placed by the rules, inside
-    the caller's transaction; a send id not in `send_ids` is looked up by its ref."""
+    the caller's transaction; a send id not in `send_ids` is looked up by its ref. `keys`:
+    the records' event keys, one each, when they have any."""
     refs = sorted({s.upstream_ref for s, _ in statuses if s.upstream_ref} - send_ids.keys())
     ids = dict(send_ids)
     if refs:
@@ -270,11 +292,13 @@ async def insert_statuses(
             "SELECT id, upstream_ref FROM sends WHERE upstream_ref = ANY($1::text[])", refs
         )
         ids.update({r["upstream_ref"]: r["id"] for r in rows})
+    event_keys: Sequence[str | None] = keys or [None] * len(statuses)
     records = [
         (
             NewRecord(
                 st.tenant,
                 "status",
+                event_key=key,
                 send_id=ids.get(st.upstream_ref or ""),
                 msisdn_from=st.recipient,
                 msisdn_to=st.sender,
@@ -284,7 +308,7 @@ async def insert_statuses(
             ),
             now,
         )
-        for st, now in statuses
+        for (st, now), key in zip(statuses, event_keys, strict=True)
     ]
     await insert_timed(conn, rules, records, wakes)
 
