@@ -81,9 +81,7 @@ def _intents() -> list[SendIntent]:
 
 async def _submit_all(b: Batcher[sends.BeginWrite, SendPlan]) -> list[SendPlan]:
     now = time.time()
-    return list(
-        await asyncio.gather(*(b.submit(sends.BeginWrite(i, now)) for i in _intents()))
-    )
+    return list(await asyncio.gather(*(b.submit(sends.BeginWrite(i, now)) for i in _intents())))
 
 
 async def test_a_group_committed_with_its_answer_lost_is_answered_with_its_plans(
@@ -282,3 +280,54 @@ async def test_calls_of_a_group_whose_commit_could_not_be_told_are_checked_befor
         errs = await conn.fetchval("SELECT count(*) FROM records WHERE status_code = 'ERR'")
     assert errs == len(refs)  # once each
     assert runs[0] == 1  # no call was written again
+
+
+async def test_recovery_waits_for_a_group_still_committing_on_the_server(db: Db) -> None:
+    # The connection dropped while the server still runs the group's COMMIT: the check must
+    # not read before that commit is visible (it would find nothing, and the retry would
+    # turn the group's sends into repeats of themselves).
+    writes = [sends.BeginWrite(i, time.time()) for i in _intents()[:2]]  # with messageIds
+    committing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def group_on_the_server() -> list[SendPlan]:
+        async with db.tx("begin send") as (conn, wakes):
+            plans = await sends.begin_sends(conn, wakes, RULES, writes)
+            committing.set()
+            await release.wait()
+        return plans
+
+    server = asyncio.ensure_future(group_on_the_server())
+    await committing.wait()
+    check = asyncio.ensure_future(sends.recover_begins(db, writes))
+    await asyncio.sleep(0.3)
+    assert not check.done()  # waiting for the group's locks
+    release.set()
+    assert await asyncio.wait_for(check, 5) == await server
+
+    settle = [
+        sends.SettleWrite((Settlement(p.upstream_ref, "accepted", "cx-9"),), ())
+        for p in (await server)[0].to_send
+    ]
+    settling = asyncio.Event()
+    done = asyncio.Event()
+
+    async def settle_on_the_server() -> None:
+        async with db.tx("settle send") as (conn, _):
+            await conn.execute(
+                "UPDATE sends SET state = 'accepted', settled_at = $2 "
+                "WHERE upstream_ref = ANY($1::text[])",
+                [w.settlements[0].upstream_ref for w in settle],
+                max(w.now for w in settle),
+            )
+            settling.set()
+            await done.wait()
+
+    server2 = asyncio.ensure_future(settle_on_the_server())
+    await settling.wait()
+    check2 = asyncio.ensure_future(sends.recover_settles(db, RULES, settle))
+    await asyncio.sleep(0.3)
+    assert not check2.done()  # waiting for the rows the settle holds
+    done.set()
+    await server2
+    assert await asyncio.wait_for(check2, 5) == [None] * len(settle)

@@ -32,7 +32,7 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
-from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT
+from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, LOCK_CLASS_SEND
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, SendFacts, new_ref
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
@@ -46,6 +46,12 @@ CANDIDATES = (
     "ON s.upstream_ref = m"
 )
 # Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
+# bc_send_facts's locks of (tenant, legacy messageId) pairs, the same keys in the same order.
+_LOCK_SEND_KEYS = (
+    f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_SEND}, k.h)) FROM ("
+    "SELECT DISTINCT hashtext(x.t || chr(1) || x.l) AS h "
+    "FROM unnest($1::text[], $2::text[]) AS x(t, l) ORDER BY 1) AS k"
+)
 # The event key of a NUR record begin_send writes for a blocked handset (with a new ref): how
 # recover_begins finds a group that stored only those.
 NUR_MARK = "bc-nur:"
@@ -190,7 +196,13 @@ async def recover_begins(db: Db, writes: list[BeginWrite]) -> list[SendPlan] | N
     marks = [m for w in writes for m in w.marks]
     if len(plans) < len(writes) or not (refs or marks):
         return None
-    async with db.conn("recover begin send") as conn:
+    keyed = [w.intent for w in writes if w.intent.legacy_id is not None]
+    async with db.tx("recover begin send") as (conn, _):
+        # The group's advisory locks first: if its transaction is still committing on the
+        # server (the connection dropped, the backend not yet done), this waits for its end.
+        await conn.fetchval(
+            _LOCK_SEND_KEYS, [i.tenant for i in keyed], [i.legacy_id for i in keyed]
+        )
         found = await conn.fetchval(
             "SELECT (SELECT count(*) FROM sends WHERE upstream_ref = ANY($1::text[])) "
             "+ (SELECT count(*) FROM records WHERE event_key = ANY($2::text[]))",
@@ -256,19 +268,23 @@ async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> li
     settled = [(s, w.now) for w in writes for s in w.settlements]
     if not settled:
         return None
-    async with db.conn("recover settle send") as conn:
-        found = await conn.fetchval(
-            "SELECT count(*) FROM unnest($1::text[], $2::text[], $3::float8[]) AS x(ref, st, t) "
-            "JOIN sends ON sends.upstream_ref = x.ref "
-            "WHERE sends.state = x.st AND sends.settled_at >= x.t",
+    async with db.tx("recover settle send") as (conn, _):
+        # The rows FOR SHARE, whatever their state: a settle still committing on the server
+        # holds them, so this waits for its end and then reads the rows it left.
+        rows = await conn.fetch(
+            "SELECT upstream_ref, state, settled_at FROM sends "
+            "WHERE upstream_ref = ANY($1::text[]) FOR SHARE",
             [s.upstream_ref for s, _ in settled],
-            [s.state for s, _ in settled],
-            [now for _, now in settled],
         )
-    if not found:
+    left = {r["upstream_ref"]: r for r in rows}
+    if not any(
+        (row := left.get(s.upstream_ref)) is not None
+        and row["state"] == s.state
+        and (row["settled_at"] or 0.0) >= t
+        for s, t in settled
+    ):
         return None
-    settlements = [s for s, _ in settled]
-    known = sorted({s.connexus_id for s in settlements if s.connexus_id})
+    known = sorted({s.connexus_id for s, _ in settled if s.connexus_id})
     if known:
         await _match_late(db, rules, known)
     return [None] * len(writes)
