@@ -174,8 +174,8 @@ class Db:
                 clean = True
             finally:
                 # Lease connections go back to asyncpg: kept, the benchmark's drain of 20,000
-                # polls left its last record pollable in 3 runs of 5 (its answer judged not
-                # received at the end of the drain), against 0 of 6 without; not understood.
+                # polls left its last record pollable in 3 runs of 10 (its answer judged not
+                # received at the end of the drain), against 0 of 9 without; not understood.
                 if clean and not session and not lease and self._reusable(conn, pool, lease):
                     kept.append(conn)
                 else:
