@@ -141,15 +141,20 @@ async def test_recover_begins_tells_committed_from_rolled_back(db: Db) -> None:
     assert await sends.recover_begins(db, writes) == committed
 
 
-async def test_a_settle_group_committed_with_its_answer_lost_stores_its_statuses_once(
-    db: Db,
-) -> None:
-    now = time.time()
+async def _begun(db: Db, now: float) -> list[str]:
+    """The intents' pending rows, committed: their upstream refs."""
     async with db.tx("begin") as (conn, wakes):
         begun = await sends.begin_sends(
             conn, wakes, RULES, [sends.BeginWrite(i, now) for i in _intents()]
         )
-    refs = [p.upstream_ref for plan in begun for p in plan.to_send]
+    return [p.upstream_ref for plan in begun for p in plan.to_send]
+
+
+async def test_a_settle_group_committed_with_its_answer_lost_stores_its_statuses_once(
+    db: Db,
+) -> None:
+    now = time.time()
+    refs = await _begun(db, now)
     async with db.conn("unmatched report") as conn:  # a report that came before its settle
         await conn.execute(
             "INSERT INTO records (kind, ref, receipt_id, created_at, status_code) "
@@ -243,11 +248,7 @@ async def test_calls_of_a_group_whose_commit_could_not_be_told_are_checked_befor
     # The group committed, its answer was lost, and the check right after failed too (the
     # database still unreachable): each call is checked again before it is written alone.
     now = time.time()
-    async with db.tx("begin") as (conn, wakes):
-        begun = await sends.begin_sends(
-            conn, wakes, RULES, [sends.BeginWrite(i, now) for i in _intents()]
-        )
-    refs = [p.upstream_ref for plan in begun for p in plan.to_send]
+    refs = await _begun(db, now)
     writes = [
         sends.SettleWrite(
             (Settlement(ref, "rejected"),),

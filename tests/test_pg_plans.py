@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -74,16 +75,15 @@ async def test_pooled_connections_carry_the_planner_settings(db: Db) -> None:
                 assert await conn.fetchval(f"SHOW {name}") == value, (lease, name)
 
 
-async def _fill(conn: object, n: int, vacuum: bool) -> None:
-    c = conn  # asyncpg connection
-    await c.execute(  # type: ignore[attr-defined]
+async def _fill(c: Any, n: int, vacuum: bool) -> None:
+    await c.execute(
         "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, connexus_id, "
         "created_at) SELECT 'b', 'l' || g, $1, 'accepted', 'u' || g, 'cx' || g, 1 "
         "FROM generate_series(1, $2::int) AS g",
         HANDSET,
         n,
     )
-    await c.execute(  # type: ignore[attr-defined]
+    await c.execute(
         "INSERT INTO records (tenant, kind, receipt_id, created_at, pollable, push_due) "
         "SELECT 'b', 'in', 'r' || g, 1, g % 2 = 0, CASE WHEN g % 3 = 0 THEN 1 END "
         "FROM generate_series(1, $1::int) AS g",
@@ -91,7 +91,7 @@ async def _fill(conn: object, n: int, vacuum: bool) -> None:
     )
     if vacuum:
         for table in ("sends", "records", "blocked"):
-            await c.execute(f"VACUUM ANALYZE {table}")  # type: ignore[attr-defined]
+            await c.execute(f"VACUUM ANALYZE {table}")
 
 
 @pytest.mark.parametrize(("rows", "vacuum"), STATES)
@@ -115,14 +115,19 @@ async def test_hot_statements_plan_index_lookups_in_every_table_state(
         assert not problems, f"{rows} rows, vacuumed={vacuum}:\n" + "\n\n".join(problems)
 
 
+async def _at_version_2(conn: Any) -> None:
+    """The schema as bc-proxy left it at version 2."""
+    await conn.execute(
+        "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+    )
+    for version, sql in enumerate(schema.MIGRATIONS[:2], 1):
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+
+
 async def test_upgrade_from_version_2_finds_the_sends_it_stored(db: Db) -> None:
     async with db.conn("upgrade", session=True) as conn:
-        await conn.execute(
-            "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
-        )
-        for version, sql in enumerate(schema.MIGRATIONS[:2], 1):
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await _at_version_2(conn)
         await conn.execute(
             "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, created_at) "
             "VALUES ('b', 'm-1', $1, 'rejected', 'u1', 10), ('b', 'm-1', $1, 'accepted', 'u2', 20),"
@@ -151,12 +156,7 @@ async def test_upgrade_to_version_3_beside_a_running_send_does_not_deadlock(
     # migration waits for a lock on `sends`, its insert. Taking the share lock for the index
     # build first and the exclusive one for DROP INDEX after made a deadlock of this.
     async with db.conn("v2", session=True) as conn:
-        await conn.execute(
-            "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
-        )
-        for version, sql in enumerate(schema.MIGRATIONS[:2], 1):
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await _at_version_2(conn)
     old_replica = await asyncpg.connect(pg_url)
     try:
         tx = old_replica.transaction()
