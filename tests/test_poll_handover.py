@@ -100,6 +100,71 @@ async def test_peer_that_is_connected_acknowledges_at_once(
     assert client.recv(1000) == b"x" * 300
 
 
+def _delay_acks(sock: socket.socket) -> None:
+    """Leave Linux's quick-ACK mode: the peer's kernel acknowledges data late (up to 40 ms)."""
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        pytest.skip("TCP_QUICKACK is Linux-only")
+    sock.setsockopt(socket.IPPROTO_TCP, quickack, 0)
+
+
+class _CloseOnEof(asyncio.Protocol):
+    """As aiohttp's server protocol: the end of the peer's stream closes the connection."""
+
+    def __init__(self, made: asyncio.Queue[asyncio.Transport]) -> None:
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.made.put_nowait(transport)
+
+    def eof_received(self) -> None:
+        return None
+
+
+async def test_peer_that_reads_and_closes_before_its_delayed_ack_received_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that reads the answer and closes at once, its ACK still delayed: its FIN
+    acknowledges the answer, so it was received. Before, the server's closed connection was
+    read as "not received", and the next poll got the record a second time."""
+    monkeypatch.setattr(handover, "_PAUSES", (0.2,))  # the close lands between two looks
+    made: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _CloseOnEof(made), "127.0.0.1", 0)
+    try:
+        client = socket.create_connection(server.sockets[0].getsockname()[:2])
+        transport = await made.get()
+        _delay_acks(client)
+        transport.write(b"x" * 300)
+        await asyncio.sleep(0.005)
+        sock = handover.raw_socket(transport)
+        assert sock is not None
+        assert handover.unacked_bytes(sock) == 300  # the peer's ACK is delayed
+        check = asyncio.ensure_future(peer_received(transport, bound=5.0))
+        await asyncio.sleep(0)  # the check has started: its first look found the bytes unacked
+        assert client.recv(1000) == b"x" * 300
+        client.close()  # FIN, carrying the acknowledgement
+        assert await asyncio.wait_for(check, 5.0)
+        assert transport.is_closing()  # the end of stream closed it, as it does in aiohttp
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_peer_that_closes_without_reading_has_not_received(
+    pair: Callable[[], Awaitable[Pair]],
+) -> None:
+    """A client that resets without taking the answer (an abort: RST) has not received it."""
+    transport, client = await pair()
+    _delay_acks(client)
+    transport.write(b"x" * 300)
+    check = asyncio.ensure_future(peer_received(transport, bound=5.0))
+    await asyncio.sleep(0)
+    _reset(client)  # unread bytes in its buffer: the kernel sends RST
+    assert not await asyncio.wait_for(check, 5.0)
+
+
 async def test_peer_reset_before_the_answer_is_not_received(
     pair: Callable[[], Awaitable[Pair]],
 ) -> None:

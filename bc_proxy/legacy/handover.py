@@ -69,11 +69,45 @@ def raw_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
     return sock  # type: ignore[no-any-return]
 
 
+class _EofWatch(asyncio.Protocol):
+    """Stands in for a connection's protocol while an answer is handed over, passing every
+    event on. When the peer's FIN arrives it notes whether the peer had acknowledged every
+    byte by then: the kernel takes the FIN's acknowledgement before the loop reads the end of
+    the stream, and the descriptor is still this connection's. A client that reads an answer
+    and closes before its delayed ACK went out (up to 40 ms on Linux) then counts as having
+    received it, instead of being handed the record again."""
+
+    def __init__(self, inner: asyncio.BaseProtocol, sock: socket.socket) -> None:
+        self.inner = inner
+        self.sock = sock
+        self.acked_at_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        self.acked_at_eof = not reset(self.sock) and unacked_bytes(self.sock) == 0
+        return self.inner.eof_received()  # type: ignore[attr-defined,no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 async def peer_received(
     transport: asyncio.Transport | None, bound: float = HANDOVER_BOUND_SECONDS
 ) -> bool:
-    """True once the peer acknowledged everything written, or `bound` seconds passed with the
-    connection open; False when the connection closed or was reset first.
+    """True once the peer acknowledged everything written (also when it did so with its FIN),
+    or `bound` seconds passed with the connection open; False when the connection closed or
+    was reset first.
 
     Checked at once, then at growing short pauses. The transport's closing flag is read before
     the socket each time: a closed transport's descriptor may already belong to another socket.
@@ -81,12 +115,26 @@ async def peer_received(
     if transport is None:
         return False
     sock = raw_socket(transport)
+    watch: _EofWatch | None = None
+    if sock is not None and isinstance(transport.get_protocol(), asyncio.Protocol):
+        watch = _EofWatch(transport.get_protocol(), sock)
+        transport.set_protocol(watch)
+    try:
+        return await _received(transport, sock, watch, bound)
+    finally:
+        if watch is not None and transport.get_protocol() is watch:
+            transport.set_protocol(watch.inner)
+
+
+async def _received(
+    transport: asyncio.Transport, sock: socket.socket | None, watch: _EofWatch | None, bound: float
+) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bound
     checks = 0
     while True:
         if transport.is_closing():
-            return False
+            return watch is not None and watch.acked_at_eof
         if transport.get_write_buffer_size() == 0:
             if sock is None:
                 await asyncio.sleep(0)  # let a reset already read by the loop close it
