@@ -87,8 +87,7 @@ class Db:
         # Server pids of pooled connections that took session-level state (advisory locks of
         # exclusive() or a migration): only these get asyncpg's full reset query on release.
         self._session_state: set[int] = set()
-        # Connections kept checked out between uses, per pool (`conn`; the lease pool's are
-        # not kept, see there): given back at stop.
+        # Connections kept checked out between uses, per pool (`conn`): given back at stop.
         self._kept: list[Conn] = []
         self._kept_lease: list[Conn] = []
         self._acquiring: dict[Any, int] = {}  # callers waiting in each pool's acquire
@@ -173,10 +172,7 @@ class Db:
                 yield conn
                 clean = True
             finally:
-                # Lease connections go back to asyncpg: kept, the benchmark's drain of 20,000
-                # polls left its last record pollable in 3 runs of 10 (its answer judged not
-                # received at the end of the drain), against 0 of 9 without; not understood.
-                if clean and not session and not lease and self._reusable(conn, pool, lease):
+                if clean and not session and self._reusable(conn, pool, lease):
                     kept.append(conn)
                 else:
                     await pool.release(conn, timeout=self.command_timeout)
