@@ -28,7 +28,7 @@ def unacked_bytes(sock: socket.socket) -> int | None:
     """Bytes written to this TCP socket that the peer has not acknowledged (Linux SIOCOUTQ:
     write_seq - snd_una; unsent bytes included); None when the count cannot be read.
 
-    0 after a reset too (the kernel drops the unacknowledged queue): ask `reset` first.
+    Some kernels zero it after a reset (dropping the unacknowledged queue): ask `reset` too.
     """
     if _TIOCOUTQ is None or not sys.platform.startswith("linux"):
         return None
@@ -77,8 +77,11 @@ class _EofWatch(asyncio.Protocol):
     and closes before its delayed ACK went out (up to 40 ms on Linux) then counts as having
     received it, instead of being handed the record again."""
 
-    def __init__(self, inner: asyncio.BaseProtocol, sock: socket.socket) -> None:
+    def __init__(
+        self, inner: asyncio.BaseProtocol, transport: asyncio.Transport, sock: socket.socket
+    ) -> None:
         self.inner = inner
+        self.transport = transport
         self.sock = sock
         self.acked_at_eof = False
 
@@ -89,7 +92,14 @@ class _EofWatch(asyncio.Protocol):
         self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
-        self.acked_at_eof = not reset(self.sock) and unacked_bytes(self.sock) == 0
+        # All of it: nothing left in the transport's own buffer (the kernel's count does not
+        # see those bytes), none unacknowledged, then no reset (read last: one landing between
+        # the two reads is seen).
+        self.acked_at_eof = (
+            self.transport.get_write_buffer_size() == 0
+            and unacked_bytes(self.sock) == 0
+            and not reset(self.sock)
+        )
         return self.inner.eof_received()  # type: ignore[attr-defined,no-any-return]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -117,7 +127,7 @@ async def peer_received(
     sock = raw_socket(transport)
     watch: _EofWatch | None = None
     if sock is not None and isinstance(transport.get_protocol(), asyncio.Protocol):
-        watch = _EofWatch(transport.get_protocol(), sock)
+        watch = _EofWatch(transport.get_protocol(), transport, sock)
         transport.set_protocol(watch)
     try:
         return await _received(transport, sock, watch, bound)
@@ -139,9 +149,11 @@ async def _received(
             if sock is None:
                 await asyncio.sleep(0)  # let a reset already read by the loop close it
                 return not transport.is_closing()
-            if reset(sock):  # before the count: a reset leaves it 0 with nothing acknowledged
-                return False
             unacked = unacked_bytes(sock)
+            # The reset after the count: one landing between the two reads is seen (some
+            # kernels also zero the count on a reset, with nothing acknowledged).
+            if reset(sock):
+                return False
             if unacked == 0:
                 return True
             if unacked is None:
