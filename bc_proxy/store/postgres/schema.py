@@ -26,6 +26,17 @@ def send_key(tenant: str, legacy_id: str, recipient: str) -> str:
     )
 
 
+def lock_send_keys(tenants: str, legacy_ids: str) -> str:
+    """SQL taking the advisory lock of each (tenant, legacy messageId) pair of two text arrays,
+    sorted and each once, for the transaction: what bc_send_facts does (migration 3) and what
+    a recovery after a lost COMMIT waits on. Without the leading SELECT/PERFORM keyword."""
+    return (
+        f"count(pg_advisory_xact_lock({LOCK_CLASS_SEND}, k.h)) FROM ("
+        "SELECT DISTINCT hashtext(x.t || chr(1) || x.l) AS h "
+        f"FROM unnest({tenants}, {legacy_ids}) AS x(t, l) WHERE x.l IS NOT NULL ORDER BY 1) AS k"
+    )
+
+
 # The facts of migration 3's bc_send_facts, one row per (tenant, messageId, recipient) asked
 # about (`p_` names: the function's arguments). Its only indexable condition is the key, so
 # its plan is the `sends_key` probe whatever the statistics say; see migration 3.
@@ -172,10 +183,7 @@ MIGRATIONS: tuple[str, ...] = (
     ) RETURNS TABLE (n bigint, latest text, is_blocked boolean)
     LANGUAGE plpgsql VOLATILE AS $fn$
     BEGIN
-        PERFORM count(pg_advisory_xact_lock({LOCK_CLASS_SEND}, k.h)) FROM (
-            SELECT DISTINCT hashtext(x.t || chr(1) || x.l) AS h
-            FROM unnest(p_tenants, p_legacy_ids) AS x(t, l) WHERE x.l IS NOT NULL ORDER BY 1)
-            AS k;
+        PERFORM {lock_send_keys("p_tenants", "p_legacy_ids")};
         RETURN QUERY {SEND_FACTS_QUERY};
     END
     $fn$;

@@ -32,7 +32,7 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
-from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, LOCK_CLASS_SEND
+from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, lock_send_keys
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, SendFacts, new_ref
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
@@ -46,12 +46,7 @@ CANDIDATES = (
     "ON s.upstream_ref = m"
 )
 # Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
-# bc_send_facts's locks of (tenant, legacy messageId) pairs, the same keys in the same order.
-_LOCK_SEND_KEYS = (
-    f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_SEND}, k.h)) FROM ("
-    "SELECT DISTINCT hashtext(x.t || chr(1) || x.l) AS h "
-    "FROM unnest($1::text[], $2::text[]) AS x(t, l) ORDER BY 1) AS k"
-)
+_LOCK_SEND_KEYS = "SELECT " + lock_send_keys("$1::text[]", "$2::text[]")
 # The event key of a NUR record begin_send writes for a blocked handset (with a new ref): how
 # recover_begins finds a group that stored only those.
 NUR_MARK = "bc-nur:"

@@ -91,8 +91,10 @@ class PostgresStore:
         )
         self.listener = Listener(dsn, waker, timeout=command_timeout)
         # Send groups in flight at once, per phase (begin, settle): each holds a connection,
-        # so together they take at most two thirds of the pool. Measured at 32 connections on
-        # the development VM: 1 -> 4 writers took sends from ~490 to ~870/s.
+        # so together they take at most two thirds of the pool. Measured at 32 connections:
+        # 1 -> 4 writers took sends from ~490 to ~870/s on a VM with a slow WAL disk (and the
+        # plans of that time); on a faster one, with index-only plans, 1, 2 and 4 writers
+        # differed less than run-to-run scatter (docs/performance.md).
         send_writers = max(1, min(SEND_WRITERS, pool_max // 3))
         self._polling = records.Polling(self._db, self._owner, lease_seconds)
         self._pushing = push.Pushing(self._db, rules, self._owner, lease_seconds)
