@@ -5,12 +5,14 @@ while a table was empty or tiny is the plan used when it holds millions of rows.
 statement, on tables in the states where the planner's choice used to flip (empty; one row,
 vacuumed; 100 rows, vacuumed; 300 rows never analyzed; 3,000 sends to one handset, analyzed),
 the plan the store's own pool makes must read no table whole (no Seq Scan, Hash or Merge Join),
-and the send-facts lookup must use its key index and no other index of `sends`.
+the send-facts lookup must use its key index and no other index of `sends`, and an incoming
+SMS's latest-send lookup must read `sends_recent` backwards (not the handset's whole history).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -112,6 +114,9 @@ async def test_hot_statements_plan_index_lookups_in_every_table_state(
                 used = set(re.findall(r"using (\w+) on sends", plan))
                 if used != {"sends_key"}:
                     problems.append(f"send facts uses {sorted(used)}, not sends_key:\n{plan}")
+            latest_by_time = re.search(r"Index Scan Backward using sends_recent", plan)
+            if name == "mo facts" and not latest_by_time:
+                problems.append(f"mo facts: the latest send not by sends_recent:\n{plan}")
         assert not problems, f"{rows} rows, vacuumed={vacuum}:\n" + "\n\n".join(problems)
 
 
@@ -183,3 +188,38 @@ async def test_upgrade_to_version_3_beside_a_running_send_does_not_deadlock(
             assert await asyncio.wait_for(migration, 30) == (2, schema.LATEST)
     finally:
         await old_replica.close()
+
+
+async def _mo_facts_buffers(conn: Any, handset: str) -> int:
+    """Shared buffers one MO-facts lookup for `handset` touches (window: the last hour)."""
+    lines = await conn.fetch(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE mo_facts "
+        f"(ARRAY['k'], ARRAY['cx-none'], ARRAY['{handset}'], ARRAY[NULL::text], "
+        "ARRAY[extract(epoch FROM now())::float8 - 3600])"
+    )
+    plan = json.loads(lines[0][0])[0]["Plan"]
+    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
+
+
+async def test_latest_send_to_a_handset_does_not_read_its_older_sends(db: Db) -> None:
+    """An incoming SMS's facts include the latest send to its handset inside the reply window.
+    With none inside, the lookup must not walk back through the handset's older sends:
+    20,000 older sends cost what 10 do (buffers touched, on the store's own pool)."""
+    async with db.conn("mo", session=True) as conn:
+        await schema.migrate(conn)
+        for handset, n in (("6421000010", 10), ("6421020000", 20_000)):
+            await conn.execute(
+                "INSERT INTO sends (tenant, recipient, state, upstream_ref, created_at) "
+                "SELECT 'b', $1, 'accepted', $1 || '-' || g, "
+                "extract(epoch FROM now()) - 30 * 86400 + g FROM generate_series(1, $2::int) AS g",
+                handset,
+                n,
+            )
+        await conn.execute("VACUUM ANALYZE sends")
+        await conn.execute(
+            "PREPARE mo_facts (text[], text[], text[], text[], float8[]) AS " + mo.MO_FACTS
+        )
+        few = await _mo_facts_buffers(conn, "6421000010")
+        many = await _mo_facts_buffers(conn, "6421020000")
+        await conn.execute("DEALLOCATE mo_facts")
+    assert many <= few + 3, (few, many)

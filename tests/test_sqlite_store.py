@@ -19,7 +19,7 @@ import pytest
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store import DlrEvent, MoEvent, SendIntent, Settlement, open_store
-from bc_proxy.store.sqlite import SQLiteStore, engine, helpers, upkeep
+from bc_proxy.store.sqlite import SQLiteStore, engine, helpers, schema, sends, upkeep
 from tests.test_store_contract import HANDSET, POLL, PUSH, RULES, SENDER
 
 # The first release's schema (bc_proxy/store/sqlite.py before the versioned migrations).
@@ -73,12 +73,12 @@ def schema_versions(path: str) -> list[int]:
 async def test_fresh_file_gets_the_latest_schema(db: str) -> None:
     """A new file is created at the latest version, and migrate() then has nothing to do."""
     store = SQLiteStore(db, RULES)
-    assert await store.migrate() == (0, 1)
-    assert await store.migrate() == (1, 1)
+    assert await store.migrate() == (0, schema.LATEST)
+    assert await store.migrate() == (schema.LATEST, schema.LATEST)
     await store.open()
     try:
-        assert schema_versions(db) == [1]
-        assert await store.migrate() == (1, 1)
+        assert schema_versions(db) == list(range(1, schema.LATEST + 1))
+        assert await store.migrate() == (schema.LATEST, schema.LATEST)
     finally:
         await store.close()
 
@@ -118,7 +118,7 @@ async def test_first_release_file_is_upgraded_keeping_its_rows(db: str) -> None:
     store = SQLiteStore(db, RULES)
     await store.open()
     try:
-        assert schema_versions(db) == [1]
+        assert schema_versions(db) == list(range(1, schema.LATEST + 1))
         rec = await store.claim(POLL, "in")
         assert rec is not None
         assert (rec.id, rec.body) == (1, "old")
@@ -155,10 +155,84 @@ async def test_newer_schema_is_refused(db: str) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO schema_version VALUES (7, 0)")
     newer = SQLiteStore(db, RULES)
-    with pytest.raises(StoreError, match=r"version 7 is newer .*version 1"):
+    with pytest.raises(StoreError, match=rf"version 7 is newer .*version {schema.LATEST}\)"):
         await newer.open()
     await newer.close()
-    assert schema_versions(db) == [1, 7]  # untouched
+    assert schema_versions(db) == [*range(1, schema.LATEST + 1), 7]  # untouched
+
+
+def _latest_to_steps(conn: sqlite3.Connection, handset: str, now: float) -> int:
+    """SQLite VM steps (in units of 100) one latest-send lookup takes: its work, not its time."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)
+    try:
+        assert sends.latest_to(conn, handset, None, now) is None
+        assert sends.latest_to(conn, handset, POLL, now) is None
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps
+
+
+async def test_latest_send_lookup_does_not_read_a_handsets_older_sends(db: str) -> None:
+    """An incoming SMS asks for the latest send to its handset inside the reply window. With
+    none inside, the lookup must not walk back through the handset's older sends (on the
+    event loop, per message): 20,000 older sends cost what 10 do."""
+    store = SQLiteStore(db, RULES)
+    await store.migrate()
+    now = time.time()
+    old = now - 30 * 86400
+    with sqlite3.connect(db) as conn:
+        for handset, n in (("6421000010", 10), ("6421020000", 20_000)):
+            conn.executemany(
+                "INSERT INTO sends (tenant, recipient, state, upstream_ref, created_at) "
+                "VALUES (?, ?, 'accepted', ?, ?)",
+                [(POLL, handset, f"u-{handset}-{i}", old + i) for i in range(n)],
+            )
+        few = _latest_to_steps(conn, "6421000010", now)
+        many = _latest_to_steps(conn, "6421020000", now)
+        assert many <= few + 2, (few, many)
+        # Inside the window, the latest by time is found (then by id).
+        conn.executemany(
+            "INSERT INTO sends (tenant, recipient, state, upstream_ref, created_at) "
+            "VALUES (?, '6421020000', 'accepted', ?, ?)",
+            [(POLL, "in-window-b", now - 60), (POLL, "in-window-a", now - 120)],
+        )
+        latest = sends.latest_to(conn, "6421020000", POLL, now)
+        assert latest is not None
+        ref = conn.execute("SELECT upstream_ref FROM sends WHERE id = ?", (latest.id,))
+        assert ref.fetchone() == ("in-window-b",)
+
+
+async def test_version_1_file_is_upgraded_to_the_time_keyed_handset_index(db: str) -> None:
+    """A file at version 1 (handset index by id) is upgraded in place, its sends kept."""
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute("BEGIN")
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        schema.MIGRATIONS[0](conn)
+        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        conn.execute(
+            "INSERT INTO sends (tenant, recipient, state, upstream_ref, created_at) "
+            "VALUES (?, ?, 'accepted', 'u1', ?)",
+            (POLL, HANDSET, time.time()),
+        )
+        conn.execute("COMMIT")
+    store = SQLiteStore(db, RULES)
+    assert await store.migrate() == (1, schema.LATEST)
+    with sqlite3.connect(db) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "sends_recent" in indexes
+        assert "sends_recipient" not in indexes
+        latest = sends.latest_to(conn, HANDSET, None, time.time())
+        assert latest is not None
+        assert latest.tenant == POLL
 
 
 async def test_open_store_url_and_memory() -> None:

@@ -32,7 +32,8 @@ class MoWrite:
 _F = [c.strip() for c in FACTS.split(",")]
 # Per message: the stored record with its key, the send it relates to (by Connexus id or our
 # ref), the latest send to the handset inside the reply window (of the number's owner, when it
-# has one: the only facts route_mo takes from it then).
+# has one: the only facts route_mo takes from it then), by time: one entry of `sends_recent`
+# (migration 4), the only index that gives that order for one handset.
 MO_FACTS = f"""
 SELECT x.i, e.id AS e_id, e.tenant AS e_tenant,
     {", ".join(f"r.{c} AS r_{c}" for c in _F)},
@@ -49,7 +50,7 @@ LEFT JOIN LATERAL (
     SELECT {FACTS} FROM sends
     WHERE recipient = x.handset AND created_at > x.since
       AND (x.owner IS NULL OR tenant = x.owner)
-    ORDER BY id DESC LIMIT 1) AS l ON true
+    ORDER BY created_at DESC, id DESC LIMIT 1) AS l ON true
 ORDER BY x.i
 """
 

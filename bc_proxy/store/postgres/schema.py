@@ -188,6 +188,17 @@ MIGRATIONS: tuple[str, ...] = (
     END
     $fn$;
     """,
+    # 4: the latest send to a handset by time. `sends_recipient` (recipient, id) answered "the
+    # latest send to this handset in the reply window" (an incoming SMS's facts) by walking back
+    # through every send to the handset until one fell inside the window: with none inside, all
+    # of them, per incoming SMS. `sends_recent` orders one handset's sends by time, so the
+    # lookup (ORDER BY created_at DESC, id DESC LIMIT 1) reads one entry of the window's range,
+    # and no other index gives that order. Table lock first, as in version 3.
+    """
+    LOCK TABLE sends IN ACCESS EXCLUSIVE MODE;
+    CREATE INDEX sends_recent ON sends (recipient, created_at, id);
+    DROP INDEX sends_recipient;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

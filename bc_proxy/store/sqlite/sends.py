@@ -44,13 +44,14 @@ def find_sends(conn: sqlite3.Connection, message_id: str) -> list[SendFacts]:
 def latest_to(
     conn: sqlite3.Connection, handset: str, tenant: str | None, now: float
 ) -> SendFacts | None:
-    """The latest send to `handset` within the reply window (of `tenant`, when given)."""
+    """The latest send to `handset` within the reply window (of `tenant`, when given): by
+    time, then id, a range of `sends_recent` however many older sends the handset has."""
     sql = f"SELECT {_FACTS} FROM sends WHERE recipient = ? AND created_at > ?"
     params: list[Any] = [handset, now - REPLY_WINDOW_SECONDS]
     if tenant is not None:
         sql += " AND tenant = ?"
         params.append(tenant)
-    row = conn.execute(sql + " ORDER BY id DESC LIMIT 1", params).fetchone()
+    row = conn.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT 1", params).fetchone()
     return None if row is None else SendFacts(*row)
 
 
