@@ -31,6 +31,7 @@ from bc_proxy.jobs import supervise
 from bc_proxy.legacy import ratelimit
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
+from bc_proxy.legacy.settling import pending_expiry_seconds
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.pull import pull_loop
@@ -94,7 +95,7 @@ def _stale_before(settings: Settings) -> float:
     """Pending sends created before this are of a process that died mid-call: their outcome
     is unknown, and they are never sent again by the gateway (a legacy retry gets
     upstream.unknown_retry_status); the legacy client gets an ERR status record for each."""
-    return time.time() - settings.upstream.timeout_seconds * 2 - 5
+    return time.time() - pending_expiry_seconds(settings.upstream.timeout_seconds)
 
 
 async def expire_pending_loop(app: web.Application) -> None:

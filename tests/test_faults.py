@@ -20,6 +20,7 @@ import pytest
 
 from bc_proxy import keys
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
+from bc_proxy.legacy import settling
 from bc_proxy.metrics import Metrics
 from bc_proxy.store.sqlite.store import SQLiteStore
 from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict, creds
@@ -374,12 +375,23 @@ async def test_store_read_only(fake: FakeConnexus, gateway: GatewayFactory, tmp_
     assert records(db) == 1
 
 
+async def _state_becomes(db: Path, want: str, within: float) -> list[tuple[Any, ...]]:
+    """The send rows once the first is in state `want`, or as they are after `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = send_rows(db)
+        if rows[0][2] == want or time.monotonic() >= deadline:
+            return rows
+        await asyncio.sleep(0.05)
+
+
 async def test_store_fails_after_connexus_accepted(
     fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    """The store turns read-only while Connexus accepts a send: the settle commit fails, so
-    the client gets 500 'Storage failure' for a send that went out; the row stays pending and
-    the retry (store writable again) is 204 with no second upstream call."""
+    """The store turns read-only while Connexus accepts a send: the settle commit fails. The
+    SMS went out, so the client gets 204; the row stays pending and the settle is retried in
+    the background: once the store is writable again the row is `accepted` with its Connexus
+    id, and a retry is 204 from it, not sent again."""
     metrics = Metrics(process=False)
     client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
     conn = writer_conn(client)
@@ -389,15 +401,41 @@ async def test_store_fails_after_connexus_accepted(
 
     fake.before_answer = read_only
     params = creds(to="6421000408", body="settle", messageId="f-8")
-    assert await post(client, params) == (500, "Storage failure\n")
+    assert await post(client, params) == (204, "")
     assert fake.sends == 1
     fake.before_answer = None
-    conn.execute("PRAGMA query_only = OFF")
     db = tmp_path / "bc-proxy.db"
     assert send_rows(db) == [("6421000408", "f-8", "pending")]
-    assert await post(client, params) == (204, "")  # upstream.unknown_retry_status
+    conn.execute("PRAGMA query_only = OFF")
+    assert await _state_becomes(db, "accepted", 5) == [("6421000408", "f-8", "accepted")]
+    (cid,) = sqlite3.connect(db).execute("SELECT connexus_id FROM sends").fetchone()
+    assert cid
+    assert await post(client, params) == (204, "")
     assert fake.sends == 1
-    assert sample(metrics, "bc_proxy_send_repeats_total", tenant="acme", state="pending") == 1
+    assert sample(metrics, "bc_proxy_send_repeats_total", tenant="acme", state="accepted") == 1
+    assert records(db) == 0  # no status record: an accepted SMS has none until its report
+
+
+async def test_settle_retries_stop_before_expiry(
+    fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A store that stays read-only past the pending row's expiry horizon: the background
+    settle gives up before it (expiry says `unknown`, with an ERR record, and no late settle
+    may contradict that), and the row is still pending when the store comes back."""
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), Metrics(process=False))
+    conn = writer_conn(client)
+
+    def read_only() -> None:
+        conn.execute("PRAGMA query_only = ON")
+
+    fake.before_answer = read_only
+    assert await post(client, creds(to="6421000409", body="x", messageId="f-9")) == (204, "")
+    fake.before_answer = None
+    horizon = settling.pending_expiry_seconds(TIMEOUT) - settling.EXPIRY_SAFETY_SECONDS
+    await asyncio.sleep(horizon + 0.5)
+    conn.execute("PRAGMA query_only = OFF")
+    db = tmp_path / "bc-proxy.db"
+    assert await _state_becomes(db, "accepted", 2.5) == [("6421000409", "f-9", "pending")]
 
 
 async def test_store_disk_full(fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path) -> None:

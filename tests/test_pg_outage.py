@@ -27,7 +27,7 @@ from tests.conftest import Connexus, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
 from tests.served import Served, free_port, write_config
 from tests.tcpproxy import TcpProxy
-from tests.test_scaleout import TENANT, gateway_config, hook, mo_payload, poll
+from tests.test_scaleout import TENANT, dlr_payload, gateway_config, hook, mo_payload, poll
 
 pytestmark = pytest.mark.postgres
 
@@ -191,3 +191,65 @@ async def _listen_wakes(
         await store.close()
     assert max(out) < 1000  # not the 10 s lease re-check: LISTEN woke it
     return out
+
+
+async def test_pg_cut_while_connexus_accepts_a_send_settles_it_after_the_restore(
+    tmp_path: Path,
+    connexus: Connexus,
+    pg_url: str,  # noqa: F811
+    proxy: TcpProxy,
+) -> None:
+    """PostgreSQL cut while Connexus is accepting a send (its pending row committed): the SMS
+    is out, so the client gets 204; the settle is retried and commits after the restore (the
+    row `accepted` with its Connexus id), so the delivery report naming that id reaches the
+    legacy client, and a retry of the call is answered 204 without a second send."""
+    cfg = gateway_config(tmp_path, connexus, via(pg_url, proxy.port), poll_wait_seconds=0)
+    cfg["upstream"]["timeout_seconds"] = 5  # pending rows expire at 15 s: the retry window
+    port = free_port()
+    cfg["server"]["port"] = port
+    config = write_config(tmp_path / "gw.yaml", cfg)
+    async with aiohttp.ClientSession() as http:
+        with (tmp_path / "gw.log").open("w") as log:
+            served = Served(config, port, log)
+            await served.start(http)
+            try:
+                connexus.emu.send_response_delay = 1.0
+                sending = asyncio.create_task(_send(http, served.base, 7))
+                for _ in range(200):  # until Connexus holds the call
+                    if connexus.emu.sms_out_requests():
+                        break
+                    await asyncio.sleep(0.01)
+                proxy.cut()
+                assert await sending == 204
+                connexus.emu.send_response_delay = 0.0
+                rows = await pg.execute(pg_url, "SELECT state FROM sends WHERE legacy_id = 'S7'")
+                assert rows == "pending"
+                await asyncio.sleep(2)
+                proxy.restore()
+                restored = time.monotonic()
+                while (
+                    state := await pg.execute(
+                        pg_url, "SELECT state FROM sends WHERE legacy_id = 'S7'"
+                    )
+                ) != "accepted":
+                    assert time.monotonic() - restored < 8, state
+                    await asyncio.sleep(0.1)
+                settled_after = time.monotonic() - restored
+                cid = await pg.execute(
+                    pg_url, "SELECT connexus_id FROM sends WHERE legacy_id = 'S7'"
+                )
+                assert cid
+                assert await _post_like_connexus(http, hook(served), dlr_payload(cid)) == 200
+                record = await poll(http, served.base, "status")
+                assert record is not None
+                assert record["inReplyToId"] == "S7"
+                assert await poll(http, served.base, "status") is None  # no ERR record
+                assert await _send(http, served.base, 7) == 204
+                assert len(connexus.emu.sms_out_requests()) == 1
+            finally:
+                code = await served.stop()
+    print(f"\nsettle committed {settled_after:.1f} s after the restore")
+    assert code == 0
+    logged = (tmp_path / "gw.log").read_text()
+    assert "settle_deferred" in logged
+    assert "settle_recovered" in logged

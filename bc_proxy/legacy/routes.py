@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
 from typing import Final
 
 from aiohttp import web
@@ -22,6 +21,12 @@ from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import read_params
 from bc_proxy.legacy.handover import peer_received
 from bc_proxy.legacy.ratelimit import check_send
+from bc_proxy.legacy.settling import (
+    EXPIRY_SAFETY_SECONDS,
+    pending_expiry_seconds,
+    settle,
+    settle_cut_short,
+)
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import (
@@ -29,16 +34,11 @@ from bc_proxy.store import (
     LegacyRecord,
     SendIntent,
     SendPlan,
-    Settlement,
-    StatusRecord,
     Store,
 )
 from bc_proxy.translate import (
-    UNKNOWN_OUTCOME,
-    RecipientOutcome,
     SendRequest,
     parse_send,
-    rejection_code,
     render_queue,
     render_record,
 )
@@ -75,10 +75,11 @@ async def send(request: web.Request) -> web.StreamResponse:
     req = parse_send(params, rt.tenants[tenant].default_from)
     check_send(app, tenant)  # optional per-tenant rate (a 400 costs none): 429, nothing written
     intent = SendIntent(tenant, req.message_id, req.recipients, req.sender)
-    plan = await store.begin_send(intent, time.time())
+    began = time.time()
+    plan = await store.begin_send(intent, began)
     _count_plan(metrics, tenant, plan)
     if plan.to_send:
-        await _forward(request, store, metrics, intent, req, plan)
+        await _forward(request, store, metrics, intent, req, plan, began)
     if any(state in UNRESOLVED for _, state in plan.repeats):
         status = app[keys.SETTINGS].upstream.unknown_retry_status
         if status != 204:
@@ -101,6 +102,7 @@ async def _forward(
     intent: SendIntent,
     req: SendRequest,
     plan: SendPlan,
+    began: float,
 ) -> None:
     """Send `plan.to_send` upstream and settle every row in one commit; raise the legacy error
     when nothing was accepted and a call failed."""
@@ -113,10 +115,7 @@ async def _forward(
         result = await app[keys.CLIENT].send(intent.tenant, req, plan.to_send)
     except BaseException:
         # Cancelled (shutdown) or a bug mid-call: the request may be out, so never re-send.
-        lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
-        task = asyncio.ensure_future(_settle(store, metrics, intent, refs, lost, answered=False))
-        _SETTLING.add(task)
-        task.add_done_callback(_settled)
+        settle_cut_short(store, metrics, intent, refs)
         raise
     finally:
         rt.sends_in_flight -= 1
@@ -125,58 +124,15 @@ async def _forward(
     answered = accepted or result.failure is None
     # The SMS may be out, so a cancellation here (a shutdown's deadline) must not roll back the
     # record of its outcome and its Connexus ids: settle_send commits once called, whether or
-    # not its caller is still waiting (Store contract, tests/test_store_cancel.py).
-    await _settle(store, metrics, intent, refs, outcomes, answered=answered)
+    # not its caller is still waiting (Store contract, tests/test_store_cancel.py). A failed
+    # commit of an outcome without status records is retried in the background (settling.py)
+    # and the client answered by the outcome: Connexus has it, whatever the store says now.
+    expiry = pending_expiry_seconds(app[keys.SETTINGS].upstream.timeout_seconds)
+    until = began + expiry - EXPIRY_SAFETY_SECONDS
+    await settle(store, metrics, intent, refs, outcomes, answered=answered, defer_until=until)
     if not answered:
         assert result.failure is not None
         raise result.failure
-
-
-async def _settle(
-    store: Store,
-    metrics: Metrics,
-    intent: SendIntent,
-    refs: dict[str, str],
-    outcomes: Sequence[RecipientOutcome],
-    *,
-    answered: bool,
-) -> None:
-    """Settle the pending rows; status records for every recipient not accepted when the call
-    is answered 204, else for the unknown ones only (a retry never re-sends those)."""
-    tenant, sender = intent.tenant, intent.sender
-    settlements: list[Settlement] = []
-    statuses: list[StatusRecord] = []
-    counts = {"accepted": 0, "rejected": 0, "unknown": 0}
-    for o in outcomes:
-        ref = refs.get(o.recipient)
-        if ref is None:
-            continue
-        counts[o.state] += 1
-        settlements.append(
-            Settlement(ref, o.state, o.connexus_id or None, "" if sender else o.sender)
-        )
-        if o.accepted or (o.state == "rejected" and not answered):
-            continue
-        if o.state == "unknown":
-            code, error = "ERR", UNKNOWN_OUTCOME
-        else:
-            code, error = rejection_code(o.error), o.error
-        who = sender or o.sender
-        statuses.append(StatusRecord(tenant, o.recipient, who, intent.legacy_id, code, error, ref))
-    await store.settle_send(settlements, statuses)
-    if counts["unknown"]:
-        metrics.recipients_unknown.labels(tenant).inc(counts["unknown"])
-    if answered:
-        metrics.observe_send(tenant, counts["accepted"], counts["rejected"] + counts["unknown"])
-
-
-_SETTLING: set[asyncio.Future[None]] = set()  # strong references until they finish
-
-
-def _settled(task: asyncio.Future[None]) -> None:
-    _SETTLING.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("settle_failed", error=repr(task.exception()))
 
 
 async def test_send(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,147 @@
+"""Settling a send's pending rows after its upstream call, including settles that outlive the
+request: the settle of a call cut short (cancelled mid-call: every recipient `unknown`) and the
+settle retried in the background after the store failed to commit it.
+
+A send's outcome is known once Connexus has answered, whether or not the store can record it
+at that moment. When the commit of a settle that carries no status record fails (database
+unreachable, read-only, full), the legacy client is answered by the outcome (204 for an
+accepted SMS), and the settle is retried here until it commits or its pending rows near their
+expiry (`pending_expiry_seconds` old: expiry says `unknown`, with an ERR record that a later
+settle must not contradict, so the retries stop `EXPIRY_SAFETY_SECONDS` before). Such a settle
+is idempotent (the same state, Connexus id and sender again), so a retry after a commit whose
+answer was lost does no harm. Until it commits, a retry of the legacy call meets the pending
+row and is answered `upstream.unknown_retry_status`, never re-sent. A settle with status
+records (refusals, unknown outcomes) is not retried: a second commit would store its records
+twice; it fails the request as before (500) and expiry settles its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from bc_proxy.errors import StoreError
+from bc_proxy.log import get_logger
+from bc_proxy.metrics import Metrics
+from bc_proxy.store import SendIntent, Settlement, StatusRecord, Store
+from bc_proxy.translate import UNKNOWN_OUTCOME, RecipientOutcome, rejection_code
+
+log = get_logger("bc_proxy.legacy")
+
+FIRST_RETRY_SECONDS = 0.2
+MAX_RETRY_SECONDS = 2.0
+EXPIRY_SAFETY_SECONDS = 2.0
+
+
+def pending_expiry_seconds(upstream_timeout: float) -> float:
+    """The age at which a `pending` row is taken for a dead process's and expired (`unknown`):
+    past any call's bound (the upstream timeout, a token fetch and one retry after a 401)."""
+    return upstream_timeout * 2 + 5
+
+_BACKGROUND: set[asyncio.Future[None]] = set()  # strong references until they finish
+
+
+async def settle(
+    store: Store,
+    metrics: Metrics,
+    intent: SendIntent,
+    refs: dict[str, str],
+    outcomes: Sequence[RecipientOutcome],
+    *,
+    answered: bool,
+    defer_until: float | None = None,
+) -> None:
+    """Settle the pending rows; status records for every recipient not accepted when the call
+    is answered 204, else for the unknown ones only (a retry never re-sends those). With
+    `defer_until` (a time.time()), a failed commit of a settle without status records is
+    retried in the background until then instead of raising (see the module docstring)."""
+    tenant, sender = intent.tenant, intent.sender
+    settlements: list[Settlement] = []
+    statuses: list[StatusRecord] = []
+    counts = {"accepted": 0, "rejected": 0, "unknown": 0}
+    for o in outcomes:
+        ref = refs.get(o.recipient)
+        if ref is None:
+            continue
+        counts[o.state] += 1
+        settlements.append(
+            Settlement(ref, o.state, o.connexus_id or None, "" if sender else o.sender)
+        )
+        if o.accepted or (o.state == "rejected" and not answered):
+            continue
+        if o.state == "unknown":
+            code, error = "ERR", UNKNOWN_OUTCOME
+        else:
+            code, error = rejection_code(o.error), o.error
+        who = sender or o.sender
+        statuses.append(StatusRecord(tenant, o.recipient, who, intent.legacy_id, code, error, ref))
+    try:
+        await store.settle_send(settlements, statuses)
+    except StoreError as exc:
+        if defer_until is None or statuses:
+            raise
+        log.warning("settle_deferred", tenant=tenant, recipients=len(refs), error=str(exc))
+        retry = _retry(store, metrics, intent, refs, outcomes, answered=answered, until=defer_until)
+        _keep(asyncio.ensure_future(retry))
+        return
+    if counts["unknown"]:
+        metrics.recipients_unknown.labels(tenant).inc(counts["unknown"])
+    if answered:
+        metrics.observe_send(tenant, counts["accepted"], counts["rejected"] + counts["unknown"])
+
+
+def settle_cut_short(
+    store: Store, metrics: Metrics, intent: SendIntent, refs: dict[str, str]
+) -> None:
+    """The call was cancelled (shutdown) or failed mid-call: the request may be out, so every
+    recipient is settled `unknown` (never re-sent), in a task of its own."""
+    lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
+    _keep(asyncio.ensure_future(settle(store, metrics, intent, refs, lost, answered=False)))
+
+
+async def _retry(
+    store: Store,
+    metrics: Metrics,
+    intent: SendIntent,
+    refs: dict[str, str],
+    outcomes: Sequence[RecipientOutcome],
+    *,
+    answered: bool,
+    until: float,
+) -> None:
+    delay = FIRST_RETRY_SECONDS
+    attempts = 0
+    while True:
+        await asyncio.sleep(max(0.0, min(delay, until - time.time())))
+        attempts += 1
+        try:
+            await settle(store, metrics, intent, refs, outcomes, answered=answered)
+        except StoreError as exc:
+            delay = min(delay * 2, MAX_RETRY_SECONDS)
+            if time.time() + delay >= until:
+                # Expiry takes the rows from here: `unknown`, with an ERR status record each.
+                log.error(
+                    "settle_abandoned",
+                    tenant=intent.tenant,
+                    recipients=len(refs),
+                    attempts=attempts,
+                    error=str(exc),
+                )
+                return
+        else:
+            log.warning(
+                "settle_recovered", tenant=intent.tenant, recipients=len(refs), attempts=attempts
+            )
+            return
+
+
+def _keep(task: asyncio.Future[None]) -> None:
+    _BACKGROUND.add(task)
+    task.add_done_callback(_done)
+
+
+def _done(task: asyncio.Future[None]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("settle_failed", error=repr(task.exception()))
