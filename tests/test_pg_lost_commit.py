@@ -16,13 +16,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bc_proxy.errors import StoreError
 from bc_proxy.store import SendIntent, SendPlan, Settlement, StatusRecord
-from bc_proxy.store.postgres import sends
+from bc_proxy.store.postgres import PostgresStore, sends
+from bc_proxy.store.postgres.abandoned import Abandoned
 from bc_proxy.store.postgres.db import Db
 from bc_proxy.store.postgres.group import Batcher
+from bc_proxy.store.postgres.schema import LOCK_CLASS_SEND
 from bc_proxy.store.rules import Rules, TenantRules
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -332,3 +335,116 @@ async def test_recovery_waits_for_a_group_still_committing_on_the_server(db: Db)
     done.set()
     await server2
     assert await asyncio.wait_for(check2, 5) == [None] * len(settle)
+
+
+async def _state(db: Db, ref: str) -> str:
+    async with db.conn("state") as conn:
+        return str(await conn.fetchval("SELECT state FROM sends WHERE upstream_ref = $1", ref))
+
+
+async def _state_becomes(db: Db, ref: str, want: str, within: float) -> str:
+    deadline = time.monotonic() + within
+    while True:
+        state = await _state(db, ref)
+        if state == want or time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("retry_at_once", [True, False])
+async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behind(
+    db: Db, retry_at_once: bool
+) -> None:
+    # The call's group committed, its answer was lost and the check failed too (the database
+    # unreachable): the caller gets an error and never calls Connexus, yet its pending row
+    # exists. Left pending, the legacy retry would be answered "outcome unknown" and nothing
+    # would ever be sent. The row is rejected (never written upstream), so the retry sends:
+    # at once (the retry's own group rejects it before reading its facts), or later (the
+    # background flush).
+    abandoned = Abandoned(db)
+    lost = [True]
+
+    async def run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
+        async with db.tx("begin send") as (conn, wakes):
+            rejected = await abandoned.reject(conn)
+            plans = await sends.begin_sends(conn, wakes, RULES, writes)
+        abandoned.done(rejected)
+        if lost[0]:
+            lost[0] = False
+            raise ConnectionResetError("connection lost while COMMIT was on the wire")
+        return plans
+
+    async def cannot_tell(writes: list[sends.BeginWrite]) -> list[SendPlan] | None:
+        raise StoreError("the database is still unreachable")
+
+    b: Batcher[sends.BeginWrite, SendPlan] = Batcher(
+        db,
+        "begin send",
+        None,
+        key=sends.BeginWrite.key,
+        run=run,
+        droppable=True,
+        recover=cannot_tell,
+        abandoned=lambda w: abandoned.add(w.refs_tried),
+    )
+    intent = SendIntent("t", "m-lost", ("6421000031",), "552")
+    first = sends.BeginWrite(intent, time.time())
+    with pytest.raises(StoreError):
+        await b.submit(first)
+    (ref,) = first.refs_tried
+    if not retry_at_once:
+        assert await _state_becomes(db, ref, "rejected", 5) == "rejected"
+    plan = await b.submit(sends.BeginWrite(intent, time.time()))
+    assert [p.recipient for p in plan.to_send] == ["6421000031"]  # sent by the retry
+    assert plan.repeats == ()
+    assert await _state(db, ref) == "rejected"
+    assert len(abandoned) == 0
+    await abandoned.stop()
+
+
+async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_behind(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # The store as the gateway runs it: a begin_send whose caller is cancelled (a shutdown's
+    # deadline) while its group waits on the server; the group commits the pending row, its
+    # caller is gone and never sends. The row is rejected, and a retry sends.
+    store = PostgresStore(pg_url, RULES)
+    await store.open()
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        intent = SendIntent("t", "m-cancelled", ("6421000032",), "552")
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2 || chr(1) || $3))",
+            LOCK_CLASS_SEND,
+            "t",
+            "m-cancelled",
+        )
+        caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
+        for _ in range(100):  # until its group waits for the lock on the server
+            waiting = await pg.execute(
+                pg_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting
+        caller.cancel()
+        await tx.commit()  # the group goes on and commits; its caller is gone
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        deadline = time.monotonic() + 5
+        while True:
+            state = await pg.execute(
+                pg_url, "SELECT state FROM sends WHERE legacy_id = 'm-cancelled'"
+            )
+            if state == "rejected" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert state == "rejected"
+        plan = await store.begin_send(intent, time.time())
+        assert [p.recipient for p in plan.to_send] == ["6421000032"]
+    finally:
+        await blocker.close()
+        await store.close()

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bc_proxy.store.postgres import mo, push, schema, sends
+from bc_proxy.store.postgres import abandoned, mo, push, schema, sends
 from bc_proxy.store.postgres.db import PLANNER_SETTINGS, Db
 from bc_proxy.store.postgres.records import CLAIM_POLL
 from tests import pg
@@ -46,6 +46,7 @@ STATEMENTS = {
         "ARRAY['u5'], ARRAY['accepted'], ARRAY['cx5'], ARRAY['552'], 1.0",
     ),
     "unmatched reports": (sends.UNMATCHED, "text[]", "ARRAY['cx5']"),
+    "reject abandoned": (abandoned.REJECT, "text[], float8", "ARRAY['u5'], 1.0"),
     "report candidates": (sends.CANDIDATES, "text[]", "ARRAY['cx5']"),
     "mo facts": (
         mo.MO_FACTS,

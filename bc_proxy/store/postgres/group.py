@@ -24,6 +24,7 @@ R = TypeVar("R")
 Bulk = Callable[[Conn, Wakes, list[I]], Awaitable[list[R]]]
 Run = Callable[[list[I]], Awaitable[list[R]]]
 Recover = Callable[[list[I]], Awaitable[list[R] | None]]
+Abandon = Callable[[I], None]
 
 MAX_GROUP = 500
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Batcher(Generic[I, R]):
         droppable: bool = False,
         writers: int = 1,
         recover: Recover[I, R] | None = None,
+        abandoned: Abandon[I] | None = None,
     ) -> None:
         self.db = db
         self.what = what
@@ -61,6 +63,9 @@ class Batcher(Generic[I, R]):
         # After a failed group or write, whose COMMIT may have reached the server with only
         # its answer lost: the results it committed, or None (not committed: retry or fail).
         self.recover = recover
+        # Told of each item whose caller never gets its result: failed, or cancelled by the
+        # time its group answered (what it may have written nobody will act on).
+        self.abandoned = abandoned
         self.groups = 0  # committed groups (diagnostics, tests)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -110,8 +115,9 @@ class Batcher(Generic[I, R]):
                 self._running.discard(task)
             # Normally the queue is empty here. A writer cancelled at loop shutdown fails its
             # group and whatever is queued, so that nobody hangs.
-            for _, fut in group + self._queue:
-                _fail(fut, StoreError("store is closing"))
+            for item, fut in group + self._queue:
+                if not fut.done():
+                    self._give_up(item, fut, StoreError("store is closing"))
             self._queue = []
 
     async def _in_transaction(self, items: list[I]) -> list[R]:
@@ -132,9 +138,8 @@ class Batcher(Generic[I, R]):
                 unknown = recovered is None
             else:
                 self.groups += 1
-                for (_, fut), result in zip(group, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
+                for (item, fut), result in zip(group, results, strict=True):
+                    self._answer(item, fut, result)
                 return
         for item, fut in group:
             if self.droppable and fut.cancelled():
@@ -145,11 +150,11 @@ class Batcher(Generic[I, R]):
                 (result,) = await self.run([item])
             except Exception as exc:  # a write never leaves its caller hanging
                 if not await self._recovered([(item, fut)]):
-                    _fail(fut, exc if isinstance(exc, StoreError) else store_error(exc, self.what))
+                    err = exc if isinstance(exc, StoreError) else store_error(exc, self.what)
+                    self._give_up(item, fut, err)
             else:
                 self.groups += 1
-                if not fut.done():
-                    fut.set_result(result)
+                self._answer(item, fut, result)
 
     async def _recovered(self, group: list[tuple[I, asyncio.Future[R]]]) -> bool | None:
         """Answer a failed group from `recover` when it committed after all: True when
@@ -165,10 +170,20 @@ class Batcher(Generic[I, R]):
             return False
         log.info("%s: a group of %d committed although it failed; answered", self.what, len(group))
         self.groups += 1
-        for (_, fut), result in zip(group, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
+        for (item, fut), result in zip(group, results, strict=True):
+            self._answer(item, fut, result)
         return True
+
+    def _answer(self, item: I, fut: asyncio.Future[R], result: R) -> None:
+        if not fut.done():
+            fut.set_result(result)
+        elif self.abandoned is not None:  # cancelled meanwhile: nobody acts on what it wrote
+            self.abandoned(item)
+
+    def _give_up(self, item: I, fut: asyncio.Future[R], exc: StoreError) -> None:
+        _fail(fut, exc)
+        if self.abandoned is not None:
+            self.abandoned(item)
 
 
 def _fail(fut: asyncio.Future[R], exc: BaseException) -> None:

@@ -100,12 +100,14 @@ class BeginWrite:
     `planned`: the plan its latest attempt made (set by begin_sends before the commit), and
     `marks`: the event keys of the NUR records it wrote for blocked handsets, so that after a
     group whose COMMIT answer was lost `recover_begins` can tell whether the group committed
-    and answer with what it committed."""
+    and answer with what it committed. `refs_tried`: the upstream refs every attempt planned,
+    rejected if its caller never gets a plan (abandoned.py)."""
 
     intent: SendIntent
     now: float
     planned: list[SendPlan] = field(default_factory=list, compare=False)
     marks: list[str] = field(default_factory=list, compare=False)
+    refs_tried: list[str] = field(default_factory=list, compare=False)  # of every attempt
 
     def key(self) -> object:
         """Calls of one (tenant, messageId) never share a group: the later one must see the
@@ -167,6 +169,7 @@ async def begin_sends(
         )
         plan = SendPlan(to_send, decided.repeats, decided.blocked)
         w.planned[:] = [plan]
+        w.refs_tried.extend(p.upstream_ref for p in to_send)
         w.marks[:] = [f"{NUR_MARK}{new_ref()}" for _ in decided.blocked]
         marks.extend(w.marks)
         plans.append(plan)

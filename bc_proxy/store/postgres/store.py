@@ -27,7 +27,8 @@ from bc_proxy.store import (
     new_replica_id,
 )
 from bc_proxy.store.postgres import inbound, push, records, schema, sends
-from bc_proxy.store.postgres.db import DRIVER_ERRORS, Conn, Db, Wakes, store_error
+from bc_proxy.store.postgres.abandoned import Abandoned
+from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
 from bc_proxy.store.postgres.dlr import DlrWrite, store_dlrs
 from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.postgres.listener import Listener
@@ -107,15 +108,18 @@ class PostgresStore:
         self._rejects: Batcher[inbound.RejectWrite, None] = Batcher(
             self._db, "reject webhook", inbound.store_rejects, key=id
         )
+        self._abandoned = Abandoned(self._db)
         self._begins: Batcher[sends.BeginWrite, SendPlan] = Batcher(
             self._db,
             "begin send",
-            self._begin_sends,
+            None,
             key=sends.BeginWrite.key,
             max_group=128,
+            run=self._begin_sends,
             droppable=True,
             writers=send_writers,
             recover=self._recover_begins,
+            abandoned=lambda w: self._abandoned.add(w.refs_tried),
         )
         self._settles: Batcher[sends.SettleWrite, None] = Batcher(
             self._db,
@@ -133,10 +137,14 @@ class PostgresStore:
     async def _store_dlrs(self, w: list[DlrWrite]) -> list[IngestResult]:
         return await store_dlrs(self._db, self.rules, w)
 
-    async def _begin_sends(
-        self, conn: Conn, wakes: Wakes, w: list[sends.BeginWrite]
-    ) -> list[SendPlan]:
-        return await sends.begin_sends(conn, wakes, self.rules, w)
+    async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
+        """One group's transaction: the rows of abandoned calls rejected first (so a retry of
+        one of them cannot find its rows pending here), then the group's facts and rows."""
+        async with self._db.tx("begin send") as (conn, wakes):
+            rejected = await self._abandoned.reject(conn)
+            plans = await sends.begin_sends(conn, wakes, self.rules, w)
+        self._abandoned.done(rejected)
+        return plans
 
     async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
         return await sends.recover_begins(self._db, w)
@@ -191,6 +199,7 @@ class PostgresStore:
         self._closed = True
         for batcher in (self._begins, self._settles, self._dlrs, self._mos, self._rejects):
             await batcher.drain()
+        await self._abandoned.stop()
         self.waker.close()
         await self.listener.stop()
         if self._opened:
