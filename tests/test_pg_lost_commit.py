@@ -448,3 +448,18 @@ async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_be
     finally:
         await blocker.close()
         await store.close()
+
+
+async def test_abandoned_rows_are_rejected_once_more_as_the_store_closes(db: Db) -> None:
+    # Callers cancelled by a shutdown: their groups commit as the store drains, and the
+    # background flush is stopped with it. The close rejects what is left, once.
+    write = sends.BeginWrite(SendIntent("t", "m-close", ("6421000033",), "552"), time.time())
+    async with db.tx("begin send") as (conn, wakes):
+        await sends.begin_sends(conn, wakes, RULES, [write])
+    abandoned = Abandoned(db)
+    abandoned.add(write.refs_tried)
+    await abandoned.stop()  # before the flush's first attempt
+    assert await _state(db, write.refs_tried[0]) == "rejected"
+    assert len(abandoned) == 0
+    abandoned.add(["u-after-close"])  # stopped: kept, no flush started
+    assert len(abandoned) == 1

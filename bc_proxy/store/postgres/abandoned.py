@@ -96,9 +96,16 @@ class Abandoned:
                 delay = FIRST_RETRY_SECONDS
 
     async def stop(self) -> None:
-        """Stop the background flush (the store is closing; what is left expires)."""
+        """The store is closing: one last rejection (callers cancelled by the shutdown), then
+        no more; what is left expires at the next start."""
         self._stopped = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        if self._refs:
+            try:
+                async with self._db.conn("reject abandoned sends") as conn:
+                    self.done(await self.reject(conn))
+            except Exception as exc:
+                log.info("abandoned sends: %d left to expiry (%s)", len(self._refs), exc)
