@@ -143,6 +143,8 @@ class Batcher(Generic[I, R]):
                 return
         for item, fut in group:
             if self.droppable and fut.cancelled():
+                if unknown and self.abandoned is not None:  # its group may have committed it
+                    self.abandoned(item)
                 continue
             if unknown and await self._recovered([(item, fut)]):
                 continue  # it committed with its group: not written twice
