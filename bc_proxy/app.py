@@ -28,7 +28,7 @@ from bc_proxy.delivery import push_worker
 from bc_proxy.edge import edge, on_prepare, plain_parse_errors
 from bc_proxy.errors import StoreError
 from bc_proxy.jobs import supervise
-from bc_proxy.legacy import ratelimit
+from bc_proxy.legacy import ratelimit, settling
 from bc_proxy.legacy import routes as legacy_routes
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.legacy.settling import pending_expiry_seconds
@@ -85,10 +85,12 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         if expired:
             log.warning("sends_outcome_unknown_at_start", recipients=expired)
     yield
+    await settling.drain(store, SETTLE_DRAIN_SECONDS)  # settles that outlived their request
     await store.close()
 
 
 EXPIRE_EVERY = 30.0  # seconds between expiries of pending sends of a dead process
+SETTLE_DRAIN_SECONDS = 5.0  # at shutdown, for settles still running in the background
 
 
 def _stale_before(settings: Settings) -> float:

@@ -416,6 +416,26 @@ async def test_store_fails_after_connexus_accepted(
     assert records(db) == 0  # no status record: an accepted SMS has none until its report
 
 
+async def test_a_deferred_settle_makes_its_last_attempt_as_the_gateway_stops(
+    fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """The gateway stops while a settle waits for its next retry: the settle is tried once
+    more before the store closes, so the SMS that went out is recorded `accepted` rather
+    than left to expiry's "outcome unknown"."""
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), Metrics(process=False))
+    conn = writer_conn(client)
+
+    def read_only() -> None:
+        conn.execute("PRAGMA query_only = ON")
+
+    fake.before_answer = read_only
+    assert await post(client, creds(to="6421000410", body="x", messageId="f-10")) == (204, "")
+    fake.before_answer = None
+    conn.execute("PRAGMA query_only = OFF")
+    await client.close()  # before the first retry (0.2 s): only the drain can settle it
+    assert send_rows(tmp_path / "bc-proxy.db") == [("6421000410", "f-10", "accepted")]
+
+
 async def test_settle_retries_stop_before_expiry(
     fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
 ) -> None:

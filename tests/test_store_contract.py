@@ -292,6 +292,18 @@ async def test_expire_pending_writes_one_unknown_outcome_record(store: Store) ->
     assert again.repeats == ((HANDSET, "unknown"),)
 
 
+async def test_a_settle_after_expiry_does_not_contradict_it(store: Store) -> None:
+    """A settle that comes after expiry (a retried settle, a slow one) leaves the row
+    `unknown`: the client already has its ERR record, and a retry stays unresolved."""
+    plan = await store.begin_send(intent("L11"), time.time())
+    assert await store.expire_pending(later()) == 1
+    await store.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-11")])
+    again = await store.begin_send(intent("L11"), time.time())
+    assert again.repeats == ((HANDSET, "unknown"),)
+    record = await only(store, POLL, "status")
+    assert (record.status_code, record.error) == ("ERR", UNKNOWN_OUTCOME)
+
+
 async def test_expire_pending_record_is_placed_by_the_tenants_rules(store: Store) -> None:
     """The unknown-outcome record of a push tenant's expired send is pushed, not polled."""
     await store.begin_send(intent("L8", tenant=PUSH), time.time())

@@ -6,18 +6,21 @@ A send's outcome is known once Connexus has answered, whether or not the store c
 at that moment. When the commit of a settle that carries no status record fails (database
 unreachable, read-only, full), the legacy client is answered by the outcome (204 for an
 accepted SMS), and the settle is retried here until it commits or its pending rows near their
-expiry (`pending_expiry_seconds` old: expiry says `unknown`, with an ERR record that a later
-settle must not contradict, so the retries stop `EXPIRY_SAFETY_SECONDS` before). Such a settle
-is idempotent (the same state, Connexus id and sender again), so a retry after a commit whose
-answer was lost does no harm. Until it commits, a retry of the legacy call meets the pending
-row and is answered `upstream.unknown_retry_status`, never re-sent. A settle with status
-records (refusals, unknown outcomes) is not retried: a second commit would store its records
-twice; it fails the request as before (500) and expiry settles its rows.
+expiry (`pending_expiry_seconds` old: expiry says `unknown`, with an ERR record; the retries
+stop `EXPIRY_SAFETY_SECONDS` before, and the store changes only rows still `pending`, so one
+that lands after expiry anyway changes nothing). Such a settle is idempotent (the same state,
+Connexus id and sender again), so a retry after a commit whose answer was lost does no harm.
+Until it commits, a retry of the legacy call meets the pending row and is answered
+`upstream.unknown_retry_status`, never re-sent. A settle with status records (refusals,
+unknown outcomes) is not retried: a second commit would store its records twice; it fails the
+request as before (500) and expiry settles its rows. When the gateway stops, `drain` has each
+deferred settle try once more before the store closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -39,7 +42,11 @@ def pending_expiry_seconds(upstream_timeout: float) -> float:
     past any call's bound (the upstream timeout, a token fetch and one retry after a 401)."""
     return upstream_timeout * 2 + 5
 
-_BACKGROUND: set[asyncio.Future[None]] = set()  # strong references until they finish
+
+# Settles running in the background, by store (strong references until they finish), and the
+# event that tells a store's deferred settles to make their last attempt now (it is closing).
+_BACKGROUND: dict[asyncio.Future[None], Store] = {}
+_CLOSING: dict[int, asyncio.Event] = {}
 
 
 async def settle(
@@ -83,7 +90,7 @@ async def settle(
             raise
         log.warning("settle_deferred", tenant=tenant, recipients=len(refs), error=str(exc))
         retry = _retry(store, metrics, intent, refs, outcomes, answered=answered, until=defer_until)
-        _keep(asyncio.ensure_future(retry))
+        _keep(store, asyncio.ensure_future(retry))
         return
     if counts["unknown"]:
         metrics.recipients_unknown.labels(tenant).inc(counts["unknown"])
@@ -97,7 +104,7 @@ def settle_cut_short(
     """The call was cancelled (shutdown) or failed mid-call: the request may be out, so every
     recipient is settled `unknown` (never re-sent), in a task of its own."""
     lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
-    _keep(asyncio.ensure_future(settle(store, metrics, intent, refs, lost, answered=False)))
+    _keep(store, asyncio.ensure_future(settle(store, metrics, intent, refs, lost, answered=False)))
 
 
 async def _retry(
@@ -110,38 +117,57 @@ async def _retry(
     answered: bool,
     until: float,
 ) -> None:
+    closing = _CLOSING.setdefault(id(store), asyncio.Event())
     delay = FIRST_RETRY_SECONDS
     attempts = 0
+    error = ""
     while True:
-        await asyncio.sleep(max(0.0, min(delay, until - time.time())))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), max(0.0, min(delay, until - time.time())))
+        last = closing.is_set()  # the store is closing: one attempt more, then expiry's
+        if time.time() >= until:
+            break
         attempts += 1
         try:
             await settle(store, metrics, intent, refs, outcomes, answered=answered)
         except StoreError as exc:
+            error = str(exc)
             delay = min(delay * 2, MAX_RETRY_SECONDS)
-            if time.time() + delay >= until:
-                # Expiry takes the rows from here: `unknown`, with an ERR status record each.
-                log.error(
-                    "settle_abandoned",
-                    tenant=intent.tenant,
-                    recipients=len(refs),
-                    attempts=attempts,
-                    error=str(exc),
-                )
-                return
+            if last or time.time() + delay >= until:
+                break
         else:
             log.warning(
                 "settle_recovered", tenant=intent.tenant, recipients=len(refs), attempts=attempts
             )
             return
+    # Expiry takes the rows from here: `unknown`, with an ERR status record each.
+    log.error(
+        "settle_abandoned",
+        tenant=intent.tenant,
+        recipients=len(refs),
+        attempts=attempts,
+        error=error,
+    )
 
 
-def _keep(task: asyncio.Future[None]) -> None:
-    _BACKGROUND.add(task)
+async def drain(store: Store, within: float) -> None:
+    """Before `store` closes: its deferred settles make their last attempt now, and every
+    settle running in the background for it is waited for, `within` seconds at most."""
+    _CLOSING.setdefault(id(store), asyncio.Event()).set()
+    try:
+        tasks = [t for t, s in _BACKGROUND.items() if s is store]
+        if tasks:
+            await asyncio.wait(tasks, timeout=within)
+    finally:
+        _CLOSING.pop(id(store), None)
+
+
+def _keep(store: Store, task: asyncio.Future[None]) -> None:
+    _BACKGROUND[task] = store
     task.add_done_callback(_done)
 
 
 def _done(task: asyncio.Future[None]) -> None:
-    _BACKGROUND.discard(task)
+    _BACKGROUND.pop(task, None)
     if not task.cancelled() and task.exception() is not None:
         log.error("settle_failed", error=repr(task.exception()))

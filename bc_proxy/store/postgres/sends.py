@@ -70,6 +70,7 @@ SETTLE = (
     "sender = CASE WHEN sends.sender = '' THEN s.sender ELSE sends.sender END "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
     "AS s(ref, state, connexus_id, sender) WHERE sends.upstream_ref = s.ref "
+    "AND sends.state = 'pending' "
     "RETURNING sends.id, sends.upstream_ref, sends.connexus_id"
 )
 _EXPIRE = (

@@ -139,7 +139,7 @@ def settle(
     conn.executemany(
         "UPDATE sends SET state = ?, connexus_id = coalesce(?, connexus_id), "
         "sender = CASE WHEN sender = '' THEN ? ELSE sender END, settled_at = ? "
-        "WHERE upstream_ref = ?",
+        "WHERE upstream_ref = ? AND state = 'pending'",
         [(s.state, s.connexus_id, s.sender, now, s.upstream_ref) for s in settlements],
     )
     insert_statuses(conn, wakes, rules, statuses, now)
