@@ -22,6 +22,7 @@ import pytest
 from bc_proxy.errors import StoreError
 from bc_proxy.store import SendIntent, SendPlan, Settlement, StatusRecord
 from bc_proxy.store.postgres import PostgresStore, sends
+from bc_proxy.store.postgres import abandoned as abandoned_module
 from bc_proxy.store.postgres.abandoned import Abandoned
 from bc_proxy.store.postgres.db import Db
 from bc_proxy.store.postgres.group import Batcher
@@ -463,3 +464,111 @@ async def test_abandoned_rows_are_rejected_once_more_as_the_store_closes(db: Db)
     assert len(abandoned) == 0
     abandoned.add(["u-after-close"])  # stopped: kept, no flush started
     assert len(abandoned) == 1
+
+
+class _LosesTheFirstAnswer(PostgresStore):
+    """The store as the gateway runs it, except that its first begin group's COMMIT answer is
+    lost and every check after a failure fails (the database "still unreachable")."""
+
+    lose = True
+
+    async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
+        plans = await super()._begin_sends(w)
+        if self.lose:
+            self.lose = False
+            raise ConnectionResetError("connection lost while COMMIT was on the wire")
+        return plans
+
+    async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
+        raise StoreError("the database is still unreachable")
+
+
+async def _states(url: str, legacy_id: str) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT state FROM sends WHERE legacy_id = $1 ORDER BY id", legacy_id
+        )
+    finally:
+        await conn.close()
+    return [r["state"] for r in rows]
+
+
+async def test_the_store_rejects_an_abandoned_row_before_a_retry_reads_its_facts(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # The real store's wiring: the caller of the lost group gets an error; its retry, at once
+    # (before any background flush), is planned by a group that rejects the row first.
+    store = _LosesTheFirstAnswer(pg_url, RULES)
+    await store.open()
+    try:
+        intent = SendIntent("t", "m-wired", ("6421000034",), "552")
+        with pytest.raises(StoreError):
+            await store.begin_send(intent, time.time())
+        plan = await store.begin_send(intent, time.time())
+        assert [p.recipient for p in plan.to_send] == ["6421000034"]
+    finally:
+        await store.close()
+    assert await _states(pg_url, "m-wired") == ["rejected", "pending"]
+
+
+async def test_a_row_a_retry_was_answered_from_is_never_rejected(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # A retry read the row while it was pending (another replica, before the refs were known
+    # abandoned) and was answered "unknown" from it: the row is marked and keeps its state, so
+    # that expiry gives the client its ERR record instead of a silent rejection.
+    store = PostgresStore(pg_url, RULES)
+    await store.open()
+    try:
+        intent = SendIntent("t", "m-seen", ("6421000035",), "552")
+        first = await store.begin_send(intent, time.time())
+        retry = await store.begin_send(intent, time.time())
+        assert retry.repeats == (("6421000035", "pending"),)
+        async with pg.started_db(pg_url) as db:
+            abandoned = Abandoned(db)
+            abandoned.add([first.to_send[0].upstream_ref])
+            await abandoned.stop()  # its one last rejection
+            assert len(abandoned) == 0  # settled: the row was seen, and left alone
+        assert await _states(pg_url, "m-seen") == ["pending"]
+        assert await store.expire_pending(time.time() + 1) == 1
+        status = await store.claim("t", "status")
+        assert status is not None
+        assert status.status_code == "ERR"
+    finally:
+        await store.close()
+
+
+async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # The rejection (another replica's, uncommitted) holds the row when the retry reads its
+    # facts: the retry sees it pending, its mark waits for the row, finds it rejected once the
+    # rejection commits, and the retry reads its facts again and sends.
+    store = PostgresStore(pg_url, RULES)
+    await store.open()
+    other = await asyncpg.connect(pg_url)
+    try:
+        intent = SendIntent("t", "m-race", ("6421000036",), "552")
+        first = await store.begin_send(intent, time.time())
+        tx = other.transaction()
+        await tx.start()
+        await other.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
+        retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
+        for _ in range(100):  # until the retry's mark waits for the rejection's row lock
+            waiting = await pg.execute(
+                pg_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' "
+                "AND NOT granted",
+            )  # fmt: skip
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting
+        await tx.commit()
+        plan = await asyncio.wait_for(retry, 10)
+        assert [p.recipient for p in plan.to_send] == ["6421000036"]
+        assert plan.repeats == ()
+    finally:
+        await other.close()
+        await store.close()
+    assert await _states(pg_url, "m-race") == ["rejected", "pending"]

@@ -47,6 +47,11 @@ STATEMENTS = {
     ),
     "unmatched reports": (sends.UNMATCHED, "text[]", "ARRAY['cx5']"),
     "reject abandoned": (abandoned.REJECT, "text[], float8", "ARRAY['u5'], 1.0"),
+    "mark seen": (
+        abandoned.MARK_SEEN,
+        "text[], text[], text[], float8[]",
+        f"ARRAY['b'], ARRAY['l5'], ARRAY['{HANDSET}'], ARRAY[0.0::float8]",
+    ),
     "report candidates": (sends.CANDIDATES, "text[]", "ARRAY['cx5']"),
     "mo facts": (
         mo.MO_FACTS,

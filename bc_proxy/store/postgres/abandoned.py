@@ -8,10 +8,17 @@ recovery could not tell), or a group that committed after its caller was cancell
 `pending`, they would answer the legacy retry `upstream.unknown_retry_status` (204 by default)
 without sending anything, and expiry would later say "outcome unknown" for an SMS that never
 left. So their refs are kept here and the rows made `rejected` (the request was never written:
-a retry sends again): inside the next begin group of this replica, before its facts are read
-(a retry arriving here cannot see them pending), and by a background flush with backoff when no
-group comes. Only rows still `pending` change; an expired row (`unknown`) keeps its state.
-What is left unflushed when the process stops is expired as before.
+a retry sends again): inside the next begin group of this replica, before its facts are read,
+and by a background flush with backoff when no group comes.
+
+A retry may read the row while it is still pending (on another replica, or before the refs
+got here) and be answered from it. Such an answer marks the row (`mark_seen`, in the retry's
+own transaction), and a marked row is never rejected: it expires with its ERR record, so the
+client that was answered "unknown" hears of it. The mark and the rejection meet on the row's
+lock: a rejection committed first makes the mark find nothing, and the retry reads its facts
+again (sends.begin_sends). Only rows still `pending` and unmarked change. A ref whose row is not
+(yet) visible is kept until `KEEP_SECONDS` (its group may still be committing); what is left
+unflushed when the process stops is expired as before.
 """
 
 from __future__ import annotations
@@ -21,17 +28,64 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from bc_proxy.store.postgres.db import Conn, Db
+from bc_proxy.store.postgres.schema import send_key
 
-REJECT = (
-    "UPDATE sends SET state = 'rejected', settled_at = $2 "
-    "WHERE upstream_ref = ANY($1::text[]) AND state = 'pending'"
-)
-MAX_REFS = 100_000  # refs kept at most (a long outage under load); older ones expire instead
-KEEP_SECONDS = 3600.0  # past any expiry of pending rows: nothing left to reject
+# The rows rejected, and which of the refs asked about exist (the statement's snapshot).
+REJECT = """
+WITH rejected AS (
+    UPDATE sends SET state = 'rejected', settled_at = $2
+    WHERE upstream_ref = ANY($1::text[]) AND state = 'pending' AND NOT repeat_seen
+    RETURNING 1)
+SELECT (SELECT count(*) FROM rejected) AS n,
+    array(SELECT upstream_ref FROM sends WHERE upstream_ref = ANY($1::text[])) AS found
+"""
+# The latest row of each (tenant, messageId, recipient) inside its window, marked when still
+# pending: the plan answered a retry from it. The same key probe as the send facts (sends_key).
+MARK_SEEN = f"""
+UPDATE sends SET repeat_seen = true
+WHERE id = ANY(array(
+    SELECT (SELECT (array_agg(s.id ORDER BY s.id DESC) FILTER (WHERE s.created_at > x.since))[1]
+            FROM sends AS s
+            WHERE s.legacy_id IS NOT NULL
+              AND {send_key("s.tenant", "s.legacy_id", "s.recipient")}
+                = {send_key("x.t", "x.l", "x.r")})
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(t, l, r, since)))
+  AND state = 'pending'
+RETURNING tenant, legacy_id, recipient
+"""
+MAX_REFS = 100_000  # refs kept at most (a long outage under load); the rest expire instead
+PER_GROUP = 1_000  # refs rejected inside one begin group at most; the flush takes the rest
+KEEP_SECONDS = 30.0  # a ref whose row is not visible: kept this long (its group may still be
+# committing on the server), then dropped: past the expiry of a pending row by then
 FIRST_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 2.0
+
+
+class SeenKey(NamedTuple):
+    """A (tenant, messageId, recipient) a plan answered from a pending row, and its window."""
+
+    tenant: str
+    legacy_id: str
+    recipient: str
+    since: float
+
+
+async def mark_seen(conn: Conn, keys: list[SeenKey]) -> set[SeenKey]:
+    """Mark the pending rows `keys` were answered from; the keys whose row was still pending
+    (a key missing: its row changed meanwhile, so the plan must be made again)."""
+    rows = await conn.fetch(
+        MARK_SEEN,
+        [k.tenant for k in keys],
+        [k.legacy_id for k in keys],
+        [k.recipient for k in keys],
+        [k.since for k in keys],
+    )
+    marked = {(r["tenant"], r["legacy_id"], r["recipient"]) for r in rows}
+    return {k for k in keys if (k.tenant, k.legacy_id, k.recipient) in marked}
+
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +98,7 @@ class Abandoned:
         self._refs: dict[str, float] = {}  # ref -> monotonic time it was abandoned
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
+        self._full = False  # MAX_REFS reached (logged once)
         self.rejected = 0  # rows made `rejected` (diagnostics, tests)
 
     def __len__(self) -> int:
@@ -53,7 +108,9 @@ class Abandoned:
         now = time.monotonic()
         for ref in refs:
             if len(self._refs) >= MAX_REFS:
-                log.warning("abandoned sends: %d refs kept, the rest left to expiry", MAX_REFS)
+                if not self._full:
+                    log.warning("abandoned sends: %d refs kept, more left to expiry", MAX_REFS)
+                self._full = True
                 break
             self._refs[ref] = now
         if self._stopped:
@@ -61,25 +118,24 @@ class Abandoned:
         if self._refs and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def reject(self, conn: Conn) -> list[str]:
-        """Reject the rows of every ref kept, in the caller's transaction (or autocommit); the
-        refs handled, to pass to `done` once that has committed."""
+    async def reject(self, conn: Conn, limit: int = MAX_REFS) -> list[str]:
+        """Reject the rows of up to `limit` refs kept (the oldest), in the caller's transaction
+        (or autocommit); the refs settled by it (rejected, marked, expired or otherwise not
+        pending), to pass to `done` once that has committed."""
         cutoff = time.monotonic() - KEEP_SECONDS
         for ref in [r for r, t in self._refs.items() if t < cutoff]:
             del self._refs[ref]
-        refs = list(self._refs)
-        if refs:
-            status = await conn.execute(REJECT, refs, time.time())
-            self._count(status)
-        return refs
+        refs = list(self._refs)[:limit]
+        if not refs:
+            return []
+        row = await conn.fetchrow(REJECT, refs, time.time())
+        self.rejected += int(row["n"])
+        return list(row["found"])
 
     def done(self, refs: list[str]) -> None:
         for ref in refs:
             self._refs.pop(ref, None)
-
-    def _count(self, status: str) -> None:
-        with contextlib.suppress(ValueError, IndexError):
-            self.rejected += int(status.split()[-1])
+        self._full = len(self._refs) >= MAX_REFS
 
     async def _flush(self) -> None:
         delay = FIRST_RETRY_SECONDS
@@ -92,8 +148,8 @@ class Abandoned:
                 log.info("abandoned sends: rejection failed (%s); retrying", exc)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
             else:
-                self.done(refs)
-                delay = FIRST_RETRY_SECONDS
+                self.done(refs)  # what is left has no row yet: look again, less often
+                delay = min(delay * 2, MAX_RETRY_SECONDS)
 
     async def stop(self) -> None:
         """The store is closing: one last rejection (callers cancelled by the shutdown), then

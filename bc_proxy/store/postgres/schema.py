@@ -199,6 +199,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sends_recent ON sends (recipient, created_at, id);
     DROP INDEX sends_recipient;
     """,
+    # 5: a pending row a retry was answered from is marked, and never rejected as abandoned
+    # (store/postgres/abandoned.py). A constant default: no table rewrite.
+    """
+    ALTER TABLE sends ADD COLUMN repeat_seen boolean NOT NULL DEFAULT false;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from bc_proxy.store import (
     Settlement,
     StatusRecord,
 )
+from bc_proxy.store.postgres.abandoned import SeenKey, mark_seen
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
 from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, lock_send_keys
@@ -121,7 +122,12 @@ async def begin_sends(
     conn: Conn, wakes: Wakes, rules: Rules, writes: list[BeginWrite]
 ) -> list[SendPlan]:
     """Plan a group of send calls (distinct keys) and write their pending rows, inside the
-    caller's transaction: the facts in one call, the rows in one insert."""
+    caller's transaction: the facts in one call, the rows in one insert.
+
+    A plan that answers a call from a `pending` row of an earlier one marks that row
+    (abandoned.mark_seen): a pending row abandoned by its own caller is then never rejected,
+    and expires with its ERR record. If the row stopped being pending between the facts and
+    the mark (rejected meanwhile), the facts are read again and the group planned anew."""
     tenants: list[str] = []
     legacy_ids: list[str | None] = []
     recipients: list[str] = []
@@ -133,8 +139,8 @@ async def begin_sends(
             legacy_ids.append(w.intent.legacy_id)
             recipients.append(recipient)
             since.append(window_start)
-    rows = iter(
-        await conn.fetch(
+    for _ in range(REPLANS):
+        rows = await conn.fetch(
             "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
             "$4::float8[]) ORDER BY n",
             tenants,
@@ -142,11 +148,31 @@ async def begin_sends(
             recipients,
             since,
         )
-    )
-    plans: list[SendPlan] = []
-    send_rows: list[tuple[Any, ...]] = []
-    statuses: list[tuple[StatusRecord, float]] = []
-    marks: list[str] = []
+        group = _plan(rules, writes, iter(rows))
+        seen = group.pending_repeats
+        if not seen or await mark_seen(conn, seen) == set(seen):
+            break
+    if group.send_rows:
+        rows_by_column = (list(c) for c in zip(*group.send_rows, strict=True))
+        await conn.execute(_INSERT_SENDS, *rows_by_column)
+    await insert_statuses(conn, wakes, rules, group.statuses, {}, group.marks)
+    return group.plans
+
+
+REPLANS = 3  # facts read again at most this often when a pending row changed meanwhile
+
+
+@dataclass
+class _Group:
+    plans: list[SendPlan] = field(default_factory=list)
+    send_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    statuses: list[tuple[StatusRecord, float]] = field(default_factory=list)
+    marks: list[str] = field(default_factory=list)
+    pending_repeats: list[SeenKey] = field(default_factory=list)
+
+
+def _plan(rules: Rules, writes: list[BeginWrite], rows: Iterator[Any]) -> _Group:
+    group = _Group()
     for w in writes:
         intent = w.intent
         latest: dict[str, SendState] = {}
@@ -159,25 +185,29 @@ async def begin_sends(
                 blocked.add(recipient)
         decided = rules.plan(intent.recipients, latest, blocked)
         to_send = tuple(PlannedRecipient(r, new_ref()) for r in decided.to_send)
-        send_rows.extend(
+        group.send_rows.extend(
             (intent.tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, w.now)
             for p in to_send
         )
         lid = intent.legacy_id
-        statuses.extend(
+        group.statuses.extend(
             (StatusRecord(intent.tenant, h, intent.sender, lid, "NUR", BLOCKED_ERROR), w.now)
             for h in decided.blocked
         )
+        if lid is not None:
+            window_start = w.now - rules.window(intent.tenant)
+            group.pending_repeats.extend(
+                SeenKey(intent.tenant, lid, r, window_start)
+                for r, state in decided.repeats
+                if state == "pending"
+            )
         plan = SendPlan(to_send, decided.repeats, decided.blocked)
         w.planned[:] = [plan]
         w.refs_tried.extend(p.upstream_ref for p in to_send)
         w.marks[:] = [f"{NUR_MARK}{new_ref()}" for _ in decided.blocked]
-        marks.extend(w.marks)
-        plans.append(plan)
-    if send_rows:
-        await conn.execute(_INSERT_SENDS, *(list(c) for c in zip(*send_rows, strict=True)))
-    await insert_statuses(conn, wakes, rules, statuses, {}, marks)
-    return plans
+        group.marks.extend(w.marks)
+        group.plans.append(plan)
+    return group
 
 
 async def recover_begins(db: Db, writes: list[BeginWrite]) -> list[SendPlan] | None:

@@ -27,7 +27,7 @@ from bc_proxy.store import (
     new_replica_id,
 )
 from bc_proxy.store.postgres import inbound, push, records, schema, sends
-from bc_proxy.store.postgres.abandoned import Abandoned
+from bc_proxy.store.postgres.abandoned import PER_GROUP, Abandoned
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
 from bc_proxy.store.postgres.dlr import DlrWrite, store_dlrs
 from bc_proxy.store.postgres.group import Batcher
@@ -141,7 +141,7 @@ class PostgresStore:
         """One group's transaction: the rows of abandoned calls rejected first (so a retry of
         one of them cannot find its rows pending here), then the group's facts and rows."""
         async with self._db.tx("begin send") as (conn, wakes):
-            rejected = await self._abandoned.reject(conn)
+            rejected = await self._abandoned.reject(conn, PER_GROUP)
             plans = await sends.begin_sends(conn, wakes, self.rules, w)
         self._abandoned.done(rejected)
         return plans
