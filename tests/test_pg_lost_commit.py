@@ -32,6 +32,8 @@ from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 RULES = Rules({"t": TenantRules(senders=("552",))})
+# Sessions waiting for a lock the session with this backend pid holds (no other test's waits).
+BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
 
 
 @pytest.fixture
@@ -424,9 +426,7 @@ async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_be
         )
         caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
         for _ in range(100):  # until its group waits for the lock on the server
-            waiting = await pg.execute(
-                pg_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            )
+            waiting = await pg.execute(pg_url, BLOCKED_BY, blocker.get_server_pid())
             if waiting:
                 break
             await asyncio.sleep(0.05)
@@ -556,10 +556,7 @@ async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
         await other.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
         retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
         for _ in range(100):  # until the retry's mark waits for the rejection's row lock
-            waiting = await pg.execute(
-                pg_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' "
-                "AND NOT granted",
-            )  # fmt: skip
+            waiting = await pg.execute(pg_url, BLOCKED_BY, other.get_server_pid())
             if waiting:
                 break
             await asyncio.sleep(0.05)
