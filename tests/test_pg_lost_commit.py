@@ -368,10 +368,10 @@ async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behin
     lost = [True]
 
     async def run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
+        async with db.conn("reject abandoned sends") as conn:
+            await abandoned.reject(conn)
         async with db.tx("begin send") as (conn, wakes):
-            rejected = await abandoned.reject(conn)
             plans = await sends.begin_sends(conn, wakes, RULES, writes)
-        abandoned.done(rejected)
         if lost[0]:
             lost[0] = False
             raise ConnectionResetError("connection lost while COMMIT was on the wire")
@@ -569,3 +569,24 @@ async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
         await other.close()
         await store.close()
     assert await _states(pg_url, "m-race") == ["rejected", "pending"]
+
+
+async def test_an_outage_longer_than_the_keep_time_still_rejects_abandoned_rows(db: Db) -> None:
+    # Refs are abandoned while the database is down, often for longer than a ref with no row
+    # is kept. That time counts from the first rejection that misses the row, not from the
+    # abandonment: the first flush after the outage still rejects the rows it finds; a ref
+    # with no row is dropped `keep_seconds` after that.
+    write = sends.BeginWrite(SendIntent("t", "m-long", ("6421000037",), "552"), time.time())
+    async with db.tx("begin send") as (conn, wakes):
+        await sends.begin_sends(conn, wakes, RULES, [write])
+    abandoned = Abandoned(db, keep_seconds=0.05)
+    abandoned.add([*write.refs_tried, "u-never-stored"])
+    await asyncio.sleep(0.1)  # "the outage": longer than keep_seconds, no rejection ran
+    async with db.conn("reject") as conn:
+        await abandoned.reject(conn)
+        assert await _state(db, write.refs_tried[0]) == "rejected"
+        assert len(abandoned) == 1  # the ref with no row, kept a while
+        await asyncio.sleep(0.1)
+        await abandoned.reject(conn)
+    assert len(abandoned) == 0
+    await abandoned.stop()

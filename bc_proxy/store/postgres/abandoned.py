@@ -8,17 +8,19 @@ recovery could not tell), or a group that committed after its caller was cancell
 `pending`, they would answer the legacy retry `upstream.unknown_retry_status` (204 by default)
 without sending anything, and expiry would later say "outcome unknown" for an SMS that never
 left. So their refs are kept here and the rows made `rejected` (the request was never written:
-a retry sends again): inside the next begin group of this replica, before its facts are read,
-and by a background flush with backoff when no group comes.
+a retry sends again): on the connection of this replica's next begin group, committed just
+before that group starts (so before it reads its facts), and by a background flush with
+backoff when no group comes. The rejection takes no lock it must wait for (SKIP LOCKED): a row
+another transaction holds is looked at again later.
 
 A retry may read the row while it is still pending (on another replica, or before the refs
 got here) and be answered from it. Such an answer marks the row (`mark_seen`, in the retry's
 own transaction), and a marked row is never rejected: it expires with its ERR record, so the
 client that was answered "unknown" hears of it. The mark and the rejection meet on the row's
 lock: a rejection committed first makes the mark find nothing, and the retry reads its facts
-again (sends.begin_sends). Only rows still `pending` and unmarked change. A ref whose row is not
-(yet) visible is kept until `KEEP_SECONDS` (its group may still be committing); what is left
-unflushed when the process stops is expired as before.
+again (sends.begin_sends). Only rows still `pending` and unmarked change. A ref with no row yet
+is kept for `KEEP_SECONDS` after a rejection first misses it (its group may still be
+committing); what is left unflushed when the process stops is expired as before.
 """
 
 from __future__ import annotations
@@ -33,33 +35,54 @@ from typing import NamedTuple
 from bc_proxy.store.postgres.db import Conn, Db
 from bc_proxy.store.postgres.schema import send_key
 
-# The rows rejected, and which of the refs asked about exist (the statement's snapshot).
-REJECT = """
+
+# Reject the pending, unmarked rows of the refs asked about that nobody holds locked (a row a
+# concurrent mark holds is looked at again later); return the refs rejected, the refs whose row
+# is settled otherwise (not pending, or marked), and the refs that have a row at all. Joins to
+# the arrays probe the unique index on upstream_ref and the primary key (generic plans).
+#
+# "Pending" is written as a CASE in both statements: a plain `state = 'pending'` lets the planner
+# answer them from the partial index of pending rows (`sends_pending`), reading every pending row
+# per call, and a generic plan made on a small table keeps doing so (seen in tests/test_pg_plans).
+def _pending(table: str) -> str:
+    return f"CASE WHEN {table}.state = 'pending' THEN true ELSE false END"
+
+
+REJECT = f"""
 WITH rejected AS (
     UPDATE sends SET state = 'rejected', settled_at = $2
-    WHERE upstream_ref = ANY($1::text[]) AND state = 'pending' AND NOT repeat_seen
-    RETURNING 1)
-SELECT (SELECT count(*) FROM rejected) AS n,
-    array(SELECT upstream_ref FROM sends WHERE upstream_ref = ANY($1::text[])) AS found
+    FROM (SELECT s.id FROM unnest($1::text[]) AS r(ref)
+          JOIN sends AS s ON s.upstream_ref = r.ref
+          WHERE {_pending("s")} AND NOT s.repeat_seen
+          FOR UPDATE OF s SKIP LOCKED) AS x
+    WHERE sends.id = x.id
+    RETURNING sends.upstream_ref),
+present AS (
+    SELECT s.upstream_ref, s.state <> 'pending' OR s.repeat_seen AS settled
+    FROM unnest($1::text[]) AS r(ref) JOIN sends AS s ON s.upstream_ref = r.ref)
+SELECT array(SELECT upstream_ref FROM rejected) AS rejected,
+    array(SELECT upstream_ref FROM present WHERE settled) AS settled,
+    array(SELECT upstream_ref FROM present) AS present
 """
 # The latest row of each (tenant, messageId, recipient) inside its window, marked when still
-# pending: the plan answered a retry from it. The same key probe as the send facts (sends_key).
+# pending: the plan answered a retry from it. The same key probe as the send facts
+# (`sends_key`), then the primary key.
 MARK_SEEN = f"""
 UPDATE sends SET repeat_seen = true
-WHERE id = ANY(array(
-    SELECT (SELECT (array_agg(s.id ORDER BY s.id DESC) FILTER (WHERE s.created_at > x.since))[1]
-            FROM sends AS s
-            WHERE s.legacy_id IS NOT NULL
-              AND {send_key("s.tenant", "s.legacy_id", "s.recipient")}
-                = {send_key("x.t", "x.l", "x.r")})
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(t, l, r, since)))
-  AND state = 'pending'
-RETURNING tenant, legacy_id, recipient
+FROM (SELECT (SELECT (array_agg(s.id ORDER BY s.id DESC)
+                      FILTER (WHERE s.created_at > x.since))[1]
+              FROM sends AS s
+              WHERE s.legacy_id IS NOT NULL
+                AND {send_key("s.tenant", "s.legacy_id", "s.recipient")}
+                  = {send_key("x.t", "x.l", "x.r")}) AS id
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(t, l, r, since)) AS k
+WHERE sends.id = k.id AND {_pending("sends")}
+RETURNING sends.tenant, sends.legacy_id, sends.recipient
 """
 MAX_REFS = 100_000  # refs kept at most (a long outage under load); the rest expire instead
 PER_GROUP = 1_000  # refs rejected inside one begin group at most; the flush takes the rest
-KEEP_SECONDS = 30.0  # a ref whose row is not visible: kept this long (its group may still be
-# committing on the server), then dropped: past the expiry of a pending row by then
+KEEP_SECONDS = 30.0  # a ref with no row when a rejection looked: kept this long after that
+# (its group may still be committing on the server), then dropped
 FIRST_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 2.0
 
@@ -93,9 +116,11 @@ log = logging.getLogger(__name__)
 class Abandoned:
     """The refs of begin_send calls whose caller never got the plan, until rejected."""
 
-    def __init__(self, db: Db) -> None:
+    def __init__(self, db: Db, *, keep_seconds: float = KEEP_SECONDS) -> None:
         self._db = db
-        self._refs: dict[str, float] = {}  # ref -> monotonic time it was abandoned
+        self._keep = keep_seconds
+        # ref -> when a rejection first found no row for it (None: not looked for yet)
+        self._refs: dict[str, float | None] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
         self._full = False  # MAX_REFS reached (logged once)
@@ -105,36 +130,39 @@ class Abandoned:
         return len(self._refs)
 
     def add(self, refs: Iterable[str]) -> None:
-        now = time.monotonic()
         for ref in refs:
             if len(self._refs) >= MAX_REFS:
                 if not self._full:
                     log.warning("abandoned sends: %d refs kept, more left to expiry", MAX_REFS)
                 self._full = True
                 break
-            self._refs[ref] = now
+            self._refs[ref] = None
         if self._stopped:
             return
         if self._refs and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def reject(self, conn: Conn, limit: int = MAX_REFS) -> list[str]:
-        """Reject the rows of up to `limit` refs kept (the oldest), in the caller's transaction
-        (or autocommit); the refs settled by it (rejected, marked, expired or otherwise not
-        pending), to pass to `done` once that has committed."""
-        cutoff = time.monotonic() - KEEP_SECONDS
-        for ref in [r for r, t in self._refs.items() if t < cutoff]:
-            del self._refs[ref]
+    async def reject(self, conn: Conn, limit: int = MAX_REFS) -> None:
+        """Reject the rows of up to `limit` refs kept (the oldest), in autocommit; forget the
+        refs it settled (rejected, or found not pending or marked). A ref with no row is kept
+        for `keep_seconds` from the first time it is missed; a row locked by someone else is
+        looked at next time."""
         refs = list(self._refs)[:limit]
         if not refs:
-            return []
+            return
         row = await conn.fetchrow(REJECT, refs, time.time())
-        self.rejected += int(row["n"])
-        return list(row["found"])
-
-    def done(self, refs: list[str]) -> None:
-        for ref in refs:
+        self.rejected += len(row["rejected"])
+        for ref in (*row["rejected"], *row["settled"]):
             self._refs.pop(ref, None)
+        present = set(row["present"])
+        now = time.monotonic()
+        for ref in refs:
+            if ref in self._refs and ref not in present:
+                missed = self._refs[ref]
+                if missed is None:
+                    self._refs[ref] = now
+                elif now - missed > self._keep:
+                    del self._refs[ref]
         self._full = len(self._refs) >= MAX_REFS
 
     async def _flush(self) -> None:
@@ -143,13 +171,10 @@ class Abandoned:
             await asyncio.sleep(delay)
             try:
                 async with self._db.conn("reject abandoned sends") as conn:
-                    refs = await self.reject(conn)
+                    await self.reject(conn)
             except Exception as exc:  # unreachable, restarting: again, later
                 log.info("abandoned sends: rejection failed (%s); retrying", exc)
-                delay = min(delay * 2, MAX_RETRY_SECONDS)
-            else:
-                self.done(refs)  # what is left has no row yet: look again, less often
-                delay = min(delay * 2, MAX_RETRY_SECONDS)
+            delay = min(delay * 2, MAX_RETRY_SECONDS)  # what is left: look again, less often
 
     async def stop(self) -> None:
         """The store is closing: one last rejection (callers cancelled by the shutdown), then
@@ -162,6 +187,6 @@ class Abandoned:
         if self._refs:
             try:
                 async with self._db.conn("reject abandoned sends") as conn:
-                    self.done(await self.reject(conn))
+                    await self.reject(conn)
             except Exception as exc:
                 log.info("abandoned sends: %d left to expiry (%s)", len(self._refs), exc)

@@ -139,7 +139,7 @@ async def begin_sends(
             legacy_ids.append(w.intent.legacy_id)
             recipients.append(recipient)
             since.append(window_start)
-    for _ in range(REPLANS):
+    for _ in range(REPLANS):  # each failed mark settled a row for good: this ends
         rows = await conn.fetch(
             "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
             "$4::float8[]) ORDER BY n",
@@ -152,6 +152,10 @@ async def begin_sends(
         seen = group.pending_repeats
         if not seen or await mark_seen(conn, seen) == set(seen):
             break
+    else:
+        raise StoreError("begin send: the facts kept changing while planned")
+    for w, plan in zip(writes, group.plans, strict=True):
+        w.refs_tried.extend(p.upstream_ref for p in plan.to_send)
     if group.send_rows:
         rows_by_column = (list(c) for c in zip(*group.send_rows, strict=True))
         await conn.execute(_INSERT_SENDS, *rows_by_column)
@@ -159,7 +163,7 @@ async def begin_sends(
     return group.plans
 
 
-REPLANS = 3  # facts read again at most this often when a pending row changed meanwhile
+REPLANS = 20  # plans of one group at most (a pending row rejected between facts and mark)
 
 
 @dataclass
@@ -196,14 +200,13 @@ def _plan(rules: Rules, writes: list[BeginWrite], rows: Iterator[Any]) -> _Group
         )
         if lid is not None:
             window_start = w.now - rules.window(intent.tenant)
-            group.pending_repeats.extend(
+            group.pending_repeats.extend(  # answered from a stored row (not a repeat in the call)
                 SeenKey(intent.tenant, lid, r, window_start)
-                for r, state in decided.repeats
-                if state == "pending"
+                for r in {r for r, state in decided.repeats if state == "pending"}
+                if latest.get(r) == "pending"
             )
         plan = SendPlan(to_send, decided.repeats, decided.blocked)
         w.planned[:] = [plan]
-        w.refs_tried.extend(p.upstream_ref for p in to_send)
         w.marks[:] = [f"{NUR_MARK}{new_ref()}" for _ in decided.blocked]
         group.marks.extend(w.marks)
         group.plans.append(plan)

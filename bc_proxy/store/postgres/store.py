@@ -8,6 +8,7 @@ group commit), inbound, records (polling) and push.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -41,6 +42,8 @@ POOL_MAX = 10
 COMMAND_TIMEOUT = 5.0
 URL_OPTIONS = ("pool_min", "pool_max", "command_timeout")
 SEND_WRITERS = 4
+
+log = logging.getLogger(__name__)
 
 
 def pool_options(url: str) -> tuple[str, dict[str, float]]:
@@ -138,13 +141,16 @@ class PostgresStore:
         return await store_dlrs(self._db, self.rules, w)
 
     async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
-        """One group's transaction: the rows of abandoned calls rejected first (so a retry of
-        one of them cannot find its rows pending here), then the group's facts and rows."""
+        """One group's transaction, after the rows of abandoned calls are rejected (committed
+        first, so a retry of one of them planned here cannot find its rows pending)."""
+        if len(self._abandoned):
+            try:
+                async with self._db.conn("reject abandoned sends") as conn:
+                    await self._abandoned.reject(conn, PER_GROUP)
+            except StoreError as exc:  # the flush tries again; a retry's mark keeps it safe
+                log.info("abandoned sends: rejection before a group failed (%s)", exc)
         async with self._db.tx("begin send") as (conn, wakes):
-            rejected = await self._abandoned.reject(conn, PER_GROUP)
-            plans = await sends.begin_sends(conn, wakes, self.rules, w)
-        self._abandoned.done(rejected)
-        return plans
+            return await sends.begin_sends(conn, wakes, self.rules, w)
 
     async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
         return await sends.recover_begins(self._db, w)
