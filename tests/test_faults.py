@@ -375,6 +375,18 @@ async def test_store_read_only(fake: FakeConnexus, gateway: GatewayFactory, tmp_
     assert records(db) == 1
 
 
+def read_only_as_connexus_answers(fake: FakeConnexus, client: GatewayClient) -> sqlite3.Connection:
+    """The store turns read-only while the fake Connexus answers the next sms/out (the settle
+    commit after it fails); the writer connection, to make it writable again."""
+    conn = writer_conn(client)
+
+    def read_only() -> None:
+        conn.execute("PRAGMA query_only = ON")
+
+    fake.before_answer = read_only
+    return conn
+
+
 async def _state_becomes(db: Path, want: str, within: float) -> list[tuple[Any, ...]]:
     """The send rows once the first is in state `want`, or as they are after `within` s."""
     deadline = time.monotonic() + within
@@ -394,12 +406,7 @@ async def test_store_fails_after_connexus_accepted(
     id, and a retry is 204 from it, not sent again."""
     metrics = Metrics(process=False)
     client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
-    conn = writer_conn(client)
-
-    def read_only() -> None:
-        conn.execute("PRAGMA query_only = ON")
-
-    fake.before_answer = read_only
+    conn = read_only_as_connexus_answers(fake, client)
     params = creds(to="6421000408", body="settle", messageId="f-8")
     assert await post(client, params) == (204, "")
     assert fake.sends == 1
@@ -423,12 +430,7 @@ async def test_a_deferred_settle_makes_its_last_attempt_as_the_gateway_stops(
     more before the store closes, so the SMS that went out is recorded `accepted` rather
     than left to expiry's "outcome unknown"."""
     client = await gateway(fault_cfg(tmp_path, fake.base_url), Metrics(process=False))
-    conn = writer_conn(client)
-
-    def read_only() -> None:
-        conn.execute("PRAGMA query_only = ON")
-
-    fake.before_answer = read_only
+    conn = read_only_as_connexus_answers(fake, client)
     assert await post(client, creds(to="6421000410", body="x", messageId="f-10")) == (204, "")
     fake.before_answer = None
     conn.execute("PRAGMA query_only = OFF")
@@ -443,12 +445,7 @@ async def test_settle_retries_stop_before_expiry(
     settle gives up before it (expiry says `unknown`, with an ERR record, and no late settle
     may contradict that), and the row is still pending when the store comes back."""
     client = await gateway(fault_cfg(tmp_path, fake.base_url), Metrics(process=False))
-    conn = writer_conn(client)
-
-    def read_only() -> None:
-        conn.execute("PRAGMA query_only = ON")
-
-    fake.before_answer = read_only
+    conn = read_only_as_connexus_answers(fake, client)
     assert await post(client, creds(to="6421000409", body="x", messageId="f-9")) == (204, "")
     fake.before_answer = None
     horizon = settling.pending_expiry_seconds(TIMEOUT) - settling.EXPIRY_SAFETY_SECONDS

@@ -42,6 +42,17 @@ async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
         yield d
 
 
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[PostgresStore]:  # noqa: F811
+    """The PostgreSQL store as the gateway runs it, opened on the test's schema."""
+    s = PostgresStore(pg_url, RULES)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 def _batcher(
     db: Db, *, recover: bool, lose_answers: list[int]
 ) -> Batcher[sends.BeginWrite, SendPlan]:
@@ -406,13 +417,12 @@ async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behin
 
 
 async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_behind(
+    store: PostgresStore,
     pg_url: str,  # noqa: F811
 ) -> None:
     # The store as the gateway runs it: a begin_send whose caller is cancelled (a shutdown's
     # deadline) while its group waits on the server; the group commits the pending row, its
     # caller is gone and never sends. The row is rejected, and a retry sends.
-    store = PostgresStore(pg_url, RULES)
-    await store.open()
     blocker = await asyncpg.connect(pg_url)
     try:
         intent = SendIntent("t", "m-cancelled", ("6421000032",), "552")
@@ -448,7 +458,6 @@ async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_be
         assert [p.recipient for p in plan.to_send] == ["6421000032"]
     finally:
         await blocker.close()
-        await store.close()
 
 
 async def test_abandoned_rows_are_rejected_once_more_as_the_store_closes(db: Db) -> None:
@@ -513,40 +522,35 @@ async def test_the_store_rejects_an_abandoned_row_before_a_retry_reads_its_facts
 
 
 async def test_a_row_a_retry_was_answered_from_is_never_rejected(
+    store: PostgresStore,
     pg_url: str,  # noqa: F811
 ) -> None:
     # A retry read the row while it was pending (another replica, before the refs were known
     # abandoned) and was answered "unknown" from it: the row is marked and keeps its state, so
     # that expiry gives the client its ERR record instead of a silent rejection.
-    store = PostgresStore(pg_url, RULES)
-    await store.open()
-    try:
-        intent = SendIntent("t", "m-seen", ("6421000035",), "552")
-        first = await store.begin_send(intent, time.time())
-        retry = await store.begin_send(intent, time.time())
-        assert retry.repeats == (("6421000035", "pending"),)
-        async with pg.started_db(pg_url) as db:
-            abandoned = Abandoned(db)
-            abandoned.add([first.to_send[0].upstream_ref])
-            await abandoned.stop()  # its one last rejection
-            assert len(abandoned) == 0  # settled: the row was seen, and left alone
-        assert await _states(pg_url, "m-seen") == ["pending"]
-        assert await store.expire_pending(time.time() + 1) == 1
-        status = await store.claim("t", "status")
-        assert status is not None
-        assert status.status_code == "ERR"
-    finally:
-        await store.close()
+    intent = SendIntent("t", "m-seen", ("6421000035",), "552")
+    first = await store.begin_send(intent, time.time())
+    retry = await store.begin_send(intent, time.time())
+    assert retry.repeats == (("6421000035", "pending"),)
+    async with pg.started_db(pg_url) as db:
+        abandoned = Abandoned(db)
+        abandoned.add([first.to_send[0].upstream_ref])
+        await abandoned.stop()  # its one last rejection
+        assert len(abandoned) == 0  # settled: the row was seen, and left alone
+    assert await _states(pg_url, "m-seen") == ["pending"]
+    assert await store.expire_pending(time.time() + 1) == 1
+    status = await store.claim("t", "status")
+    assert status is not None
+    assert status.status_code == "ERR"
 
 
 async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
+    store: PostgresStore,
     pg_url: str,  # noqa: F811
 ) -> None:
     # The rejection (another replica's, uncommitted) holds the row when the retry reads its
     # facts: the retry sees it pending, its mark waits for the row, finds it rejected once the
     # rejection commits, and the retry reads its facts again and sends.
-    store = PostgresStore(pg_url, RULES)
-    await store.open()
     other = await asyncpg.connect(pg_url)
     try:
         intent = SendIntent("t", "m-race", ("6421000036",), "552")
@@ -567,7 +571,6 @@ async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
         assert plan.repeats == ()
     finally:
         await other.close()
-        await store.close()
     assert await _states(pg_url, "m-race") == ["rejected", "pending"]
 
 
