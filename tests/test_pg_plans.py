@@ -48,11 +48,12 @@ STATEMENTS = {
     ),
     "unmatched reports": (sends.UNMATCHED, "text[]", "ARRAY['cx5']"),
     "reject abandoned": (abandoned.REJECT, "text[], float8", "ARRAY['u5'], 1.0"),
-    "mark seen": (
-        abandoned.MARK_SEEN,
+    "latest rows": (
+        abandoned.LATEST_ROWS,
         "text[], text[], text[], float8[]",
         f"ARRAY['b'], ARRAY['l5'], ARRAY['{HANDSET}'], ARRAY[0.0::float8]",
     ),
+    "mark seen": (abandoned.MARK_SEEN, "bigint[]", "ARRAY[5::bigint]"),
     "report candidates": (sends.CANDIDATES, "text[]", "ARRAY['cx5']"),
     "mo facts": (
         mo.MO_FACTS,
@@ -71,7 +72,8 @@ STATEMENTS = {
 INDEXES = {
     "send facts": {"sends_key"},
     "reject abandoned": {"sends_upstream_ref_key", "sends_pkey"},
-    "mark seen": {"sends_key", "sends_pkey"},
+    "latest rows": {"sends_key", "sends_pkey"},
+    "mark seen": {"sends_pkey"},
 }
 # (rows of each table, VACUUM ANALYZE after filling)
 STATES = [(0, False), (1, True), (100, True), (300, False), (3000, True)]

@@ -54,7 +54,7 @@ WITH rejected AS (
     FROM (SELECT s.id FROM unnest($1::text[]) AS r(ref)
           JOIN sends AS s ON s.upstream_ref = r.ref
           WHERE {_pending("s")} AND NOT s.repeat_seen
-          FOR UPDATE OF s SKIP LOCKED) AS x
+          FOR NO KEY UPDATE OF s SKIP LOCKED) AS x
     WHERE sends.id = x.id
     RETURNING sends.upstream_ref),
 present AS (
@@ -64,18 +64,23 @@ SELECT array(SELECT upstream_ref FROM rejected) AS rejected,
     array(SELECT upstream_ref FROM present WHERE settled) AS settled,
     array(SELECT upstream_ref FROM present) AS present
 """
-# The latest row of each (tenant, messageId, recipient) inside its window, marked when still
-# pending: the plan answered a retry from it. The same key probe as the send facts
-# (`sends_key`), then the primary key.
+# The latest row of each (tenant, messageId, recipient) inside its window: the row a plan
+# answered a retry from when it said "pending". The same key probe as the send facts.
+LATEST_ROWS = f"""
+SELECT k.id, s.upstream_ref FROM (
+    SELECT (SELECT (array_agg(s.id ORDER BY s.id DESC) FILTER (WHERE s.created_at > x.since))[1]
+            FROM sends AS s
+            WHERE s.legacy_id IS NOT NULL
+              AND {send_key("s.tenant", "s.legacy_id", "s.recipient")}
+                = {send_key("x.t", "x.l", "x.r")}) AS id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(t, l, r, since)) AS k
+JOIN sends AS s ON s.id = k.id
+"""
+# Mark those rows that are still pending, in the order given (upstream_ref order: as a settle,
+# which sorts its refs, so that a mark and a settle of several rows cannot deadlock).
 MARK_SEEN = f"""
 UPDATE sends SET repeat_seen = true
-FROM (SELECT (SELECT (array_agg(s.id ORDER BY s.id DESC)
-                      FILTER (WHERE s.created_at > x.since))[1]
-              FROM sends AS s
-              WHERE s.legacy_id IS NOT NULL
-                AND {send_key("s.tenant", "s.legacy_id", "s.recipient")}
-                  = {send_key("x.t", "x.l", "x.r")}) AS id
-      FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(t, l, r, since)) AS k
+FROM unnest($1::bigint[]) AS k(id)
 WHERE sends.id = k.id AND {_pending("sends")}
 RETURNING sends.tenant, sends.legacy_id, sends.recipient
 """
@@ -98,15 +103,18 @@ class SeenKey(NamedTuple):
 
 async def mark_seen(conn: Conn, keys: list[SeenKey]) -> set[SeenKey]:
     """Mark the pending rows `keys` were answered from; the keys whose row was still pending
-    (a key missing: its row changed meanwhile, so the plan must be made again)."""
+    (a key missing: its row changed meanwhile, so the plan must be made again). Inside the
+    planning transaction, whose key locks keep new rows for these keys out meanwhile."""
     rows = await conn.fetch(
-        MARK_SEEN,
+        LATEST_ROWS,
         [k.tenant for k in keys],
         [k.legacy_id for k in keys],
         [k.recipient for k in keys],
         [k.since for k in keys],
     )
-    marked = {(r["tenant"], r["legacy_id"], r["recipient"]) for r in rows}
+    ids = [r["id"] for r in sorted(rows, key=lambda r: str(r["upstream_ref"]))]
+    marked_rows = await conn.fetch(MARK_SEEN, ids) if ids else []
+    marked = {(r["tenant"], r["legacy_id"], r["recipient"]) for r in marked_rows}
     return {k for k in keys if (k.tenant, k.legacy_id, k.recipient) in marked}
 
 
@@ -121,6 +129,7 @@ class Abandoned:
         self._keep = keep_seconds
         # ref -> when a rejection first found no row for it (None: not looked for yet)
         self._refs: dict[str, float | None] = {}
+        self.fresh = 0  # refs not looked for yet (a begin group looks for these only)
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
         self._full = False  # MAX_REFS reached (logged once)
@@ -136,18 +145,24 @@ class Abandoned:
                     log.warning("abandoned sends: %d refs kept, more left to expiry", MAX_REFS)
                 self._full = True
                 break
+            if self._refs.get(ref, 0.0) is not None:
+                self.fresh += 1
             self._refs[ref] = None
         if self._stopped:
             return
         if self._refs and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def reject(self, conn: Conn, limit: int = MAX_REFS) -> None:
-        """Reject the rows of up to `limit` refs kept (the oldest), in autocommit; forget the
-        refs it settled (rejected, or found not pending or marked). A ref with no row is kept
-        for `keep_seconds` from the first time it is missed; a row locked by someone else is
-        looked at next time."""
-        refs = list(self._refs)[:limit]
+    async def reject(self, conn: Conn, limit: int = MAX_REFS, *, fresh_only: bool = False) -> None:
+        """Reject the rows of up to `limit` refs kept (the oldest; with `fresh_only`, of those
+        not looked for yet: a begin group does not pay for refs already missed), in autocommit;
+        forget the refs it settled (rejected, or found not pending or marked). A ref with no
+        row is kept for `keep_seconds` from the first time it is missed; a row locked by
+        someone else is looked at next time."""
+        if fresh_only:
+            refs = [r for r, missed in self._refs.items() if missed is None][:limit]
+        else:
+            refs = list(self._refs)[:limit]
         if not refs:
             return
         row = await conn.fetchrow(REJECT, refs, time.time())
@@ -163,6 +178,7 @@ class Abandoned:
                     self._refs[ref] = now
                 elif now - missed > self._keep:
                     del self._refs[ref]
+        self.fresh = sum(1 for missed in self._refs.values() if missed is None)
         self._full = len(self._refs) >= MAX_REFS
 
     async def _flush(self) -> None:

@@ -139,7 +139,10 @@ async def begin_sends(
             legacy_ids.append(w.intent.legacy_id)
             recipients.append(recipient)
             since.append(window_start)
-    for _ in range(REPLANS):  # each failed mark settled a row for good: this ends
+    # Each failed mark settled a pending row for good (the key locks, held meanwhile, keep new
+    # rows out): a group plans at most once per key it answered from a pending row, plus one.
+    bound: int | None = None
+    while True:
         rows = await conn.fetch(
             "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
             "$4::float8[]) ORDER BY n",
@@ -152,8 +155,9 @@ async def begin_sends(
         seen = group.pending_repeats
         if not seen or await mark_seen(conn, seen) == set(seen):
             break
-    else:
-        raise StoreError("begin send: the facts kept changing while planned")
+        bound = len(seen) + 1 if bound is None else bound - 1
+        if bound <= 0:
+            raise StoreError("begin send: the facts kept changing while planned")
     for w, plan in zip(writes, group.plans, strict=True):
         w.refs_tried.extend(p.upstream_ref for p in plan.to_send)
     if group.send_rows:
@@ -161,9 +165,6 @@ async def begin_sends(
         await conn.execute(_INSERT_SENDS, *rows_by_column)
     await insert_statuses(conn, wakes, rules, group.statuses, {}, group.marks)
     return group.plans
-
-
-REPLANS = 20  # plans of one group at most (a pending row rejected between facts and mark)
 
 
 @dataclass

@@ -143,10 +143,10 @@ class PostgresStore:
     async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
         """One group's transaction, after the rows of abandoned calls are rejected (committed
         first, so a retry of one of them planned here cannot find its rows pending)."""
-        if len(self._abandoned):
+        if self._abandoned.fresh:
             try:
                 async with self._db.conn("reject abandoned sends") as conn:
-                    await self._abandoned.reject(conn, PER_GROUP)
+                    await self._abandoned.reject(conn, PER_GROUP, fresh_only=True)
             except StoreError as exc:  # the flush tries again; a retry's mark keeps it safe
                 log.info("abandoned sends: rejection before a group failed (%s)", exc)
         async with self._db.tx("begin send") as (conn, wakes):
