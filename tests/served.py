@@ -28,6 +28,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive TCP ports free on 127.0.0.1 right now (workers take
+    `server.metrics_port + i`): a port picked alone may have a neighbour in use, by any
+    process's outgoing connection among others."""
+    for _ in range(100):
+        first = free_port()
+        socks: list[socket.socket] = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path

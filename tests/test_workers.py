@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Connexus, config_dict, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
-from tests.served import Served, free_port, write_config
+from tests.served import Served, free_port, free_ports, write_config
 from tests.test_scaleout import gateway_config
 
 pytestmark = pytest.mark.postgres
@@ -73,7 +73,7 @@ async def test_two_workers_share_the_port_restart_when_killed_and_drain_on_sigte
     pg_url: str,  # noqa: F811
 ) -> None:
     """Both workers serve the one port, a killed one is restarted, SIGTERM exits 0 in time."""
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port(), free_ports(2)  # metrics and metrics + 1: one per worker
     while port in (metrics, metrics + 1):
         port = free_port()
     cfg = gateway_config(tmp_path, connexus, pg_url)
