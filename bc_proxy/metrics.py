@@ -48,6 +48,7 @@ RECORD_KINDS = ("in", "status")
 WEBHOOK_TYPES = ("mo", "dlr", "unknown")
 WEBHOOK_OUTCOMES = ("stored", "duplicate", "unmatched", "ambiguous", "assigned", "rejected")
 REPEAT_STATES = ("accepted", "unknown", "pending")
+SETTLE_OUTCOMES = ("deferred", "recovered", "abandoned")
 PUSH_OUTCOMES = ("success", "failure", "dead")
 TOKEN_OUTCOMES = ("success", "failure")
 NO_TENANT = "-"
@@ -214,6 +215,14 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.settles_deferred = Counter(
+            "bc_proxy_settles_deferred_total",
+            "Settles whose commit failed after Connexus had answered (store unreachable, "
+            "read-only, full), retried in the background: deferred, then recovered or "
+            "abandoned (left to expiry), by tenant.",
+            ["tenant", "outcome"],
+            registry=r,
+        )
         self.send_repeats = Counter(
             "bc_proxy_send_repeats_total",
             "Recipients of legacy retries answered without a second upstream send, by the state "
@@ -318,6 +327,8 @@ class Metrics:
             self.recipients_blocked.labels(tenant)
             for state in REPEAT_STATES:
                 self.send_repeats.labels(tenant, state)
+            for outcome in SETTLE_OUTCOMES:
+                self.settles_deferred.labels(tenant, outcome)
             for kind in RECORD_KINDS:
                 self.records_waiting.labels(tenant, kind)
                 self.records_oldest_age.labels(tenant, kind)

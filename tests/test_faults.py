@@ -421,6 +421,11 @@ async def test_store_fails_after_connexus_accepted(
     assert fake.sends == 1
     assert sample(metrics, "bc_proxy_send_repeats_total", tenant="acme", state="accepted") == 1
     assert records(db) == 0  # no status record: an accepted SMS has none until its report
+    settles = {
+        o: sample(metrics, "bc_proxy_settles_deferred_total", tenant="acme", outcome=o)
+        for o in ("deferred", "recovered", "abandoned")
+    }
+    assert settles == {"deferred": 1, "recovered": 1, "abandoned": 0}
 
 
 async def test_a_deferred_settle_makes_its_last_attempt_as_the_gateway_stops(
@@ -444,7 +449,8 @@ async def test_settle_retries_stop_before_expiry(
     """A store that stays read-only past the pending row's expiry horizon: the background
     settle gives up before it (expiry says `unknown`, with an ERR record, and no late settle
     may contradict that), and the row is still pending when the store comes back."""
-    client = await gateway(fault_cfg(tmp_path, fake.base_url), Metrics(process=False))
+    metrics = Metrics(process=False)
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
     conn = read_only_as_connexus_answers(fake, client)
     assert await post(client, creds(to="6421000409", body="x", messageId="f-9")) == (204, "")
     fake.before_answer = None
@@ -453,6 +459,9 @@ async def test_settle_retries_stop_before_expiry(
     conn.execute("PRAGMA query_only = OFF")
     db = tmp_path / "bc-proxy.db"
     assert await _state_becomes(db, "accepted", 2.5) == [("6421000409", "f-9", "pending")]
+    abandoned = "bc_proxy_settles_deferred_total"
+    assert sample(metrics, abandoned, tenant="acme", outcome="abandoned") == 1
+    assert sample(metrics, abandoned, tenant="acme", outcome="recovered") == 0
 
 
 async def test_store_disk_full(fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from bc_proxy.metrics import (
     PUSH_OUTCOMES,
     RECORD_KINDS,
     REPEAT_STATES,
+    SETTLE_OUTCOMES,
     TOKEN_OUTCOMES,
     UPSTREAM_OPERATIONS,
     WEBHOOK_OUTCOMES,
@@ -472,7 +473,15 @@ _BOUNDED: dict[str, Callable[[str], bool]] = {
     "status": lambda v: re.fullmatch(r"[1-5]\d\d|timeout|error", v) is not None,
     "operation": lambda v: v in UPSTREAM_OPERATIONS,
     "outcome": lambda v: v
-    in (*TOKEN_OUTCOMES, *WEBHOOK_OUTCOMES, *PUSH_OUTCOMES, "throttled", "ok", "error"),
+    in (
+        *TOKEN_OUTCOMES,
+        *WEBHOOK_OUTCOMES,
+        *PUSH_OUTCOMES,
+        *SETTLE_OUTCOMES,
+        "throttled",
+        "ok",
+        "error",
+    ),
     "state": lambda v: v in REPEAT_STATES,
     "job": lambda v: re.fullmatch(r"[a-z_]+", v) is not None,
     "reason": lambda v: re.fullmatch(r"[a-z_]+", v) is not None,
@@ -557,6 +566,7 @@ TESTED_ELSEWHERE = {
     "bc_proxy_records_unconfigured_tenant",  # test_backlog.py
     "bc_proxy_send_repeats",  # test_idempotency.py
     "bc_proxy_sends_rate_limited",  # rate limiter tests
+    "bc_proxy_settles_deferred",  # test_faults.py
     "bc_proxy_webhook_registrations",  # test_registration.py
     "bc_proxy_webhooks_refused",  # webhook hardening tests
     "bc_proxy_webhooks_rejected",  # test_webhook_payloads.py

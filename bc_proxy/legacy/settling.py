@@ -89,6 +89,7 @@ async def settle(
         if defer_until is None or statuses:
             raise
         log.warning("settle_deferred", tenant=tenant, recipients=len(refs), error=str(exc))
+        metrics.settles_deferred.labels(tenant, "deferred").inc()
         retry = _retry(store, metrics, intent, refs, outcomes, answered=answered, until=defer_until)
         _keep(store, asyncio.ensure_future(retry))
         return
@@ -139,8 +140,10 @@ async def _retry(
             log.warning(
                 "settle_recovered", tenant=intent.tenant, recipients=len(refs), attempts=attempts
             )
+            metrics.settles_deferred.labels(intent.tenant, "recovered").inc()
             return
     # Expiry takes the rows from here: `unknown`, with an ERR status record each.
+    metrics.settles_deferred.labels(intent.tenant, "abandoned").inc()
     log.error(
         "settle_abandoned",
         tenant=intent.tenant,
