@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from bc_proxy.errors import StoreError
 from bc_proxy.log import get_logger
@@ -43,10 +47,38 @@ def pending_expiry_seconds(upstream_timeout: float) -> float:
     return upstream_timeout * 2 + 5
 
 
-# Settles running in the background, by store (strong references until they finish), and the
-# event that tells a store's deferred settles to make their last attempt now (it is closing).
-_BACKGROUND: dict[asyncio.Future[None], Store] = {}
-_CLOSING: dict[int, asyncio.Event] = {}
+@dataclass
+class _Settle:
+    """One call's settle, built once: what it commits and what it counts once committed."""
+
+    store: Store
+    metrics: Metrics
+    tenant: str
+    settlements: list[Settlement]
+    statuses: list[StatusRecord]
+    counts: dict[str, int]
+    answered: bool
+
+    async def commit(self) -> None:
+        await self.store.settle_send(self.settlements, self.statuses)
+        if self.counts["unknown"]:
+            self.metrics.recipients_unknown.labels(self.tenant).inc(self.counts["unknown"])
+        if self.answered:
+            accepted = self.counts["accepted"]
+            failed = self.counts["rejected"] + self.counts["unknown"]
+            self.metrics.observe_send(self.tenant, accepted, failed)
+
+
+@dataclass
+class _Background:
+    """A store's settles running in the background (strong references until they finish),
+    and the event that makes its deferred ones try a last time now (the store is closing)."""
+
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_BACKGROUND: weakref.WeakKeyDictionary[Store, _Background] = weakref.WeakKeyDictionary()
 
 
 async def settle(
@@ -64,15 +96,14 @@ async def settle(
     `defer_until` (a time.time()), a failed commit of a settle without status records is
     retried in the background until then instead of raising (see the module docstring)."""
     tenant, sender = intent.tenant, intent.sender
-    settlements: list[Settlement] = []
-    statuses: list[StatusRecord] = []
-    counts = {"accepted": 0, "rejected": 0, "unknown": 0}
+    one = _Settle(store, metrics, tenant, [], [], {"accepted": 0, "rejected": 0, "unknown": 0},
+                  answered)  # fmt: skip
     for o in outcomes:
         ref = refs.get(o.recipient)
         if ref is None:
             continue
-        counts[o.state] += 1
-        settlements.append(
+        one.counts[o.state] += 1
+        one.settlements.append(
             Settlement(ref, o.state, o.connexus_id or None, "" if sender else o.sender)
         )
         if o.accepted or (o.state == "rejected" and not answered):
@@ -82,21 +113,17 @@ async def settle(
         else:
             code, error = rejection_code(o.error), o.error
         who = sender or o.sender
-        statuses.append(StatusRecord(tenant, o.recipient, who, intent.legacy_id, code, error, ref))
+        one.statuses.append(
+            StatusRecord(tenant, o.recipient, who, intent.legacy_id, code, error, ref)
+        )
     try:
-        await store.settle_send(settlements, statuses)
+        await one.commit()
     except StoreError as exc:
-        if defer_until is None or statuses:
+        if defer_until is None or one.statuses:
             raise
         log.warning("settle_deferred", tenant=tenant, recipients=len(refs), error=str(exc))
         metrics.settles_deferred.labels(tenant, "deferred").inc()
-        retry = _retry(store, metrics, intent, refs, outcomes, answered=answered, until=defer_until)
-        _keep(store, asyncio.ensure_future(retry))
-        return
-    if counts["unknown"]:
-        metrics.recipients_unknown.labels(tenant).inc(counts["unknown"])
-    if answered:
-        metrics.observe_send(tenant, counts["accepted"], counts["rejected"] + counts["unknown"])
+        _keep(store, _retry(one, defer_until))
 
 
 def settle_cut_short(
@@ -105,20 +132,11 @@ def settle_cut_short(
     """The call was cancelled (shutdown) or failed mid-call: the request may be out, so every
     recipient is settled `unknown` (never re-sent), in a task of its own."""
     lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
-    _keep(store, asyncio.ensure_future(settle(store, metrics, intent, refs, lost, answered=False)))
+    _keep(store, settle(store, metrics, intent, refs, lost, answered=False))
 
 
-async def _retry(
-    store: Store,
-    metrics: Metrics,
-    intent: SendIntent,
-    refs: dict[str, str],
-    outcomes: Sequence[RecipientOutcome],
-    *,
-    answered: bool,
-    until: float,
-) -> None:
-    closing = _CLOSING.setdefault(id(store), asyncio.Event())
+async def _retry(one: _Settle, until: float) -> None:
+    closing = _BACKGROUND.setdefault(one.store, _Background()).closing
     delay = FIRST_RETRY_SECONDS
     attempts = 0
     error = ""
@@ -130,7 +148,7 @@ async def _retry(
             break
         attempts += 1
         try:
-            await settle(store, metrics, intent, refs, outcomes, answered=answered)
+            await one.commit()
         except StoreError as exc:
             error = str(exc)
             delay = min(delay * 2, MAX_RETRY_SECONDS)
@@ -138,16 +156,19 @@ async def _retry(
                 break
         else:
             log.warning(
-                "settle_recovered", tenant=intent.tenant, recipients=len(refs), attempts=attempts
+                "settle_recovered",
+                tenant=one.tenant,
+                recipients=len(one.settlements),
+                attempts=attempts,
             )
-            metrics.settles_deferred.labels(intent.tenant, "recovered").inc()
+            one.metrics.settles_deferred.labels(one.tenant, "recovered").inc()
             return
     # Expiry takes the rows from here: `unknown`, with an ERR status record each.
-    metrics.settles_deferred.labels(intent.tenant, "abandoned").inc()
+    one.metrics.settles_deferred.labels(one.tenant, "abandoned").inc()
     log.error(
         "settle_abandoned",
-        tenant=intent.tenant,
-        recipients=len(refs),
+        tenant=one.tenant,
+        recipients=len(one.settlements),
         attempts=attempts,
         error=error,
     )
@@ -156,21 +177,21 @@ async def _retry(
 async def drain(store: Store, within: float) -> None:
     """Before `store` closes: its deferred settles make their last attempt now, and every
     settle running in the background for it is waited for, `within` seconds at most."""
-    _CLOSING.setdefault(id(store), asyncio.Event()).set()
-    try:
-        tasks = [t for t, s in _BACKGROUND.items() if s is store]
-        if tasks:
-            await asyncio.wait(tasks, timeout=within)
-    finally:
-        _CLOSING.pop(id(store), None)
+    background = _BACKGROUND.setdefault(store, _Background())
+    background.closing.set()  # settles deferred while this waits see it set too
+    if background.tasks:
+        await asyncio.wait(set(background.tasks), timeout=within)
+    _BACKGROUND.pop(store, None)
 
 
-def _keep(store: Store, task: asyncio.Future[None]) -> None:
-    _BACKGROUND[task] = store
-    task.add_done_callback(_done)
+def _keep(store: Store, work: Coroutine[Any, Any, None]) -> None:
+    tasks = _BACKGROUND.setdefault(store, _Background()).tasks
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(functools.partial(_done, tasks))
 
 
-def _done(task: asyncio.Future[None]) -> None:
-    _BACKGROUND.pop(task, None)
+def _done(tasks: set[asyncio.Future[None]], task: asyncio.Future[None]) -> None:
+    tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("settle_failed", error=repr(task.exception()))
