@@ -54,10 +54,12 @@ class _Settle:
     store: Store
     metrics: Metrics
     tenant: str
-    settlements: list[Settlement]
-    statuses: list[StatusRecord]
-    counts: dict[str, int]
     answered: bool
+    settlements: list[Settlement] = field(default_factory=list)
+    statuses: list[StatusRecord] = field(default_factory=list)
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"accepted": 0, "rejected": 0, "unknown": 0}
+    )
 
     async def commit(self) -> None:
         await self.store.settle_send(self.settlements, self.statuses)
@@ -96,8 +98,7 @@ async def settle(
     `defer_until` (a time.time()), a failed commit of a settle without status records is
     retried in the background until then instead of raising (see the module docstring)."""
     tenant, sender = intent.tenant, intent.sender
-    one = _Settle(store, metrics, tenant, [], [], {"accepted": 0, "rejected": 0, "unknown": 0},
-                  answered)  # fmt: skip
+    one = _Settle(store, metrics, tenant, answered)
     for o in outcomes:
         ref = refs.get(o.recipient)
         if ref is None:
