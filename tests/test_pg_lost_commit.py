@@ -379,8 +379,7 @@ async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behin
     lost = [True]
 
     async def run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
-        async with db.conn("reject abandoned sends") as conn:
-            await abandoned.reject(conn)
+        await abandoned.reject(fresh_only=True)
         async with db.tx("begin send") as (conn, wakes):
             plans = await sends.begin_sends(conn, wakes, RULES, writes)
         if lost[0]:
@@ -585,11 +584,10 @@ async def test_an_outage_longer_than_the_keep_time_still_rejects_abandoned_rows(
     abandoned = Abandoned(db, keep_seconds=0.05)
     abandoned.add([*write.refs_tried, "u-never-stored"])
     await asyncio.sleep(0.1)  # "the outage": longer than keep_seconds, no rejection ran
-    async with db.conn("reject") as conn:
-        await abandoned.reject(conn)
-        assert await _state(db, write.refs_tried[0]) == "rejected"
-        assert len(abandoned) == 1  # the ref with no row, kept a while
-        await asyncio.sleep(0.1)
-        await abandoned.reject(conn)
+    assert await abandoned.reject()
+    assert await _state(db, write.refs_tried[0]) == "rejected"
+    assert len(abandoned) == 1  # the ref with no row, kept a while
+    await asyncio.sleep(0.1)
+    assert await abandoned.reject()
     assert len(abandoned) == 0
     await abandoned.stop()

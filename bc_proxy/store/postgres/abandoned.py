@@ -91,6 +91,8 @@ KEEP_SECONDS = 30.0  # a ref with no row when a rejection looked: kept this long
 FIRST_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 2.0
 
+log = logging.getLogger(__name__)
+
 
 class SeenKey(NamedTuple):
     """A (tenant, messageId, recipient) a plan answered from a pending row, and its window."""
@@ -118,78 +120,74 @@ async def mark_seen(conn: Conn, keys: list[SeenKey]) -> set[SeenKey]:
     return {k for k in keys if (k.tenant, k.legacy_id, k.recipient) in marked}
 
 
-log = logging.getLogger(__name__)
-
-
 class Abandoned:
     """The refs of begin_send calls whose caller never got the plan, until rejected."""
 
     def __init__(self, db: Db, *, keep_seconds: float = KEEP_SECONDS) -> None:
         self._db = db
         self._keep = keep_seconds
-        # ref -> when a rejection first found no row for it (None: not looked for yet)
-        self._refs: dict[str, float | None] = {}
-        self.fresh = 0  # refs not looked for yet (a begin group looks for these only)
+        self.fresh: set[str] = set()  # refs not looked for yet (a begin group looks for these)
+        self._missed: dict[str, float] = {}  # ref -> when a rejection first found no row
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
-        self._full = False  # MAX_REFS reached (logged once)
+        self._warned = False  # MAX_REFS reached (logged once)
         self.rejected = 0  # rows made `rejected` (diagnostics, tests)
 
     def __len__(self) -> int:
-        return len(self._refs)
+        return len(self.fresh) + len(self._missed)
 
     def add(self, refs: Iterable[str]) -> None:
         for ref in refs:
-            if len(self._refs) >= MAX_REFS:
-                if not self._full:
+            if len(self) >= MAX_REFS:
+                if not self._warned:
                     log.warning("abandoned sends: %d refs kept, more left to expiry", MAX_REFS)
-                self._full = True
+                    self._warned = True
                 break
-            if self._refs.get(ref, 0.0) is not None:
-                self.fresh += 1
-            self._refs[ref] = None
+            self._missed.pop(ref, None)
+            self.fresh.add(ref)
         if self._stopped:
             return
-        if self._refs and (self._flusher is None or self._flusher.done()):
+        if len(self) and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def reject(self, conn: Conn, limit: int = MAX_REFS, *, fresh_only: bool = False) -> None:
-        """Reject the rows of up to `limit` refs kept (the oldest; with `fresh_only`, of those
-        not looked for yet: a begin group does not pay for refs already missed), in autocommit;
-        forget the refs it settled (rejected, or found not pending or marked). A ref with no
-        row is kept for `keep_seconds` from the first time it is missed; a row locked by
-        someone else is looked at next time."""
-        if fresh_only:
-            refs = [r for r, missed in self._refs.items() if missed is None][:limit]
-        else:
-            refs = list(self._refs)[:limit]
+    async def reject(self, limit: int = MAX_REFS, *, fresh_only: bool = False) -> bool:
+        """Reject the rows of up to `limit` refs kept (with `fresh_only`, of those not looked
+        for yet: a begin group does not pay for refs already missed), in autocommit on a
+        connection of its own; forget the refs it settled (rejected, or found not pending or
+        marked). A ref with no row is kept for `keep_seconds` from the first time it is
+        missed; a row locked by someone else is looked at next time. False when the database
+        could not be reached (logged; tried again later)."""
+        refs = list(self.fresh) if fresh_only else [*self.fresh, *self._missed]
+        refs = refs[:limit]
         if not refs:
-            return
-        row = await conn.fetchrow(REJECT, refs, time.time())
+            return True
+        try:
+            async with self._db.conn("reject abandoned sends") as conn:
+                row = await conn.fetchrow(REJECT, refs, time.time())
+        except Exception as exc:  # unreachable, restarting: again, later
+            log.info("abandoned sends: rejection of %d failed (%s)", len(refs), exc)
+            return False
         self.rejected += len(row["rejected"])
-        for ref in (*row["rejected"], *row["settled"]):
-            self._refs.pop(ref, None)
         present = set(row["present"])
+        settled = {*row["rejected"], *row["settled"]}
         now = time.monotonic()
         for ref in refs:
-            if ref in self._refs and ref not in present:
-                missed = self._refs[ref]
-                if missed is None:
-                    self._refs[ref] = now
-                elif now - missed > self._keep:
-                    del self._refs[ref]
-        self.fresh = sum(1 for missed in self._refs.values() if missed is None)
-        self._full = len(self._refs) >= MAX_REFS
+            self.fresh.discard(ref)
+            if ref in settled:
+                self._missed.pop(ref, None)
+                continue
+            # No row yet (its group may still be committing), or one locked by someone else:
+            # the flush looks again; a ref still without a row after keep_seconds is dropped.
+            first = self._missed.setdefault(ref, now)
+            if ref not in present and now - first > self._keep:
+                del self._missed[ref]
+        return True
 
     async def _flush(self) -> None:
         delay = FIRST_RETRY_SECONDS
-        while self._refs:
+        while len(self):
             await asyncio.sleep(delay)
-            try:
-                async with self._db.conn("reject abandoned sends") as conn:
-                    await self.reject(conn)
-            except Exception as exc:  # unreachable, restarting: again, later
-                log.info("abandoned sends: rejection failed (%s); retrying", exc)
+            await self.reject()
             delay = min(delay * 2, MAX_RETRY_SECONDS)  # what is left: look again, less often
 
     async def stop(self) -> None:
@@ -200,9 +198,4 @@ class Abandoned:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        if self._refs:
-            try:
-                async with self._db.conn("reject abandoned sends") as conn:
-                    await self.reject(conn)
-            except Exception as exc:
-                log.info("abandoned sends: %d left to expiry (%s)", len(self._refs), exc)
+        await self.reject()

@@ -140,9 +140,8 @@ async def begin_sends(
             recipients.append(recipient)
             since.append(window_start)
     # Each failed mark settled a pending row for good (the key locks, held meanwhile, keep new
-    # rows out): a group plans at most once per key it answered from a pending row, plus one.
-    bound: int | None = None
-    while True:
+    # rows out): a group plans at most once per key it asked about, plus one.
+    for _ in range(len(tenants) + 1):
         rows = await conn.fetch(
             "SELECT latest, is_blocked FROM bc_send_facts($1::text[], $2::text[], $3::text[], "
             "$4::float8[]) ORDER BY n",
@@ -155,9 +154,8 @@ async def begin_sends(
         seen = group.pending_repeats
         if not seen or await mark_seen(conn, seen) == set(seen):
             break
-        bound = len(seen) + 1 if bound is None else bound - 1
-        if bound <= 0:
-            raise StoreError("begin send: the facts kept changing while planned")
+    else:
+        raise StoreError("begin send: the facts kept changing while planned")
     for w, plan in zip(writes, group.plans, strict=True):
         w.refs_tried.extend(p.upstream_ref for p in plan.to_send)
     if group.send_rows:

@@ -8,7 +8,6 @@ group commit), inbound, records (polling) and push.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -42,8 +41,6 @@ POOL_MAX = 10
 COMMAND_TIMEOUT = 5.0
 URL_OPTIONS = ("pool_min", "pool_max", "command_timeout")
 SEND_WRITERS = 4
-
-log = logging.getLogger(__name__)
 
 
 def pool_options(url: str) -> tuple[str, dict[str, float]]:
@@ -143,12 +140,8 @@ class PostgresStore:
     async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
         """One group's transaction, after the rows of abandoned calls are rejected (committed
         first, so a retry of one of them planned here cannot find its rows pending)."""
-        if self._abandoned.fresh:
-            try:
-                async with self._db.conn("reject abandoned sends") as conn:
-                    await self._abandoned.reject(conn, PER_GROUP, fresh_only=True)
-            except StoreError as exc:  # the flush tries again; a retry's mark keeps it safe
-                log.info("abandoned sends: rejection before a group failed (%s)", exc)
+        if self._abandoned.fresh:  # on failure the flush tries again; a retry's mark is safe
+            await self._abandoned.reject(PER_GROUP, fresh_only=True)
         async with self._db.tx("begin send") as (conn, wakes):
             return await sends.begin_sends(conn, wakes, self.rules, w)
 
