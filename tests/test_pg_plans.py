@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bc_proxy.store.postgres import abandoned, mo, push, schema, sends
+from bc_proxy.store.postgres import abandoned, matching, mo, push, schema, sends
 from bc_proxy.store.postgres.db import PLANNER_SETTINGS, Db
 from bc_proxy.store.postgres.records import CLAIM_POLL
 from tests import pg
@@ -46,7 +46,7 @@ STATEMENTS = {
         "text[], text[], text[], text[], float8",
         "ARRAY['u5'], ARRAY['accepted'], ARRAY['cx5'], ARRAY['552'], 1.0",
     ),
-    "unmatched reports": (sends.UNMATCHED, "text[]", "ARRAY['cx5']"),
+    "unmatched reports": (matching.UNMATCHED, "text[]", "ARRAY['cx5']"),
     "reject abandoned": (abandoned.REJECT, "text[], float8", "ARRAY['u5'], 1.0"),
     "latest rows": (
         abandoned.LATEST_ROWS,
@@ -54,7 +54,7 @@ STATEMENTS = {
         f"ARRAY['b'], ARRAY['l5'], ARRAY['{HANDSET}'], ARRAY[0.0::float8]",
     ),
     "mark seen": (abandoned.MARK_SEEN, "bigint[]", "ARRAY[5::bigint]"),
-    "report candidates": (sends.CANDIDATES, "text[]", "ARRAY['cx5']"),
+    "report candidates": (matching.CANDIDATES, "text[]", "ARRAY['cx5']"),
     "mo facts": (
         mo.MO_FACTS,
         "text[], text[], text[], text[], float8[]",

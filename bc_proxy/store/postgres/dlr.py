@@ -2,7 +2,7 @@
 
 Owns the SQL of add_dlr: the candidate sends of every report in the group in one query,
 `Rules.attribute_dlr` per report, one insert deduped by event key. A report stored unmatched
-is looked at again after its commit (`sends.recheck_unmatched`, called by the store), as a
+is looked at again after its commit (`matching.recheck_unmatched`, called by the store), as a
 settle looks for unmatched reports after its own: whichever commits second sees the other.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from bc_proxy.store import DlrEvent, IngestResult
 from bc_proxy.store.postgres.db import Db, Wakes
+from bc_proxy.store.postgres.matching import candidates
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
-from bc_proxy.store.postgres.sends import candidates
 from bc_proxy.store.rules import Rules, SendFacts
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from bc_proxy.store import IngestResult, MoEvent
 from bc_proxy.store.postgres.db import NOTIFY, Conn, Db, Wakes, wake_payloads
+from bc_proxy.store.postgres.matching import FACTS
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
-from bc_proxy.store.postgres.sends import FACTS
 from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Route, Rules, SendFacts
 
 

@@ -3,14 +3,8 @@
 Owns the SQL of begin_send (a group of calls at a time: `bc_send_facts` takes the advisory lock
 of every (tenant, legacy messageId) pair, so two replicas never both write a pending row for one
 key, and returns the facts `Rules.plan` decides on; then one insert), settle_send (a group of
-settlements in one statement; the late matching of delivery reports), expire_pending.
-
-Late matching of a report that arrived before its Connexus id was known: a settle commits the
-ids first and then looks for unmatched reports naming them; an ingest commits an unmatched
-report first and then looks for a send it names (`recheck_unmatched`). Each looks after its
-own commit, so whichever of the two commits second sees the other's row (or both do): no
-report is left unmatched by the race. The matching itself runs under the ids' advisory locks
-(`match_reports`), so two matchers of one id run one after the other.
+settlements in one statement, then the late matching of delivery reports: matching.py),
+expire_pending, and the recovery of a group whose COMMIT answer was lost.
 """
 
 from __future__ import annotations
@@ -32,33 +26,18 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.postgres.abandoned import SeenKey, mark_seen
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
+from bc_proxy.store.postgres.matching import match_late
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
-from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT, lock_send_keys
-from bc_proxy.store.rules import BLOCKED_ERROR, Rules, SendFacts, new_ref
+from bc_proxy.store.postgres.schema import lock_send_keys
+from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
 log = logging.getLogger(__name__)
 
-FACTS = "id, tenant, recipient, sender, legacy_id"
-_S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
-CANDIDATES = (
-    f"SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s ON s.connexus_id = m "
-    f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
-    "ON s.upstream_ref = m"
-)
-# Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
 _LOCK_SEND_KEYS = "SELECT " + lock_send_keys("$1::text[]", "$2::text[]")
 # The event key of a NUR record begin_send writes for a blocked handset (with a new ref): how
 # recover_begins finds a group that stored only those.
 NUR_MARK = "bc-nur:"
-LOCK_REPORT_IDS = (
-    f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, h)) FROM "
-    "(SELECT DISTINCT hashtext(i) AS h FROM unnest($1::text[]) AS i ORDER BY h) AS s"
-)
-UNMATCHED = (
-    "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
-    "AND kind = 'status' AND ref = ANY($1::text[])"
-)
 _INSERT_SENDS = (
     "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at) "
     "SELECT t, l, r, s, 'pending', u, c "
@@ -81,18 +60,6 @@ _EXPIRE = (
     "RETURNING id, tenant, recipient, sender, legacy_id, upstream_ref"
 )
 EXPIRE_CHUNK = 500
-
-
-def facts(row: Any) -> SendFacts:
-    return SendFacts(row["id"], row["tenant"], row["recipient"], row["sender"], row["legacy_id"])
-
-
-async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
-    """Send rows each report id may name: by Connexus id or by our upstream ref."""
-    out: dict[str, list[SendFacts]] = {}
-    for r in await conn.fetch(CANDIDATES, list(message_ids)):
-        out.setdefault(r["m"], []).append(facts(r))
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +250,7 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
             rows = await conn.fetch(SETTLE, *args)
     known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
     if known:
-        await _match_late(db, rules, known)
+        await match_late(db, rules, known)
     return [None] * len(writes)
 
 
@@ -317,7 +284,7 @@ async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> li
         return None
     known = sorted({s.connexus_id for s, _ in settled if s.connexus_id})
     if known:
-        await _match_late(db, rules, known)
+        await match_late(db, rules, known)
     return [None] * len(writes)
 
 
@@ -358,73 +325,6 @@ async def insert_statuses(
         for (st, now), key in zip(statuses, event_keys, strict=True)
     ]
     await insert_timed(conn, rules, records, wakes)
-
-
-async def _match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
-    """After a settle's commit: reports kept unmatched under ids it made known get their send.
-
-    The settle is committed whatever happens here; a failure is logged, not raised (the
-    report stays unmatched, as if it had come with an id nobody knows)."""
-    try:
-        async with db.conn("match reports") as conn:
-            waiting = [r["ref"] for r in await conn.fetch(UNMATCHED, message_ids)]
-        if waiting:
-            async with db.tx("match reports") as (conn, wakes):
-                await match_reports(conn, rules, sorted(waiting), time.time(), wakes)
-    except StoreError as exc:
-        log.warning("late report matching failed after a settle: %s", exc)
-
-
-async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:
-    """After an ingest committed an unmatched report: if a send it names exists now (its
-    settle committed meanwhile), match it; the tenant it went to, else None."""
-    async with db.conn("match reports") as conn:
-        sends = await candidates(conn, [message_id])
-    if rules.attribute_dlr(sends.get(message_id, [])) is None:
-        return None
-    async with db.tx("match reports") as (conn, wakes):
-        matched = await match_reports(conn, rules, [message_id], time.time(), wakes)
-    return matched.get(message_id)
-
-
-async def match_reports(
-    conn: Conn, rules: Rules, message_ids: list[str], now: float, wakes: Wakes
-) -> dict[str, str]:
-    """Give delivery reports kept unmatched under these ids to the one send they name (under
-    the ids' advisory locks); the tenant each matched id went to."""
-    await conn.fetchval(LOCK_REPORT_IDS, message_ids)
-    waiting = await conn.fetch(
-        "SELECT id, ref FROM records WHERE tenant IS NULL AND NOT ambiguous AND kind = 'status' "
-        "AND ref = ANY($1::text[]) ORDER BY id",
-        message_ids,
-    )
-    sends = await candidates(conn, sorted({row["ref"] for row in waiting}))
-    matched: dict[str, str] = {}
-    for row in waiting:
-        found = rules.attribute_dlr(sends.get(row["ref"], []))
-        if found is None:
-            continue
-        if found == "ambiguous":
-            await conn.execute("UPDATE records SET ambiguous = true WHERE id = $1", row["id"])
-            continue
-        p = rules.placement(found.tenant, "status", now)
-        await conn.execute(
-            "UPDATE records SET tenant = $2, send_id = $3, msisdn_from = $4, msisdn_to = $5, "
-            "in_reply_to = $6, pollable = $7, push_due = $8, push_deadline = $9 WHERE id = $1",
-            row["id"],
-            found.tenant,
-            found.id,
-            found.recipient,
-            found.sender,
-            found.legacy_id or "",
-            p.pollable,
-            p.push_due,
-            p.push_deadline,
-        )
-        matched[row["ref"]] = found.tenant
-        if p.waiting:
-            wakes.add((found.tenant, "status"))
-    return matched
 
 
 async def expire_pending(db: Db, rules: Rules, before: float) -> int:

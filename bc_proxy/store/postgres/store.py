@@ -26,7 +26,7 @@ from bc_proxy.store import (
     WaitingStat,
     new_replica_id,
 )
-from bc_proxy.store.postgres import inbound, push, records, schema, sends
+from bc_proxy.store.postgres import inbound, matching, push, records, schema, sends
 from bc_proxy.store.postgres.abandoned import PER_GROUP, Abandoned
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
 from bc_proxy.store.postgres.dlr import DlrWrite, store_dlrs
@@ -231,7 +231,7 @@ class PostgresStore:
             DlrWrite(event, self.rules.dlr_key(event.message_id, event.status))
         )
         if result.outcome == "unmatched":  # committed: did its settle commit meanwhile?
-            tenant = await sends.recheck_unmatched(self._db, self.rules, event.message_id)
+            tenant = await matching.recheck_unmatched(self._db, self.rules, event.message_id)
             if tenant is not None:
                 return IngestResult("stored", tenant)
         return result

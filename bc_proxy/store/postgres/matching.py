@@ -1,0 +1,120 @@
+"""Late matching of delivery reports in PostgreSQL: a report that arrived before the Connexus
+id it names was stored with a send is kept unmatched, and given to its send later.
+
+A settle commits the ids first and then looks for unmatched reports naming them (`match_late`);
+an ingest commits an unmatched report first and then looks for a send it names
+(`recheck_unmatched`). Each looks after its own commit, so whichever of the two commits second
+sees the other's row (or both do): no report is left unmatched by the race. The matching
+itself runs under the ids' advisory locks (`match_reports`), so two matchers of one id run one
+after the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bc_proxy.errors import StoreError
+from bc_proxy.store.postgres.db import Conn, Db, Wakes
+from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT
+from bc_proxy.store.rules import Rules, SendFacts
+
+log = logging.getLogger(__name__)
+
+FACTS = "id, tenant, recipient, sender, legacy_id"
+_S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
+CANDIDATES = (
+    f"SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s ON s.connexus_id = m "
+    f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
+    "ON s.upstream_ref = m"
+)
+# Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
+LOCK_REPORT_IDS = (
+    f"SELECT count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, h)) FROM "
+    "(SELECT DISTINCT hashtext(i) AS h FROM unnest($1::text[]) AS i ORDER BY h) AS s"
+)
+UNMATCHED = (
+    "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
+    "AND kind = 'status' AND ref = ANY($1::text[])"
+)
+
+
+def facts(row: Any) -> SendFacts:
+    return SendFacts(row["id"], row["tenant"], row["recipient"], row["sender"], row["legacy_id"])
+
+
+async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
+    """Send rows each report id may name: by Connexus id or by our upstream ref."""
+    out: dict[str, list[SendFacts]] = {}
+    for r in await conn.fetch(CANDIDATES, list(message_ids)):
+        out.setdefault(r["m"], []).append(facts(r))
+    return out
+
+
+async def match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
+    """After a settle's commit: reports kept unmatched under ids it made known get their send.
+
+    The settle is committed whatever happens here; a failure is logged, not raised (the
+    report stays unmatched, as if it had come with an id nobody knows)."""
+    try:
+        async with db.conn("match reports") as conn:
+            waiting = [r["ref"] for r in await conn.fetch(UNMATCHED, message_ids)]
+        if waiting:
+            async with db.tx("match reports") as (conn, wakes):
+                await match_reports(conn, rules, sorted(waiting), time.time(), wakes)
+    except StoreError as exc:
+        log.warning("late report matching failed after a settle: %s", exc)
+
+
+async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:
+    """After an ingest committed an unmatched report: if a send it names exists now (its
+    settle committed meanwhile), match it; the tenant it went to, else None."""
+    async with db.conn("match reports") as conn:
+        sends = await candidates(conn, [message_id])
+    if rules.attribute_dlr(sends.get(message_id, [])) is None:
+        return None
+    async with db.tx("match reports") as (conn, wakes):
+        matched = await match_reports(conn, rules, [message_id], time.time(), wakes)
+    return matched.get(message_id)
+
+
+async def match_reports(
+    conn: Conn, rules: Rules, message_ids: list[str], now: float, wakes: Wakes
+) -> dict[str, str]:
+    """Give delivery reports kept unmatched under these ids to the one send they name (under
+    the ids' advisory locks); the tenant each matched id went to."""
+    await conn.fetchval(LOCK_REPORT_IDS, message_ids)
+    waiting = await conn.fetch(
+        "SELECT id, ref FROM records WHERE tenant IS NULL AND NOT ambiguous AND kind = 'status' "
+        "AND ref = ANY($1::text[]) ORDER BY id",
+        message_ids,
+    )
+    sends = await candidates(conn, sorted({row["ref"] for row in waiting}))
+    matched: dict[str, str] = {}
+    for row in waiting:
+        found = rules.attribute_dlr(sends.get(row["ref"], []))
+        if found is None:
+            continue
+        if found == "ambiguous":
+            await conn.execute("UPDATE records SET ambiguous = true WHERE id = $1", row["id"])
+            continue
+        p = rules.placement(found.tenant, "status", now)
+        await conn.execute(
+            "UPDATE records SET tenant = $2, send_id = $3, msisdn_from = $4, msisdn_to = $5, "
+            "in_reply_to = $6, pollable = $7, push_due = $8, push_deadline = $9 WHERE id = $1",
+            row["id"],
+            found.tenant,
+            found.id,
+            found.recipient,
+            found.sender,
+            found.legacy_id or "",
+            p.pollable,
+            p.push_due,
+            p.push_deadline,
+        )
+        matched[row["ref"]] = found.tenant
+        if p.waiting:
+            wakes.add((found.tenant, "status"))
+    return matched
