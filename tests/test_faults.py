@@ -22,6 +22,7 @@ from bc_proxy import keys
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.legacy import settling
 from bc_proxy.metrics import Metrics
+from bc_proxy.store import Settlement, StatusRecord
 from bc_proxy.store.sqlite.store import SQLiteStore
 from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict, creds
 from tests.sendcalls import post, quiet, sample, send_rows
@@ -29,6 +30,7 @@ from tests.served import free_port
 
 TIMEOUT = 0.5  # upstream.timeout_seconds in this suite
 HOLD = 3.0  # how long a stalling peer stalls (well past TIMEOUT)
+REFUSAL = "Invalid destination number"  # the bulk_partial refusal (legacy NUR)
 HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
 UP = "bc_proxy_upstream_requests_total"
 
@@ -100,7 +102,8 @@ class FakeConnexus:
     """Connexus on a RawHttp: a token endpoint and sms/out, each with a scripted mode.
 
     sms/out modes: ok, reset (partial answer then RST), slow_headers, slow_body, invalid_json,
-    html_502, 503, 429 (Retry-After: 30), 401. Token modes: ok, down (503 HTML)."""
+    html_502, 503, 429 (Retry-After: 30), 401, bulk_partial (a bulk answer accepting the first
+    recipient and refusing the others). Token modes: ok, down (503 HTML)."""
 
     def __init__(self) -> None:
         self.http = RawHttp(self._answer)
@@ -132,6 +135,11 @@ class FakeConnexus:
         if mode == "ok":
             answer = {"success": True, "status": "accepted", "message_id": f"cx-{self.sends}"}
             w.write(response(200, json.dumps(answer).encode()))
+        elif mode == "bulk_partial":
+            to = json.loads(body)["to"]
+            items = [{"to": to[0], "success": True, "message_id": f"cx-{self.sends}"}]
+            items += [{"to": t, "success": False, "error": REFUSAL} for t in to[1:]]
+            w.write(response(200, json.dumps({"success": True, "messages": items}).encode()))
         elif mode == "reset":
             w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
             w.write(b'Content-Length: 200\r\n\r\n{"succ')
@@ -426,6 +434,53 @@ async def test_store_fails_after_connexus_accepted(
         for o in ("deferred", "recovered", "abandoned")
     }
     assert settles == {"deferred": 1, "recovered": 1, "abandoned": 0}
+
+
+def status_records(db: Path) -> list[tuple[str, str, str]]:
+    """(msisdn_from, status_code, error) of every status record, oldest first."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT msisdn_from, status_code, error FROM records WHERE kind = 'status' ORDER BY id"
+        ).fetchall()
+    return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+
+async def test_a_partial_bulk_settle_is_retried_and_stores_its_refusals_once(
+    fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """The store turns read-only while Connexus accepts one recipient of a bulk send and
+    refuses the other: the settle, which carries the refusal's NUR record, fails. The client
+    gets 204 (one SMS went out); the settle is retried until it commits, leaving the accepted
+    row `accepted`, the refused one `rejected` and exactly one NUR record, which a settle
+    repeated after that commit does not store again."""
+    metrics = Metrics(process=False)
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
+    conn = read_only_as_connexus_answers(fake, client)
+    fake.mode = "bulk_partial"
+    params = creds(to="6421000411 6421000412", body="bulk", messageId="f-11")
+    assert await post(client, params) == (204, "")
+    fake.before_answer = None
+    db = tmp_path / "bc-proxy.db"
+    assert [r[2] for r in send_rows(db)] == ["pending", "pending"]
+    conn.execute("PRAGMA query_only = OFF")
+    rows = await _state_becomes(db, "accepted", 5)
+    assert rows == [("6421000411", "f-11", "accepted"), ("6421000412", "f-11", "rejected")]
+    assert status_records(db) == [("6421000412", "NUR", REFUSAL)]
+    settles = {
+        o: sample(metrics, "bc_proxy_settles_deferred_total", tenant="acme", outcome=o)
+        for o in ("deferred", "recovered", "abandoned")
+    }
+    assert settles == {"deferred": 1, "recovered": 1, "abandoned": 0}
+    # A settle of the same rows again (its first commit's answer lost): nothing stored twice.
+    store = client.app[keys.STORE]
+    with sqlite3.connect(db) as c:
+        refs = [str(r[0]) for r in c.execute("SELECT upstream_ref FROM sends ORDER BY id")]
+    statuses = [StatusRecord("acme", "6421000412", "", "f-11", "NUR", REFUSAL, refs[1])]
+    await store.settle_send(
+        [Settlement(refs[0], "accepted", "cx-1"), Settlement(refs[1], "rejected")], statuses
+    )
+    assert status_records(db) == [("6421000412", "NUR", REFUSAL)]
+    assert fake.sends == 1
 
 
 async def test_a_deferred_settle_makes_its_last_attempt_as_the_gateway_stops(

@@ -304,6 +304,32 @@ async def test_a_settle_after_expiry_does_not_contradict_it(store: Store) -> Non
     assert (record.status_code, record.error) == ("ERR", UNKNOWN_OUTCOME)
 
 
+async def test_a_settle_repeated_after_its_commit_stores_its_statuses_once(store: Store) -> None:
+    """A settle committed twice (retried after a commit whose answer was lost) stores its
+    refusal once; one after expiry stores none (the ERR record stands alone); a status
+    record naming no send row is stored whenever given."""
+    plan = await store.begin_send(intent("L12", HANDSET, "6421000002"), time.time())
+    a, b = plan.to_send
+    settle = [
+        Settlement(a.upstream_ref, "accepted", "cx-12"),
+        Settlement(b.upstream_ref, "rejected"),
+    ]
+    refusal = StatusRecord(POLL, b.recipient, SENDER, "L12", "NUR", "invalid", b.upstream_ref)
+    await store.settle_send(settle, [refusal])
+    await store.settle_send(settle, [refusal])
+    rec = await only(store, POLL, "status")
+    assert (rec.msisdn_from, rec.status_code) == (b.recipient, "NUR")
+    late = await store.begin_send(intent("L13"), time.time())
+    assert await store.expire_pending(later()) == 1
+    (c,) = late.to_send
+    await store.settle_send(
+        [Settlement(c.upstream_ref, "rejected")],
+        [StatusRecord(POLL, HANDSET, SENDER, "L13", "NUR", "invalid", c.upstream_ref)],
+    )
+    rec = await only(store, POLL, "status")
+    assert (rec.in_reply_to, rec.status_code, rec.error) == ("L13", "ERR", UNKNOWN_OUTCOME)
+
+
 async def test_expire_pending_record_is_placed_by_the_tenants_rules(store: Store) -> None:
     """The unknown-outcome record of a push tenant's expired send is pushed, not polled."""
     await store.begin_send(intent("L8", tenant=PUSH), time.time())

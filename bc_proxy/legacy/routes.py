@@ -109,13 +109,16 @@ async def _forward(
     app = request.app
     rt = app[keys.RUNTIME]
     refs = {p.recipient: p.upstream_ref for p in plan.to_send}
+    # A settle whose commit fails is retried in the background until its rows near expiry.
+    expiry = pending_expiry_seconds(app[keys.SETTINGS].upstream.timeout_seconds)
+    until = began + expiry - EXPIRY_SAFETY_SECONDS
     # Bounded by upstream.timeout_seconds, token fetch and the one retry after a 401 included.
     rt.sends_in_flight += 1
     try:
         result = await app[keys.CLIENT].send(intent.tenant, req, plan.to_send)
     except BaseException:
         # Cancelled (shutdown) or a bug mid-call: the request may be out, so never re-send.
-        settle_cut_short(store, metrics, intent, refs)
+        settle_cut_short(store, metrics, intent, refs, until)
         raise
     finally:
         rt.sends_in_flight -= 1
@@ -125,10 +128,8 @@ async def _forward(
     # The SMS may be out, so a cancellation here (a shutdown's deadline) must not roll back the
     # record of its outcome and its Connexus ids: settle_send commits once called, whether or
     # not its caller is still waiting (Store contract, tests/test_store_cancel.py). A failed
-    # commit of an outcome without status records is retried in the background (settling.py)
-    # and the client answered by the outcome: Connexus has it, whatever the store says now.
-    expiry = pending_expiry_seconds(app[keys.SETTINGS].upstream.timeout_seconds)
-    until = began + expiry - EXPIRY_SAFETY_SECONDS
+    # commit is retried in the background (settling.py) and the client answered by the
+    # outcome: Connexus has it, whatever the store says now.
     await settle(store, metrics, intent, refs, outcomes, answered=answered, defer_until=until)
     if not answered:
         assert result.failure is not None

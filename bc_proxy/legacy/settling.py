@@ -3,18 +3,16 @@ request: the settle of a call cut short (cancelled mid-call: every recipient `un
 settle retried in the background after the store failed to commit it.
 
 A send's outcome is known once Connexus has answered, whether or not the store can record it
-at that moment. When the commit of a settle that carries no status record fails (database
-unreachable, read-only, full), the legacy client is answered by the outcome (204 for an
-accepted SMS), and the settle is retried here until it commits or its pending rows near their
+at that moment. When the commit of a settle fails (database unreachable, read-only, full), the
+legacy client is answered by the outcome (204 for an accepted SMS, a partial bulk send
+included), and the settle is retried here until it commits or its pending rows near their
 expiry (`pending_expiry_seconds` old: expiry says `unknown`, with an ERR record; the retries
-stop `EXPIRY_SAFETY_SECONDS` before, and the store changes only rows still `pending`, so one
-that lands after expiry anyway changes nothing). Such a settle is idempotent (the same state,
-Connexus id and sender again), so a retry after a commit whose answer was lost does no harm.
-Until it commits, a retry of the legacy call meets the pending row and is answered
-`upstream.unknown_retry_status`, never re-sent. A settle with status records (refusals,
-unknown outcomes) is not retried: a second commit would store its records twice; it fails the
-request as before (500) and expiry settles its rows. When the gateway stops, `drain` has each
-deferred settle try once more before the store closes.
+stop `EXPIRY_SAFETY_SECONDS` before). A settle is idempotent: the store changes only rows still
+`pending`, and stores a status record (a refusal, an unknown outcome) only with the change of
+its row, so a retry after a commit whose answer was lost, or one that lands after expiry
+anyway, changes and stores nothing. Until it commits, a retry of the legacy call meets the
+pending row and is answered `upstream.unknown_retry_status`, never re-sent. When the gateway
+stops, `drain` has each deferred settle try once more before the store closes.
 """
 
 from __future__ import annotations
@@ -95,8 +93,8 @@ async def settle(
 ) -> None:
     """Settle the pending rows; status records for every recipient not accepted when the call
     is answered 204, else for the unknown ones only (a retry never re-sends those). With
-    `defer_until` (a time.time()), a failed commit of a settle without status records is
-    retried in the background until then instead of raising (see the module docstring)."""
+    `defer_until` (a time.time()), a failed commit is retried in the background until then
+    instead of raising (see the module docstring)."""
     tenant, sender = intent.tenant, intent.sender
     one = _Settle(store, metrics, tenant, answered)
     for o in outcomes:
@@ -120,7 +118,7 @@ async def settle(
     try:
         await one.commit()
     except StoreError as exc:
-        if defer_until is None or one.statuses:
+        if defer_until is None:
             raise
         log.warning("settle_deferred", tenant=tenant, recipients=len(refs), error=str(exc))
         metrics.settles_deferred.labels(tenant, "deferred").inc()
@@ -128,12 +126,13 @@ async def settle(
 
 
 def settle_cut_short(
-    store: Store, metrics: Metrics, intent: SendIntent, refs: dict[str, str]
+    store: Store, metrics: Metrics, intent: SendIntent, refs: dict[str, str], defer_until: float
 ) -> None:
     """The call was cancelled (shutdown) or failed mid-call: the request may be out, so every
     recipient is settled `unknown` (never re-sent), in a task of its own."""
     lost = [RecipientOutcome(r, "unknown", error=UNKNOWN_OUTCOME) for r in refs]
-    _keep(store, settle(store, metrics, intent, refs, lost, answered=False))
+    work = settle(store, metrics, intent, refs, lost, answered=False, defer_until=defer_until)
+    _keep(store, work)
 
 
 async def _retry(one: _Settle, until: float) -> None:

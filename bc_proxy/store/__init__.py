@@ -252,7 +252,9 @@ class Store(Protocol):
         """Record the upstream outcome of pending rows and the status records it produced, in one
         commit; delivery reports that arrived before their Connexus id was known are matched.
         Only rows still `pending` change: one that expiry made `unknown` meanwhile keeps that
-        state (its ERR record is out; a late settle must not contradict it).
+        state (its ERR record is out; a late settle must not contradict it). A status record
+        naming a send row (`upstream_ref`) is stored only if this call settles that row, so a
+        settle repeated after a commit whose answer was lost stores nothing twice.
 
         Once called, the commit happens even if the caller is cancelled while it waits (the
         write is queued before the first suspension): a send's outcome is never lost to a

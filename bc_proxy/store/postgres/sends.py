@@ -227,7 +227,10 @@ class SettleWrite:
 
 async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None]:
     """Settle a group of calls in one commit: one UPDATE, in autocommit when no status record
-    comes with it; then the late matching of reports (see the module docstring)."""
+    comes with it; then the late matching of reports (see the module docstring). A status
+    record naming a send row is stored only if the UPDATE settled that row (it was still
+    `pending`): a settle repeated after its commit, or one that comes after expiry wrote its
+    ERR record, stores nothing twice."""
     settlements = sorted((s for w in writes for s in w.settlements), key=lambda s: s.upstream_ref)
     statuses = [(s, w.now) for w in writes for s in w.statuses]
     now = max(w.now for w in writes)
@@ -244,7 +247,13 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
             if settlements:
                 rows = await conn.fetch(SETTLE, *args)
             send_ids = {r["upstream_ref"]: r["id"] for r in rows}
-            await insert_statuses(conn, wakes, rules, statuses, send_ids)
+            settled = [
+                (st, t)
+                for st, t in statuses
+                if st.upstream_ref is None or st.upstream_ref in send_ids
+            ]
+            if settled:
+                await insert_statuses(conn, wakes, rules, settled, send_ids)
     elif settlements:
         async with db.conn("settle send") as conn:
             rows = await conn.fetch(SETTLE, *args)
@@ -260,9 +269,9 @@ async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> li
     state a call set, settled no earlier than the call was made (a group stores the latest
     time of its calls, so a call retried alone after its group is recognised too; a row that
     expiry made `unknown` meanwhile counts for a settle to `unknown`, whose status record
-    expiry has written). Retried after a commit, its status records would be stored a second
-    time, and the legacy client would get each twice. The late report matching that the lost
-    call did not get to run runs here."""
+    expiry has written). Retried after a commit, a call would change nothing (its rows are no
+    longer pending, so it stores no status record either) and would skip the late report
+    matching that the lost call did not get to run; that runs here."""
     settled = [(s, w.now) for w in writes for s in w.settlements]
     if not settled:
         return None

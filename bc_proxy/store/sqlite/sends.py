@@ -135,18 +135,41 @@ def settle(
     now: float,
     match_early: bool,
 ) -> None:
-    """Settle pending rows, add the status records, and match reports that came early."""
+    """Settle pending rows, add the status records, and match reports that came early.
+
+    A status record naming a send row is stored only if this call settles that row (it was
+    still `pending`): a settle repeated after its commit, or one that comes after expiry
+    wrote its ERR record, stores nothing twice."""
+    send_ids: dict[str, int] | None = None
+    if statuses:
+        send_ids = _still_pending(conn, [st.upstream_ref for st in statuses if st.upstream_ref])
+        statuses = [st for st in statuses if st.upstream_ref is None or st.upstream_ref in send_ids]
     conn.executemany(
         "UPDATE sends SET state = ?, connexus_id = coalesce(?, connexus_id), "
         "sender = CASE WHEN sender = '' THEN ? ELSE sender END, settled_at = ? "
         "WHERE upstream_ref = ? AND state = 'pending'",
         [(s.state, s.connexus_id, s.sender, now, s.upstream_ref) for s in settlements],
     )
-    insert_statuses(conn, wakes, rules, statuses, now)
+    insert_statuses(conn, wakes, rules, statuses, now, send_ids)
     if match_early:
         ids = {s.connexus_id for s in settlements if s.connexus_id}
         for cid in ids:
             match_unmatched(conn, wakes, rules, cid, now)
+
+
+def _still_pending(conn: sqlite3.Connection, refs: Sequence[str]) -> dict[str, int]:
+    """The send ids of the rows among `refs` that are still `pending`, by upstream ref."""
+    found: dict[str, int] = {}
+    for at in range(0, len(refs), _CHUNK):
+        chunk = refs[at : at + _CHUNK]
+        found.update(
+            conn.execute(
+                "SELECT upstream_ref, id FROM sends WHERE state = 'pending' AND upstream_ref IN "
+                f"({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+        )
+    return found
 
 
 def insert_statuses(
