@@ -816,6 +816,41 @@ async def test_pushes_keep_order_per_send(store: Store) -> None:
     assert (second.in_reply_to, second.dlr_status) == ("L1", 1)
 
 
+async def test_a_claim_past_held_back_reports_still_takes_its_limit(store: Store) -> None:
+    """Held-back reports among the oldest due do not shrink a claim, nor stretch it past its
+    limit: it takes the next free ones, oldest first, exactly `limit` of them."""
+    await _pushed_status(store, n=1, status=8)
+    await store.add_dlr(dlr("cx-1", 1))  # held back behind the first
+    for n in (2, 3, 4):
+        await _pushed_status(store, n=n)
+    a = await store.claim_pushes(later(), 2)
+    assert [(r.in_reply_to, r.dlr_status) for r in a] == [("L1", 8), ("L2", 1)]
+    b = await store.claim_pushes(later(), 1)
+    assert [r.in_reply_to for r in b] == ["L3"]
+
+
+async def test_a_report_held_back_by_a_failing_push_goes_right_after_it(store: Store) -> None:
+    """A report that arrives while its send's first report waits for a retry is held back
+    through every retry of it (claims meanwhile find nothing), and goes as soon as the first
+    is delivered: its wait ends with the first's, not later."""
+    await _pushed_status(store, n=1, status=8)
+    (first,) = await store.claim_pushes(later(), 10)
+    retry_at = time.time() + 600
+    await store.push_failed(first, next_at=retry_at, error="HTTP 503")
+    await store.add_dlr(dlr("cx-1", 1))
+    assert await store.claim_pushes(later(), 10) == []
+    assert await store.claim_pushes(later(), 10) == []
+    (again,) = await store.claim_pushes(retry_at + 1, 10)
+    assert again.id == first.id
+    await store.push_failed(again, next_at=retry_at + 600, error="HTTP 503")
+    assert await store.claim_pushes(retry_at + 2, 10) == []
+    (third,) = await store.claim_pushes(retry_at + 601, 10)
+    assert third.id == first.id
+    await store.push_done(third)
+    (second,) = await store.claim_pushes(retry_at + 601, 10)
+    assert (second.in_reply_to, second.dlr_status) == ("L1", 1)
+
+
 async def test_dead_first_report_lets_the_next_go(store: Store) -> None:
     """A send's first report dead-lettered no longer holds back the next one."""
     await _pushed_status(store, n=1, status=8)

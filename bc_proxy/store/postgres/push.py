@@ -16,23 +16,37 @@ from bc_proxy.store.rules import Rules
 
 PUSH_ERROR_CHARS = 200
 
+MAX_PAGES = 16  # statements one claim runs at most (the rest wait for the next claim)
+# One page of due records, oldest due first, as many as the caller still wants, locked (SKIP
+# LOCKED: a concurrent claim of another replica takes the next ones; a larger page would lock
+# rows this claim does not take, and starve it). Of those, the ones no earlier record of their
+# send holds back are leased, and the ones held back by a record due later (waiting for its
+# retry) get that record's due time: they cannot go before it, and claims until then do not
+# read them again. The page's last (push_due, id) is where the next page starts.
 CLAIM = f"""
-WITH due AS (
-    SELECT r.id FROM records r
+WITH page AS (
+    SELECT r.id, r.push_due, (
+        SELECT max(e.push_due) FROM records e
+        WHERE e.send_id = r.send_id AND e.id < r.id
+          AND e.push_due IS NOT NULL AND NOT e.dead) AS blocker
+    FROM records r
     WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
+      AND (r.push_due, r.id) > ($7, $8)
       AND ((r.kind = 'in' AND r.tenant = ANY($2::text[]))
            OR (r.kind = 'status' AND r.tenant = ANY($3::text[])))
       AND (r.push_until IS NULL OR r.push_until < {DB_NOW})
-      AND NOT EXISTS (
-          SELECT 1 FROM records e
-          WHERE e.send_id = r.send_id AND e.id < r.id
-            AND e.push_due IS NOT NULL AND NOT e.dead)
-    ORDER BY r.id LIMIT $4
+    ORDER BY r.push_due, r.id LIMIT $4
     FOR UPDATE OF r SKIP LOCKED
+), deferred AS (
+    UPDATE records SET push_due = page.blocker
+    FROM page WHERE records.id = page.id AND page.blocker > $1
+), claimed AS (
+    UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
+    FROM page WHERE records.id = page.id AND page.blocker IS NULL
+    RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
 )
-UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
-FROM due WHERE records.id = due.id
-RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
+SELECT claimed.*, page.id AS page_id, page.push_due AS page_due
+FROM page LEFT JOIN claimed ON claimed.id = page.id
 """
 
 
@@ -52,17 +66,26 @@ class Pushing:
         tenants_status = self.rules.push_tenants("status")
         if limit <= 0 or not (tenants_in or tenants_status):
             return []
+        claimed: list[LegacyRecord] = []
+        after: tuple[float, int] = (float("-inf"), 0)
         async with self.db.conn("claim pushes", lease=True) as conn:
-            rows = await conn.fetch(
-                CLAIM,
-                now,
-                tenants_in,
-                tenants_status,
-                limit,
-                self.owner(),
-                self.lease_seconds,
-            )
-        return sorted((to_record(r) for r in rows), key=lambda r: r.id)
+            for _ in range(MAX_PAGES):
+                want = limit - len(claimed)
+                rows = await conn.fetch(
+                    CLAIM,
+                    now,
+                    tenants_in,
+                    tenants_status,
+                    want,
+                    self.owner(),
+                    self.lease_seconds,
+                    *after,
+                )
+                claimed += (to_record(r) for r in rows if r["id"] is not None)
+                if len(claimed) >= limit or len(rows) < want:
+                    break
+                after = max((r["page_due"], r["page_id"]) for r in rows)
+        return sorted(claimed, key=lambda r: r.id)
 
     async def push_done(self, record: LegacyRecord) -> None:
         async with self.db.tx("push done", lease=True) as (conn, wakes):

@@ -15,13 +15,18 @@ from bc_proxy.store.rules import KINDS, Rules
 from bc_proxy.store.sqlite.engine import Wakes
 from bc_proxy.store.sqlite.records import COLUMNS, to_record
 
-_CLAIMABLE = (
+_DUE = (
     "push_due IS NOT NULL AND push_due <= ? AND dead = 0 "
-    "AND (lease_owner IS NULL OR lease_until < ?) "
-    # In order per send: not while an earlier record of it (same kind) awaits its push.
-    "AND (send_id IS NULL OR NOT EXISTS (SELECT 1 FROM records e WHERE e.send_id = r.send_id "
-    "AND e.kind = r.kind AND e.id < r.id AND e.push_due IS NOT NULL))"
+    "AND (lease_owner IS NULL OR lease_until < ?) AND (push_due, id) > (?, ?)"
 )
+# In order per send: the latest due time of an earlier record of the same send (same kind)
+# still awaiting its push; NULL when there is none (the record may go).
+_BLOCKER = (
+    "CASE WHEN r.send_id IS NULL THEN NULL ELSE (SELECT max(e.push_due) FROM records e "
+    "WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id "
+    "AND e.push_due IS NOT NULL) END"
+)
+MAX_PAGES = 16  # pages (each of the records still wanted) one claim reads at most
 
 
 def claim_pushes(
@@ -34,26 +39,45 @@ def claim_pushes(
     limit: int,
 ) -> list[LegacyRecord]:
     """Lease up to `limit` records due by `due_by` of tenants that push their kind, oldest
-    due first (leases expire by the clock `now`, whatever `due_by` asks)."""
+    due first (leases expire by the clock `now`, whatever `due_by` asks).
+
+    A due record held back by an earlier record of its send that waits for a retry is given
+    that record's due time: it cannot go before then, and claims until then do not read it
+    again (a push target's outage would otherwise make every claim walk its whole backlog)."""
     scopes: list[str] = []
-    params: list[Any] = [due_by, now]
+    scope_params: list[Any] = []
     for kind in KINDS:
         tenants = rules.push_tenants(kind)
         if tenants:
             scopes.append(f"(r.kind = ? AND r.tenant IN ({','.join('?' * len(tenants))}))")
-            params += [kind, *tenants]
+            scope_params += [kind, *tenants]
     if not scopes or limit <= 0:
         return []
-    rows = conn.execute(
-        f"SELECT {COLUMNS} FROM records r WHERE {_CLAIMABLE} AND ({' OR '.join(scopes)}) "
-        "ORDER BY push_due, id LIMIT ?",
-        (*params, limit),
-    ).fetchall()
+    sql = (
+        f"SELECT {COLUMNS}, push_due, {_BLOCKER} FROM records r "
+        f"WHERE {_DUE} AND ({' OR '.join(scopes)}) ORDER BY push_due, id LIMIT ?"
+    )
+    claimed: list[tuple[Any, ...]] = []
+    deferred: list[tuple[float, int]] = []
+    after: tuple[float, int] = (float("-inf"), 0)
+    for _ in range(MAX_PAGES):
+        want = limit - len(claimed)
+        rows = conn.execute(sql, (due_by, now, *after, *scope_params, want)).fetchall()
+        for row in rows:
+            blocker = row[-1]
+            if blocker is None:
+                claimed.append(row[:-2])
+            elif blocker > due_by:
+                deferred.append((blocker, row[0]))
+        if len(claimed) == limit or len(rows) < want:
+            break
+        after = (rows[-1][-2], rows[-1][0])
     conn.executemany(
         "UPDATE records SET lease_owner = ?, lease_until = ? WHERE id = ?",
-        [(owner, until, row[0]) for row in rows],
+        [(owner, until, row[0]) for row in claimed],
     )
-    return [to_record(row) for row in rows]
+    conn.executemany("UPDATE records SET push_due = ? WHERE id = ?", deferred)
+    return [to_record(row) for row in claimed]
 
 
 def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
