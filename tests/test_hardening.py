@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bc_proxy.app import BACKGROUND
@@ -36,7 +36,11 @@ from tests.served import Served, free_port, rss_peak_kib, write_config
 
 @pytest.fixture
 async def session() -> AsyncIterator[ClientSession]:
-    async with ClientSession(timeout=ClientTimeout(total=30)) as s:
+    # The gateways here close idle connections after 2 s (read_timeout_seconds): reusing one
+    # idle for longer races its close (ServerDisconnectedError, seen after the 60-request
+    # storm on a loaded machine). The client drops its idle connections after 1 s instead.
+    connector = TCPConnector(keepalive_timeout=1.0)
+    async with ClientSession(connector=connector, timeout=ClientTimeout(total=30)) as s:
         yield s
 
 
