@@ -591,3 +591,30 @@ async def test_an_outage_longer_than_the_keep_time_still_rejects_abandoned_rows(
     assert await abandoned.reject()
     assert len(abandoned) == 0
     await abandoned.stop()
+
+
+async def test_a_row_expiry_made_unknown_is_no_proof_that_a_settle_group_committed(
+    db: Db,
+) -> None:
+    """A group settling one row `accepted` and another `unknown` lost its COMMIT answer, and
+    in fact never committed; expiry then made the second row `unknown`. The recovery must not
+    take that row for the group's commit: it answers None (retry call by call), and the retry
+    makes the first row `accepted`."""
+    async with db.tx("begin send") as (conn, wakes):
+        (plan,) = await sends.begin_sends(
+            conn, wakes, RULES, [sends.BeginWrite(SendIntent("t", "m-1", ("1", "2"), "552"), 1.0)]
+        )
+    first, second = plan.to_send
+    group = [
+        sends.SettleWrite((Settlement(first.upstream_ref, "accepted", "cx-1"),), ()),
+        sends.SettleWrite((Settlement(second.upstream_ref, "unknown"),), ()),
+    ]
+    assert await sends.expire_pending(db, RULES, time.time()) == 2
+    async with db.conn("put back") as conn:  # only the second row expired meanwhile
+        await conn.execute(
+            "UPDATE sends SET state = 'pending', settled_at = NULL WHERE upstream_ref = $1",
+            first.upstream_ref,
+        )
+    assert await sends.recover_settles(db, RULES, group) is None
+    await sends.settle_sends(db, RULES, group[:1])
+    assert await _state(db, first.upstream_ref) == "accepted"

@@ -17,6 +17,7 @@ from bc_proxy.store.rules import (
     SendFacts,
     TenantRules,
     new_ref,
+    only_settled,
     receipt_id,
 )
 
@@ -249,3 +250,17 @@ def test_opt_out_command(tenant: str | None, body: str, command: str | None) -> 
 def test_blocked_error_text() -> None:
     """The NUR error of a blocked handset is the legacy platform's exact text."""
     assert BLOCKED_ERROR == "(Number in Blocked List)"
+
+
+@pytest.mark.parametrize(
+    ("refs", "settled", "kept"),
+    [
+        ([None, "a", "b"], {"a", "b"}, [0, 1, 2]),  # no row named, or rows this settle changed
+        (["a", "b"], {"b"}, [1]),  # row a was no longer pending (settled before, or expired)
+        (["a", "a", None, None], {"a"}, [0, 2, 3]),  # one per row; rowless ones all kept
+        (["a"], set(), []),
+    ],
+)
+def test_only_settled(refs: list[str | None], settled: set[str], kept: list[int]) -> None:
+    statuses = list(enumerate(refs))
+    assert [i for i, _ in only_settled(statuses, lambda x: x[1], settled)] == kept

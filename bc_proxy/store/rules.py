@@ -1,8 +1,9 @@
 """Business rules of the store, pure and shared by every backend (table-tested, no I/O).
 
 Owns: poll/push placement of a new record, event identity (dedupe keys), routing of an incoming
-SMS to a tenant, attribution of a delivery report to one recipient, send idempotency, STOP/START
-detection, and the ids bc-proxy makes (upstream refs, legacy receipt ids). Backends fetch the
+SMS to a tenant, attribution of a delivery report to one recipient, send idempotency, which
+status records a settle stores, STOP/START detection, and the ids bc-proxy makes (upstream
+refs, legacy receipt ids). Backends fetch the
 facts these functions need and run the SQL; they decide nothing themselves.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 Kind = Literal["in", "status"]
 SendState = Literal["pending", "accepted", "rejected", "unknown"]
 KINDS: tuple[Kind, Kind] = ("in", "status")
+T = TypeVar("T")
 
 REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0  # a reply belongs to the latest send to its handset within
 DEFAULT_IDEMPOTENCY_WINDOW = 86400.0
@@ -264,6 +266,25 @@ class Rules:
         if word in START_WORDS:
             return "start"
         return None
+
+
+def only_settled(
+    statuses: Sequence[T], ref_of: Callable[[T], str | None], settled: Collection[str]
+) -> list[T]:
+    """The status records a settle stores: each naming no send row, and for each send row this
+    settle changed from `pending` (`settled`, by upstream ref) the first one naming it. So a
+    settle repeated after its commit (its answer lost), one after expiry, or two settles of
+    one row in one group store no record twice."""
+    out: list[T] = []
+    seen: set[str] = set()
+    for st in statuses:
+        ref = ref_of(st)
+        if ref is None:
+            out.append(st)
+        elif ref in settled and ref not in seen:
+            seen.add(ref)
+            out.append(st)
+    return out
 
 
 def new_ref() -> str:

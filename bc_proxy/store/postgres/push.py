@@ -16,38 +16,60 @@ from bc_proxy.store.rules import Rules
 
 PUSH_ERROR_CHARS = 200
 
-MAX_PAGES = 16  # statements one claim runs at most (the rest wait for the next claim)
-# One page of due records, oldest due first, as many as the caller still wants, locked (SKIP
-# LOCKED: a concurrent claim of another replica takes the next ones; a larger page would lock
-# rows this claim does not take, and starve it). Of those, the ones no earlier record of their
-# send holds back are leased, and the ones held back by a record due later (waiting for its
-# retry) get that record's due time: they cannot go before it, and claims until then do not
-# read them again. The page's last (push_due, id) is where the next page starts.
-CLAIM = f"""
-WITH page AS (
+MAX_PAGES = 16  # claim statements one claim runs at most
+AHEAD = 4096  # due records one look ahead reads at most
+MAX_AHEAD = 2  # looks ahead one claim makes at most
+
+
+def _page(after: str, limit: str) -> str:
+    """Due records of pushing tenants ($1 due by, $2/$3 tenants pushing `in`/`status`) after
+    (push_due, id) `after`, oldest due first, `limit` of them, locked (SKIP LOCKED); each with
+    the latest due time of an earlier record of its send (same kind) awaiting its push, NULL
+    when there is none (it may go)."""
+    return f"""
     SELECT r.id, r.push_due, (
         SELECT max(e.push_due) FROM records e
-        WHERE e.send_id = r.send_id AND e.id < r.id
+        WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id
           AND e.push_due IS NOT NULL AND NOT e.dead) AS blocker
     FROM records r
     WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
-      AND (r.push_due, r.id) > ($7, $8)
+      AND (r.push_due, r.id) > {after}
       AND ((r.kind = 'in' AND r.tenant = ANY($2::text[]))
            OR (r.kind = 'status' AND r.tenant = ANY($3::text[])))
       AND (r.push_until IS NULL OR r.push_until < {DB_NOW})
-    ORDER BY r.push_due, r.id LIMIT $4
-    FOR UPDATE OF r SKIP LOCKED
-), deferred AS (
-    UPDATE records SET push_due = page.blocker
-    FROM page WHERE records.id = page.id AND page.blocker > $1
+    ORDER BY r.push_due, r.id LIMIT {limit}
+    FOR UPDATE OF r SKIP LOCKED"""
+
+
+# A record held back by an earlier record of its send that is due later (waiting for its
+# retry) gets that record's due time: it cannot go before it, claims until then do not read it
+# again (a push target's outage would otherwise make every claim read its whole backlog), and
+# from then on it sorts right behind it. So the only due records a claim passes over are those
+# behind a record being pushed right now.
+_DEFER = (
+    "UPDATE records SET push_due = p.blocker FROM {page} WHERE records.id = p.id "
+    "AND p.blocker > p.push_due"
+)
+# One page, as many as the caller still wants ($4): a concurrent claim of another replica
+# takes the next ones (a larger page would lock rows this claim does not take, and starve
+# it). Its free records are leased ($5 owner, $6 lease seconds), its held-back ones deferred.
+# Per record of the page: the leased record's columns (or NULLs), its place (the next page
+# starts after the last) and whether it was held back by a record due later.
+CLAIM = f"""
+WITH p AS ({_page("($7, $8)", "$4")}
+), deferred AS ({_DEFER.format(page="p")}
 ), claimed AS (
     UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
-    FROM page WHERE records.id = page.id AND page.blocker IS NULL
+    FROM p WHERE records.id = p.id AND p.blocker IS NULL
     RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
 )
-SELECT claimed.*, page.id AS page_id, page.push_due AS page_due
-FROM page LEFT JOIN claimed ON claimed.id = page.id
+SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker > p.push_due AS held
+FROM p LEFT JOIN claimed ON claimed.id = p.id
 """
+# After a page that met held-back records, more of them are likely ahead (an outage's
+# backlog): up to $4 due records after ($5, $6) are read at once and deferred, so that the
+# claim reaches the free ones behind them instead of returning nothing.
+DEFER_AHEAD = f"WITH p AS ({_page('($5, $6)', '$4')}) {_DEFER.format(page='p')}"
 
 
 class Pushing:
@@ -68,6 +90,7 @@ class Pushing:
             return []
         claimed: list[LegacyRecord] = []
         after: tuple[float, int] = (float("-inf"), 0)
+        ahead = MAX_AHEAD
         async with self.db.conn("claim pushes", lease=True) as conn:
             for _ in range(MAX_PAGES):
                 want = limit - len(claimed)
@@ -85,6 +108,9 @@ class Pushing:
                 if len(claimed) >= limit or len(rows) < want:
                     break
                 after = max((r["page_due"], r["page_id"]) for r in rows)
+                if ahead and any(r["held"] for r in rows):
+                    ahead -= 1
+                    await conn.execute(DEFER_AHEAD, now, tenants_in, tenants_status, AHEAD, *after)
         return sorted(claimed, key=lambda r: r.id)
 
     async def push_done(self, record: LegacyRecord) -> None:

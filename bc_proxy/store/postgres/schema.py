@@ -208,8 +208,8 @@ MIGRATIONS: tuple[str, ...] = (
     # record awaiting a push, due or not, in id order: during a push target's outage, each
     # claim walked the whole backlog of records waiting for their retry (48 ms per claim at
     # 20,000 sends). `records_push_due` gives the due ones first, in the order claimed, and
-    # still covers the waiting counts. Table lock first, as in version 3; `records` is closed
-    # to writes while the index is built (records awaiting a push only: small).
+    # still covers the waiting counts. Table lock first, as in version 3: `records` is closed
+    # to every other session while the build scans it (seconds per million records).
     """
     LOCK TABLE records IN ACCESS EXCLUSIVE MODE;
     CREATE INDEX records_push_due ON records (push_due, id) INCLUDE (tenant, kind, created_at)

@@ -29,7 +29,7 @@ from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.matching import match_late
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
 from bc_proxy.store.postgres.schema import lock_send_keys
-from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref
+from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref, only_settled
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,8 @@ class SettleWrite:
 
 async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None]:
     """Settle a group of calls in one commit: one UPDATE, in autocommit when no status record
-    comes with it; then the late matching of reports (see the module docstring). A status
-    record naming a send row is stored only if the UPDATE settled that row (it was still
-    `pending`): a settle repeated after its commit, or one that comes after expiry wrote its
-    ERR record, stores nothing twice."""
+    comes with it; then the late matching of reports (see the module docstring). Status
+    records: `Rules.only_settled`, by the rows the UPDATE changed from `pending`."""
     settlements = sorted((s for w in writes for s in w.settlements), key=lambda s: s.upstream_ref)
     statuses = [(s, w.now) for w in writes for s in w.statuses]
     now = max(w.now for w in writes)
@@ -247,11 +245,7 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
             if settlements:
                 rows = await conn.fetch(SETTLE, *args)
             send_ids = {r["upstream_ref"]: r["id"] for r in rows}
-            settled = [
-                (st, t)
-                for st, t in statuses
-                if st.upstream_ref is None or st.upstream_ref in send_ids
-            ]
+            settled = only_settled(statuses, lambda x: x[0].upstream_ref, send_ids)
             if settled:
                 await insert_statuses(conn, wakes, rules, settled, send_ids)
     elif settlements:
@@ -267,11 +261,11 @@ async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> li
     """After a group of settle_send calls failed with its outcome unknown: [None, ...] when it
     committed after all, else None (retried call by call). Committed means a row holds the
     state a call set, settled no earlier than the call was made (a group stores the latest
-    time of its calls, so a call retried alone after its group is recognised too; a row that
-    expiry made `unknown` meanwhile counts for a settle to `unknown`, whose status record
-    expiry has written). Retried after a commit, a call would change nothing (its rows are no
-    longer pending, so it stores no status record either) and would skip the late report
-    matching that the lost call did not get to run; that runs here."""
+    time of its calls, so a call retried alone after its group is recognised too). A row
+    `unknown` proves nothing: expiry may have made it so, and taking that for the group's
+    commit would drop the group's other settles. Retried after a commit, a call changes
+    nothing (its rows are no longer pending, so it stores no status record either) but would
+    skip the late report matching that the lost call did not get to run; that runs here."""
     settled = [(s, w.now) for w in writes for s in w.settlements]
     if not settled:
         return None
@@ -286,7 +280,7 @@ async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> li
     left = {r["upstream_ref"]: r for r in rows}
     if not any(
         (row := left.get(s.upstream_ref)) is not None
-        and row["state"] == s.state
+        and row["state"] == s.state != "unknown"
         and (row["settled_at"] or 0.0) >= t
         for s, t in settled
     ):

@@ -26,7 +26,8 @@ _BLOCKER = (
     "WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id "
     "AND e.push_due IS NOT NULL) END"
 )
-MAX_PAGES = 16  # pages (each of the records still wanted) one claim reads at most
+PAGE = 64  # due records read at a time (at least) while looking for claimable ones
+MAX_READ = 4096  # due records one claim reads at most (the rest: the next claim)
 
 
 def claim_pushes(
@@ -41,9 +42,11 @@ def claim_pushes(
     """Lease up to `limit` records due by `due_by` of tenants that push their kind, oldest
     due first (leases expire by the clock `now`, whatever `due_by` asks).
 
-    A due record held back by an earlier record of its send that waits for a retry is given
-    that record's due time: it cannot go before then, and claims until then do not read it
-    again (a push target's outage would otherwise make every claim walk its whole backlog)."""
+    A due record held back by an earlier record of its send that is due later (waiting for
+    its retry) is given that record's due time: it cannot go before then, claims until then
+    do not read it again (a push target's outage would otherwise make every claim walk its
+    whole backlog), and from then on it sorts right behind that record. So the only due
+    records a claim passes over are those behind a record being pushed right now."""
     scopes: list[str] = []
     scope_params: list[Any] = []
     for kind in KINDS:
@@ -60,16 +63,18 @@ def claim_pushes(
     claimed: list[tuple[Any, ...]] = []
     deferred: list[tuple[float, int]] = []
     after: tuple[float, int] = (float("-inf"), 0)
-    for _ in range(MAX_PAGES):
-        want = limit - len(claimed)
-        rows = conn.execute(sql, (due_by, now, *after, *scope_params, want)).fetchall()
+    page = max(limit, PAGE)
+    for _ in range(max(1, MAX_READ // page)):
+        rows = conn.execute(sql, (due_by, now, *after, *scope_params, page)).fetchall()
         for row in rows:
-            blocker = row[-1]
+            if len(claimed) == limit:
+                break
+            due, blocker = row[-2], row[-1]
             if blocker is None:
                 claimed.append(row[:-2])
-            elif blocker > due_by:
+            elif blocker > due:
                 deferred.append((blocker, row[0]))
-        if len(claimed) == limit or len(rows) < want:
+        if len(claimed) == limit or len(rows) < page:
             break
         after = (rows[-1][-2], rows[-1][0])
     conn.executemany(

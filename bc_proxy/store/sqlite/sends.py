@@ -18,7 +18,14 @@ from bc_proxy.store import (
     Settlement,
     StatusRecord,
 )
-from bc_proxy.store.rules import BLOCKED_ERROR, REPLY_WINDOW_SECONDS, Rules, SendFacts, new_ref
+from bc_proxy.store.rules import (
+    BLOCKED_ERROR,
+    REPLY_WINDOW_SECONDS,
+    Rules,
+    SendFacts,
+    new_ref,
+    only_settled,
+)
 from bc_proxy.store.sqlite.engine import Wakes
 from bc_proxy.store.sqlite.records import INSERT, row_values, wake
 from bc_proxy.translate import UNKNOWN_OUTCOME
@@ -135,15 +142,14 @@ def settle(
     now: float,
     match_early: bool,
 ) -> None:
-    """Settle pending rows, add the status records, and match reports that came early.
-
-    A status record naming a send row is stored only if this call settles that row (it was
-    still `pending`): a settle repeated after its commit, or one that comes after expiry
-    wrote its ERR record, stores nothing twice."""
+    """Settle pending rows, add the status records (`Rules.only_settled`: those of rows this
+    call changes from `pending`), and match reports that came early."""
     send_ids: dict[str, int] | None = None
     if statuses:
-        send_ids = _still_pending(conn, [st.upstream_ref for st in statuses if st.upstream_ref])
-        statuses = [st for st in statuses if st.upstream_ref is None or st.upstream_ref in send_ids]
+        settling = {s.upstream_ref for s in settlements}
+        named = [st.upstream_ref for st in statuses if st.upstream_ref in settling]
+        send_ids = _still_pending(conn, named)
+        statuses = only_settled(statuses, lambda st: st.upstream_ref, send_ids)
     conn.executemany(
         "UPDATE sends SET state = ?, connexus_id = coalesce(?, connexus_id), "
         "sender = CASE WHEN sender = '' THEN ? ELSE sender END, settled_at = ? "
