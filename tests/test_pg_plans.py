@@ -69,9 +69,14 @@ STATEMENTS = {
         "float8, text[], text[], int, text, float8, float8, bigint",
         "1e12, ARRAY['b'], ARRAY['b'], 10, 'me', 10.0, '-infinity', 0",
     ),
+    "push defer ahead": (
+        push.DEFER_AHEAD,
+        "float8, text[], text[], int, float8, bigint",
+        "1e12, ARRAY['b'], ARRAY['b'], 4096, '-infinity', 0",
+    ),
 }
 # The statements the store runs on its lease pool (db.LEASE_SETTINGS).
-LEASED = {"poll claim", "push claim"}
+LEASED = {"poll claim", "push claim", "push defer ahead"}
 # The indexes of `sends` some statements must probe, and no other (a partial index of pending
 # rows, or a time index, read whole by a generic plan made on a small table).
 INDEXES = {
@@ -141,7 +146,7 @@ async def test_hot_statements_plan_index_lookups_in_every_table_state(
         if name == "mo facts" and not latest_by_time:
             problems.append(f"mo facts: the latest send not by sends_recent:\n{plan}")
         due_in_order = re.search(r"Index Scan using records_push_due on records r\b", plan)
-        if name == "push claim" and not due_in_order:
+        if name.startswith("push ") and not due_in_order:
             problems.append(f"push claim: due records not read in due order:\n{plan}")
     assert not problems, f"{rows} rows, vacuumed={vacuum}:\n" + "\n\n".join(problems)
 
