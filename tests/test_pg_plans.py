@@ -6,8 +6,9 @@ statement, on tables in the states where the planner's choice used to flip (empt
 vacuumed; 100 rows, vacuumed; 300 rows never analyzed; 3,000 sends to one handset, analyzed),
 the plan the store's own pool makes must read no table whole (no Seq Scan, Hash or Merge Join),
 the send-facts lookup and the abandoned-row statements must use their key indexes and no
-other index of `sends`, and an incoming SMS's latest-send lookup must read `sends_recent`
-backwards (not the handset's whole history).
+other index of `sends`, an incoming SMS's latest-send lookup must read `sends_recent`
+backwards (not the handset's whole history), and push claims must read `records_push_due` in
+due order (not every record awaiting a push). Statements of the lease pool are planned on it.
 """
 
 from __future__ import annotations
