@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -18,7 +17,6 @@ from bc_proxy.config import Settings, load_usable
 from bc_proxy.connexus.tokens import TokenManager
 from bc_proxy.errors import BcProxyError
 from bc_proxy.jobs import supervise
-from bc_proxy.store import Rules
 
 logger = log.get_logger("bc_proxy.reload")
 
@@ -81,14 +79,6 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
     return changed
 
 
-def _swap_store_rules(store: Any, rules: Rules) -> None:
-    """The store reads `rules` at each operation; PostgreSQL's push claimer keeps its own."""
-    store.rules = rules
-    pushing = getattr(store, "_pushing", None)
-    if pushing is not None and hasattr(pushing, "rules"):
-        pushing.rules = rules
-
-
 async def apply(app: web.Application, new: Settings) -> None:
     """Use `new`'s tenants from now on (what `reload` does once the file is valid)."""
     from bc_proxy.app import store_rules  # app imports this module
@@ -108,7 +98,7 @@ async def apply(app: web.Application, new: Settings) -> None:
     before = dict(client.tokens)
     fresh = client.update_tenants(new.tenants)  # a re-keyed tenant's gauges follow its new one
     app[keys.AUTH].replace_tenants(new.tenants)
-    _swap_store_rules(app[keys.STORE], store_rules(new))
+    app[keys.STORE].rules = store_rules(new)  # read by the store at each operation
     rt = app[keys.RUNTIME]
     rt.status_maps = {t.name: new.status_map_for(t) for t in new.tenants}
     rt.tenants = {t.name: t for t in new.tenants}

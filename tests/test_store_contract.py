@@ -925,6 +925,21 @@ async def test_a_push_worker_behind_a_backlog_during_an_outage_keeps_claiming(
     assert sum(counts) == 2 * n
 
 
+async def test_reports_behind_pushes_in_flight_do_not_hide_a_free_one(store: Store) -> None:
+    """20 pushes in flight, each with 210 later reports of its send due behind it (held back,
+    and not deferrable: their blocker is due already). A claim passes over all of them and
+    takes the free report of another send, however few it asks for."""
+    await _push_sends(store, range(20))
+    for status in range(100, 310):
+        await asyncio.gather(*(store.add_dlr(dlr(f"cx-{i}", status)) for i in range(20)))
+    await _push_sends(store, range(99, 100))
+    in_flight = await store.claim_pushes(later(), 20)
+    assert [r.dlr_status for r in in_flight] == [8] * 20
+    (free,) = await store.claim_pushes(later(), 1)
+    assert (free.in_reply_to, free.dlr_status) == ("", 8)
+    assert free.msisdn_from == f"64{99:08d}"
+
+
 async def test_two_claimers_push_every_record_once_and_in_order(opened: Opened) -> None:
     """Two stores on one database (two replicas) claim with varying limits and fail a third of
     their pushes (retried within 50 ms): every record is delivered exactly once, and the
@@ -1026,6 +1041,32 @@ async def test_push_failed_without_next_at_dead_letters(store: Store) -> None:
     assert await store.dead_letter_count() == 1
     assert await store.claim_pushes(later(10 * HOUR), 10) == []
     assert await store.claim(PUSH, "status") is None
+
+
+async def test_replay_places_dead_letters_by_the_rules_in_force(store: Store) -> None:
+    """A dead letter replayed after new rules stopped its tenant pushing that kind (a reload,
+    which moves no stranded record) is polled, not left where neither a push nor a poll
+    takes it; the push queue stays empty."""
+    await _pushed_status(store)
+    (r,) = await store.claim_pushes(later(), 5)
+    await store.push_failed(r, next_at=None, error="gone")
+    store.rules = Rules({**TENANTS, PUSH: TenantRules()})  # PUSH polls from now on
+    assert await store.replay(None, time.time()) == 1
+    polled = await store.claim(PUSH, "status")
+    assert polled is not None
+    assert polled.id == r.id
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
+async def test_new_rules_take_effect_at_once_for_push_claims(store: Store) -> None:
+    """Rules assigned to a running store (a reload) decide its next push claim: a tenant
+    that starts pushing its status records gets them pushed."""
+    await _pushed_status(store, tenant=POLL)
+    assert await store.claim_pushes(later(), 10) == []
+    store.rules = Rules({**TENANTS, POLL: TENANTS[PUSH]})
+    await _pushed_status(store, n=2, tenant=POLL)
+    assert [r.tenant for r in await store.claim_pushes(later(), 10)] == [POLL]
 
 
 @pytest.mark.parametrize("select", ["all", "ids"])

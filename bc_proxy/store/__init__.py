@@ -217,7 +217,7 @@ class Store(Protocol):
 
     waker: Waker
     replica: str  # this instance's lease owner id
-    rules: Rules
+    rules: Rules  # read at each operation: assigning new rules (a reload) takes effect at once
 
     async def open(self) -> None:
         """Connect, apply pending schema migrations (refusing a newer schema), start helpers."""

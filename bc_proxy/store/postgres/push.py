@@ -1,7 +1,7 @@
 """Pushes in PostgreSQL: due records claimed under leases, in order per send, and dead letters.
 
 Owns claim_pushes (`FOR UPDATE SKIP LOCKED`, only tenants that push the kind, never past an
-earlier record of the same send still awaiting its push), done / failed conditional on this
+earlier record of the same send and kind still awaiting its push), done / failed conditional on this
 replica's lease, the dead-letter list and replay, and moving stranded pushes to polling.
 """
 
@@ -21,22 +21,29 @@ AHEAD = 4096  # due records one look ahead reads at most
 MAX_AHEAD = 2  # looks ahead one claim makes at most
 
 
-def _page(after: str, limit: str) -> str:
+def _page(after: str, limit: str, only_held: bool = False) -> str:
     """Due records of pushing tenants ($1 due by, $2/$3 tenants pushing `in`/`status`) after
     (push_due, id) `after`, oldest due first, `limit` of them, locked (SKIP LOCKED); each with
-    the latest due time of an earlier record of its send (same kind) awaiting its push, NULL
-    when there is none (it may go)."""
+    `blocker`, the latest due time of an earlier record of its send (same kind) awaiting its
+    push (NULL when there is none: it may go). A record whose blocker is due no later than
+    itself (being pushed now, or leased by a replica that died) can neither go nor be
+    deferred: it is passed over, and takes no place in the page (`only_held`: nor does a free
+    one)."""
+    held = (
+        "b.blocker > r.push_due" if only_held else "(b.blocker IS NULL OR b.blocker > r.push_due)"
+    )
     return f"""
-    SELECT r.id, r.push_due, (
-        SELECT max(e.push_due) FROM records e
+    SELECT r.id, r.push_due, b.blocker
+    FROM records r, LATERAL (
+        SELECT max(e.push_due) AS blocker FROM records e
         WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id
-          AND e.push_due IS NOT NULL AND NOT e.dead) AS blocker
-    FROM records r
+          AND e.push_due IS NOT NULL AND NOT e.dead) AS b
     WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
       AND (r.push_due, r.id) > {after}
       AND ((r.kind = 'in' AND r.tenant = ANY($2::text[]))
            OR (r.kind = 'status' AND r.tenant = ANY($3::text[])))
       AND (r.push_until IS NULL OR r.push_until < {DB_NOW})
+      AND {held}
     ORDER BY r.push_due, r.id LIMIT {limit}
     FOR UPDATE OF r SKIP LOCKED"""
 
@@ -44,17 +51,16 @@ def _page(after: str, limit: str) -> str:
 # A record held back by an earlier record of its send that is due later (waiting for its
 # retry) gets that record's due time: it cannot go before it, claims until then do not read it
 # again (a push target's outage would otherwise make every claim read its whole backlog), and
-# from then on it sorts right behind it. So the only due records a claim passes over are those
-# behind a record being pushed right now.
+# from then on it sorts right behind it.
 _DEFER = (
     "UPDATE records SET push_due = p.blocker FROM {page} WHERE records.id = p.id "
-    "AND p.blocker > p.push_due"
+    "AND p.blocker IS NOT NULL"
 )
 # One page, as many as the caller still wants ($4): a concurrent claim of another replica
-# takes the next ones (a larger page would lock rows this claim does not take, and starve
-# it). Its free records are leased ($5 owner, $6 lease seconds), its held-back ones deferred.
-# Per record of the page: the leased record's columns (or NULLs), its place (the next page
-# starts after the last) and whether it was held back by a record due later.
+# takes the next ones (a page of free records larger than that would lock rows this claim
+# does not take, and starve it). Its free records are leased ($5 owner, $6 lease seconds), its
+# held-back ones deferred. Per record of the page: the leased record's columns (or NULLs),
+# its place (the next page starts after the last) and whether it was held back.
 CLAIM = f"""
 WITH p AS ({_page("($7, $8)", "$4")}
 ), deferred AS ({_DEFER.format(page="p")}
@@ -63,29 +69,30 @@ WITH p AS ({_page("($7, $8)", "$4")}
     FROM p WHERE records.id = p.id AND p.blocker IS NULL
     RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
 )
-SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker > p.push_due AS held
+SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker IS NOT NULL AS held
 FROM p LEFT JOIN claimed ON claimed.id = p.id
 """
 # After a page that met held-back records, more of them are likely ahead (an outage's
-# backlog): up to $4 due records after ($5, $6) are read at once and deferred, so that the
-# claim reaches the free ones behind them instead of returning nothing.
-DEFER_AHEAD = f"WITH p AS ({_page('($5, $6)', '$4')}) {_DEFER.format(page='p')}"
+# backlog): up to $4 held-back records after ($5, $6) are deferred at once (and only they are
+# locked), so that the claim reaches the free ones behind them instead of returning nothing.
+DEFER_AHEAD = f"WITH p AS ({_page('($5, $6)', '$4', only_held=True)}) {_DEFER.format(page='p')}"
 
 
 class Pushing:
     """Push claims of one replica."""
 
     def __init__(
-        self, db: Db, rules: Rules, owner: Callable[[], str], lease_seconds: float
+        self, db: Db, rules: Callable[[], Rules], owner: Callable[[], str], lease_seconds: float
     ) -> None:
         self.db = db
-        self.rules = rules
+        self.rules = rules  # the store's rules, read at each call (a reload replaces them)
         self.owner = owner  # the store's replica id, read at each call
         self.lease_seconds = lease_seconds
 
     async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
-        tenants_in = self.rules.push_tenants("in")
-        tenants_status = self.rules.push_tenants("status")
+        rules = self.rules()
+        tenants_in = rules.push_tenants("in")
+        tenants_status = rules.push_tenants("status")
         if limit <= 0 or not (tenants_in or tenants_status):
             return []
         claimed: list[LegacyRecord] = []
@@ -163,14 +170,18 @@ async def replay(db: Db, rules: Rules, ids: Sequence[int] | None, now: float) ->
         )
         if not rows:
             return 0
-        deadlines = [now + rules.delivery(r["tenant"]).max_age_seconds for r in rows]
+        # Placed again by the rules: pushed afresh, or polled if the tenant no longer pushes
+        # that kind (a reload may have turned it off since the record died).
+        places = [rules.placement(r["tenant"], r["kind"], now) for r in rows]
         await conn.execute(
-            "UPDATE records SET dead = false, push_due = $2, push_attempts = 0, push_error = '', "
-            "push_owner = NULL, push_until = NULL, push_deadline = d.deadline "
-            "FROM unnest($1::bigint[], $3::float8[]) AS d(id, deadline) WHERE records.id = d.id",
+            "UPDATE records SET dead = false, push_due = d.due, push_deadline = d.deadline, "
+            "pollable = records.pollable OR d.due IS NULL, push_attempts = 0, "
+            "push_error = '', push_owner = NULL, push_until = NULL "
+            "FROM unnest($1::bigint[], $2::float8[], $3::float8[]) AS d(id, due, deadline) "
+            "WHERE records.id = d.id",
             [r["id"] for r in rows],
-            now,
-            deadlines,
+            [p.push_due for p in places],
+            [p.push_deadline for p in places],
         )
         wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)
         return len(rows)

@@ -98,7 +98,7 @@ class PostgresStore:
         # differed less than run-to-run scatter (docs/performance.md).
         send_writers = max(1, min(SEND_WRITERS, pool_max // 3))
         self._polling = records.Polling(self._db, self._owner, lease_seconds)
-        self._pushing = push.Pushing(self._db, rules, self._owner, lease_seconds)
+        self._pushing = push.Pushing(self._db, self._rules, self._owner, lease_seconds)
         self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
             self._db, "add dlr", None, key=lambda w: w.key, run=self._store_dlrs
         )
@@ -159,6 +159,9 @@ class PostgresStore:
 
     def _owner(self) -> str:
         return self.replica
+
+    def _rules(self) -> Rules:
+        return self.rules  # read at each call: a reload replaces `rules`
 
     # -- lifecycle --
 

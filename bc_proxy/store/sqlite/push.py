@@ -27,7 +27,7 @@ _BLOCKER = (
     "AND e.push_due IS NOT NULL) END"
 )
 PAGE = 64  # due records read at a time (at least) while looking for claimable ones
-MAX_READ = 4096  # due records one claim reads at most (the rest: the next claim)
+MAX_READ = 4096  # records one claim leases or defers at most (the next starts at the top)
 
 
 def claim_pushes(
@@ -45,8 +45,9 @@ def claim_pushes(
     A due record held back by an earlier record of its send that is due later (waiting for
     its retry) is given that record's due time: it cannot go before then, claims until then
     do not read it again (a push target's outage would otherwise make every claim walk its
-    whole backlog), and from then on it sorts right behind that record. So the only due
-    records a claim passes over are those behind a record being pushed right now."""
+    whole backlog), and from then on it sorts right behind that record. One held back by a
+    record due no later (being pushed now, or leased by a replica that died) is passed over:
+    it costs the claim a probe, not a place among the records a page reads."""
     scopes: list[str] = []
     scope_params: list[Any] = []
     for kind in KINDS:
@@ -57,8 +58,10 @@ def claim_pushes(
     if not scopes or limit <= 0:
         return []
     sql = (
-        f"SELECT {COLUMNS}, push_due, {_BLOCKER} FROM records r "
-        f"WHERE {_DUE} AND ({' OR '.join(scopes)}) ORDER BY push_due, id LIMIT ?"
+        f"SELECT {COLUMNS}, push_due, {_BLOCKER} AS blocker FROM records r "
+        f"WHERE {_DUE} AND ({' OR '.join(scopes)}) "
+        # (`blocker`: the result column; SQLite resolves an alias in WHERE)
+        "AND (blocker IS NULL OR blocker > push_due) ORDER BY push_due, id LIMIT ?"
     )
     claimed: list[tuple[Any, ...]] = []
     deferred: list[tuple[float, int]] = []
@@ -69,10 +72,10 @@ def claim_pushes(
         for row in rows:
             if len(claimed) == limit:
                 break
-            due, blocker = row[-2], row[-1]
+            blocker = row[-1]
             if blocker is None:
                 claimed.append(row[:-2])
-            elif blocker > due:
+            else:
                 deferred.append((blocker, row[0]))
         if len(claimed) == limit or len(rows) < page:
             break
