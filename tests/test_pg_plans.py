@@ -8,7 +8,8 @@ the plan the store's own pool makes must read no table whole (no Seq Scan, Hash 
 the send-facts lookup and the abandoned-row statements must use their key indexes and no
 other index of `sends`, an incoming SMS's latest-send lookup must read `sends_recent`
 backwards (not the handset's whole history), and push claims must read `records_push_due` in
-due order (not every record awaiting a push). Statements of the lease pool are planned on it.
+due order (not every record awaiting a push) and probe `records_push_send` for the record
+before each (not walk every record awaiting a push). Statements of the lease pool are planned on it.
 """
 
 from __future__ import annotations
@@ -148,7 +149,12 @@ async def test_hot_statements_plan_index_lookups_in_every_table_state(
             problems.append(f"mo facts: the latest send not by sends_recent:\n{plan}")
         due_in_order = re.search(r"Index Scan using records_push_due on records r\b", plan)
         if name.startswith("push ") and not due_in_order:
-            problems.append(f"push claim: due records not read in due order:\n{plan}")
+            problems.append(f"{name}: due records not read in due order:\n{plan}")
+        blocker_by_send = re.search(
+            r"Index Scan Backward using records_push_send on records e\b", plan
+        )
+        if name.startswith("push ") and not blocker_by_send:
+            problems.append(f"{name}: an earlier record of the send not probed by send:\n{plan}")
     assert not problems, f"{rows} rows, vacuumed={vacuum}:\n" + "\n\n".join(problems)
 
 

@@ -17,53 +17,47 @@ from bc_proxy.store.rules import Rules
 PUSH_ERROR_CHARS = 200
 
 MAX_PAGES = 16  # claim statements one claim runs at most
-AHEAD = 4096  # due records one look ahead reads at most
+AHEAD = 1024  # due records one look ahead reads at most
 MAX_AHEAD = 2  # looks ahead one claim makes at most
 
-
-def _page(after: str, limit: str, only_held: bool = False) -> str:
-    """Due records of pushing tenants ($1 due by, $2/$3 tenants pushing `in`/`status`) after
-    (push_due, id) `after`, oldest due first, `limit` of them, locked (SKIP LOCKED); each with
-    `blocker`, the latest due time of an earlier record of its send (same kind) awaiting its
-    push (NULL when there is none: it may go). A record whose blocker is due no later than
-    itself (being pushed now, or leased by a replica that died) can neither go nor be
-    deferred: it is passed over, and takes no place in the page (`only_held`: nor does a free
-    one)."""
-    held = (
-        "b.blocker > r.push_due" if only_held else "(b.blocker IS NULL OR b.blocker > r.push_due)"
-    )
-    return f"""
-    SELECT r.id, r.push_due, b.blocker
-    FROM records r, LATERAL (
-        SELECT max(e.push_due) AS blocker FROM records e
-        WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id
-          AND e.push_due IS NOT NULL AND NOT e.dead) AS b
-    WHERE r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
-      AND (r.push_due, r.id) > {after}
+# Due records of pushing tenants ($1 due by, $2/$3 tenants pushing `in`/`status`), not leased.
+_DUE = f"""r.push_due IS NOT NULL AND r.push_due <= $1 AND NOT r.dead
       AND ((r.kind = 'in' AND r.tenant = ANY($2::text[]))
            OR (r.kind = 'status' AND r.tenant = ANY($3::text[])))
-      AND (r.push_until IS NULL OR r.push_until < {DB_NOW})
-      AND {held}
-    ORDER BY r.push_due, r.id LIMIT {limit}
-    FOR UPDATE OF r SKIP LOCKED"""
-
-
+      AND (r.push_until IS NULL OR r.push_until < {DB_NOW})"""
+# In order per send: `b.blocker`, the due time of the latest earlier record of r's send (same
+# kind) awaiting its push, NULL when there is none (r may go). One probe of
+# `records_push_send`, however long the send's queue: the records before that one are before
+# it in the same way (a deferred record is examined again when its new time comes).
+_BLOCKER = """LEFT JOIN LATERAL (
+        SELECT e.push_due AS blocker FROM records e
+        WHERE e.send_id = r.send_id AND e.id < r.id AND e.kind = r.kind
+          AND e.push_due IS NOT NULL AND NOT e.dead
+        ORDER BY e.send_id DESC, e.id DESC LIMIT 1) AS b ON true"""
+# A record whose blocker is due no later than itself (being pushed now, or leased by a replica
+# that died) can neither go nor be deferred: it is passed over, and takes no place in a page.
+_MOVABLE = "(b.blocker IS NULL OR b.blocker > r.push_due)"
 # A record held back by an earlier record of its send that is due later (waiting for its
 # retry) gets that record's due time: it cannot go before it, claims until then do not read it
 # again (a push target's outage would otherwise make every claim read its whole backlog), and
 # from then on it sorts right behind it.
 _DEFER = (
-    "UPDATE records SET push_due = p.blocker FROM {page} WHERE records.id = p.id "
+    "UPDATE records SET push_due = p.blocker FROM p WHERE records.id = p.id "
     "AND p.blocker IS NOT NULL"
 )
-# One page, as many as the caller still wants ($4): a concurrent claim of another replica
-# takes the next ones (a page of free records larger than that would lock rows this claim
-# does not take, and starve it). Its free records are leased ($5 owner, $6 lease seconds), its
-# held-back ones deferred. Per record of the page: the leased record's columns (or NULLs),
-# its place (the next page starts after the last) and whether it was held back.
+# One page of due records after ($7, $8), oldest due first, as many as the caller still wants
+# ($4), locked (SKIP LOCKED: a concurrent claim of another replica takes the next ones; a page
+# of free records larger than that would lock rows this claim does not take, and starve it).
+# Its free records are leased ($5 owner, $6 lease seconds), its held-back ones deferred. Per
+# record of the page: the leased record's columns (or NULLs), its place (the next page starts
+# after the last) and whether it was held back.
 CLAIM = f"""
-WITH p AS ({_page("($7, $8)", "$4")}
-), deferred AS ({_DEFER.format(page="p")}
+WITH p AS (
+    SELECT r.id, r.push_due, b.blocker FROM records r {_BLOCKER}
+    WHERE {_DUE} AND (r.push_due, r.id) > ($7, $8) AND {_MOVABLE}
+    ORDER BY r.push_due, r.id LIMIT $4
+    FOR UPDATE OF r SKIP LOCKED
+), deferred AS ({_DEFER}
 ), claimed AS (
     UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
     FROM p WHERE records.id = p.id AND p.blocker IS NULL
@@ -73,9 +67,20 @@ SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker IS NOT NULL
 FROM p LEFT JOIN claimed ON claimed.id = p.id
 """
 # After a page that met held-back records, more of them are likely ahead (an outage's
-# backlog): up to $4 held-back records after ($5, $6) are deferred at once (and only they are
-# locked), so that the claim reaches the free ones behind them instead of returning nothing.
-DEFER_AHEAD = f"WITH p AS ({_page('($5, $6)', '$4', only_held=True)}) {_DEFER.format(page='p')}"
+# backlog): of the next $4 due records after ($5, $6), the held-back ones are deferred at once
+# (and only they are locked), so that the claim reaches the free ones behind them instead of
+# returning nothing.
+DEFER_AHEAD = f"""
+WITH ahead AS (
+    SELECT r.id FROM records r
+    WHERE {_DUE} AND (r.push_due, r.id) > ($5, $6)
+    ORDER BY r.push_due, r.id LIMIT $4
+), p AS (
+    SELECT r.id, r.push_due, b.blocker FROM ahead JOIN records r ON r.id = ahead.id {_BLOCKER}
+    WHERE {_DUE} AND b.blocker > r.push_due
+    FOR UPDATE OF r SKIP LOCKED
+) {_DEFER}
+"""
 
 
 class Pushing:

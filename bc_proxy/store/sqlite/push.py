@@ -19,14 +19,23 @@ _DUE = (
     "push_due IS NOT NULL AND push_due <= ? AND dead = 0 "
     "AND (lease_owner IS NULL OR lease_until < ?) AND (push_due, id) > (?, ?)"
 )
-# In order per send: the latest due time of an earlier record of the same send (same kind)
-# still awaiting its push; NULL when there is none (the record may go).
+# In order per send: the due time of the latest earlier record of the same send (same kind)
+# still awaiting its push, NULL when there is none (the record may go). One probe of
+# `records_push_order`, however long the send's queue: the records before that one are
+# before it in the same way (a deferred record is examined again when its new time comes).
 _BLOCKER = (
-    "CASE WHEN r.send_id IS NULL THEN NULL ELSE (SELECT max(e.push_due) FROM records e "
+    "CASE WHEN r.send_id IS NULL THEN NULL ELSE (SELECT e.push_due FROM records e "
     "WHERE e.send_id = r.send_id AND e.kind = r.kind AND e.id < r.id "
-    "AND e.push_due IS NOT NULL) END"
+    "AND e.push_due IS NOT NULL ORDER BY e.id DESC LIMIT 1) END"
 )
-PAGE = 64  # due records read at a time (at least) while looking for claimable ones
+# Passed over (no place in a page): a record behind an earlier one of its send due no later
+# than itself, which it can neither go before nor be deferred behind (being pushed now, or
+# leased by a replica that died). The first such record found ends the probe.
+_MOVABLE = (
+    "NOT EXISTS (SELECT 1 FROM records e WHERE e.send_id = r.send_id AND e.kind = r.kind "
+    "AND e.id < r.id AND e.push_due IS NOT NULL AND e.push_due <= r.push_due)"
+)
+AHEAD_PAGE = 64  # records read at a time once a page met held-back ones (an outage's backlog)
 MAX_READ = 4096  # records one claim leases or defers at most (the next starts at the top)
 
 
@@ -58,17 +67,16 @@ def claim_pushes(
     if not scopes or limit <= 0:
         return []
     sql = (
-        f"SELECT {COLUMNS}, push_due, {_BLOCKER} AS blocker FROM records r "
-        f"WHERE {_DUE} AND ({' OR '.join(scopes)}) "
-        # (`blocker`: the result column; SQLite resolves an alias in WHERE)
-        "AND (blocker IS NULL OR blocker > push_due) ORDER BY push_due, id LIMIT ?"
+        f"SELECT {COLUMNS}, push_due, {_BLOCKER} FROM records r "
+        f"WHERE {_DUE} AND ({' OR '.join(scopes)}) AND {_MOVABLE} ORDER BY push_due, id LIMIT ?"
     )
     claimed: list[tuple[Any, ...]] = []
     deferred: list[tuple[float, int]] = []
     after: tuple[float, int] = (float("-inf"), 0)
-    page = max(limit, PAGE)
-    for _ in range(max(1, MAX_READ // page)):
+    page, read = limit, 0
+    while read < MAX_READ:
         rows = conn.execute(sql, (due_by, now, *after, *scope_params, page)).fetchall()
+        read += len(rows)
         for row in rows:
             if len(claimed) == limit:
                 break
@@ -80,6 +88,7 @@ def claim_pushes(
         if len(claimed) == limit or len(rows) < page:
             break
         after = (rows[-1][-2], rows[-1][0])
+        page = max(limit, AHEAD_PAGE)
     conn.executemany(
         "UPDATE records SET lease_owner = ?, lease_until = ? WHERE id = ?",
         [(owner, until, row[0]) for row in claimed],
