@@ -15,7 +15,7 @@ from aiohttp import web
 from bc_proxy import keys, log
 from bc_proxy.config import Settings, load_usable
 from bc_proxy.connexus.tokens import TokenManager
-from bc_proxy.errors import BcProxyError
+from bc_proxy.errors import BcProxyError, StoreError
 from bc_proxy.jobs import supervise
 
 logger = log.get_logger("bc_proxy.reload")
@@ -107,6 +107,11 @@ async def apply(app: web.Application, new: Settings) -> None:
         metrics.forget_tenant(name)
     start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
     await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
+    # Records waiting for a push the new rules no longer make are polled instead (as at start).
+    try:
+        await app[keys.STORE].place_stranded()
+    except StoreError as exc:  # the store is down: the next start or reload places them
+        logger.error("config_reload_stranded_failed", error=str(exc))
     logger.info(
         "config_reloaded",
         tenants=", ".join(sorted(names)),

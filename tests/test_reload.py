@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 from bc_proxy import keys
 from bc_proxy.reload import TOKEN_JOBS
 from bc_proxy.reload import reload as reload_config
+from bc_proxy.store import StatusRecord
 from tests.conftest import (
     CLIENT_ID,
     LEGACY_PASSWORD,
@@ -196,3 +198,45 @@ async def test_reload_rekeys_removes_and_keeps_jobs_consistent(
     (tmp_path / "bad.yaml").write_text("tenants: []\n", encoding="utf-8")
     assert not await reload_config(app, tmp_path / "bad.yaml")
     assert app[keys.CLIENT].tokens["acme"] is mgr
+
+
+async def test_reload_that_stops_pushing_makes_the_waiting_records_pollable(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory
+) -> None:
+    """A tenant pushing its status records to a target that is down has records waiting for
+    a retry. A reload that stops its pushes makes them pollable at once, through the legacy
+    API, instead of leaving them unpushed and unpolled until the next restart."""
+    cfg = config_dict(tmp_path, connexus.base_url)
+    down = f"http://127.0.0.1:{free_port()}/"
+    cfg["tenants"][0]["push"] = {
+        "status_url": down + "sms-status",
+        "retry_initial_seconds": 60,
+        "retry_max_seconds": 60,
+    }
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    store = app[keys.STORE]
+    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-1", "NUR", "x")])
+    creds = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD}
+
+    async def queued() -> str:
+        async with client.get("/api/1/sms/queue", params=creds) as resp:
+            return await resp.text()
+
+    db = tmp_path / "bc-proxy.db"
+
+    async def tried() -> bool:  # the push worker tried once; the next try is in 60 s
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT push_attempts, lease_owner FROM records").fetchone()
+        return bool(row[0]) and row[1] is None
+
+    await until(tried)
+    assert await queued() == "inCount=0&statusCount=0"  # waiting for its push, not polled
+    new = copy.deepcopy(cfg)
+    del new["tenants"][0]["push"]
+    assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    assert await queued() == "inCount=0&statusCount=1"
+    async with client.get("/api/1/sms/status", params={**creds, "waitSeconds": "0"}) as resp:
+        assert resp.status == 200
+        assert "statusCode=NUR" in await resp.text()

@@ -1059,6 +1059,23 @@ async def test_replay_places_dead_letters_by_the_rules_in_force(store: Store) ->
     assert await store.dead_letters() == []
 
 
+async def test_place_stranded_makes_records_the_rules_no_longer_push_pollable(
+    store: Store,
+) -> None:
+    """After new rules stop a tenant's pushes (a reload), place_stranded makes its records
+    waiting for a push, and its dead letters, pollable; nothing is left to push."""
+    await _pushed_status(store, n=1)
+    await _pushed_status(store, n=2)
+    (dead, waiting) = await store.claim_pushes(later(), 5)
+    await store.push_failed(dead, next_at=None, error="gone")
+    await store.push_failed(waiting, next_at=later(HOUR), error="HTTP 503")
+    store.rules = Rules({**TENANTS, PUSH: TenantRules()})
+    await store.place_stranded()
+    assert [r.in_reply_to for r in await drain(store, PUSH, "status")] == ["L1", "L2"]
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
 async def test_new_rules_take_effect_at_once_for_push_claims(store: Store) -> None:
     """Rules assigned to a running store (a reload) decide its next push claim: a tenant
     that starts pushing its status records gets them pushed."""

@@ -330,6 +330,12 @@ class Store(Protocol):
     async def replay(self, ids: Sequence[int] | None, now: float) -> int:
         """Move dead letters (all, or these ids) back to the push queue; returns how many."""
 
+    async def place_stranded(self) -> None:
+        """Make the records waiting for a push (or dead-lettered) that the current `rules` no
+        longer make pollable, so that none is left where neither a push nor a poll takes
+        it: `open` does this at start, a reload after assigning new `rules`. One being pushed
+        at that moment may be delivered both ways (at least once)."""
+
     # -- housekeeping --
 
     async def purge(self, before: float) -> int:

@@ -172,7 +172,7 @@ class PostgresStore:
         try:
             async with self._db.conn("migrate", session=True) as conn:
                 await schema.migrate(conn)
-            await push.unpush_stranded(self._db, self.rules)
+            await self.place_stranded()
             try:
                 await self.listener.start()
             except DRIVER_ERRORS as exc:
@@ -181,6 +181,9 @@ class PostgresStore:
             await self._db.stop()
             raise
         self._opened = True
+
+    async def place_stranded(self) -> None:
+        await push.unpush_stranded(self._db, self.rules)
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending schema migrations (without opening the store); (from, to) versions."""

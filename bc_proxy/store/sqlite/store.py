@@ -66,6 +66,9 @@ class SQLiteStore:
 
     async def open(self) -> None:
         await self._engine.open()
+        await self.place_stranded()
+
+    async def place_stranded(self) -> None:
         await self._engine.write(lambda c, w: push.unpush_stranded(c, self.rules, time.time()))
 
     async def migrate(self) -> tuple[int, int]:
