@@ -22,8 +22,9 @@ from bc_proxy import keys
 from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.legacy import settling
 from bc_proxy.metrics import Metrics
-from bc_proxy.store import Settlement, StatusRecord
+from bc_proxy.store import SendIntent, Settlement, StatusRecord
 from bc_proxy.store.sqlite.store import SQLiteStore
+from bc_proxy.translate import UNKNOWN_OUTCOME
 from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict, creds
 from tests.sendcalls import post, quiet, sample, send_rows
 from tests.served import free_port
@@ -481,6 +482,31 @@ async def test_a_partial_bulk_settle_is_retried_and_stores_its_refusals_once(
     )
     assert status_records(db) == [("6421000412", "NUR", REFUSAL)]
     assert fake.sends == 1
+
+
+async def test_a_cut_short_settle_the_store_refuses_is_retried(
+    fake: FakeConnexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A call cut short (its handler cancelled mid-call) is settled `unknown` with an ERR
+    record in a task of its own; when the store refuses that commit, it is retried until the
+    store takes it, not dropped (which left the row pending until expiry)."""
+    metrics = Metrics(process=False)
+    client = await gateway(fault_cfg(tmp_path, fake.base_url), metrics)
+    store = client.app[keys.STORE]
+    intent = SendIntent("acme", "f-12", ("6421000413",), "552")
+    (planned,) = (await store.begin_send(intent, time.time())).to_send
+    conn = writer_conn(client)
+    conn.execute("PRAGMA query_only = ON")
+    refs = {planned.recipient: planned.upstream_ref}
+    settling.settle_cut_short(store, metrics, intent, refs, time.time() + 10)
+    db = tmp_path / "bc-proxy.db"
+    await asyncio.sleep(0.3)
+    assert send_rows(db) == [("6421000413", "f-12", "pending")]
+    conn.execute("PRAGMA query_only = OFF")
+    assert await _state_becomes(db, "unknown", 5) == [("6421000413", "f-12", "unknown")]
+    assert status_records(db) == [("6421000413", "ERR", UNKNOWN_OUTCOME)]
+    recovered = "bc_proxy_settles_deferred_total"
+    assert sample(metrics, recovered, tenant="acme", outcome="recovered") == 1
 
 
 async def test_a_deferred_settle_makes_its_last_attempt_as_the_gateway_stops(
