@@ -1076,6 +1076,30 @@ async def test_place_stranded_makes_records_the_rules_no_longer_push_pollable(
     assert await store.dead_letters() == []
 
 
+async def test_place_stranded_pushes_records_waiting_for_a_poll_the_rules_now_push(
+    store: Store,
+) -> None:
+    """After new rules make a polling tenant push its status records (a reload), the records
+    still waiting for a poll are pushed, once; a tenant that keeps pushed records for polling
+    keeps them pollable too, and a record it has pushed already is not pushed again."""
+    await _pushed_status(store, n=1, tenant=POLL)
+    await _pushed_status(store, n=2, tenant=BOTH)
+    (both,) = await store.claim_pushes(later(), 5)
+    await store.push_done(both)  # pushed, and still pollable (BOTH keeps it)
+    await _pushed_status(store, n=3, tenant=OTHER)
+    store.rules = Rules({**TENANTS, POLL: TENANTS[PUSH], OTHER: TENANTS[BOTH]})
+    await store.place_stranded()
+    pushes = await store.claim_pushes(later(), 10)
+    assert sorted(r.tenant for r in pushes) == sorted([POLL, OTHER])
+    for r in pushes:
+        await store.push_done(r)
+    assert await store.claim(POLL, "status") is None  # pushed only now
+    assert [r.in_reply_to for r in await drain(store, OTHER, "status")] == ["L3"]
+    assert [r.in_reply_to for r in await drain(store, BOTH, "status")] == ["L2"]
+    await store.place_stranded()
+    assert await store.claim_pushes(later(HOUR), 10) == []
+
+
 async def test_new_rules_take_effect_at_once_for_push_claims(store: Store) -> None:
     """Rules assigned to a running store (a reload) decide its next push claim: a tenant
     that starts pushing its status records gets them pushed."""

@@ -2,7 +2,8 @@
 
 Owns claim_pushes (`FOR UPDATE SKIP LOCKED`, only tenants that push the kind, never past an
 earlier record of the same send and kind still awaiting its push), done / failed conditional on this
-replica's lease, the dead-letter list and replay, and moving stranded pushes to polling.
+replica's lease, the dead-letter list and replay, and placing again the records another
+configuration placed (push to poll, and poll to push).
 """
 
 from __future__ import annotations
@@ -192,20 +193,42 @@ async def replay(db: Db, rules: Rules, ids: Sequence[int] | None, now: float) ->
         return len(rows)
 
 
-async def unpush_stranded(db: Db, rules: Rules) -> None:
-    """Records awaiting a push that the configuration no longer makes become pollable."""
-    pairs = [(t, k) for t in rules.tenants for k in KINDS if not rules.delivery(t).pushes(k)]
-    if not pairs:
-        return
-    async with db.tx("unpush stranded") as (conn, wakes):
-        rows = await conn.fetch(
-            "UPDATE records SET pollable = true, push_due = NULL, dead = false, "
-            "push_owner = NULL, push_until = NULL "
-            "FROM unnest($1::text[], $2::text[]) AS p(tenant, kind) "
-            "WHERE records.tenant = p.tenant AND records.kind = p.kind "
-            "AND (records.push_due IS NOT NULL OR records.dead) "
-            "RETURNING records.tenant, records.kind",
-            [t for t, _ in pairs],
-            [k for _, k in pairs],
-        )
-        wakes.update((r["tenant"], r["kind"]) for r in rows)
+async def place_stranded(db: Db, rules: Rules, now: float) -> None:
+    """Records of configured tenants placed by another configuration, placed again: waiting
+    for a push this one no longer makes (or dead-lettered by it) become pollable; waiting for
+    a poll (never pushed, not being handed over) where this one pushes their kind are pushed
+    (and stay pollable only if it keeps pushed records for polling)."""
+    places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
+    polled = [(t, k) for t, k, p in places if p.push_due is None]
+    pushed = [(t, k, p) for t, k, p in places if p.push_due is not None]
+    async with db.tx("place stranded") as (conn, wakes):
+        if polled:
+            rows = await conn.fetch(
+                "UPDATE records SET pollable = true, push_due = NULL, dead = false, "
+                "push_owner = NULL, push_until = NULL "
+                "FROM unnest($1::text[], $2::text[]) AS p(tenant, kind) "
+                "WHERE records.tenant = p.tenant AND records.kind = p.kind "
+                "AND (records.push_due IS NOT NULL OR records.dead) "
+                "RETURNING records.tenant, records.kind",
+                [t for t, _ in polled],
+                [k for _, k in polled],
+            )
+            wakes.update((r["tenant"], r["kind"]) for r in rows)
+        if pushed:
+            rows = await conn.fetch(
+                "UPDATE records SET push_due = p.due, push_deadline = p.deadline, "
+                "pollable = p.keep "
+                "FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::bool[]) "
+                "AS p(tenant, kind, due, deadline, keep) "
+                "WHERE records.tenant = p.tenant AND records.kind = p.kind "
+                "AND records.pollable AND records.push_due IS NULL AND NOT records.dead "
+                f"AND records.push_attempts = 0 AND (records.lease_owner IS NULL "
+                f"OR records.lease_until < {DB_NOW}) "
+                "RETURNING records.tenant, records.kind",
+                [t for t, _, _ in pushed],
+                [k for _, k, _ in pushed],
+                [p.push_due for _, _, p in pushed],
+                [p.push_deadline for _, _, p in pushed],
+                [p.pollable for _, _, p in pushed],
+            )
+            wakes.update((r["tenant"], r["kind"]) for r in rows)

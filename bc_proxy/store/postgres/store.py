@@ -8,6 +8,7 @@ group commit), inbound, records (polling) and push.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -183,7 +184,7 @@ class PostgresStore:
         self._opened = True
 
     async def place_stranded(self) -> None:
-        await push.unpush_stranded(self._db, self.rules)
+        await push.place_stranded(self._db, self.rules, time.time())
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending schema migrations (without opening the store); (from, to) versions."""

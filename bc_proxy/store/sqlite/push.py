@@ -167,15 +167,27 @@ def replay(
     return len(rows)
 
 
-def unpush_stranded(conn: sqlite3.Connection, rules: Rules, now: float) -> None:
-    """Records of configured tenants waiting for a push this configuration no longer makes
-    (or dead-lettered by it): placed again, which makes them pollable."""
+def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: float) -> None:
+    """Records of configured tenants placed by another configuration, placed again: waiting
+    for a push this one no longer makes (or dead-lettered by it) become pollable; waiting for
+    a poll (never pushed, not being handed over) where this one pushes their kind are pushed
+    (and stay pollable only if it keeps pushed records for polling)."""
     for tenant in rules.tenants:
         for kind in KINDS:
-            if rules.placement(tenant, kind, now).push_due is not None:
-                continue
-            conn.execute(
-                "UPDATE records SET pollable = 1, push_due = NULL, dead = 0 "
-                "WHERE (push_due IS NOT NULL OR dead = 1) AND tenant = ? AND kind = ?",
-                (tenant, kind),
-            )
+            place = rules.placement(tenant, kind, now)
+            if place.push_due is None:
+                cur = conn.execute(
+                    "UPDATE records SET pollable = 1, push_due = NULL, dead = 0 "
+                    "WHERE (push_due IS NOT NULL OR dead = 1) AND tenant = ? AND kind = ?",
+                    (tenant, kind),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE records SET push_due = ?, push_deadline = ?, pollable = ? "
+                    "WHERE tenant = ? AND kind = ? AND pollable = 1 AND push_due IS NULL "
+                    "AND dead = 0 AND push_attempts = 0 "
+                    "AND (lease_owner IS NULL OR lease_until < ?)",
+                    (place.push_due, place.push_deadline, int(place.pollable), tenant, kind, now),
+                )
+            if cur.rowcount:
+                wakes.add((tenant, kind))

@@ -69,7 +69,7 @@ class SQLiteStore:
         await self.place_stranded()
 
     async def place_stranded(self) -> None:
-        await self._engine.write(lambda c, w: push.unpush_stranded(c, self.rules, time.time()))
+        await self._engine.write(lambda c, w: push.place_stranded(c, w, self.rules, time.time()))
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending schema migrations (the `bc-proxy migrate` command): (from, to)."""
