@@ -333,11 +333,10 @@ class Store(Protocol):
     async def place_stranded(self) -> None:
         """Place again the records another configuration placed: those waiting for a push
         (or dead-lettered) that the current `rules` no longer make become pollable, and those
-        waiting for a poll (never pushed, not being handed over) whose kind the rules now push
-        are pushed (staying pollable only where the rules keep pushed records for polling).
-        So none is left where neither a push nor a poll takes it. `open` does this at start,
-        a reload after assigning new `rules`. One being pushed or polled at that moment may be
-        delivered both ways (at least once)."""
+        waiting for a poll (never pushed, not being handed over) whose kind the rules now only
+        push are pushed instead. So none is left where neither a push nor a poll takes it.
+        `open` does this at start, a reload after assigning new `rules`. One being pushed or
+        polled at that moment may be delivered both ways (at least once)."""
 
     # -- housekeeping --
 

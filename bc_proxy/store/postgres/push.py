@@ -196,11 +196,12 @@ async def replay(db: Db, rules: Rules, ids: Sequence[int] | None, now: float) ->
 async def place_stranded(db: Db, rules: Rules, now: float) -> None:
     """Records of configured tenants placed by another configuration, placed again: waiting
     for a push this one no longer makes (or dead-lettered by it) become pollable; waiting for
-    a poll (never pushed, not being handed over) where this one pushes their kind are pushed
-    (and stay pollable only if it keeps pushed records for polling)."""
+    a poll (never pushed, not being handed over) where this one only pushes their kind are
+    pushed instead. (Where it pushes and keeps records for polling, a poll still takes them:
+    not stranded, and not read, however many a tenant keeps.)"""
     places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
     polled = [(t, k) for t, k, p in places if p.push_due is None]
-    pushed = [(t, k, p) for t, k, p in places if p.push_due is not None]
+    pushed = [(t, k, p) for t, k, p in places if p.push_due is not None and not p.pollable]
     async with db.tx("place stranded") as (conn, wakes):
         if polled:
             rows = await conn.fetch(
@@ -217,9 +218,9 @@ async def place_stranded(db: Db, rules: Rules, now: float) -> None:
         if pushed:
             rows = await conn.fetch(
                 "UPDATE records SET push_due = p.due, push_deadline = p.deadline, "
-                "pollable = p.keep "
-                "FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::bool[]) "
-                "AS p(tenant, kind, due, deadline, keep) "
+                "pollable = false "
+                "FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) "
+                "AS p(tenant, kind, due, deadline) "
                 "WHERE records.tenant = p.tenant AND records.kind = p.kind "
                 "AND records.pollable AND records.push_due IS NULL AND NOT records.dead "
                 f"AND records.push_attempts = 0 AND (records.lease_owner IS NULL "
@@ -229,6 +230,5 @@ async def place_stranded(db: Db, rules: Rules, now: float) -> None:
                 [k for _, k, _ in pushed],
                 [p.push_due for _, _, p in pushed],
                 [p.push_deadline for _, _, p in pushed],
-                [p.pollable for _, _, p in pushed],
             )
             wakes.update((r["tenant"], r["kind"]) for r in rows)

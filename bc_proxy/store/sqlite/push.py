@@ -170,8 +170,9 @@ def replay(
 def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: float) -> None:
     """Records of configured tenants placed by another configuration, placed again: waiting
     for a push this one no longer makes (or dead-lettered by it) become pollable; waiting for
-    a poll (never pushed, not being handed over) where this one pushes their kind are pushed
-    (and stay pollable only if it keeps pushed records for polling)."""
+    a poll (never pushed, not being handed over) where this one only pushes their kind are
+    pushed instead. (Where it pushes and keeps records for polling, a poll still takes them:
+    not stranded, and not read, however many a tenant keeps.)"""
     for tenant in rules.tenants:
         for kind in KINDS:
             place = rules.placement(tenant, kind, now)
@@ -181,13 +182,15 @@ def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: fl
                     "WHERE (push_due IS NOT NULL OR dead = 1) AND tenant = ? AND kind = ?",
                     (tenant, kind),
                 )
-            else:
+            elif not place.pollable:
                 cur = conn.execute(
-                    "UPDATE records SET push_due = ?, push_deadline = ?, pollable = ? "
+                    "UPDATE records SET push_due = ?, push_deadline = ?, pollable = 0 "
                     "WHERE tenant = ? AND kind = ? AND pollable = 1 AND push_due IS NULL "
                     "AND dead = 0 AND push_attempts = 0 "
                     "AND (lease_owner IS NULL OR lease_until < ?)",
-                    (place.push_due, place.push_deadline, int(place.pollable), tenant, kind, now),
+                    (place.push_due, place.push_deadline, tenant, kind, now),
                 )
+            else:
+                continue
             if cur.rowcount:
                 wakes.add((tenant, kind))
