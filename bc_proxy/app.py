@@ -102,10 +102,19 @@ def _stale_before(settings: Settings) -> float:
 
 async def expire_pending_loop(app: web.Application) -> None:
     """Background job: every EXPIRE_EVERY seconds, on one replica at a time, expire the
-    pending sends another (crashed) replica left behind, as a restart does at start."""
+    pending sends another (crashed) replica left behind, as a restart does at start; and,
+    after a reload, place stranded records once more (`Runtime.place_again`)."""
     store = app[keys.STORE]
+    rt = app[keys.RUNTIME]
     while True:
         await asyncio.sleep(EXPIRE_EVERY)
+        if rt.place_again:
+            try:
+                await store.place_stranded()
+            except StoreError as exc:  # tried again at the next tick
+                log.error("place_stranded_failed", error=str(exc))
+            else:
+                rt.place_again = False
         with contextlib.suppress(StoreError):
             async with store.exclusive("expire pending") as got:
                 if got:

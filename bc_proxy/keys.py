@@ -21,6 +21,7 @@ class Runtime:
     status_maps: dict[str, dict[int, str]] = field(default_factory=dict)
     tenants: dict[str, TenantSettings] = field(default_factory=dict)
     sends_in_flight: int = 0  # legacy sends between upstream call and record
+    place_again: bool = False  # a reload changed the rules: place stranded records once more
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -107,10 +107,13 @@ async def apply(app: web.Application, new: Settings) -> None:
         metrics.forget_tenant(name)
     start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
     await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
-    # Records waiting for a push the new rules no longer make are polled instead (as at start).
+    # Records placed by the old rules that the new ones would not reach are placed again (as
+    # at start); once more a little later by the upkeep job, for a write that placed a record
+    # by the old rules and committed after this (PostgreSQL), or if this fails (store down).
+    rt.place_again = True
     try:
         await app[keys.STORE].place_stranded()
-    except StoreError as exc:  # the store is down: the next start or reload places them
+    except StoreError as exc:
         logger.error("config_reload_stranded_failed", error=str(exc))
     logger.info(
         "config_reloaded",

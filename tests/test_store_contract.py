@@ -1100,6 +1100,42 @@ async def test_place_stranded_pushes_records_waiting_for_a_poll_the_rules_now_pu
     assert await store.claim_pushes(later(HOUR), 10) == []
 
 
+@pytest.mark.parametrize("retry", [True, False])
+async def test_a_push_in_flight_when_the_rules_stop_pushing_is_polled_once(
+    store: Store, retry: bool
+) -> None:
+    """A push in flight as new rules stop its tenant's pushes: the record is polled, and the
+    push's failure coming back afterwards (a retry, or a dead letter) neither brings the
+    record back after its ack nor leaves it counted as waiting."""
+    await _pushed_status(store)
+    (r,) = await store.claim_pushes(later(), 5)
+    store.rules = Rules({**TENANTS, PUSH: TenantRules()})
+    await store.place_stranded()
+    await store.push_failed(r, next_at=later(60) if retry else None, error="HTTP 503")
+    assert [x.id for x in await drain(store, PUSH, "status")] == [r.id]
+    await store.place_stranded()
+    assert await drain(store, PUSH, "status") == []
+    assert await store.queue_depth(PUSH) == (0, 0)
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
+async def test_a_failed_push_moved_to_polling_and_back_is_pushed(store: Store) -> None:
+    """A push waiting for its retry when a reload makes its tenant poll, and another makes it
+    push again before anyone polled: the record is pushed (placed afresh), not left pollable
+    for a tenant that does not poll."""
+    await _pushed_status(store)
+    (r,) = await store.claim_pushes(later(), 5)
+    await store.push_failed(r, next_at=later(HOUR), error="HTTP 503")
+    store.rules = Rules({**TENANTS, PUSH: TenantRules()})
+    await store.place_stranded()
+    store.rules = RULES
+    await store.place_stranded()
+    (again,) = await store.claim_pushes(later(), 5)
+    assert (again.id, again.push_attempts, again.push_error) == (r.id, 0, "")
+    assert await store.claim(PUSH, "status") is None
+
+
 async def test_new_rules_take_effect_at_once_for_push_claims(store: Store) -> None:
     """Rules assigned to a running store (a reload) decide its next push claim: a tenant
     that starts pushing its status records gets them pushed."""

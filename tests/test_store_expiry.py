@@ -18,7 +18,15 @@ from aiohttp import web
 
 from bc_proxy import app as app_module
 from bc_proxy import keys
-from bc_proxy.store import Rules, SendIntent, Store, TenantRules, open_store
+from bc_proxy.store import (
+    Delivery,
+    Rules,
+    SendIntent,
+    StatusRecord,
+    Store,
+    TenantRules,
+    open_store,
+)
 from bc_proxy.translate import UNKNOWN_OUTCOME
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -31,6 +39,7 @@ def _app(store: Store) -> web.Application:
     app[keys.STORE] = store
     settings: Any = SimpleNamespace(upstream=SimpleNamespace(timeout_seconds=1.0))
     app[keys.SETTINGS] = settings
+    app[keys.RUNTIME] = keys.Runtime()
     return app
 
 
@@ -72,6 +81,29 @@ async def test_job_expires_stale_pending_sends_periodically(
         assert await _statuses(store) == EXPECTED
         again = await store.begin_send(SendIntent("acme", "new", ("6421000003",), "552"), 0)
         assert again.repeats == (("6421000003", "pending"),)
+    finally:
+        await store.close()
+
+
+async def test_job_places_stranded_records_again_after_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reload (`place_again`), the job places the records the new rules would not
+    reach once more: here a status record waiting for a push that the rules no longer make
+    (the reload's own placing did not happen) is polled; the flag is cleared."""
+    monkeypatch.setattr(app_module, "EXPIRE_EVERY", 0.05)
+    pushing = Rules({"acme": TenantRules(senders=("552",), delivery=Delivery(push_status=True))})
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}", pushing)
+    await store.open()
+    try:
+        await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m", "NUR", "x")])
+        assert await store.claim("acme", "status") is None  # waiting for its push
+        store.rules = RULES  # reloaded: acme polls
+        app = _app(store)
+        app[keys.RUNTIME].place_again = True
+        await _run_loops([app], 0.3)
+        assert app[keys.RUNTIME].place_again is False
+        assert await _statuses(store) == [("6421000001", "NUR", "x")]
     finally:
         await store.close()
 

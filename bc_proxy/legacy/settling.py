@@ -179,8 +179,11 @@ async def drain(store: Store, within: float) -> None:
     settle running in the background for it is waited for, `within` seconds at most."""
     background = _BACKGROUND.setdefault(store, _Background())
     background.closing.set()  # settles deferred while this waits see it set too
-    if background.tasks:
-        await asyncio.wait(set(background.tasks), timeout=within)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    # Again while tasks remain: a settle that fails now starts its retry (a new task) here.
+    while background.tasks and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(background.tasks), timeout=left)
     _BACKGROUND.pop(store, None)
 
 

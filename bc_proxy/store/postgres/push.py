@@ -206,7 +206,7 @@ async def place_stranded(db: Db, rules: Rules, now: float) -> None:
         if polled:
             rows = await conn.fetch(
                 "UPDATE records SET pollable = true, push_due = NULL, dead = false, "
-                "push_owner = NULL, push_until = NULL "
+                "push_attempts = 0, push_error = '', push_owner = NULL, push_until = NULL "
                 "FROM unnest($1::text[], $2::text[]) AS p(tenant, kind) "
                 "WHERE records.tenant = p.tenant AND records.kind = p.kind "
                 "AND (records.push_due IS NOT NULL OR records.dead) "

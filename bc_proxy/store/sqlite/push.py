@@ -37,6 +37,7 @@ _MOVABLE = (
 )
 AHEAD_PAGE = 64  # records read at a time once a page met held-back ones (an outage's backlog)
 MAX_READ = 4096  # records one claim leases or defers at most (the next starts at the top)
+_CHUNK_PAIRS = 200  # (tenant, kind) pairs per statement (two bound parameters each)
 
 
 def claim_pushes(
@@ -112,7 +113,7 @@ def push_done(conn: sqlite3.Connection, wakes: Wakes, record_id: int, owner: str
     cur = conn.execute(
         "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
         "lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) "
-        "WHERE id = ? AND lease_owner = ?",
+        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
         (record_id, owner),
     )
     if cur.rowcount:
@@ -130,7 +131,8 @@ def push_failed(
 ) -> bool:
     cur = conn.execute(
         "UPDATE records SET push_due = ?, push_attempts = push_attempts + 1, push_error = ?, "
-        "dead = ?, lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?",
+        "dead = ?, lease_owner = NULL, lease_until = NULL "
+        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
         (next_at, error[:200], int(next_at is None), record_id, owner),
     )
     if cur.rowcount and next_at is None:
@@ -167,30 +169,43 @@ def replay(
     return len(rows)
 
 
+# Push to poll: the record is placed afresh (no attempts, no error). A push lease of a record
+# that was not pollable ends (its push's outcome is then ignored: push_done / push_failed
+# need a push still due); a pollable one's lease may be a poll's hand-over, and stays.
+_TO_POLL = (
+    "UPDATE records SET pollable = 1, push_due = NULL, dead = 0, push_attempts = 0, "
+    "push_error = '', lease_owner = CASE WHEN pollable = 1 THEN lease_owner END, "
+    "lease_until = CASE WHEN pollable = 1 THEN lease_until END "
+    "WHERE {where} AND (tenant, kind) IN (VALUES {pairs}) RETURNING tenant, kind"
+)
+
+
 def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: float) -> None:
     """Records of configured tenants placed by another configuration, placed again: waiting
     for a push this one no longer makes (or dead-lettered by it) become pollable; waiting for
     a poll (never pushed, not being handed over) where this one only pushes their kind are
     pushed instead. (Where it pushes and keeps records for polling, a poll still takes them:
-    not stranded, and not read, however many a tenant keeps.)"""
-    for tenant in rules.tenants:
-        for kind in KINDS:
-            place = rules.placement(tenant, kind, now)
-            if place.push_due is None:
-                cur = conn.execute(
-                    "UPDATE records SET pollable = 1, push_due = NULL, dead = 0 "
-                    "WHERE (push_due IS NOT NULL OR dead = 1) AND tenant = ? AND kind = ?",
-                    (tenant, kind),
-                )
-            elif not place.pollable:
-                cur = conn.execute(
-                    "UPDATE records SET push_due = ?, push_deadline = ?, pollable = 0 "
-                    "WHERE tenant = ? AND kind = ? AND pollable = 1 AND push_due IS NULL "
-                    "AND dead = 0 AND push_attempts = 0 "
-                    "AND (lease_owner IS NULL OR lease_until < ?)",
-                    (place.push_due, place.push_deadline, tenant, kind, now),
-                )
-            else:
-                continue
-            if cur.rowcount:
-                wakes.add((tenant, kind))
+    not stranded, and not read, however many a tenant keeps.) Each statement reads one
+    partial index (records awaiting a push, dead letters, a tenant's pollable records), never
+    the table."""
+    places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
+    polled = [(t, k) for t, k, p in places if p.push_due is None]
+    for at in range(0, len(polled), _CHUNK_PAIRS):
+        chunk = polled[at : at + _CHUNK_PAIRS]
+        pairs = ", ".join(["(?, ?)"] * len(chunk))
+        args = [x for pair in chunk for x in pair]
+        for where in ("push_due IS NOT NULL", "dead = 1"):
+            sql = _TO_POLL.format(where=where, pairs=pairs)
+            wakes.update((t, k) for t, k in conn.execute(sql, args).fetchall())
+    for tenant, kind, place in places:
+        if place.push_due is None or place.pollable:
+            continue
+        cur = conn.execute(
+            "UPDATE records SET push_due = ?, push_deadline = ?, pollable = 0 "
+            "WHERE tenant = ? AND kind = ? AND pollable = 1 AND push_due IS NULL "
+            "AND dead = 0 AND push_attempts = 0 "
+            "AND (lease_owner IS NULL OR lease_until < ?)",
+            (place.push_due, place.push_deadline, tenant, kind, now),
+        )
+        if cur.rowcount:
+            wakes.add((tenant, kind))
