@@ -162,8 +162,8 @@ async def test_newer_schema_is_refused(db: str) -> None:
     assert schema_versions(db) == [*range(1, schema.LATEST + 1), 7]  # untouched
 
 
-def _latest_to_steps(conn: sqlite3.Connection, handset: str, now: float) -> int:
-    """SQLite VM steps (in units of 100) one latest-send lookup takes: its work, not its time."""
+def vm_steps(conn: sqlite3.Connection, work: Callable[[], object]) -> int:
+    """SQLite VM steps (in units of 100) `work` takes on `conn`: its work, not its time."""
     steps = 0
 
     def count() -> int:
@@ -173,11 +173,20 @@ def _latest_to_steps(conn: sqlite3.Connection, handset: str, now: float) -> int:
 
     conn.set_progress_handler(count, 100)
     try:
-        assert sends.latest_to(conn, handset, None, now) is None
-        assert sends.latest_to(conn, handset, POLL, now) is None
+        work()
     finally:
         conn.set_progress_handler(None, 0)
     return steps
+
+
+def _latest_to_steps(conn: sqlite3.Connection, handset: str, now: float) -> int:
+    """Steps of the latest-send lookups (any tenant, one tenant) finding nothing."""
+
+    def lookups() -> None:
+        assert sends.latest_to(conn, handset, None, now) is None
+        assert sends.latest_to(conn, handset, POLL, now) is None
+
+    return vm_steps(conn, lookups)
 
 
 async def test_latest_send_lookup_does_not_read_a_handsets_older_sends(db: str) -> None:
@@ -211,20 +220,12 @@ async def test_latest_send_lookup_does_not_read_a_handsets_older_sends(db: str) 
 
 
 def _push_claim_steps(db: Path) -> int:
-    """SQLite VM steps (in units of 100) one push claim takes on `db`, which must find nothing
-    due: its work, not its time."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
+    """Steps of one push claim on `db`, which must find nothing due."""
     with sqlite3.connect(db) as conn:
-        conn.set_progress_handler(count, 100)
         now = time.time()
-        assert push.claim_pushes(conn, RULES, "me", now, now, now + 30, 10) == []
-    return steps
+        claimed = vm_steps(conn, lambda: push.claim_pushes(conn, RULES, "me", now, now, now, 10))
+        assert push.claim_pushes(conn, RULES, "me", now, now, now, 10) == []
+    return claimed
 
 
 async def test_a_push_claim_does_not_read_the_backlog_of_a_push_targets_outage(
@@ -246,19 +247,10 @@ async def test_a_push_claim_does_not_read_the_backlog_of_a_push_targets_outage(
 
 
 def _place_stranded_steps(db: Path) -> int:
-    """SQLite VM steps (in units of 100) one place_stranded takes on `db`."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
+    """Steps of one place_stranded on `db` (its schema read first)."""
     with sqlite3.connect(db) as conn:
-        conn.execute("SELECT 1 FROM records LIMIT 1").fetchall()  # the schema, read once
-        conn.set_progress_handler(count, 100)
-        push.place_stranded(conn, set(), RULES, time.time())
-    return steps
+        conn.execute("SELECT 1 FROM records LIMIT 1").fetchall()
+        return vm_steps(conn, lambda: push.place_stranded(conn, set(), RULES, time.time()))
 
 
 async def test_placing_stranded_records_does_not_read_the_table(tmp_path: Path) -> None:
