@@ -103,18 +103,18 @@ def _stale_before(settings: Settings) -> float:
 async def expire_pending_loop(app: web.Application) -> None:
     """Background job: every EXPIRE_EVERY seconds, on one replica at a time, expire the
     pending sends another (crashed) replica left behind, as a restart does at start; and,
-    after a reload, place stranded records once more (`Runtime.place_again`)."""
+    after a reload, place stranded records once more (`Runtime.place_again_at`)."""
     store = app[keys.STORE]
     rt = app[keys.RUNTIME]
     while True:
         await asyncio.sleep(EXPIRE_EVERY)
-        if rt.place_again:
+        if rt.place_again_at and time.monotonic() >= rt.place_again_at:
+            rt.place_again_at = 0.0  # (a reload meanwhile sets it again, for its own rules)
             try:
                 await store.place_stranded()
-            except StoreError as exc:  # tried again at the next tick
+            except StoreError as exc:
+                rt.place_again_at = rt.place_again_at or time.monotonic()  # the next tick
                 log.error("place_stranded_failed", error=str(exc))
-            else:
-                rt.place_again = False
         with contextlib.suppress(StoreError):
             async with store.exclusive("expire pending") as got:
                 if got:

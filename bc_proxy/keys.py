@@ -21,7 +21,9 @@ class Runtime:
     status_maps: dict[str, dict[int, str]] = field(default_factory=dict)
     tenants: dict[str, TenantSettings] = field(default_factory=dict)
     sends_in_flight: int = 0  # legacy sends between upstream call and record
-    place_again: bool = False  # a reload changed the rules: place stranded records once more
+    # A reload changed the rules: place stranded records once more from this time.monotonic()
+    # on (0: nothing to do), after writes still placing records by the old rules are done.
+    place_again_at: float = 0.0
 
 
 SETTINGS = web.AppKey("settings", Settings)

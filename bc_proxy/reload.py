@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from bc_proxy.errors import BcProxyError, StoreError
 from bc_proxy.jobs import supervise
 
 logger = log.get_logger("bc_proxy.reload")
+PLACE_AGAIN_AFTER = 1.0  # s: a write placing records by the old rules is done by then
 
 # Parts of the configuration a reload cannot apply to a running process.
 RESTART_SECTIONS = ("server", "upstream", "store", "webhook", "log", "console")
@@ -110,7 +112,7 @@ async def apply(app: web.Application, new: Settings) -> None:
     # Records placed by the old rules that the new ones would not reach are placed again (as
     # at start); once more a little later by the upkeep job, for a write that placed a record
     # by the old rules and committed after this (PostgreSQL), or if this fails (store down).
-    rt.place_again = True
+    rt.place_again_at = time.monotonic() + PLACE_AGAIN_AFTER
     try:
         await app[keys.STORE].place_stranded()
     except StoreError as exc:

@@ -236,6 +236,7 @@ async def test_reload_that_stops_pushing_makes_the_waiting_records_pollable(
     new = copy.deepcopy(cfg)
     del new["tenants"][0]["push"]
     assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    assert app[keys.RUNTIME].place_again_at > time.monotonic()  # the upkeep job's pass to come
     assert await queued() == "inCount=0&statusCount=1"
     async with client.get("/api/1/sms/status", params={**creds, "waitSeconds": "0"}) as resp:
         assert resp.status == 200

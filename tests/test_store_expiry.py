@@ -27,6 +27,7 @@ from bc_proxy.store import (
     TenantRules,
     open_store,
 )
+from bc_proxy.store.sqlite import SQLiteStore
 from bc_proxy.translate import UNKNOWN_OUTCOME
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -88,7 +89,7 @@ async def test_job_expires_stale_pending_sends_periodically(
 async def test_job_places_stranded_records_again_after_a_reload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a reload (`place_again`), the job places the records the new rules would not
+    """After a reload (`place_again_at`), the job places the records the new rules would not
     reach once more: here a status record waiting for a push that the rules no longer make
     (the reload's own placing did not happen) is polled; the flag is cleared."""
     monkeypatch.setattr(app_module, "EXPIRE_EVERY", 0.05)
@@ -100,12 +101,47 @@ async def test_job_places_stranded_records_again_after_a_reload(
         assert await store.claim("acme", "status") is None  # waiting for its push
         store.rules = RULES  # reloaded: acme polls
         app = _app(store)
-        app[keys.RUNTIME].place_again = True
+        app[keys.RUNTIME].place_again_at = time.monotonic()
         await _run_loops([app], 0.3)
-        assert app[keys.RUNTIME].place_again is False
+        assert app[keys.RUNTIME].place_again_at == 0.0
         assert await _statuses(store) == [("6421000001", "NUR", "x")]
     finally:
         await store.close()
+
+
+async def test_a_reload_during_the_jobs_placing_keeps_its_own_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that lands while the job places records (by the rules before it) asks for a
+    pass of its own: the job's success does not clear that request, and the next tick runs
+    it."""
+    monkeypatch.setattr(app_module, "EXPIRE_EVERY", 0.05)
+    store = _ReloadedWhilePlacing(f"{tmp_path / 's.db'}", RULES)
+    await store.open()
+    try:
+        app = _app(store)
+        store.runtime = app[keys.RUNTIME]
+        store.runtime.place_again_at = time.monotonic()
+        await _run_loops([app], 0.3)
+        assert store.passes == 2
+        assert store.runtime.place_again_at == 0.0
+    finally:
+        await store.close()
+
+
+class _ReloadedWhilePlacing(SQLiteStore):
+    """Its first place_stranded (after open's) sees a reload land while it runs."""
+
+    runtime: keys.Runtime | None = None
+    passes = 0
+
+    async def place_stranded(self) -> None:
+        await super().place_stranded()
+        if self.runtime is None:
+            return  # open's
+        self.passes += 1
+        if self.passes == 1:
+            self.runtime.place_again_at = time.monotonic()
 
 
 @pytest.mark.postgres

@@ -186,8 +186,8 @@ def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: fl
     a poll (never pushed, not being handed over) where this one only pushes their kind are
     pushed instead. (Where it pushes and keeps records for polling, a poll still takes them:
     not stranded, and not read, however many a tenant keeps.) Each statement reads one
-    partial index (records awaiting a push, dead letters, a tenant's pollable records), never
-    the table."""
+    partial index (records awaiting a push, dead letters, a tenant's pollable records) and
+    the rows it names, never a scan of the table."""
     places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
     polled = [(t, k) for t, k, p in places if p.push_due is None]
     for at in range(0, len(polled), _CHUNK_PAIRS):
