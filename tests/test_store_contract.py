@@ -1136,6 +1136,28 @@ async def test_a_failed_push_moved_to_polling_and_back_is_pushed(store: Store) -
     assert await store.claim(PUSH, "status") is None
 
 
+@pytest.mark.parametrize("dead", [False, True])
+async def test_a_record_a_poll_acked_is_not_polled_again_when_its_push_stops(
+    store: Store, dead: bool
+) -> None:
+    """A tenant pushes and keeps records for polling; its push target is down. A client
+    polls and acks a record whose push still waits for a retry (or is dead-lettered). New
+    rules stop the tenant's pushes: placed again, or replayed, the record is finished, not
+    handed out a second time."""
+    await _pushed_status(store, tenant=BOTH)
+    (r,) = await store.claim_pushes(later(), 5)
+    await store.push_failed(r, next_at=None if dead else later(60), error="HTTP 503")
+    assert [x.id for x in await drain(store, BOTH, "status")] == [r.id]
+    store.rules = Rules({**TENANTS, BOTH: TenantRules()})
+    if dead:
+        assert await store.replay(None, time.time()) == 1
+    await store.place_stranded()
+    assert await drain(store, BOTH, "status") == []
+    assert await store.queue_depth(BOTH) == (0, 0)
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
 async def test_new_rules_take_effect_at_once_for_push_claims(store: Store) -> None:
     """Rules assigned to a running store (a reload) decide its next push claim: a tenant
     that starts pushing its status records gets them pushed."""

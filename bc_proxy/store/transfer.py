@@ -32,7 +32,7 @@ SENDS = (
 RECORD_COLUMNS = (
     "id, tenant, kind, event_key, ref, send_id, ambiguous, receipt_id, msisdn_from, msisdn_to, "
     "body, rate_code, in_reply_to, status_code, dlr_status, error, created_at, pollable, "
-    "push_due, push_deadline, push_attempts, push_error, dead"
+    "push_due, push_deadline, push_attempts, push_error, dead, polled"
 )
 # SQLite's `consumed` is PostgreSQL's "finished" (not pollable, no push due, not dead); an
 # ambiguous report is kept there with no ref (never matched later), here with a flag.
@@ -41,7 +41,7 @@ RECORDS = (
     "(tenant IS NULL AND kind = 'status' AND ref IS NULL), receipt_id, msisdn_from, msisdn_to, "
     "body, rate_code, in_reply_to, status_code, dlr_status, error, created_at, "
     "(pollable = 1 AND consumed = 0), CASE WHEN consumed = 1 THEN NULL ELSE push_due END, "
-    "push_deadline, push_attempts, push_error, dead = 1"
+    "push_deadline, push_attempts, push_error, dead = 1, polled = 1"
 )
 
 
@@ -62,7 +62,15 @@ def _send_row(row: Row) -> Row:
 
 
 def _record_row(row: Row) -> Row:
-    return (*row[:6], bool(row[6]), *row[7:17], bool(row[17]), *row[18:22], bool(row[22]))
+    return (
+        *row[:6],
+        bool(row[6]),
+        *row[7:17],
+        bool(row[17]),
+        *row[18:22],
+        bool(row[22]),
+        bool(row[23]),
+    )
 
 
 TABLES = (

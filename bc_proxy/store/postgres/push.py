@@ -181,7 +181,8 @@ async def replay(db: Db, rules: Rules, ids: Sequence[int] | None, now: float) ->
         places = [rules.placement(r["tenant"], r["kind"], now) for r in rows]
         await conn.execute(
             "UPDATE records SET dead = false, push_due = d.due, push_deadline = d.deadline, "
-            "pollable = records.pollable OR d.due IS NULL, push_attempts = 0, "
+            "pollable = records.pollable OR (d.due IS NULL AND NOT records.polled), "
+            "push_attempts = 0, "
             "push_error = '', push_owner = NULL, push_until = NULL "
             "FROM unnest($1::bigint[], $2::float8[], $3::float8[]) AS d(id, due, deadline) "
             "WHERE records.id = d.id",
@@ -200,19 +201,19 @@ async def place_stranded(db: Db, rules: Rules, now: float) -> None:
     pushed instead. (Where it pushes and keeps records for polling, a poll still takes them:
     not stranded, and not read, however many a tenant keeps.)"""
     places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
-    polled = [(t, k) for t, k, p in places if p.push_due is None]
+    polling = [(t, k) for t, k, p in places if p.push_due is None]
     pushed = [(t, k, p) for t, k, p in places if p.push_due is not None and not p.pollable]
     async with db.tx("place stranded") as (conn, wakes):
-        if polled:
+        if polling:
             rows = await conn.fetch(
-                "UPDATE records SET pollable = true, push_due = NULL, dead = false, "
+                "UPDATE records SET pollable = NOT records.polled, push_due = NULL, dead = false, "
                 "push_attempts = 0, push_error = '', push_owner = NULL, push_until = NULL "
                 "FROM unnest($1::text[], $2::text[]) AS p(tenant, kind) "
                 "WHERE records.tenant = p.tenant AND records.kind = p.kind "
                 "AND (records.push_due IS NOT NULL OR records.dead) "
                 "RETURNING records.tenant, records.kind",
-                [t for t, _ in polled],
-                [k for _, k in polled],
+                [t for t, _ in polling],
+                [k for _, k in polling],
             )
             wakes.update((r["tenant"], r["kind"]) for r in rows)
         if pushed:

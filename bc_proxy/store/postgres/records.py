@@ -158,8 +158,8 @@ class Polling:
     async def ack(self, record: LegacyRecord) -> bool:
         async with self.db.conn("ack", lease=True) as conn:
             done = await conn.fetchval(
-                "UPDATE records SET pollable = false, lease_owner = NULL, lease_until = NULL "
-                "WHERE id = $1 AND pollable AND lease_owner = $2 RETURNING id",
+                "UPDATE records SET pollable = false, polled = true, lease_owner = NULL, "
+                "lease_until = NULL WHERE id = $1 AND pollable AND lease_owner = $2 RETURNING id",
                 record.id,
                 self.owner(),
             )

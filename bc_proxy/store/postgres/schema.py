@@ -216,6 +216,14 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE push_due IS NOT NULL;
     DROP INDEX records_push;
     """,
+    # 7: a record a poll acknowledged is marked. A tenant that pushes and keeps records for
+    # polling: a record acked by a poll while its push was still due kept that push (not
+    # pollable, push due). A configuration that then stopped the tenant's pushes made it
+    # pollable again, and the client got it a second time. The mark tells place_stranded and
+    # replay that its poll is done. A constant default: no table rewrite.
+    """
+    ALTER TABLE records ADD COLUMN polled boolean NOT NULL DEFAULT false;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

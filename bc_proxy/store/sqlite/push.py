@@ -160,10 +160,12 @@ def replay(
     rows = conn.execute(sql, params).fetchall()
     for rid, tenant, kind in rows:
         place = rules.placement(tenant, kind, now)
+        unpushed = int(place.push_due is None)  # polled from now on, unless polled already
         conn.execute(
             "UPDATE records SET dead = 0, push_due = ?, push_deadline = ?, push_attempts = 0, "
-            "push_error = '', pollable = max(pollable, ?) WHERE id = ?",
-            (place.push_due, place.push_deadline, int(place.push_due is None), rid),
+            "push_error = '', pollable = max(pollable, ? * (1 - polled)), "
+            "consumed = max(consumed, ? * polled) WHERE id = ?",
+            (place.push_due, place.push_deadline, unpushed, unpushed, rid),
         )
         wakes.add((tenant, kind))
     return len(rows)
@@ -172,9 +174,11 @@ def replay(
 # Push to poll: the record is placed afresh (no attempts, no error). A push lease of a record
 # that was not pollable ends (its push's outcome is then ignored: push_done / push_failed
 # need a push still due); a pollable one's lease may be a poll's hand-over, and stays.
+# A record a poll acknowledged already (`polled`) is finished instead.
 _TO_POLL = (
-    "UPDATE records SET pollable = 1, push_due = NULL, dead = 0, push_attempts = 0, "
-    "push_error = '', lease_owner = CASE WHEN pollable = 1 THEN lease_owner END, "
+    "UPDATE records SET pollable = 1 - polled, consumed = polled, push_due = NULL, dead = 0, "
+    "push_attempts = 0, push_error = '', "
+    "lease_owner = CASE WHEN pollable = 1 THEN lease_owner END, "
     "lease_until = CASE WHEN pollable = 1 THEN lease_until END "
     "WHERE {where} AND (tenant, kind) IN (VALUES {pairs}) RETURNING tenant, kind"
 )
@@ -189,9 +193,9 @@ def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: fl
     partial index (records awaiting a push, dead letters, a tenant's pollable records) and
     the rows it names, never a scan of the table."""
     places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
-    polled = [(t, k) for t, k, p in places if p.push_due is None]
-    for at in range(0, len(polled), _CHUNK_PAIRS):
-        chunk = polled[at : at + _CHUNK_PAIRS]
+    polling = [(t, k) for t, k, p in places if p.push_due is None]
+    for at in range(0, len(polling), _CHUNK_PAIRS):
+        chunk = polling[at : at + _CHUNK_PAIRS]
         pairs = ", ".join(["(?, ?)"] * len(chunk))
         args = [x for pair in chunk for x in pair]
         for where in ("push_due IS NOT NULL", "dead = 1"):

@@ -89,7 +89,7 @@ def claim(
 
 def ack(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
     cur = conn.execute(
-        "UPDATE records SET pollable = 0, lease_owner = NULL, lease_until = NULL, "
+        "UPDATE records SET pollable = 0, polled = 1, lease_owner = NULL, lease_until = NULL, "
         "consumed = (push_due IS NULL AND dead = 0) "
         "WHERE id = ? AND lease_owner = ? AND pollable = 1",
         (record_id, owner),

@@ -146,7 +146,18 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX sends_recipient")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]  # [n-1]: n-1 -> n
+# -- version 3: a record a poll acknowledged is marked ---------------------------------------
+# A tenant that pushes and keeps records for polling: a record acked by a poll while its push
+# was still due kept that push (pollable off, push due). A configuration that then stopped the
+# tenant's pushes made it pollable again, and the client got it a second time. The mark tells
+# place_stranded and replay that its poll is done. A constant default: no table rewrite.
+
+
+def _v3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE records ADD COLUMN polled INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]  # [n-1]: n-1 -> n
 LATEST = len(MIGRATIONS)
 
 
