@@ -1,9 +1,9 @@
 """Pushes in PostgreSQL: due records claimed under leases, in order per send, and dead letters.
 
 Owns claim_pushes (`FOR UPDATE SKIP LOCKED`, only tenants that push the kind, never past an
-earlier record of the same send and kind still awaiting its push), done / failed conditional on this
-replica's lease, the dead-letter list and replay, and placing again the records another
-configuration placed (push to poll, and poll to push).
+earlier record of the same send and kind still awaiting its push), done / failed conditional
+on this replica's lease, the dead-letter list and replay, and placing again the records
+another configuration placed (push to poll, and poll to push).
 """
 
 from __future__ import annotations
