@@ -36,6 +36,15 @@ RULES = Rules({"t": TenantRules(senders=("552",))})
 BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
 
 
+async def _until_blocked_by(url: str, holder: asyncpg.Connection) -> None:
+    """Wait (5 s at most) until some session waits for a lock `holder` holds."""
+    for _ in range(100):
+        if await pg.execute(url, BLOCKED_BY, holder.get_server_pid()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("nobody ever waited for the lock")
+
+
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
     async with pg.started_db(pg_url, pool_max=4, migrated=True) as d:
@@ -434,12 +443,7 @@ async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_be
             "m-cancelled",
         )
         caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
-        for _ in range(100):  # until its group waits for the lock on the server
-            waiting = await pg.execute(pg_url, BLOCKED_BY, blocker.get_server_pid())
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting
+        await _until_blocked_by(pg_url, blocker)  # its group waits for the lock on the server
         caller.cancel()
         await tx.commit()  # the group goes on and commits; its caller is gone
         with pytest.raises(asyncio.CancelledError):
@@ -558,12 +562,7 @@ async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
         await tx.start()
         await other.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
         retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
-        for _ in range(100):  # until the retry's mark waits for the rejection's row lock
-            waiting = await pg.execute(pg_url, BLOCKED_BY, other.get_server_pid())
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting
+        await _until_blocked_by(pg_url, other)  # the retry's mark waits for the row lock
         await tx.commit()
         plan = await asyncio.wait_for(retry, 10)
         assert [p.recipient for p in plan.to_send] == ["6421000036"]
