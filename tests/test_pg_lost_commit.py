@@ -52,6 +52,16 @@ async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
 
 
 @pytest.fixture
+async def session(pg_url: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
+    """Another session on the test's schema (another replica's, holding locks)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 async def store(pg_url: str) -> AsyncIterator[PostgresStore]:  # noqa: F811
     """The PostgreSQL store as the gateway runs it, opened on the test's schema."""
     s = PostgresStore(pg_url, RULES)
@@ -427,40 +437,35 @@ async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behin
 async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_behind(
     store: PostgresStore,
     pg_url: str,  # noqa: F811
+    session: asyncpg.Connection,
 ) -> None:
     # The store as the gateway runs it: a begin_send whose caller is cancelled (a shutdown's
     # deadline) while its group waits on the server; the group commits the pending row, its
     # caller is gone and never sends. The row is rejected, and a retry sends.
-    blocker = await asyncpg.connect(pg_url)
-    try:
-        intent = SendIntent("t", "m-cancelled", ("6421000032",), "552")
-        tx = blocker.transaction()
-        await tx.start()
-        await blocker.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2 || chr(1) || $3))",
-            LOCK_CLASS_SEND,
-            "t",
-            "m-cancelled",
-        )
-        caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
-        await _until_blocked_by(pg_url, blocker)  # its group waits for the lock on the server
-        caller.cancel()
-        await tx.commit()  # the group goes on and commits; its caller is gone
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-        deadline = time.monotonic() + 5
-        while True:
-            state = await pg.execute(
-                pg_url, "SELECT state FROM sends WHERE legacy_id = 'm-cancelled'"
-            )
-            if state == "rejected" or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert state == "rejected"
-        plan = await store.begin_send(intent, time.time())
-        assert [p.recipient for p in plan.to_send] == ["6421000032"]
-    finally:
-        await blocker.close()
+    intent = SendIntent("t", "m-cancelled", ("6421000032",), "552")
+    tx = session.transaction()
+    await tx.start()
+    await session.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2 || chr(1) || $3))",
+        LOCK_CLASS_SEND,
+        "t",
+        "m-cancelled",
+    )
+    caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
+    await _until_blocked_by(pg_url, session)  # its group waits for the lock on the server
+    caller.cancel()
+    await tx.commit()  # the group goes on and commits; its caller is gone
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    deadline = time.monotonic() + 5
+    while True:
+        state = await pg.execute(pg_url, "SELECT state FROM sends WHERE legacy_id = 'm-cancelled'")
+        if state == "rejected" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert state == "rejected"
+    plan = await store.begin_send(intent, time.time())
+    assert [p.recipient for p in plan.to_send] == ["6421000032"]
 
 
 async def test_abandoned_rows_are_rejected_once_more_as_the_store_closes(db: Db) -> None:
@@ -550,25 +555,22 @@ async def test_a_row_a_retry_was_answered_from_is_never_rejected(
 async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
     store: PostgresStore,
     pg_url: str,  # noqa: F811
+    session: asyncpg.Connection,
 ) -> None:
     # The rejection (another replica's, uncommitted) holds the row when the retry reads its
     # facts: the retry sees it pending, its mark waits for the row, finds it rejected once the
     # rejection commits, and the retry reads its facts again and sends.
-    other = await asyncpg.connect(pg_url)
-    try:
-        intent = SendIntent("t", "m-race", ("6421000036",), "552")
-        first = await store.begin_send(intent, time.time())
-        tx = other.transaction()
-        await tx.start()
-        await other.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
-        retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
-        await _until_blocked_by(pg_url, other)  # the retry's mark waits for the row lock
-        await tx.commit()
-        plan = await asyncio.wait_for(retry, 10)
-        assert [p.recipient for p in plan.to_send] == ["6421000036"]
-        assert plan.repeats == ()
-    finally:
-        await other.close()
+    intent = SendIntent("t", "m-race", ("6421000036",), "552")
+    first = await store.begin_send(intent, time.time())
+    tx = session.transaction()
+    await tx.start()
+    await session.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
+    retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
+    await _until_blocked_by(pg_url, session)  # the retry's mark waits for the row lock
+    await tx.commit()
+    plan = await asyncio.wait_for(retry, 10)
+    assert [p.recipient for p in plan.to_send] == ["6421000036"]
+    assert plan.repeats == ()
     assert await _states(pg_url, "m-race") == ["rejected", "pending"]
 
 
