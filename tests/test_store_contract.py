@@ -1006,6 +1006,28 @@ async def test_expired_push_lease_is_claimed_again(opened: Opened) -> None:
     assert await store.claim_pushes(later(HOUR), 10) == []
 
 
+async def test_a_push_claim_outcome_lands_on_that_claim_alone(opened: Opened) -> None:
+    """The same replica claims a record again once its lease expired (a stalled attempt; or a
+    reload that placed it for polling and back): the first attempt's outcome, landing late,
+    is void. It neither dead-letters nor reschedules what the second attempt holds, and the
+    second attempt's done finishes the record."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store)
+    (first,) = await store.claim_pushes(later(), 10)
+    await asyncio.sleep(0.3)
+    (second,) = await store.claim_pushes(later(), 10)  # same replica
+    assert second.id == first.id
+    await store.push_failed(first, next_at=None, error="late")
+    assert await store.dead_letters() == []
+    await store.push_failed(first, next_at=later(), error="late")
+    await store.push_done(first)
+    assert await store.claim_pushes(later(HOUR), 10) == []  # still the second claim's
+    await store.push_done(second)
+    await asyncio.sleep(0.3)  # past the second lease too: nothing comes back
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
 async def test_concurrent_claim_pushes_are_disjoint(store: Store) -> None:
     """Concurrent push claimers never get the same record."""
     for i in range(6):

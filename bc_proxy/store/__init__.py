@@ -192,6 +192,10 @@ class LegacyRecord:
     push_attempts: int = 0
     push_error: str = ""
     push_deadline: float | None = None  # when pushing gives up (dead letter)
+    # The end of the push lease this record was claimed under (claim_pushes): it names that
+    # claim, so its push_done / push_failed land on it alone, never on a later claim of the
+    # same record by the same replica (its lease expired, or a reload placed it again).
+    push_lease: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,10 +322,11 @@ class Store(Protocol):
         record is not due while an earlier record of the same send awaits its push."""
 
     async def push_done(self, record: LegacyRecord) -> None:
-        """Delivered: no more pushes (only if this replica holds the lease)."""
+        """Delivered: no more pushes (only while the claim that returned `record` holds it)."""
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
-        """Reschedule a failed push at `next_at`, or dead-letter it when `next_at` is None."""
+        """Reschedule a failed push at `next_at`, or dead-letter it when `next_at` is None
+        (only while the claim that returned `record` holds it)."""
 
     async def dead_letters(self) -> list[LegacyRecord]: ...
 

@@ -9,6 +9,7 @@ another configuration placed (push to poll, and poll to push).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from bc_proxy.store import KINDS, LegacyRecord
 from bc_proxy.store.postgres.db import DB_NOW, Db
@@ -62,7 +63,8 @@ WITH p AS (
 ), claimed AS (
     UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
     FROM p WHERE records.id = p.id AND p.blocker IS NULL
-    RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))}
+    RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))},
+        records.push_until AS push_lease
 )
 SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker IS NOT NULL AS held
 FROM p LEFT JOIN claimed ON claimed.id = p.id
@@ -82,6 +84,11 @@ WITH ahead AS (
     FOR UPDATE OF r SKIP LOCKED
 ) {_DEFER}
 """
+
+# The claim that returned the record ($1 id) still holds it: its owner ($2) and its lease end
+# ($3; a later claim of the same record by the same owner, after this lease expired or a
+# reload placed it again, sets another).
+_HELD = "id = $1 AND push_owner = $2 AND push_until = $3"
 
 
 class Pushing:
@@ -117,7 +124,11 @@ class Pushing:
                     self.lease_seconds,
                     *after,
                 )
-                claimed += (to_record(r) for r in rows if r["id"] is not None)
+                claimed += (
+                    replace(to_record(r), push_lease=r["push_lease"])
+                    for r in rows
+                    if r["id"] is not None
+                )
                 if len(claimed) >= limit or len(rows) < want:
                     break
                 after = max((r["page_due"], r["page_id"]) for r in rows)
@@ -131,9 +142,10 @@ class Pushing:
             done = await conn.fetchval(
                 "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, "
                 "push_error = '', push_owner = NULL, push_until = NULL "
-                "WHERE id = $1 AND push_owner = $2 RETURNING id",
+                f"WHERE {_HELD} RETURNING id",
                 record.id,
                 self.owner(),
+                record.push_lease,
             )
             if done is not None:
                 wakes.add((record.tenant, record.kind))  # the send's next record is due now
@@ -141,11 +153,11 @@ class Pushing:
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         async with self.db.tx("push failed", lease=True) as (conn, wakes):
             done = await conn.fetchval(
-                "UPDATE records SET push_due = $3, dead = $4, push_attempts = push_attempts + 1, "
-                "push_error = $5, push_owner = NULL, push_until = NULL "
-                "WHERE id = $1 AND push_owner = $2 RETURNING id",
+                "UPDATE records SET push_due = $4, dead = $5, push_attempts = push_attempts + 1, "
+                f"push_error = $6, push_owner = NULL, push_until = NULL WHERE {_HELD} RETURNING id",
                 record.id,
                 self.owner(),
+                record.push_lease,
                 next_at,
                 next_at is None,
                 error[:PUSH_ERROR_CHARS],

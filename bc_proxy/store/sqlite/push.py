@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from bc_proxy.store import LegacyRecord
@@ -95,7 +96,7 @@ def claim_pushes(
         [(owner, until, row[0]) for row in claimed],
     )
     conn.executemany("UPDATE records SET push_due = ? WHERE id = ?", deferred)
-    return [to_record(row) for row in claimed]
+    return [replace(to_record(row), push_lease=until) for row in claimed]
 
 
 def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
@@ -109,34 +110,37 @@ def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
         wakes.add((row[0], row[1]))
 
 
-def push_done(conn: sqlite3.Connection, wakes: Wakes, record_id: int, owner: str) -> bool:
+# The claim still holds the record: its owner, and its lease end (a later claim of the same
+# record by the same owner, after this lease expired or a reload placed it again, sets another).
+_HELD = "id = ? AND lease_owner = ? AND lease_until = ? AND push_due IS NOT NULL"
+
+
+def push_done(conn: sqlite3.Connection, wakes: Wakes, record: LegacyRecord, owner: str) -> bool:
     cur = conn.execute(
         "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
-        "lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) "
-        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
-        (record_id, owner),
+        f"lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) WHERE {_HELD}",
+        (record.id, owner, record.push_lease),
     )
     if cur.rowcount:
-        _wake_next(conn, wakes, record_id)
+        _wake_next(conn, wakes, record.id)
     return cur.rowcount > 0
 
 
 def push_failed(
     conn: sqlite3.Connection,
     wakes: Wakes,
-    record_id: int,
+    record: LegacyRecord,
     owner: str,
     next_at: float | None,
     error: str,
 ) -> bool:
     cur = conn.execute(
         "UPDATE records SET push_due = ?, push_attempts = push_attempts + 1, push_error = ?, "
-        "dead = ?, lease_owner = NULL, lease_until = NULL "
-        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
-        (next_at, error[:200], int(next_at is None), record_id, owner),
+        f"dead = ?, lease_owner = NULL, lease_until = NULL WHERE {_HELD}",
+        (next_at, error[:200], int(next_at is None), record.id, owner, record.push_lease),
     )
     if cur.rowcount and next_at is None:
-        _wake_next(conn, wakes, record_id)
+        _wake_next(conn, wakes, record.id)
     return cur.rowcount > 0
 
 

@@ -203,11 +203,11 @@ class SQLiteStore:
         return await self._engine.write(op)
 
     async def push_done(self, record: LegacyRecord) -> None:
-        await self._engine.write(lambda c, w: push.push_done(c, w, record.id, self.replica))
+        await self._engine.write(lambda c, w: push.push_done(c, w, record, self.replica))
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         await self._engine.write(
-            lambda c, w: push.push_failed(c, w, record.id, self.replica, next_at, error)
+            lambda c, w: push.push_failed(c, w, record, self.replica, next_at, error)
         )
 
     async def dead_letters(self) -> list[LegacyRecord]:
