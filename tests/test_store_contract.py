@@ -1122,6 +1122,32 @@ async def test_place_stranded_pushes_records_waiting_for_a_poll_the_rules_now_pu
     assert await store.claim_pushes(later(HOUR), 10) == []
 
 
+async def test_a_record_a_poll_gives_back_after_the_rules_made_it_push_only_is_pushed(
+    store: Store,
+) -> None:
+    """A poll holds a record while new rules make its tenant only push that kind (a reload):
+    placing again skips it (it may be handed over). When the poll gives it back (the client
+    went away) it is pushed, not left for polls its tenant no longer makes; an ack instead
+    finishes it (delivered once)."""
+    await _pushed_status(store, n=1, tenant=POLL)
+    await _pushed_status(store, n=2, tenant=POLL)
+    given_back = await store.claim(POLL, "status")
+    acked = await store.claim(POLL, "status")
+    assert given_back is not None
+    assert acked is not None
+    store.rules = Rules({**TENANTS, POLL: TENANTS[PUSH]})
+    await store.place_stranded()
+    assert await store.claim_pushes(later(), 10) == []  # both are held by their polls
+    await store.release(given_back)
+    assert await store.ack(acked) is True
+    (pushed,) = await store.claim_pushes(later(), 10)
+    assert pushed.id == given_back.id
+    await store.push_done(pushed)
+    assert await store.claim(POLL, "status") is None
+    assert await store.queue_depth(POLL) == (0, 0)
+    assert await store.claim_pushes(later(HOUR), 10) == []
+
+
 @pytest.mark.parametrize("retry", [True, False])
 async def test_a_push_in_flight_when_the_rules_stop_pushing_is_polled_once(
     store: Store, retry: bool

@@ -68,6 +68,11 @@ class Placement:
         """Someone will take it (a poll or a push): a waiter of its tenant should wake."""
         return self.pollable or self.push_due is not None
 
+    @property
+    def push_only(self) -> bool:
+        """Pushed and not kept for polling: a record waiting for a poll is stranded here."""
+        return self.push_due is not None and not self.pollable
+
 
 @dataclass(frozen=True, slots=True)
 class RecipientPlan:

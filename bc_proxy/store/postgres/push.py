@@ -214,7 +214,7 @@ async def place_stranded(db: Db, rules: Rules, now: float) -> None:
     not stranded, and not read, however many a tenant keeps.)"""
     places = [(t, k, rules.placement(t, k, now)) for t in rules.tenants for k in KINDS]
     polling = [(t, k) for t, k, p in places if p.push_due is None]
-    pushed = [(t, k, p) for t, k, p in places if p.push_due is not None and not p.pollable]
+    pushed = [(t, k, p) for t, k, p in places if p.push_only]
     async with db.tx("place stranded") as (conn, wakes):
         if polling:
             rows = await conn.fetch(

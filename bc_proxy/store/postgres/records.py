@@ -7,6 +7,7 @@ live in push.py, ingest decisions in inbound.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,8 +146,11 @@ RETURNING {RECORD_COLUMNS}"""
 class Polling:
     """Poll claims of one replica: the lease (owner, expiry) lives in the row."""
 
-    def __init__(self, db: Db, owner: Callable[[], str], lease_seconds: float) -> None:
+    def __init__(
+        self, db: Db, rules: Callable[[], Rules], owner: Callable[[], str], lease_seconds: float
+    ) -> None:
         self.db = db
+        self.rules = rules  # the store's rules, read at each call (a reload replaces them)
         self.owner = owner  # the store's replica id, read at each call
         self.lease_seconds = lease_seconds
 
@@ -167,14 +171,26 @@ class Polling:
 
     async def release(self, record: LegacyRecord) -> None:
         async with self.db.tx("release", lease=True) as (conn, wakes):
-            released = await conn.fetchval(
+            released = await conn.fetchrow(
                 "UPDATE records SET lease_owner = NULL, lease_until = NULL "
-                "WHERE id = $1 AND lease_owner = $2 RETURNING id",
+                "WHERE id = $1 AND lease_owner = $2 RETURNING tenant, kind",
                 record.id,
                 self.owner(),
             )
             if released is not None:
                 wakes.add((record.tenant, record.kind))
+                # Its tenant only pushes its kind since the claim (a reload; placing again
+                # skipped it while this poll held it): pushed now, as placing would have.
+                place = self.rules().placement(released["tenant"], released["kind"], time.time())
+                if place.push_only:
+                    await conn.execute(
+                        "UPDATE records SET push_due = $2, push_deadline = $3, pollable = false "
+                        "WHERE id = $1 AND pollable AND push_due IS NULL AND NOT dead "
+                        "AND push_attempts = 0",
+                        record.id,
+                        place.push_due,
+                        place.push_deadline,
+                    )
         # Wake local polls even if the lease had already gone: they re-check.
         self.db.fire([(record.tenant, record.kind)])
 

@@ -98,7 +98,7 @@ class PostgresStore:
         # plans of that time); on a faster one, with index-only plans, 1, 2 and 4 writers
         # differed less than run-to-run scatter (docs/performance.md).
         send_writers = max(1, min(SEND_WRITERS, pool_max // 3))
-        self._polling = records.Polling(self._db, self._owner, lease_seconds)
+        self._polling = records.Polling(self._db, self._rules, self._owner, lease_seconds)
         self._pushing = push.Pushing(self._db, self._rules, self._owner, lease_seconds)
         self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
             self._db, "add dlr", None, key=lambda w: w.key, run=self._store_dlrs

@@ -206,7 +206,7 @@ def place_stranded(conn: sqlite3.Connection, wakes: Wakes, rules: Rules, now: fl
             sql = _TO_POLL.format(where=where, pairs=pairs)
             wakes.update((t, k) for t, k in conn.execute(sql, args).fetchall())
     for tenant, kind, place in places:
-        if place.push_due is None or place.pollable:
+        if not place.push_only:
             continue
         cur = conn.execute(
             "UPDATE records SET push_due = ?, push_deadline = ?, pollable = 0 "

@@ -10,7 +10,7 @@ import sqlite3
 from typing import Any
 
 from bc_proxy.store import LegacyRecord
-from bc_proxy.store.rules import Kind, Placement, receipt_id
+from bc_proxy.store.rules import Kind, Placement, Rules, receipt_id
 from bc_proxy.store.sqlite.engine import Wakes
 
 COLUMNS = (
@@ -97,13 +97,30 @@ def ack(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
     return cur.rowcount > 0
 
 
-def release(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
-    cur = conn.execute(
+# A record handed back by its poll whose tenant, since its claim, only pushes its kind (a
+# reload; placing again skipped it while a poll held it): pushed now, as placing would have.
+TO_PUSH = (
+    "UPDATE records SET push_due = ?, push_deadline = ?, pollable = 0 WHERE id = ? "
+    "AND pollable = 1 AND push_due IS NULL AND dead = 0 AND push_attempts = 0"
+)
+
+
+def release(
+    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, record_id: int, owner: str, now: float
+) -> bool:
+    row = conn.execute(
         "UPDATE records SET lease_owner = NULL, lease_until = NULL "
-        "WHERE id = ? AND lease_owner = ?",
+        "WHERE id = ? AND lease_owner = ? RETURNING tenant, kind",
         (record_id, owner),
-    )
-    return cur.rowcount > 0
+    ).fetchone()
+    if row is None:
+        return False
+    place = rules.placement(row[0], row[1], now)
+    if place.push_only and conn.execute(
+        TO_PUSH, (place.push_due, place.push_deadline, record_id)
+    ).rowcount:
+        wakes.add((row[0], row[1]))
+    return True
 
 
 def release_all(conn: sqlite3.Connection, owner: str) -> int:

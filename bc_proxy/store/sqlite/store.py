@@ -183,7 +183,10 @@ class SQLiteStore:
         return await self._engine.write(lambda c, w: records.ack(c, record.id, self.replica))
 
     async def release(self, record: LegacyRecord) -> None:
-        await self._engine.write(lambda c, w: records.release(c, record.id, self.replica))
+        now = time.time()
+        await self._engine.write(
+            lambda c, w: records.release(c, w, self.rules, record.id, self.replica, now)
+        )
         self.waker.notify(record.tenant, record.kind)
 
     async def queue_depth(self, tenant: str) -> tuple[int, int]:
