@@ -89,6 +89,19 @@ async def execute(url: str, sql: str, *args: Any) -> Any:
         await conn.close()
 
 
+# Sessions waiting for a lock the session with this backend pid holds (no other test's waits).
+BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+
+
+async def until_blocked_by(url: str, holder: asyncpg.Connection) -> None:
+    """Wait (5 s at most) until some session waits for a lock `holder` holds."""
+    for _ in range(100):
+        if await execute(url, BLOCKED_BY, holder.get_server_pid()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("nobody ever waited for the lock")
+
+
 @contextlib.asynccontextmanager
 async def started_db(url: str, *, pool_max: int = 2, migrated: bool = False) -> AsyncIterator[Db]:
     """The store's own connection layer (`Db`) on `url`, started (and migrated), stopped after."""

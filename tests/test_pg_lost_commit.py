@@ -32,19 +32,6 @@ from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 RULES = Rules({"t": TenantRules(senders=("552",))})
-# Sessions waiting for a lock the session with this backend pid holds (no other test's waits).
-BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
-
-
-async def _until_blocked_by(url: str, holder: asyncpg.Connection) -> None:
-    """Wait (5 s at most) until some session waits for a lock `holder` holds."""
-    for _ in range(100):
-        if await pg.execute(url, BLOCKED_BY, holder.get_server_pid()):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("nobody ever waited for the lock")
-
-
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
     async with pg.started_db(pg_url, pool_max=4, migrated=True) as d:
@@ -452,7 +439,7 @@ async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_be
         "m-cancelled",
     )
     caller = asyncio.ensure_future(store.begin_send(intent, time.time()))
-    await _until_blocked_by(pg_url, session)  # its group waits for the lock on the server
+    await pg.until_blocked_by(pg_url, session)  # its group waits for the lock on the server
     caller.cancel()
     await tx.commit()  # the group goes on and commits; its caller is gone
     with pytest.raises(asyncio.CancelledError):
@@ -566,7 +553,7 @@ async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
     await tx.start()
     await session.fetchrow(abandoned_module.REJECT, [first.to_send[0].upstream_ref], 1.0)
     retry = asyncio.ensure_future(store.begin_send(intent, time.time()))
-    await _until_blocked_by(pg_url, session)  # the retry's mark waits for the row lock
+    await pg.until_blocked_by(pg_url, session)  # the retry's mark waits for the row lock
     await tx.commit()
     plan = await asyncio.wait_for(retry, 10)
     assert [p.recipient for p in plan.to_send] == ["6421000036"]

@@ -284,6 +284,35 @@ async def test_exclusive_is_held_by_one_replica_at_a_time(
         assert got_b, "a failed job kept the lock"
 
 
+async def test_purge_keeps_a_record_another_replica_makes_waiting_meanwhile(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Purge on A meets an unmatched incoming SMS past retention while B assigns it (B's
+    sweep found it under its tenant's account: pollable now). Purge waits for B's row lock,
+    then must see the record waiting, and keep it."""
+    a, b = pair
+    stored = await a.add_mo(MoEvent("mo-late", "6421000002", "999", "hi"), account=None)
+    assert stored.outcome == "unmatched"
+    holder = await asyncpg.connect(b.url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        # What B's assignment writes, held open so that A's purge meets the row locked.
+        await holder.execute(
+            "UPDATE records SET tenant = $1, pollable = true WHERE event_key = 'mo:mo-late'", POLL
+        )
+        purge = asyncio.create_task(a.purge(time.time() + 1))
+        await pg.until_blocked_by(b.url, holder)
+        await tx.commit()
+        await purge
+    finally:
+        await holder.close()
+    assert await a.queue_depth(POLL) == (1, 0)
+    record = await a.claim(POLL, "in")
+    assert record is not None
+    assert record.body == "hi"
+
+
 async def test_open_refuses_a_schema_newer_than_the_code(opener: Opener, pg_url: str) -> None:  # noqa: F811
     """A database migrated by a newer bc-proxy is refused with both versions named."""
     await opener("A")

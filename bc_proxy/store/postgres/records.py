@@ -244,9 +244,13 @@ async def waiting(db: Db) -> list[WaitingStat]:
 async def purge(db: Db, before: float) -> int:
     """Consumed records and settled sends created before `before`, deleted in chunks."""
     total = 0
+    # The finished-record test is repeated outside the subquery: a row another transaction
+    # holds (an unmatched record being assigned, pollable once it commits) is re-checked
+    # against the outer WHERE alone when its lock is released, never against the subquery.
     for sql in (
         "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE created_at < $1 "
-        "AND NOT pollable AND push_due IS NULL AND NOT dead ORDER BY created_at LIMIT $2)",
+        "AND NOT pollable AND push_due IS NULL AND NOT dead ORDER BY created_at LIMIT $2) "
+        "AND NOT pollable AND push_due IS NULL AND NOT dead",
         "DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE created_at < $1 "
         "AND state <> 'pending' ORDER BY created_at LIMIT $2)",
     ):
