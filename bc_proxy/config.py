@@ -308,6 +308,15 @@ class Settings(_Model):
                     f"tenants[{t.name}].webhook_secret: the same as {secrets[value]}"
                 )
             secrets[value] = f"tenants[{t.name}].webhook_secret"
+        kept = self.store.retention_days * 86400
+        for t in self.tenants:
+            if t.idempotency_window_seconds > kept:  # purged sends are no longer recognised
+                raise ValueError(
+                    f"tenants[{t.name}].idempotency_window_seconds: "
+                    f"{t.idempotency_window_seconds:g} s is longer than store.retention_days "
+                    f"({self.store.retention_days:g} days keep {kept:g} s): a retry after its "
+                    "send was purged would be sent again"
+                )
         if self.server.workers > 1 and self.store.url.startswith("sqlite:"):
             raise ValueError(
                 "server.workers: more than one worker needs a postgresql:// store "

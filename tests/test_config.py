@@ -632,6 +632,11 @@ def test_two_tenant_base_is_valid() -> None:
             ["console.password_hash"],
             id="console-hash",
         ),
+        pytest.param(  # the default window (1 day) outlives sends kept half a day
+            _set("store.retention_days", 0.5),
+            ["tenants[", "idempotency_window_seconds", "store.retention_days", "sent again"],
+            id="retention-shorter-than-window",
+        ),
     ],
 )
 def test_invalid_config_names_key(mutate: Mutation, expected: list[str]) -> None:
@@ -643,6 +648,15 @@ def test_invalid_config_names_key(mutate: Mutation, expected: list[str]) -> None
     message = str(exc.value)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_retention_as_long_as_the_window_is_accepted() -> None:
+    """Sends kept exactly as long as the longest idempotency window validate."""
+    cfg = _two_tenants()
+    cfg.setdefault("store", {})["retention_days"] = 0.5
+    for tenant in cfg["tenants"]:
+        tenant["idempotency_window_seconds"] = 43200
+    assert parse(cfg, env={}).store.retention_days == 0.5
 
 
 def test_workers_accepted_with_postgresql() -> None:
