@@ -8,6 +8,7 @@ serves a gateway: the leased record is polled, the dead letter is replayed and p
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import time
@@ -201,3 +202,32 @@ async def test_migrate_store_commits_nothing_when_a_count_differs(
         await transfer.transfer(source, pg_url, out=lines.append)
     assert any(line.startswith("records ") and "MISMATCH" in line for line in lines), lines
     assert await pg.execute(pg_url, "SELECT count(*) FROM records") == 0
+
+
+async def test_migrate_store_refuses_a_file_a_store_has_open(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """While a gateway (any store) has the SQLite file open, migrate-store copies nothing: what
+    it stored or handed out meanwhile would be left behind or handed out twice. And while
+    migrate-store copies, a gateway does not start on the file."""
+    source = f"sqlite:///{tmp_path / 'bc-proxy.db'}"
+    await _single_node_install(source)
+    running = open_store(source, RULES)
+    await running.open()
+    try:
+        with pytest.raises(StoreError, match="has this store open"):
+            await transfer.transfer(source, pg_url, out=lambda line: None)
+    finally:
+        await running.close()
+    lock = transfer.lock_source(source)  # what migrate-store holds while it copies
+    try:
+        late = open_store(source, RULES)
+        with pytest.raises(StoreError, match="migrate-store is copying"):
+            await late.open()
+        await late.close()
+    finally:
+        assert lock is not None
+        os.close(lock)
+    report = await transfer.transfer(source, pg_url, out=lambda line: None)  # no --force:
+    assert report.ok  # the refused copies wrote nothing

@@ -7,6 +7,7 @@ check that must hold before the transaction commits. The gateway must be stopped
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from bc_proxy.store.postgres import schema as pg_schema
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, store_error
 from bc_proxy.store.postgres.store import pool_options
 from bc_proxy.store.sqlite import schema as sqlite_schema
+from bc_proxy.store.sqlite.helpers import in_use_lock
 
 BATCH = 20_000
 Row = tuple[Any, ...]
@@ -122,9 +124,21 @@ class Report:
             yield f"{name:<{width}}  {source:>9} -> {target:>9}  {mark}"
 
 
-def _open_source(url: str) -> sqlite3.Connection:
+def lock_source(url: str) -> int | None:
+    """The source file's in-use lock, exclusive: refused while a store is open on it."""
     if not url.startswith("sqlite:///"):
         raise StoreError("--from must be a sqlite:/// url")
+    path = sqlite_path(url)
+    try:
+        return in_use_lock(path, exclusive=True)
+    except BlockingIOError:
+        raise StoreError(
+            f"sqlite {path}: a bc-proxy has this store open; stop it first (records it stores "
+            "or hands out during the copy would be left behind or handed out twice)"
+        ) from None
+
+
+def _open_source(url: str) -> sqlite3.Connection:
     path = sqlite_path(url)
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -158,6 +172,17 @@ async def transfer(
 ) -> Report:
     """Copy every table; raise StoreError before committing when a count differs."""
     started = time.monotonic()
+    lock = lock_source(source_url)  # held to the end: no gateway starts on the file meanwhile
+    try:
+        return await _transfer(source_url, target_url, force, out, started)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+async def _transfer(
+    source_url: str, target_url: str, force: bool, out: Callable[[str], None], started: float
+) -> Report:
     source = _open_source(source_url)
     dsn, _ = pool_options(target_url)
     try:

@@ -1,14 +1,15 @@
 """The SQLite engine's helper threads: the reader (counts, scans, migrations) and the
 checkpointer (copies the WAL into the database file four times a second, PASSIVE, at a lower
-CPU priority than the event loop).
+CPU priority than the event loop); and the file lock that tells `migrate-store` a store is open.
 
-Both use their own connections, so nothing here ever waits for a lock on the event loop.
+Both threads use their own connections, so nothing here ever waits for a lock on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
@@ -30,6 +31,27 @@ CHECKPOINT_NICE = 10
 
 def connect(path: str) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def in_use_lock(path: str, *, exclusive: bool) -> int | None:
+    """An flock on `<path>.lock`, beside the database: shared by every store opened on the file
+    (a gateway, a CLI command), exclusive for `migrate-store`, which must not copy a file that
+    a running gateway still writes. Its fd, to close when done; None when it is not held (no
+    such file and none can be made, ":memory:"). A second lock file, not the database's own:
+    closing another descriptor of the database file would drop SQLite's POSIX locks on it.
+    Raises BlockingIOError when held the other way."""
+    if not path or ":memory:" in path:
+        return None
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None  # a folder we cannot write: nobody can have made the file there either
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def lower_priority(increment: int) -> bool:

@@ -7,12 +7,14 @@ around a function of `sends`, `inbound`, `records`, `push` or `upkeep`. No SQL a
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from bc_proxy.errors import StoreError
 from bc_proxy.store import (
     LEASE_SECONDS,
     DlrEvent,
@@ -32,6 +34,7 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
 from bc_proxy.store.sqlite.engine import Engine, Wakes
+from bc_proxy.store.sqlite.helpers import in_use_lock
 from bc_proxy.store.waker import LocalWaker, Waker
 
 EXPIRE_CHUNK = 500  # pending rows expired per write (each gets a status record)
@@ -56,6 +59,7 @@ class SQLiteStore:
         self.waker: Waker = LocalWaker()
         self._engine = Engine(path, fsync=fsync, on_wakes=self._notify)
         self._maybe_unmatched = True  # reports may wait for a Connexus id (cleared by a probe)
+        self._in_use: int | None = None  # the file's shared in-use lock while open
         self._closed = False
 
     def _notify(self, wakes: Wakes) -> None:
@@ -65,8 +69,24 @@ class SQLiteStore:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._engine.open()
+        if self._in_use is None:
+            try:
+                self._in_use = in_use_lock(self.path, exclusive=False)
+            except BlockingIOError:
+                raise StoreError(
+                    f"sqlite {self.path}: bc-proxy migrate-store is copying this file"
+                ) from None
+        try:
+            await self._engine.open()
+        except BaseException:
+            self._unlock()
+            raise
         await self.place_stranded()
+
+    def _unlock(self) -> None:
+        if self._in_use is not None:
+            os.close(self._in_use)
+            self._in_use = None
 
     async def place_stranded(self) -> None:
         await self._engine.write(lambda c, w: push.place_stranded(c, w, self.rules, time.time()))
@@ -84,6 +104,7 @@ class SQLiteStore:
             release = self._engine.write(lambda c, w: records.release_all(c, self.replica))
             await asyncio.gather(release, return_exceptions=True)
         await self._engine.close()
+        self._unlock()  # after the engine's connections: nobody writes any more
 
     async def ping(self) -> None:
         self._engine.read_now(lambda c: c.execute("SELECT 1").fetchone())
