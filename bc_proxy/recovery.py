@@ -20,7 +20,7 @@ from aiohttp import web
 
 from bc_proxy import keys
 from bc_proxy.connexus.models import Unusable, parse_mo
-from bc_proxy.errors import BcProxyError
+from bc_proxy.errors import BcProxyError, GatewayError
 from bc_proxy.log import get_logger
 from bc_proxy.store import IngestResult, MoEvent, Store, SweepMark
 
@@ -103,7 +103,8 @@ async def sweep_account(
     """Read one account's `mo/query` from its mark to the last page; store what is new.
 
     The mark advances after each page's messages are committed when Connexus answers oldest
-    first (as documented nowhere, but as the emulator does); otherwise only at the end."""
+    first (as documented nowhere, but as the emulator does); otherwise only once a page says
+    `hasNextPage: false`. A page that is not JSON with a `messages` list raises GatewayError."""
     mark = await store.sweep_mark(tenant)
     start = start_of_window(mark, now or datetime.now(UTC))
     result = SweepResult()
@@ -117,7 +118,9 @@ async def sweep_account(
         )
         messages = answer.get("messages") if isinstance(answer, dict) else None
         if not isinstance(messages, list):
-            break
+            # Not the last page but a page we could not read: ending here would let a
+            # newest-first sweep move its mark past the older pages it never read.
+            raise GatewayError(f"mo/query page {page} answered 200 without a messages list")
         events = [e for m in messages if (e := _event(m)) is not None]
         outcomes = await _store_page(store, tenant, events)
         result.pages += 1
@@ -132,13 +135,18 @@ async def sweep_account(
                 newest = (e.received_at, e.message_id)
         if ordered and newest is not None:
             await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
-        pagination = answer.get("pagination") if isinstance(answer, dict) else None
-        if not messages or not isinstance(pagination, dict) or not pagination.get("hasNextPage"):
-            break
-        page += 1
-    if not ordered and newest is not None:
-        await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
-    return result
+        pagination = answer.get("pagination")
+        has_next = pagination.get("hasNextPage") if isinstance(pagination, dict) else None
+        if messages and has_next:
+            page += 1
+            continue
+        # Pages read in any other order prove nothing about the ones not read until the
+        # answer itself says there are none left; a page that does not say leaves the mark.
+        if not ordered and has_next is not False:
+            log.warning("sweep_end_unconfirmed", tenant=tenant, page=page)
+        elif not ordered and newest is not None:
+            await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
+        return result
 
 
 async def sweep_tenant(app: web.Application, tenant: str, now: datetime | None = None) -> int:

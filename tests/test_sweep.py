@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -17,18 +18,24 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.errors import GatewayError
 from bc_proxy.recovery import OVERLAP, sweep_account, sweep_all, sweep_tenant
 from bc_proxy.store import Rules, TenantRules, open_store
 from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
     LEGACY_PASSWORD,
     LEGACY_USER,
     WEBHOOK_SECRET,
+    AiohttpServer,
     Connexus,
     GatewayClient,
     GatewayFactory,
+    config_dict,
 )
 
 HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
@@ -205,3 +212,127 @@ async def test_sweep_killed_mid_way_resumes_without_loss(
             assert upstream.starts[-1] == "2026-05-01 09:56:39"  # page 2's last, minus 10 min
     finally:
         await store.close()
+
+
+class NewestFirst:
+    """Connexus answering mo/query newest first, behind the emulator's auth and request log;
+    one scripted page answers a malformed 200 once, or once does not say whether more follow."""
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+        self.base_url = ""
+        self.bad_page: int | None = None
+        self.bad_body = b""
+        self.bad_type = "application/json"
+        self.unsaid_page: int | None = None
+        self.unsaid = "hasNextPage"  # the key that page lacks: of `pagination`, or `pagination`
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)  # the emulator's own checks
+        if not request.path.endswith("/mo/query") or response.status != 200:
+            return response
+        params = {k: v[0] for k, v in parse_qs((await request.read()).decode()).items()}
+        page, limit = int(params["page"]), int(params["limit"])
+        if page == self.bad_page:
+            self.bad_page = None
+            return web.Response(body=self.bad_body, content_type=self.bad_type)
+        window = self.emu.mo_window(params["start_date"], None)[::-1]
+        pagination = {
+            "page": page,
+            "limit": limit,
+            "totalRecords": len(window),
+            "totalPages": math.ceil(len(window) / limit),
+            "hasNextPage": page * limit < len(window),
+            "hasPreviousPage": page > 1,
+        }
+        answer = {
+            "status": "success",
+            "messages": window[(page - 1) * limit : page * limit],
+            "pagination": pagination,
+        }
+        if page == self.unsaid_page:
+            self.unsaid_page = None
+            (answer if self.unsaid == "pagination" else pagination).pop(self.unsaid)
+        return web.json_response(answer)
+
+
+@pytest.fixture
+async def newest_first(aiohttp_server: AiohttpServer) -> NewestFirst:
+    """The emulator on a real loopback port, its mo/query answering newest first."""
+    fake = NewestFirst(Emulator(clients={CLIENT_ID: CLIENT_SECRET}))
+    app = create_emulator_app(fake.emu)
+    app.middlewares.append(fake.middleware)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    fake.base_url = str(server.make_url("/api/connexus"))
+    return fake
+
+
+async def mark_of(client: GatewayClient) -> tuple[str, str] | None:
+    mark = await client.app[keys.STORE].sweep_mark("acme")
+    return None if mark is None else (mark.last_time, mark.last_id)
+
+
+async def swept_once(client: GatewayClient, emu: Emulator, now: datetime) -> tuple[str, str]:
+    """10 messages of 3 hours ago swept whole: the mark a later sweep must not move wrongly."""
+    for i in range(10):
+        emu.record_mo(f"645{i:07d}", "552", f"old {i}", received_at=now - timedelta(
+            hours=3, seconds=-i))  # fmt: skip
+    assert await sweep_tenant(client.app, "acme") == 10
+    newest = (emu.mo[-1]["receivedTime"], emu.mo[-1]["messageId"])
+    assert await mark_of(client) == newest
+    return newest
+
+
+def record_newer(emu: Emulator, now: datetime) -> tuple[str, str]:
+    """1,000 messages one a second, ending now: 5 pages spanning more than the overlap."""
+    for i in range(1_000):
+        emu.record_mo(f"646{i:07d}", "552", f"new {i}", received_at=now - timedelta(
+            seconds=1_000 - i))  # fmt: skip
+    return emu.mo[-1]["receivedTime"], emu.mo[-1]["messageId"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "text/html"),  # not JSON
+        (b'{"status": "error", "message": "query failed"}', "application/json"),  # no messages
+    ],
+    ids=["not-json", "no-messages"],
+)
+async def test_malformed_page_fails_a_newest_first_sweep_and_leaves_its_mark(
+    newest_first: NewestFirst, gateway: GatewayFactory, tmp_path: Path, body: bytes,
+    content_type: str,
+) -> None:  # fmt: skip
+    """A 200 page 3 of 5 that is not JSON with `messages` fails the sweep; nothing is lost."""
+    emu, now = newest_first.emu, datetime.now(UTC)
+    client = await gateway(config_dict(tmp_path, newest_first.base_url))
+    before = await swept_once(client, emu, now)
+    newest = record_newer(emu, now)
+    newest_first.bad_page, newest_first.bad_body = 3, body
+    newest_first.bad_type = content_type
+    with pytest.raises(GatewayError):
+        await sweep_tenant(client.app, "acme")
+    assert await mark_of(client) == before  # pages 4-5 were never read
+    assert await queue(client, ACME) == "inCount=410&statusCount=0"  # pages 1-2 were stored
+    assert await sweep_tenant(client.app, "acme") == 600
+    assert await queue(client, ACME) == "inCount=1010&statusCount=0"
+    assert await mark_of(client) == newest
+
+
+@pytest.mark.parametrize("unsaid", ["hasNextPage", "pagination"])
+async def test_page_not_saying_it_is_last_leaves_a_newest_first_mark(
+    newest_first: NewestFirst, gateway: GatewayFactory, tmp_path: Path, unsaid: str
+) -> None:
+    """A newest-first page 3 of 5 without `hasNextPage` ends the sweep but does not move the
+    mark past pages 4-5; the next sweep, told where the end is, stores every message."""
+    emu, now = newest_first.emu, datetime.now(UTC)
+    client = await gateway(config_dict(tmp_path, newest_first.base_url))
+    before = await swept_once(client, emu, now)
+    newest = record_newer(emu, now)
+    newest_first.unsaid_page, newest_first.unsaid = 3, unsaid
+    assert await sweep_tenant(client.app, "acme") == 600
+    assert await mark_of(client) == before
+    assert await sweep_tenant(client.app, "acme") == 400
+    assert await queue(client, ACME) == "inCount=1010&statusCount=0"
+    assert await mark_of(client) == newest
