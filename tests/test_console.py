@@ -211,6 +211,24 @@ async def test_replay_needs_the_csrf_token_then_pushes_again(
     assert await store.dead_letters() == []
 
 
+async def test_replay_of_an_id_that_is_no_row_number_is_400(
+    aiohttp_server: AiohttpServer, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A replay id that is no row number (a Unicode digit, more digits than a row id has) is
+    refused with 400, not a 500; the dead letter stays."""
+    receiver = await start_receiver(aiohttp_server)
+    client = await gateway(console_cfg(cfg, receiver))
+    await dead_letter(client, "dead one")
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', await page(client))
+    assert token is not None
+    for bad in ("\u00b2", "\u0663", "9" * 30, "-1", ""):
+        resp = await client.post(
+            "/console/replay", data={"id": bad, "csrf": token[1]}, headers=basic()
+        )
+        assert resp.status == 400, bad
+    assert len(await client.app[keys.STORE].dead_letters()) == 1
+
+
 async def test_recent_requests_hold_no_secrets(
     gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:

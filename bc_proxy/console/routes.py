@@ -155,8 +155,8 @@ async def console_replay(request: web.Request) -> web.StreamResponse:
     target = form.get("id")
     if target == "all":
         ids: list[int] | None = None
-    elif isinstance(target, str) and target.isdigit():
-        ids = [int(target)]
+    elif isinstance(target, str) and target.isascii() and target.isdigit() and len(target) <= 18:
+        ids = [int(target)]  # ASCII digits ("²" is a digit to isdigit), within a bigint
     else:
         return _plain(400, "Which dead letter? Give id=N or id=all")
     await request.app[keys.STORE].replay(ids, time.time())
