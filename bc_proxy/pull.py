@@ -4,13 +4,20 @@ Owns the per-tenant pull job: every `pull_interval_seconds` it sweeps `mo/query`
 sweep and its marks), then drains Connexus's Bulletin-compatible `sms/in` and `sms/status` polls
 (one record a call, consumed by Connexus as it answers) into the same store ingest as webhooks
 (`add_mo(account=tenant)`, `add_dlr`), so dedupe and translation are the webhooks' own.
+Connexus forgets a poll record as it answers, so a fetched record is held until the store takes
+it (retried with backoff, nothing else fetched meanwhile), and a shutdown lets the fetch and its
+commit finish; what cannot be stored is kept in the rejected-webhooks table or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import ClientError, web
@@ -18,7 +25,7 @@ from aiohttp import ClientError, web
 from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo
-from bc_proxy.errors import BcProxyError, GatewayError
+from bc_proxy.errors import BcProxyError, GatewayError, StoreError
 from bc_proxy.log import get_logger
 from bc_proxy.recovery import sweep_tenant
 from bc_proxy.store import DlrEvent, MoEvent
@@ -29,6 +36,8 @@ log = get_logger("bc_proxy.pull")
 DRAIN_LIMIT = 500  # records taken from one poll endpoint in one round (the rest: next round)
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 UNKNOWN_STATUS = 0  # a legacy code no Connexus code maps to: the record says ERR + the code
+STORE_RETRY_FIRST = 0.5  # seconds before a refused store write of a held record is retried,
+STORE_RETRY_MAX = 30.0  # doubling up to this: the record has no other copy, so never give up
 
 
 def pull_tenants(app: web.Application) -> list[str]:
@@ -73,8 +82,40 @@ def dlr_from_record(record: Mapping[str, str], inverse: Mapping[str, int]) -> Dl
     return DlrEvent(message_id, code, "")
 
 
-async def fetch_one(client: ConnexusClient, tenant: str, path: str) -> dict[str, str] | None:
-    """One Bulletin-style poll of `path` (sms/in, sms/status): its record, None on 204."""
+def webhook_body(event: MoEvent | DlrEvent) -> dict[str, object]:
+    """The event as the Connexus webhook that carries it: what an operator POSTs to the
+    webhook URL to re-inject it (ingest dedupes, so a second copy is harmless)."""
+    if isinstance(event, DlrEvent):
+        return {
+            "type": "dlr",
+            "messageId": event.message_id,
+            "statusCode": event.status,
+            "status": event.status_text,
+        }
+    return {
+        "type": "mo",
+        "messageId": event.message_id,
+        "from": event.sender,
+        "to": event.to,
+        "body": event.body,
+        "relatedMessageId": event.related_id,
+    }
+
+
+def loggable_body(event: MoEvent | DlrEvent) -> dict[str, object]:
+    """`webhook_body` for a log line: a decimal messageId as a number (webhooks may carry
+    either), which the log scrubber leaves readable; it masks phone-shaped strings, so the
+    handset numbers stay masked while the id a report needs survives."""
+    body = webhook_body(event)
+    mid = event.message_id
+    if mid.isascii() and mid.isdigit() and str(int(mid)) == mid:
+        body["messageId"] = int(mid)
+    return body
+
+
+async def fetch_one(client: ConnexusClient, tenant: str, path: str) -> bytes | None:
+    """One Bulletin-style poll of `path` (sms/in, sms/status): its record's form body, None on
+    204."""
     op = path.replace("/", "_")
     extra = client.password_params(tenant) or {}
     started = time.perf_counter()
@@ -95,73 +136,185 @@ async def fetch_one(client: ConnexusClient, tenant: str, path: str) -> dict[str,
         return None
     if status != 200:
         raise GatewayError(f"{path} answered {status}")
-    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    return body
 
 
-async def drain(app: web.Application, tenant: str, kind: str) -> int:
-    """Take `sms/in` (`in`) or `sms/status` (`status`) records until none is left (or the
-    round's limit), each stored before the next is asked for; how many were stored."""
-    client, store = app[keys.CLIENT], app[keys.STORE]
-    path = "sms/in" if kind == "in" else "sms/status"
-    inverse = inverse_status_map(app[keys.RUNTIME].status_maps.get(tenant, {}))
-    taken = 0
-    for _ in range(DRAIN_LIMIT):
-        record = await fetch_one(client, tenant, path)
-        if record is None:
-            break
-        taken += 1
-        if kind == "in":
-            mo = mo_from_record(record)
-            if mo is not None:
-                await store.add_mo(mo, account=tenant)
+def _fields(raw: bytes) -> dict[str, str]:
+    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Puller:
+    """One pull-mode tenant's job: its rounds, and the record it holds between fetch and commit."""
+
+    app: web.Application
+    tenant: str
+    # Set when the job is cancelled: a held record's retries end with one last attempt.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stopping(self) -> bool:
+        """No further record is asked for once shutdown began or the job was cancelled."""
+        return self.stop.is_set() or self.app[keys.RUNTIME].shutting_down
+
+    async def run(self) -> None:
+        """A round every `pull_interval_seconds`, until shutdown."""
+        interval = self.app[keys.RUNTIME].tenants[self.tenant].inbound.pull_interval_seconds
+        loop = asyncio.get_running_loop()
+        while not self.stopping():
+            started = loop.time()
+            await self.pull_once()
+            await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
+
+    async def pull_once(self) -> dict[str, str]:
+        """One round: mo/query sweep, sms/in, sms/status; outcome per source.
+
+        A failing source is logged and counted; the others still run."""
+        metrics = self.app[keys.METRICS]
+        outcomes: dict[str, str] = {}
+        for source in ("mo_query", "sms_in", "sms_status"):
+            try:
+                if source == "mo_query":
+                    count = await sweep_tenant(self.app, self.tenant)
+                else:
+                    count = await self.drain("in" if source == "sms_in" else "status")
+            except BcProxyError as exc:
+                outcomes[source] = "error"
+                metrics.pulls.labels(self.tenant, source, "error").inc()
+                log.error("pull_failed", tenant=self.tenant, source=source, error=str(exc)[:200])
                 continue
-        else:
-            dlr = dlr_from_record(record, inverse)
-            if dlr is not None:
-                await store.add_dlr(dlr)
-                continue
-        log.warning("pulled_record_unusable", tenant=tenant, source=path)
-    return taken
+            outcomes[source] = "ok"
+            metrics.pulls.labels(self.tenant, source, "ok").inc()
+            if count:
+                metrics.pulled_records.labels(self.tenant, source).inc(count)
+        return outcomes
 
+    async def drain(self, kind: str) -> int:
+        """Take `sms/in` (`in`) or `sms/status` (`status`) records until none is left (or the
+        round's limit, or shutdown), each stored before the next is asked for; how many."""
+        path = "sms/in" if kind == "in" else "sms/status"
+        inverse = inverse_status_map(self.app[keys.RUNTIME].status_maps.get(self.tenant, {}))
+        taken = 0
+        while taken < DRAIN_LIMIT and not self.stopping():
+            if not await self._unbroken(self._take_one(path, inverse)):
+                break
+            taken += 1
+        return taken
 
-async def pull_once(app: web.Application, tenant: str) -> dict[str, str]:
-    """One round for one tenant: mo/query sweep, sms/in, sms/status; outcome per source.
-
-    A failing source is logged and counted; the others still run."""
-    metrics = app[keys.METRICS]
-    outcomes: dict[str, str] = {}
-    for source in ("mo_query", "sms_in", "sms_status"):
+    async def _unbroken(self, work: Coroutine[Any, Any, bool]) -> bool:
+        """Run `work` (a fetch and its commit) to its end even if this job is cancelled
+        meanwhile, for up to half the shutdown timeout: between Connexus's answer and our
+        commit, the record exists only here."""
+        task = asyncio.create_task(work, name=f"bc-proxy pull {self.tenant} record")
         try:
-            if source == "mo_query":
-                count = await sweep_tenant(app, tenant)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.stop.set()
+            grace = self.app[keys.SETTINGS].server.shutdown_timeout_seconds / 2
+            await asyncio.wait({task}, timeout=grace)
+            if not task.done():
+                task.cancel()  # what it holds is logged by _commit on the way out
+                await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # stopping either way: a failed fetch is not news
+            raise
+
+    async def _take_one(self, path: str, inverse: Mapping[str, int]) -> bool:
+        """Fetch one record of `path` and store it (or keep it if unusable); False when none."""
+        raw = await fetch_one(self.app[keys.CLIENT], self.tenant, path)
+        if raw is None:
+            return False
+        record = _fields(raw)
+        event = mo_from_record(record) if path == "sms/in" else dlr_from_record(record, inverse)
+        source = path.replace("/", "_")
+        if event is None:
+            await self._keep_unusable(source, raw)
+        else:
+            await self._commit(source, event)
+        return True
+
+    async def _commit(self, source: str, event: MoEvent | DlrEvent) -> None:
+        """Store `event`, retrying a refusing store with growing pauses and nothing else
+        fetched meanwhile; once stopping, one last attempt, then keep it for the operator."""
+        delay = STORE_RETRY_FIRST
+        try:
+            while not await self._ingest(source, event, delay):
+                if self.stop.is_set():
+                    await self._keep_unstored(source, event)
+                    return
+                with contextlib.suppress(TimeoutError):  # a stop cuts the pause short
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+        except BaseException:
+            # Cancelled past the grace, or a store bug: the log line is the record's last copy.
+            self._log_unstored(source, event, "not kept: the job ended mid-write")
+            raise
+
+    async def _ingest(self, source: str, event: MoEvent | DlrEvent, retry_in: float) -> bool:
+        """One store write of a pulled event; False (logged, counted as a pull error) when the
+        store refused it."""
+        store = self.app[keys.STORE]
+        try:
+            if isinstance(event, DlrEvent):
+                await store.add_dlr(event)
             else:
-                count = await drain(app, tenant, "in" if source == "sms_in" else "status")
-        except BcProxyError as exc:
-            outcomes[source] = "error"
-            metrics.pulls.labels(tenant, source, "error").inc()
-            log.error("pull_failed", tenant=tenant, source=source, error=str(exc)[:200])
-            continue
-        outcomes[source] = "ok"
-        metrics.pulls.labels(tenant, source, "ok").inc()
-        if count:
-            metrics.pulled_records.labels(tenant, source).inc(count)
-    return outcomes
+                await store.add_mo(event, account=self.tenant)
+        except StoreError as exc:
+            self.app[keys.METRICS].pulls.labels(self.tenant, source, "error").inc()
+            log.error(
+                "pulled_record_store_failed",
+                tenant=self.tenant,
+                source=source,
+                error=str(exc)[:200],
+                retry_in_s=None if self.stop.is_set() else retry_in,
+            )
+            return False
+        return True
 
+    async def _keep_unstored(self, source: str, event: MoEvent | DlrEvent) -> None:
+        """A record the store still refuses at stop: into the rejected-webhooks table as its
+        webhook body, else (the store is down) into the log."""
+        reason = f"{source}_not_stored"
+        if await self._reject(json.dumps(webhook_body(event)).encode(), reason):
+            log.error("pulled_record_not_stored", tenant=self.tenant, source=source, kept=reason)
+        else:
+            self._log_unstored(source, event, "not kept: the store refused it too")
 
-async def _tenant_loop(app: web.Application, tenant: str) -> None:
-    interval = app[keys.RUNTIME].tenants[tenant].inbound.pull_interval_seconds
-    while True:
-        started = asyncio.get_running_loop().time()
-        await pull_once(app, tenant)
-        elapsed = asyncio.get_running_loop().time() - started
-        await asyncio.sleep(max(interval - elapsed, 0.0))
+    def _log_unstored(self, source: str, event: MoEvent | DlrEvent, kept: str) -> None:
+        # The last copy, as a webhook body to POST to the webhook URL. Phone numbers come out
+        # masked: a report needs none, and an SMS is also recovered by the mo/query sweep.
+        reinject = loggable_body(event)
+        log.error(
+            "pulled_record_not_stored",
+            tenant=self.tenant,
+            source=source,
+            kept=kept,
+            reinject=reinject,
+        )
+
+    async def _keep_unusable(self, source: str, raw: bytes) -> None:
+        """A record we cannot use: kept verbatim with the rejected webhooks (or logged)."""
+        reason = f"{source}_unusable"
+        if await self._reject(raw, reason):
+            self.app[keys.METRICS].rejected_webhooks.labels(reason).inc()
+            log.warning("pulled_record_unusable", tenant=self.tenant, source=source, kept=reason)
+            return
+        record = raw.decode("utf-8", "replace")
+        log.error("pulled_record_unusable", tenant=self.tenant, source=source, record=record)
+
+    async def _reject(self, body: bytes, reason: str) -> bool:
+        try:
+            await self.app[keys.STORE].reject_webhook(body, reason)
+        except StoreError as exc:
+            log.error("pulled_record_not_kept", tenant=self.tenant, reason=reason, error=str(exc))
+            return False
+        return True
 
 
 async def pull_loop(app: web.Application) -> None:
-    """Background job: one loop per pull-mode tenant, until cancelled (returns when none)."""
+    """Background job: one loop per pull-mode tenant, until shutdown (returns when none)."""
     tenants = pull_tenants(app)
     if not tenants:
         return
-    async with asyncio.TaskGroup() as group:  # ends by cancellation, or a loop's error
+    async with asyncio.TaskGroup() as group:  # ends by shutdown, cancellation or a loop's error
         for tenant in tenants:
-            group.create_task(_tenant_loop(app, tenant), name=f"bc-proxy pull {tenant}")
+            group.create_task(Puller(app, tenant).run(), name=f"bc-proxy pull {tenant}")

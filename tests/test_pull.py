@@ -4,26 +4,46 @@ Connexus mo/query, sms/in and sms/status; the emulator serves the Bulletin-compa
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+from aiohttp import web
 
+from bc_proxy import keys
+from bc_proxy.connexus.emulator import Emulator, create_emulator_app
+from bc_proxy.connexus.models import parse_webhook
 from bc_proxy.metrics import Metrics
-from bc_proxy.pull import dlr_from_record, inverse_status_map, mo_from_record
+from bc_proxy.pull import (
+    dlr_from_record,
+    inverse_status_map,
+    loggable_body,
+    mo_from_record,
+    webhook_body,
+)
 from bc_proxy.store import DlrEvent, MoEvent
+from bc_proxy.store.sqlite.store import SQLiteStore
 from tests.conftest import (
     CLIENT_ID,
+    CLIENT_SECRET,
     WEBHOOK_SECRET,
+    AiohttpServer,
     Connexus,
     GatewayClient,
     GatewayFactory,
+    config_dict,
     creds,
 )
 
 HANDSET = "6421000222"
 PULL = {"mode": "pull", "pull_interval_seconds": 0.1}
 BEARERLESS = {"userId": "demo@example.org", "password": "demo-password"}
+SLOW_ANSWER = 0.5  # seconds an sms/status record spends on its way back (slow_connexus)
 
 
 async def poll_until(client: GatewayClient, kind: str, within: float = 5.0) -> dict[str, str]:
@@ -54,6 +74,57 @@ async def drained(connexus: Connexus, within: float = 5.0) -> None:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `condition()` holds (or fail after `within` seconds)."""
+    for _ in range(int(within / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+def writer_conn(client: GatewayClient) -> sqlite3.Connection:
+    """The gateway's SQLite writer connection: `PRAGMA query_only` makes the store refuse writes."""
+    store = client.app[keys.STORE]
+    assert isinstance(store, SQLiteStore)
+    conn = store._engine.conn
+    assert conn is not None
+    return conn
+
+
+def status_polls(connexus: Connexus) -> int:
+    return sum(r.path.endswith("/sms/status") for r in connexus.emu.requests)
+
+
+def stored_reports(db: Path) -> list[str]:
+    """The legacy ids of the status records in a (stopped) gateway's SQLite file."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT in_reply_to FROM records WHERE kind = 'status' ORDER BY id")
+        return [r[0] for r in rows]
+
+
+def log_events(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, stream.getvalue().splitlines()) if e["event"] == event]
+
+
+@pytest.fixture
+async def slow_connexus(aiohttp_server: AiohttpServer) -> Connexus:
+    """The emulator, whose sms/status answers leave SLOW_ANSWER seconds after the record was
+    consumed (a slow network back from Connexus)."""
+    emu = Emulator(clients={CLIENT_ID: CLIENT_SECRET})
+
+    @web.middleware
+    async def late(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if request.path.endswith("/sms/status") and response.status == 200:
+            await asyncio.sleep(SLOW_ANSWER)
+        return response
+
+    app = create_emulator_app(emu)
+    app.middlewares.append(late)
+    return Connexus(emu, await aiohttp_server(app, host="127.0.0.1"))
 
 
 async def test_pull_tenant_without_webhook_gets_reply_and_report(
@@ -176,3 +247,112 @@ def test_in_record_as_incoming_sms() -> None:
     record = {"messageId": "7", "from": "+6421", "to": "552", "body": "x", "inReplyToId": ""}
     assert mo_from_record(record) == MoEvent("7", "6421", "552", "x", None)
     assert mo_from_record({"messageId": "", "from": "1", "to": "2", "body": ""}) is None
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        DlrEvent("m-1", 1, ""),
+        DlrEvent("m-2", 0, "EXPIRED"),
+        DlrEvent("1234567", 4, ""),
+        DlrEvent("0123456", 4, ""),
+        MoEvent("7", "6421000222", "552", "Yes \u00e9", "m-1"),
+        MoEvent("8", "6421000222", "552", "", None),
+    ],
+)
+def test_webhook_body_is_the_same_event(event: DlrEvent | MoEvent) -> None:
+    """The re-injectable bodies of a pulled event parse, as a webhook, into that event."""
+    assert parse_webhook(json.dumps(webhook_body(event)).encode()) == event
+    assert parse_webhook(json.dumps(loggable_body(event)).encode()) == event
+
+
+async def test_report_held_while_store_refuses_is_stored_once_when_back(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A report pulled while the store refuses writes is held and retried with nothing else
+    fetched meanwhile, and stored exactly once when the store is back."""
+    cfg["tenants"][0]["inbound"] = PULL
+    metrics = Metrics(process=False)
+    client = await gateway(cfg, metrics)
+    await send(client, "LEG-3")
+    await send(client, "LEG-4")
+    first, second = connexus.emu.sent[-2:]
+    conn = writer_conn(client)
+    conn.execute("PRAGMA query_only = ON")
+    await connexus.emu.report(first, 1)
+    await connexus.emu.report(second, 1)
+    await until(lambda: connexus.emu.unread("status", CLIENT_ID) == 1)  # the first is held
+    polls = status_polls(connexus)
+    await asyncio.sleep(1.2)  # a dozen pull intervals; store attempts at 0, 0.5 s (next 1.5 s)
+    assert status_polls(connexus) == polls  # no further record asked for while one is held
+    assert connexus.emu.unread("status", CLIENT_ID) == 1
+    conn.execute("PRAGMA query_only = OFF")
+    assert (await poll_until(client, "status"))["inReplyToId"] == "LEG-3"
+    assert (await poll_until(client, "status"))["inReplyToId"] == "LEG-4"
+    await drained(connexus)
+    assert (await client.get("/api/1/sms/status", params=creds())).status == 204
+    failures = log_events(log_stream, "pulled_record_store_failed")
+    assert [e["retry_in_s"] for e in failures[:2]] == [0.5, 1.0]  # growing pauses
+    assert all(e["level"] == "error" and e["source"] == "sms_status" for e in failures)
+    assert not any({"from", "to", "body", "reinject"} & set(e) for e in failures)
+    labels = {"tenant": "acme", "source": "sms_status", "outcome": "error"}
+    assert metrics.registry.get_sample_value("bc_proxy_pulls_total", labels) == len(failures)
+
+
+async def test_shutdown_stores_a_report_still_on_its_way(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A shutdown while a consumed sms/status record is on its way back stores it first."""
+    cfg = config_dict(tmp_path, slow_connexus.base_url)
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    emu = slow_connexus.emu
+    await send(client, "LEG-5")
+    await emu.report(emu.sent[-1], 1)
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    await client.close()
+    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-5"]
+
+
+async def test_shutdown_with_store_refusing_logs_the_report_to_reinject(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A report the store still refuses at shutdown gets one last attempt, then an error line
+    whose webhook body, POSTed by an operator, stores it."""
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    await send(client, "LEG-6")
+    conn = writer_conn(client)
+    conn.execute("PRAGMA query_only = ON")
+    await connexus.emu.report(connexus.emu.sent[-1], 1)
+    await until(lambda: connexus.emu.unread("status", CLIENT_ID) == 0)
+    await asyncio.sleep(0.2)  # its first store attempt has failed
+    await client.close()
+    lost = log_events(log_stream, "pulled_record_not_stored")
+    assert len(lost) == 1, "the report left no trace"
+    assert lost[0]["level"] == "error"
+    attempts = log_events(log_stream, "pulled_record_store_failed")
+    assert attempts[-1]["retry_in_s"] is None  # the last attempt, at stop
+    assert lost[0]["tenant"] == "acme"
+    again = await gateway(cfg)  # the operator's re-injection, once the store is back
+    url = f"/webhooks/connexus/{WEBHOOK_SECRET}"
+    assert (await again.post(url, data=json.dumps(lost[0]["reinject"]))).status == 200
+    assert (await poll_until(again, "status"))["inReplyToId"] == "LEG-6"
+
+
+async def test_unusable_pulled_record_is_kept_with_rejected_webhooks(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A pulled record we cannot use is kept verbatim in the rejected-webhooks table."""
+    cfg["tenants"][0]["inbound"] = PULL
+    metrics = Metrics(process=False)
+    client = await gateway(cfg, metrics)
+    await connexus.emu.fire_dlr("", 1)  # a report naming no message
+    store = client.app[keys.STORE]
+    await until(lambda: not connexus.emu.unread("status", None))
+    await drained(connexus)
+    [kept] = await store.rejected_webhooks()
+    assert kept.reason == "sms_status_unusable"
+    assert dict(parse_qsl(kept.body.decode(), keep_blank_values=True))["inReplyToId"] == ""
+    labels = {"reason": "sms_status_unusable"}
+    assert metrics.registry.get_sample_value("bc_proxy_webhooks_rejected_total", labels) == 1
