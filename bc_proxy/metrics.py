@@ -293,8 +293,8 @@ class Metrics:
         )
         self.pulls = Counter(
             "bc_proxy_pulls_total",
-            "Pull-mode fetches by tenant, source (mo_query, sms_in, sms_status) and outcome "
-            "(ok, error).",
+            "Pull-mode rounds by tenant, source (mo_query, sms_in, sms_status) and outcome "
+            "(ok, error; a pulled record the store refused counts an error at each attempt).",
             ["tenant", "source", "outcome"],
             registry=r,
         )
