@@ -4,15 +4,18 @@ Owns the SQL of add_dlr: the candidate sends of every report in the group in one
 `Rules.attribute_dlr` per report, one insert deduped by event key. A report stored unmatched
 is looked at again after its commit (`matching.recheck_unmatched`, called by the store), as a
 settle looks for unmatched reports after its own: whichever commits second sees the other.
+So is a repeat of a report still stored unmatched: the recheck after the first delivery may
+have failed (the webhook answered 503), and Connexus's retry is the one chance left.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from bc_proxy.store import DlrEvent, IngestResult
-from bc_proxy.store.postgres.db import Db, Wakes
+from bc_proxy.store import DlrEvent, IngestResult, Outcome
+from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.matching import candidates
 from bc_proxy.store.postgres.records import NewRecord, insert_keyed
 from bc_proxy.store.rules import Rules, SendFacts
@@ -25,6 +28,19 @@ class DlrWrite:
     event: DlrEvent
     key: str
     now: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class DlrStored:
+    """What add_dlr did, and whether its row is committed unmatched (stored now, or by an
+    earlier delivery of the same report): then its send is looked for again."""
+
+    result: IngestResult
+    unmatched: bool = False
+
+
+# Repeats only: the rows stored before, as they are now.
+STORED = "SELECT event_key, tenant, ambiguous FROM records WHERE event_key = ANY($1::text[])"
 
 
 def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
@@ -45,11 +61,12 @@ def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
     )
 
 
-async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[IngestResult]:
+async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[DlrStored]:
     """Store a group of reports (distinct event keys): two statements and no explicit
     transaction. The candidates are read first; the insert and its NOTIFY are one statement
     (atomic by itself). A settle committing in between is caught by the post-commit checks
-    (module docstring), as one committing just after would be."""
+    (module docstring), as one committing just after would be. A group with repeats reads
+    their rows once more (a third statement, never on the path of new reports)."""
     ids = sorted({w.event.message_id for w in writes})
     async with db.conn("add dlr") as conn:
         sends = await candidates(conn, ids)
@@ -65,20 +82,38 @@ async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[Inges
             if r.tenant is not None and r.wakes(rules, w.now)
         }
         inserted = await insert_keyed(conn, rows, notify=wakes)
-    results: list[IngestResult] = []
+        before = await _stored_before(conn, [w.key for w in writes if w.key not in inserted])
+    results: list[DlrStored] = []
     fired: Wakes = set()
     for w, record in zip(writes, records, strict=True):
         tenant = record.tenant
         if w.key not in inserted:
-            results.append(IngestResult("duplicate", tenant))
+            results.append(_repeat(before.get(w.key), tenant))
         elif tenant is None:
-            results.append(IngestResult("ambiguous" if record.ambiguous else "unmatched", None))
+            outcome: Outcome = "ambiguous" if record.ambiguous else "unmatched"
+            results.append(DlrStored(IngestResult(outcome, None), not record.ambiguous))
         else:
             if (tenant, "status") in wakes:
                 fired.add((tenant, "status"))
-            results.append(IngestResult("stored", tenant))
+            results.append(DlrStored(IngestResult("stored", tenant)))
     db.fire(fired)
     return results
+
+
+async def _stored_before(conn: Conn, keys: list[str]) -> dict[str, Any]:
+    """The rows of repeated reports, read after the insert: each is committed by then (the
+    insert waited for the transaction that stored it)."""
+    if not keys:
+        return {}
+    return {r["event_key"]: r for r in await conn.fetch(STORED, keys)}
+
+
+def _repeat(row: Any, tenant: str | None) -> DlrStored:
+    """A repeat, with the tenant its row has; one still unmatched is looked at again."""
+    if row is None:  # purged since: nothing left to match
+        return DlrStored(IngestResult("duplicate", tenant))
+    unmatched = row["tenant"] is None and not row["ambiguous"]
+    return DlrStored(IngestResult("duplicate", row["tenant"]), unmatched)
 
 
 def _key(row: tuple[object, ...]) -> str:

@@ -7,6 +7,11 @@ an ingest commits an unmatched report first and then looks for a send it names
 sees the other's row (or both do): no report is left unmatched by the race. The matching
 itself runs under the ids' advisory locks (`match_reports`), so two matchers of one id run one
 after the other.
+
+A look that fails leaves the report unmatched. After an ingest it fails the ingest (the
+webhook answers 503), and each repeat of the report while its row is unmatched looks again
+(the store's add_dlr), so Connexus's retry repairs it. After a settle only a repeat of the
+report would look again: the failure is logged, and the report stays unmatched meanwhile.
 """
 
 from __future__ import annotations
@@ -69,8 +74,9 @@ async def match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
 
 
 async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:
-    """After an ingest committed an unmatched report: if a send it names exists now (its
-    settle committed meanwhile), match it; the tenant it went to, else None."""
+    """After an ingest committed an unmatched report, or met one stored unmatched before: if
+    a send it names exists now (its settle committed meanwhile), match it; the tenant it went
+    to, else None."""
     async with db.conn("match reports") as conn:
         sends = await candidates(conn, [message_id])
     if rules.attribute_dlr(sends.get(message_id, [])) is None:

@@ -4,6 +4,10 @@ Owns the SQL of add_mo: the facts `Rules.route_mo` needs for every message of th
 query (already stored? the send it relates to, the latest send to the handset), one insert
 deduped by event key, the assignment of an unmatched message once its account is known, and
 the blocked-list change of a STOP/START in the same transaction as the message.
+
+Another replica may store the same message between this group's read and its insert (the
+webhook, with no account, and the sweep or pull, with one): the insert then meets that row,
+and gives it this route's tenant when it has none, as `_assign` does to one read as stored.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bc_proxy.store import IngestResult, MoEvent
-from bc_proxy.store.postgres.db import NOTIFY, Conn, Db, Wakes, wake_payloads
+from bc_proxy.store.postgres.db import CHANNEL, NOTIFY, Conn, Db, Wakes, wake_payloads
 from bc_proxy.store.postgres.matching import FACTS
-from bc_proxy.store.postgres.records import NewRecord, insert_keyed
+from bc_proxy.store.postgres.records import INSERT_ARRAYS, NewRecord, columns
 from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Route, Rules, SendFacts
 
 
@@ -55,6 +59,30 @@ ORDER BY x.i
 """
 
 
+# The insert. A key stored by another replica after this group's facts were read conflicts:
+# ON CONFLICT DO UPDATE locks that row and sees its latest version, committed after this
+# statement's snapshot or not (a read, even in the same statement, would not see it), and
+# assigns it when it is unmatched and this route has a tenant: the placement columns `_assign`
+# sets. No extra statement: only a conflicting key pays (its row lock). A row returned with
+# another receipt id than the one sent for it is that assigned row, not a new one.
+MO_INSERT = (
+    f"{INSERT_ARRAYS} ON CONFLICT (event_key) DO UPDATE SET tenant = excluded.tenant, "
+    "pollable = excluded.pollable, push_due = excluded.push_due, "
+    "push_deadline = excluded.push_deadline "
+    "WHERE records.tenant IS NULL AND excluded.tenant IS NOT NULL "
+    "RETURNING event_key, receipt_id"
+)
+# The same and its wake-ups in one statement (as records.insert_keyed): the select list of a
+# one-row SELECT is evaluated whole, whatever was inserted.
+MO_INSERT_NOTIFY = (
+    f"WITH ins AS ({MO_INSERT}), n AS (SELECT count(pg_notify('{CHANNEL}', w)) AS c "
+    f"FROM unnest(${len(columns(())) + 1}::text[]) AS w) "
+    "SELECT array(SELECT ARRAY[event_key, receipt_id] FROM ins) AS stored, "
+    "(SELECT c FROM n) AS notified"
+)
+_KEY, _RECEIPT = 2, 6  # positions of event_key and receipt_id in `NewRecord.values`
+
+
 def _facts(row: Any, prefix: str) -> SendFacts | None:
     if row[f"{prefix}_id"] is None:
         return None
@@ -64,7 +92,10 @@ def _facts(row: Any, prefix: str) -> SendFacts | None:
 async def store_mos(db: Db, rules: Rules, writes: list[MoWrite]) -> list[IngestResult]:
     """Store a group of incoming messages (distinct keys). The facts are read first; a group
     that only inserts is then one statement (insert and NOTIFY, atomic by itself), and one
-    with an assignment or a STOP/START runs its writes in one transaction."""
+    with an assignment or a STOP/START runs its writes in one transaction. A message another
+    replica stored meanwhile is assigned by the insert itself (module docstring); a route with
+    a STOP/START is in a transaction already (`_needs_tx`), so the blocked-list change commits
+    with the assignment."""
     wakes: Wakes = set()
     async with db.conn("add mo") as conn:
         rows = await conn.fetch(
@@ -140,20 +171,40 @@ async def _write(
             for n, r in new
             if r.tenant is not None and r.wakes(rules, writes[n].now)
         }
-    inserted = await insert_keyed(conn, values, notify=notify)
+    stored = await _insert(conn, values, notify)
     for n, record in new:
         w, tenant = writes[n], record.tenant
-        if w.key not in inserted:
+        new_row = stored.get(w.key)
+        if new_row is None:
             results[n] = IngestResult("duplicate", tenant)
             continue
         if tenant is None:
             results[n] = IngestResult("unmatched", None)
             continue
+        # New here or assigned by the insert (stored unmatched by another replica meanwhile):
+        # either way its STOP/START and its wake-up, as the sequential path's.
         await _opt_out(conn, rules, tenant, w)
         if record.wakes(rules, w.now):
             wakes.add((tenant, "in"))
-        results[n] = IngestResult("stored", tenant)
+        results[n] = IngestResult("stored" if new_row else "assigned", tenant)
     return [r for r in results if r is not None]
+
+
+async def _insert(
+    conn: Conn, values: list[tuple[Any, ...]], notify: Wakes | None
+) -> dict[str, bool]:
+    """Insert the rows (MO_INSERT); for each key written, True when its row is new here,
+    False when it was another replica's unmatched row, assigned. Keys not written are
+    duplicates. `notify`: wake-ups to NOTIFY in the same statement (outside a transaction)."""
+    if not values:
+        return {}
+    if notify is None:
+        rows = await conn.fetch(MO_INSERT, *columns(values))
+        written = [(r["event_key"], r["receipt_id"]) for r in rows]
+    else:
+        written = await conn.fetchval(MO_INSERT_NOTIFY, *columns(values), wake_payloads(notify))
+    sent = {v[_KEY]: v[_RECEIPT] for v in values}
+    return {key: receipt == sent[key] for key, receipt in written}
 
 
 async def _assign(

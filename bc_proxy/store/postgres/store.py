@@ -30,7 +30,7 @@ from bc_proxy.store import (
 from bc_proxy.store.postgres import inbound, matching, push, records, schema, sends
 from bc_proxy.store.postgres.abandoned import PER_GROUP, Abandoned
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
-from bc_proxy.store.postgres.dlr import DlrWrite, store_dlrs
+from bc_proxy.store.postgres.dlr import DlrStored, DlrWrite, store_dlrs
 from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.postgres.listener import Listener
 from bc_proxy.store.postgres.mo import MoWrite, store_mos
@@ -100,7 +100,7 @@ class PostgresStore:
         send_writers = max(1, min(SEND_WRITERS, pool_max // 3))
         self._polling = records.Polling(self._db, self._rules, self._owner, lease_seconds)
         self._pushing = push.Pushing(self._db, self._rules, self._owner, lease_seconds)
-        self._dlrs: Batcher[DlrWrite, IngestResult] = Batcher(
+        self._dlrs: Batcher[DlrWrite, DlrStored] = Batcher(
             self._db, "add dlr", None, key=lambda w: w.key, run=self._store_dlrs
         )
         self._mos: Batcher[MoWrite, IngestResult] = Batcher(
@@ -135,7 +135,7 @@ class PostgresStore:
         self._opened = False
         self._closed = False
 
-    async def _store_dlrs(self, w: list[DlrWrite]) -> list[IngestResult]:
+    async def _store_dlrs(self, w: list[DlrWrite]) -> list[DlrStored]:
         return await store_dlrs(self._db, self.rules, w)
 
     async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
@@ -234,13 +234,18 @@ class PostgresStore:
     # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        result = await self._dlrs.submit(
+        stored = await self._dlrs.submit(
             DlrWrite(event, self.rules.dlr_key(event.message_id, event.status))
         )
-        if result.outcome == "unmatched":  # committed: did its settle commit meanwhile?
+        result = stored.result
+        # Committed unmatched: did its settle commit meanwhile? Asked again by each repeat
+        # while the row stays unmatched: a failure here answers 503, and Connexus's retry of
+        # the report is the only call that brings it back here.
+        if stored.unmatched:
             tenant = await matching.recheck_unmatched(self._db, self.rules, event.message_id)
             if tenant is not None:
-                return IngestResult("stored", tenant)
+                outcome = "stored" if result.outcome == "unmatched" else result.outcome
+                return IngestResult(outcome, tenant)
         return result
 
     async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
