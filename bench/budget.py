@@ -41,6 +41,7 @@ import run
 BENCH = Path(__file__).resolve().parent
 VARIANTS = (
     "lean",
+    "floor",
     "gateway",
     "-access-log",
     "-metrics",
@@ -111,7 +112,10 @@ def _below_handler(frames: list[str], frame: str) -> bool:
     """aiohttp's server frames above the handler do not decide: what the handler calls does."""
     i = frames.index(frame)
     return any(
-        "bc_proxy/" in f or "baseline_proxy.py" in f or "aiohttp/client" in f
+        "bc_proxy/" in f
+        or "baseline_proxy.py" in f
+        or "lean_durable.py" in f
+        or "aiohttp/client" in f
         for f in frames[i + 1 :]
     )
 
@@ -123,6 +127,8 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
         base.start()
         assert base.proc is not None
         return base.proc, f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out", base
+    if variant == "floor":
+        return start_floor(ctx)
     gw = run.Gateway(ctx, variant.strip("-+"), poll_wait=0)
     part = "none" if variant == "gateway" else variant[1:]  # "-x": x removed, "+x": x added
     cmd = [
@@ -137,6 +143,39 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
     url = f"{gw.base}/readyz"
     run.wait_until(gw.proc, "gateway", gw.log, lambda: run.http_status(url) == 200, 30)
     return gw.proc, f"{gw.base}/api/1/sms/out", gw
+
+
+class _Floor:
+    def __init__(self, ctx: run.Ctx, proc: subprocess.Popen[bytes]) -> None:
+        self.ctx, self.proc = ctx, proc
+
+    def stop(self) -> None:
+        self.ctx.procs.stop(self.proc)
+
+
+def start_floor(ctx: run.Ctx) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """The lean proxy plus the write-ahead row, its settle and the log line (lean_durable.py)."""
+    port = run.free_port()
+    d = ctx.path("floor")
+    d.mkdir(exist_ok=True)
+    cmd = [
+        *ctx.pin.under_test,
+        sys.executable,
+        str(BENCH / "lean_durable.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        ctx.upstream,
+        "--db",
+        str(d / f"floor-{time.time_ns()}.db"),
+        "--log",
+        str(d / "access.log"),
+    ]
+    out = d / "stdout.log"
+    proc = ctx.procs.start("floor", cmd, out)
+    url = f"http://127.0.0.1:{port}/api/1/sms/out"
+    run.wait_until(proc, "floor", out, lambda: run.http_status(url) is not None, 30)
+    return proc, url, _Floor(ctx, proc)
 
 
 def measure(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
@@ -212,7 +251,7 @@ def markdown(report: dict[str, Any]) -> str:
         m = med.get(v)
         if m is None:
             continue
-        cost = "-" if v in ("lean", "gateway") else f"{full - m['cpu_us']:.0f}"
+        cost = "-" if v in ("lean", "floor", "gateway") else f"{full - m['cpu_us']:.0f}"
         lines.append(f"| {v} | {m['rps']:,.0f} | {m['cpu_us']:.0f} | {cost} |")
     for v, prof in report.get("profiles", {}).items():
         us = med[v]["cpu_us"]
@@ -261,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.log(f"rep {rep + 1}/{a.reps}: {v}")
                 results[v].append(measure(ctx, v, a.duration))
         if not a.no_profile:
-            for v in ("gateway", "lean"):
+            for v in [v for v in ("gateway", "lean", "floor") if v in a.variants]:
                 run.log(f"py-spy: {v}")
                 profiles[v] = profile(ctx, v, a.profile_seconds)
     finally:
