@@ -102,8 +102,9 @@ def _stale_before(settings: Settings) -> float:
 
 async def expire_pending_loop(app: web.Application) -> None:
     """Background job: every EXPIRE_EVERY seconds, on one replica at a time, expire the
-    pending sends another (crashed) replica left behind, as a restart does at start; and,
-    after a reload, place stranded records once more (`Runtime.place_again_at`)."""
+    pending sends another (crashed) replica left behind, as a restart does at start; match
+    delivery reports a failed look left unmatched although their send is known; and, after a
+    reload, place stranded records once more (`Runtime.place_again_at`)."""
     store = app[keys.STORE]
     rt = app[keys.RUNTIME]
     while True:
@@ -121,6 +122,12 @@ async def expire_pending_loop(app: web.Application) -> None:
                     expired = await store.expire_pending(_stale_before(app[keys.SETTINGS]))
                     if expired:
                         log.warning("sends_outcome_unknown", recipients=expired)
+        with contextlib.suppress(StoreError):
+            async with store.exclusive("match reports") as got:
+                if got:
+                    matched = await store.match_waiting_reports()
+                    if matched:
+                        log.warning("reports_matched_late", reports=matched)
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -60,6 +60,7 @@ STATEMENTS = {
     ),
     "mark seen": (abandoned.MARK_SEEN, "bigint[]", "ARRAY[5::bigint]"),
     "report candidates": (matching.CANDIDATES, "text[]", "ARRAY['cx5']"),
+    "reports waiting, send known": (matching.WAITING_KNOWN, "int", "500"),  # the upkeep pass
     "mo facts": (
         mo.MO_FACTS,
         "text[], text[], text[], text[], float8[]",

@@ -313,6 +313,32 @@ async def test_purge_keeps_a_record_another_replica_makes_waiting_meanwhile(
     assert record.body == "hi"
 
 
+async def test_a_report_left_unmatched_by_a_replica_killed_after_its_settle_is_matched(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A report arrives before its send is settled (kept unmatched); the replica sending it is
+    killed right after its settle's commit, before the look for reports waiting for the new
+    Connexus id. Nobody repeats the report: the upkeep pass on the other replica matches it."""
+    a, b = pair
+    plan = await a.begin_send(SendIntent(POLL, "L-late", ("6421000009",), "552"), time.time())
+    (ref,) = [p.upstream_ref for p in plan.to_send]
+    assert (await b.add_dlr(DlrEvent("cx-late", 1, "DELIVRD"))).outcome == "unmatched"
+    assert await b.match_waiting_reports() == 0  # its send is not known yet
+    # A's settle, committed; A dies before its look (what settle_send's commit writes).
+    await pg.execute(
+        a.url,
+        "UPDATE sends SET state = 'accepted', connexus_id = 'cx-late', sender = '552', "
+        "settled_at = $2 WHERE upstream_ref = $1",
+        ref,
+        time.time(),
+    )
+    assert await b.match_waiting_reports() == 1
+    record = await b.claim(POLL, "status")
+    assert record is not None
+    assert (record.in_reply_to, record.msisdn_from) == ("L-late", "6421000009")
+    assert await b.match_waiting_reports() == 0
+
+
 async def test_open_refuses_a_schema_newer_than_the_code(opener: Opener, pg_url: str) -> None:  # noqa: F811
     """A database migrated by a newer bc-proxy is refused with both versions named."""
     await opener("A")

@@ -264,6 +264,11 @@ class Store(Protocol):
         write is queued before the first suspension): a send's outcome is never lost to a
         shutdown's cancellation, and the send path needs no task of its own to shield it."""
 
+    async def match_waiting_reports(self) -> int:
+        """Delivery reports still unmatched although a send they name is stored now (the match
+        that follows a settle or an ingest failed, and nobody repeats the report) get their
+        send; how many report ids were matched. Run by the upkeep job, on one replica."""
+
     async def expire_pending(self, before: float) -> int:
         """Pending rows created before `before` become `unknown` (their call died); how many.
 

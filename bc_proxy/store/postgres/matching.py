@@ -10,8 +10,9 @@ after the other.
 
 A look that fails leaves the report unmatched. After an ingest it fails the ingest (the
 webhook answers 503), and each repeat of the report while its row is unmatched looks again
-(the store's add_dlr), so Connexus's retry repairs it. After a settle only a repeat of the
-report would look again: the failure is logged, and the report stays unmatched meanwhile.
+(the store's add_dlr), so Connexus's retry repairs it. After a settle (or an ingest of a
+pulled report, which nobody repeats) the failure is logged, and the upkeep job's pass
+(`match_waiting`, every 30 s on one replica) finds the report and its now known send.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ UNMATCHED = (
     "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
     "AND kind = 'status' AND ref = ANY($1::text[])"
 )
+# Unmatched reports whose send is known by now (a look that failed left them): the unmatched
+# reports' partial index, each ref probed in the two send indexes it may name.
+WAITING_KNOWN = (
+    "SELECT DISTINCT r.ref FROM records r WHERE r.tenant IS NULL AND NOT r.ambiguous "
+    "AND r.kind = 'status' AND r.ref IS NOT NULL "
+    "AND (EXISTS (SELECT 1 FROM sends s WHERE s.connexus_id = r.ref) "
+    "OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref)) LIMIT $1"
+)
+WAITING_CHUNK = 500  # report ids matched by one pass
 
 
 def facts(row: Any) -> SendFacts:
@@ -71,6 +81,18 @@ async def match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
                 await match_reports(conn, rules, sorted(waiting), time.time(), wakes)
     except StoreError as exc:
         log.warning("late report matching failed after a settle: %s", exc)
+
+
+async def match_waiting(db: Db, rules: Rules) -> int:
+    """The upkeep job's pass: reports still unmatched although a send they name is stored (a
+    look after a settle or an ingest failed) get their send; how many ids were matched."""
+    async with db.conn("match reports") as conn:
+        refs = [r["ref"] for r in await conn.fetch(WAITING_KNOWN, WAITING_CHUNK)]
+    if not refs:
+        return 0
+    async with db.tx("match reports") as (conn, wakes):
+        matched = await match_reports(conn, rules, sorted(refs), time.time(), wakes)
+    return len(matched)
 
 
 async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:

@@ -231,6 +231,9 @@ class PostgresStore:
     async def expire_pending(self, before: float) -> int:
         return await sends.expire_pending(self._db, self.rules, before)
 
+    async def match_waiting_reports(self) -> int:
+        return await matching.match_waiting(self._db, self.rules)
+
     # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:

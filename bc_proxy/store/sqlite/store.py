@@ -143,6 +143,11 @@ class SQLiteStore:
             )
         return self._maybe_unmatched
 
+    async def match_waiting_reports(self) -> int:
+        # None can wait: a settle matches the reports waiting for its ids in its own
+        # transaction, and an ingest looks for its send in its own (one writer).
+        return 0
+
     async def expire_pending(self, before: float) -> int:
         """In chunks, each its own short write, so a large backlog never holds the loop."""
         total = 0
