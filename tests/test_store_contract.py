@@ -988,7 +988,7 @@ async def test_dead_first_report_lets_the_next_go(store: Store) -> None:
 
 
 async def test_expired_push_lease_is_claimed_again(opened: Opened) -> None:
-    """A push claim never finished comes back after the lease; the old holder's done is void."""
+    """A push claim never finished comes back after the lease; the old holder's failure is void."""
     store = await opened.open(lease_seconds=0.2)
     await _pushed_status(store)
     (first,) = await store.claim_pushes(later(), 10)
@@ -998,17 +998,16 @@ async def test_expired_push_lease_is_claimed_again(opened: Opened) -> None:
     (second,) = await store.claim_pushes(later(), 10)
     assert second.id == first.id
     store.replica = me
-    await store.push_done(first)  # lost the lease: no effect
-    await store.push_failed(first, next_at=None, error="x")
+    await store.push_failed(first, next_at=None, error="x")  # lost the lease: no effect
     assert await store.dead_letters() == []
     store.replica = "another-replica"
     await store.push_done(second)
     assert await store.claim_pushes(later(HOUR), 10) == []
 
 
-async def test_a_push_claim_outcome_lands_on_that_claim_alone(opened: Opened) -> None:
+async def test_a_late_push_failure_lands_on_its_claim_alone(opened: Opened) -> None:
     """The same replica claims a record again once its lease expired (a stalled attempt; or a
-    reload that placed it for polling and back): the first attempt's outcome, landing late,
+    reload that placed it for polling and back): the first attempt's failure, landing late,
     is void. It neither dead-letters nor reschedules what the second attempt holds, and the
     second attempt's done finishes the record."""
     store = await opened.open(lease_seconds=0.2)
@@ -1020,12 +1019,68 @@ async def test_a_push_claim_outcome_lands_on_that_claim_alone(opened: Opened) ->
     await store.push_failed(first, next_at=None, error="late")
     assert await store.dead_letters() == []
     await store.push_failed(first, next_at=later(), error="late")
-    await store.push_done(first)
     assert await store.claim_pushes(later(HOUR), 10) == []  # still the second claim's
     await store.push_done(second)
     await asyncio.sleep(0.3)  # past the second lease too: nothing comes back
     assert await store.claim_pushes(later(HOUR), 10) == []
     assert await store.dead_letters() == []
+
+
+async def test_a_late_push_success_finishes_the_record_another_claim_holds(
+    opened: Opened,
+) -> None:
+    """A push delivered, its done landing after the lease expired and the record was claimed
+    again: the record is finished (delivered), and the second attempt's failure neither
+    pushes it again nor dead-letters it."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store)
+    (first,) = await store.claim_pushes(later(), 10)
+    await asyncio.sleep(0.3)
+    (second,) = await store.claim_pushes(later(), 10)
+    assert second.id == first.id
+    await store.push_done(first)
+    await store.push_failed(second, next_at=later(), error="HTTP 503")
+    await store.push_failed(second, next_at=None, error="gave up")
+    await asyncio.sleep(0.3)
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.dead_letters() == []
+
+
+async def test_a_late_ack_or_release_of_a_poll_lands_on_its_claim_alone(
+    opened: Opened,
+) -> None:
+    """A poll stalls past its lease and the same replica's next poll claims the record: the
+    first poll's late release does not free it from the second, nor does its late ack
+    consume it; the second's ack does."""
+    store = await opened.open(lease_seconds=0.2)
+    await store.add_mo(mo("m1"), account=None)
+    first = await store.claim(POLL, "in")
+    assert first is not None
+    await asyncio.sleep(0.3)
+    second = await store.claim(POLL, "in")  # same replica
+    assert second is not None
+    assert second.id == first.id
+    await store.release(first)
+    assert await store.claim(POLL, "in") is None  # still the second poll's
+    assert await store.ack(first) is False
+    assert await store.ack(second) is True
+    assert await store.queue_depth(POLL) == (0, 0)
+
+
+async def test_a_late_release_of_a_poll_leaves_the_push_that_took_the_record(
+    opened: Opened,
+) -> None:
+    """A record pushed and kept for polling: a poll claim stalls past its lease, a push claims
+    the record; the poll's late release leaves the push's lease, so no second push starts."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store, tenant=BOTH)
+    polled = await store.claim(BOTH, "status")
+    assert polled is not None
+    await asyncio.sleep(0.3)
+    (pushed,) = await store.claim_pushes(later(), 10)
+    assert pushed.id == polled.id
+    await store.release(polled)
+    assert await store.claim_pushes(later(), 10) == []
 
 
 async def test_concurrent_claim_pushes_are_disjoint(store: Store) -> None:

@@ -192,10 +192,10 @@ class LegacyRecord:
     push_attempts: int = 0
     push_error: str = ""
     push_deadline: float | None = None  # when pushing gives up (dead letter)
-    # The end of the push lease this record was claimed under (claim_pushes): it names that
-    # claim, so its push_done / push_failed land on it alone, never on a later claim of the
-    # same record by the same replica (its lease expired, or a reload placed it again).
-    push_lease: float | None = None
+    # The end of the lease this record was claimed under (claim, claim_pushes): it names that
+    # claim, so its ack / release / push_failed land on it alone, never on a later claim of
+    # the same record by the same replica (its lease expired, or a reload placed it again).
+    lease_end: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +308,12 @@ class Store(Protocol):
         """Lease the oldest pollable record of (tenant, kind) whose lease is free or expired."""
 
     async def ack(self, record: LegacyRecord) -> bool:
-        """Consume a claimed record if this replica still holds its lease; False otherwise."""
+        """Consume a claimed record if the claim that returned it still holds it (this replica,
+        that lease); False otherwise."""
 
     async def release(self, record: LegacyRecord) -> None:
-        """Give a claimed record back at once (the client went away) and wake waiting polls."""
+        """Give a claimed record back at once (the client went away) and wake waiting polls;
+        nothing when the claim that returned it no longer holds it."""
 
     async def queue_depth(self, tenant: str) -> tuple[int, int]:
         """(inCount, statusCount) of pollable records (without a scan on the event loop)."""
@@ -327,7 +329,9 @@ class Store(Protocol):
         record is not due while an earlier record of the same send awaits its push."""
 
     async def push_done(self, record: LegacyRecord) -> None:
-        """Delivered: no more pushes (only while the claim that returned `record` holds it)."""
+        """Delivered: no more pushes, while a push is due, whichever claim holds it now (a
+        success that lands after its lease expired still finishes the record: pushing it
+        again would deliver it twice)."""
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         """Reschedule a failed push at `next_at`, or dead-letter it when `next_at` is None

@@ -64,7 +64,7 @@ WITH p AS (
     UPDATE records SET push_owner = $5, push_until = {DB_NOW} + $6
     FROM p WHERE records.id = p.id AND p.blocker IS NULL
     RETURNING {", ".join("records." + c.strip() for c in RECORD_COLUMNS.split(","))},
-        records.push_until AS push_lease
+        records.push_until AS lease_end
 )
 SELECT claimed.*, p.id AS page_id, p.push_due AS page_due, p.blocker IS NOT NULL AS held
 FROM p LEFT JOIN claimed ON claimed.id = p.id
@@ -125,7 +125,7 @@ class Pushing:
                     *after,
                 )
                 claimed += (
-                    replace(to_record(r), push_lease=r["push_lease"])
+                    replace(to_record(r), lease_end=r["lease_end"])
                     for r in rows
                     if r["id"] is not None
                 )
@@ -139,13 +139,14 @@ class Pushing:
 
     async def push_done(self, record: LegacyRecord) -> None:
         async with self.db.tx("push done", lease=True) as (conn, wakes):
+            # Whichever claim holds it now: a success landing after its lease expired (and
+            # the record was claimed again, here or by another replica) still finishes it; the
+            # attempt in flight then changes nothing.
             done = await conn.fetchval(
                 "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, "
                 "push_error = '', push_owner = NULL, push_until = NULL "
-                f"WHERE {_HELD} RETURNING id",
+                "WHERE id = $1 AND push_due IS NOT NULL RETURNING id",
                 record.id,
-                self.owner(),
-                record.push_lease,
             )
             if done is not None:
                 wakes.add((record.tenant, record.kind))  # the send's next record is due now
@@ -157,7 +158,7 @@ class Pushing:
                 f"push_error = $6, push_owner = NULL, push_until = NULL WHERE {_HELD} RETURNING id",
                 record.id,
                 self.owner(),
-                record.push_lease,
+                record.lease_end,
                 next_at,
                 next_at is None,
                 error[:PUSH_ERROR_CHARS],

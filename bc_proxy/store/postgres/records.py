@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bc_proxy.store import KINDS, LegacyRecord, WaitingStat
@@ -140,7 +140,10 @@ WHERE id = (
     WHERE tenant = $1 AND kind = $2 AND pollable
       AND (lease_until IS NULL OR lease_until < {DB_NOW})
     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-RETURNING {RECORD_COLUMNS}"""
+RETURNING {RECORD_COLUMNS}, lease_until AS lease_end"""
+# The claim that returned the record ($1) still holds it: this replica ($2) and its lease end
+# ($3; a later claim by the same replica, after this lease expired, sets another).
+_HELD = "id = $1 AND lease_owner = $2 AND lease_until = $3"
 
 
 class Polling:
@@ -157,25 +160,27 @@ class Polling:
     async def claim(self, tenant: str, kind: Kind) -> LegacyRecord | None:
         async with self.db.conn("claim", lease=True) as conn:
             row = await conn.fetchrow(CLAIM_POLL, tenant, kind, self.owner(), self.lease_seconds)
-        return None if row is None else to_record(row)
+        return None if row is None else replace(to_record(row), lease_end=row["lease_end"])
 
     async def ack(self, record: LegacyRecord) -> bool:
         async with self.db.conn("ack", lease=True) as conn:
             done = await conn.fetchval(
                 "UPDATE records SET pollable = false, polled = true, lease_owner = NULL, "
-                "lease_until = NULL WHERE id = $1 AND pollable AND lease_owner = $2 RETURNING id",
+                f"lease_until = NULL WHERE {_HELD} AND pollable RETURNING id",
                 record.id,
                 self.owner(),
+                record.lease_end,
             )
         return done is not None
 
     async def release(self, record: LegacyRecord) -> None:
         async with self.db.tx("release", lease=True) as (conn, wakes):
             released = await conn.fetchrow(
-                "UPDATE records SET lease_owner = NULL, lease_until = NULL "
-                "WHERE id = $1 AND lease_owner = $2 RETURNING tenant, kind",
+                f"UPDATE records SET lease_owner = NULL, lease_until = NULL WHERE {_HELD} "
+                "RETURNING tenant, kind",
                 record.id,
                 self.owner(),
+                record.lease_end,
             )
             if released is not None:
                 wakes.add((record.tenant, record.kind))

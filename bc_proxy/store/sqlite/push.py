@@ -96,7 +96,7 @@ def claim_pushes(
         [(owner, until, row[0]) for row in claimed],
     )
     conn.executemany("UPDATE records SET push_due = ? WHERE id = ?", deferred)
-    return [replace(to_record(row), push_lease=until) for row in claimed]
+    return [replace(to_record(row), lease_end=until) for row in claimed]
 
 
 def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
@@ -116,10 +116,13 @@ _HELD = "id = ? AND lease_owner = ? AND lease_until = ? AND push_due IS NOT NULL
 
 
 def push_done(conn: sqlite3.Connection, wakes: Wakes, record: LegacyRecord, owner: str) -> bool:
+    # Any claim of this (the only) owner: a success landing after its lease expired and the
+    # record was claimed again still finishes it (the attempt in flight then changes nothing).
     cur = conn.execute(
         "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
-        f"lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) WHERE {_HELD}",
-        (record.id, owner, record.push_lease),
+        "lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) "
+        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
+        (record.id, owner),
     )
     if cur.rowcount:
         _wake_next(conn, wakes, record.id)
@@ -137,7 +140,7 @@ def push_failed(
     cur = conn.execute(
         "UPDATE records SET push_due = ?, push_attempts = push_attempts + 1, push_error = ?, "
         f"dead = ?, lease_owner = NULL, lease_until = NULL WHERE {_HELD}",
-        (next_at, error[:200], int(next_at is None), record.id, owner, record.push_lease),
+        (next_at, error[:200], int(next_at is None), record.id, owner, record.lease_end),
     )
     if cur.rowcount and next_at is None:
         _wake_next(conn, wakes, record.id)

@@ -7,6 +7,7 @@ Owns the `records` row <-> `LegacyRecord` mapping and poll leases. Placement com
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from typing import Any
 
 from bc_proxy.store import LegacyRecord
@@ -84,15 +85,19 @@ def claim(
         f"RETURNING {COLUMNS}",
         (owner, until, tenant, kind, now),
     ).fetchone()
-    return None if row is None else to_record(row)
+    return None if row is None else replace(to_record(row), lease_end=until)
 
 
-def ack(conn: sqlite3.Connection, record_id: int, owner: str) -> bool:
+# The claim that returned the record still holds it: its owner and its lease end (a later claim
+# by the same owner, after this lease expired, sets another; so does a push claim).
+_HELD = "id = ? AND lease_owner = ? AND lease_until = ?"
+
+
+def ack(conn: sqlite3.Connection, record: LegacyRecord, owner: str) -> bool:
     cur = conn.execute(
         "UPDATE records SET pollable = 0, polled = 1, lease_owner = NULL, lease_until = NULL, "
-        "consumed = (push_due IS NULL AND dead = 0) "
-        "WHERE id = ? AND lease_owner = ? AND pollable = 1",
-        (record_id, owner),
+        f"consumed = (push_due IS NULL AND dead = 0) WHERE {_HELD} AND pollable = 1",
+        (record.id, owner, record.lease_end),
     )
     return cur.rowcount > 0
 
@@ -106,18 +111,23 @@ TO_PUSH = (
 
 
 def release(
-    conn: sqlite3.Connection, wakes: Wakes, rules: Rules, record_id: int, owner: str, now: float
+    conn: sqlite3.Connection,
+    wakes: Wakes,
+    rules: Rules,
+    record: LegacyRecord,
+    owner: str,
+    now: float,
 ) -> bool:
     row = conn.execute(
         "UPDATE records SET lease_owner = NULL, lease_until = NULL "
-        "WHERE id = ? AND lease_owner = ? RETURNING tenant, kind",
-        (record_id, owner),
+        f"WHERE {_HELD} RETURNING tenant, kind",
+        (record.id, owner, record.lease_end),
     ).fetchone()
     if row is None:
         return False
     place = rules.placement(row[0], row[1], now)
     if place.push_only and conn.execute(
-        TO_PUSH, (place.push_due, place.push_deadline, record_id)
+        TO_PUSH, (place.push_due, place.push_deadline, record.id)
     ).rowcount:
         wakes.add((row[0], row[1]))
     return True
