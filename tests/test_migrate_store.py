@@ -225,9 +225,21 @@ async def test_migrate_store_refuses_a_file_a_store_has_open(
         late = open_store(source, RULES)
         with pytest.raises(StoreError, match="migrate-store is copying"):
             await late.open()
+        with pytest.raises(StoreError, match="migrate-store is copying"):
+            await late.migrate()  # `bc-proxy migrate` neither
         await late.close()
     finally:
         assert lock is not None
         os.close(lock)
     report = await transfer.transfer(source, pg_url, out=lambda line: None)  # no --force:
     assert report.ok  # the refused copies wrote nothing
+
+
+async def test_migrate_store_of_a_missing_file_leaves_no_lock_file(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A mistyped --from fails on the missing file and leaves nothing beside it."""
+    with pytest.raises(StoreError):
+        await transfer.transfer(f"sqlite:///{tmp_path / 'typo.db'}", pg_url, out=lambda _: None)
+    assert os.listdir(tmp_path) == []

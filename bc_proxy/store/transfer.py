@@ -136,6 +136,11 @@ def lock_source(url: str) -> int | None:
             f"sqlite {path}: a bc-proxy has this store open; stop it first (records it stores "
             "or hands out during the copy would be left behind or handed out twice)"
         ) from None
+    except PermissionError as exc:
+        raise StoreError(
+            f"sqlite {path}: cannot tell whether a bc-proxy has this store open ({exc}); run "
+            "migrate-store as the user the gateway runs as"
+        ) from None
 
 
 def _open_source(url: str) -> sqlite3.Connection:

@@ -39,13 +39,22 @@ def in_use_lock(path: str, *, exclusive: bool) -> int | None:
     a running gateway still writes. Its fd, to close when done; None when it is not held (no
     such file and none can be made, ":memory:"). A second lock file, not the database's own:
     closing another descriptor of the database file would drop SQLite's POSIX locks on it.
-    Raises BlockingIOError when held the other way."""
-    if not path or ":memory:" in path:
-        return None
+    Raises BlockingIOError when held the other way; PermissionError when the exclusive lock
+    cannot be told (a lock file this user cannot open)."""
+    if not path or ":memory:" in path or (exclusive and not os.path.exists(path)):
+        return None  # (no database to copy: the copy fails on its own, no lock file is left)
+    lock = f"{path}.lock"
     try:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
-        return None  # a folder we cannot write: nobody can have made the file there either
+        try:  # made by another user (a gateway's): flock needs no write access
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # a folder we cannot write: nobody can have made the file there either
+        except OSError as exc:
+            if exclusive:
+                raise PermissionError(f"{lock}: {exc.strerror}") from None
+            return None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BaseException:

@@ -68,7 +68,8 @@ class SQLiteStore:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    def _lock(self) -> None:
+        """The file's shared in-use lock (migrate-store waits for it to go)."""
         if self._in_use is None:
             try:
                 self._in_use = in_use_lock(self.path, exclusive=False)
@@ -76,6 +77,9 @@ class SQLiteStore:
                 raise StoreError(
                     f"sqlite {self.path}: bc-proxy migrate-store is copying this file"
                 ) from None
+
+    async def open(self) -> None:
+        self._lock()
         try:
             await self._engine.open()
         except BaseException:
@@ -93,7 +97,13 @@ class SQLiteStore:
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending schema migrations (the `bc-proxy migrate` command): (from, to)."""
-        return await self._engine.migrate()
+        held = self._in_use is not None
+        self._lock()
+        try:
+            return await self._engine.migrate()
+        finally:
+            if not held:
+                self._unlock()
 
     async def close(self) -> None:
         if self._closed:
@@ -206,12 +216,12 @@ class SQLiteStore:
         return await self._engine.write(op)
 
     async def ack(self, record: LegacyRecord) -> bool:
-        return await self._engine.write(lambda c, w: records.ack(c, record.id, self.replica))
+        return await self._engine.write(lambda c, w: records.ack(c, record, self.replica))
 
     async def release(self, record: LegacyRecord) -> None:
         now = time.time()
         await self._engine.write(
-            lambda c, w: records.release(c, w, self.rules, record.id, self.replica, now)
+            lambda c, w: records.release(c, w, self.rules, record, self.replica, now)
         )
         self.waker.notify(record.tenant, record.kind)
 
