@@ -38,6 +38,7 @@ _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 UNKNOWN_STATUS = 0  # a legacy code no Connexus code maps to: the record says ERR + the code
 STORE_RETRY_FIRST = 0.5  # seconds before a refused store write of a held record is retried,
 STORE_RETRY_MAX = 30.0  # doubling up to this: the record has no other copy, so never give up
+POISON_AFTER = 5  # refusals after which a store that takes other writes has refused this record
 
 
 def pull_tenants(app: web.Application) -> list[str]:
@@ -162,7 +163,12 @@ class Puller:
         loop = asyncio.get_running_loop()
         while not self.stopping():
             started = loop.time()
-            await self.pull_once()
+            try:
+                await self.pull_once()
+            except Exception as exc:  # a bug here must not end the job
+                # Raised out of run(), it would cancel every other tenant's loop (one
+                # TaskGroup), and their held records would be given up as at shutdown.
+                log.exception("pull_round_failed", tenant=self.tenant, error=repr(exc)[:200])
             await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
 
     async def pull_once(self) -> dict[str, str]:
@@ -212,7 +218,10 @@ class Puller:
             grace = self.app[keys.SETTINGS].server.shutdown_timeout_seconds / 2
             await asyncio.wait({task}, timeout=grace)
             if not task.done():
-                task.cancel()  # what it holds is logged by _commit on the way out
+                # A fetch still on its way may be a record Connexus already handed out;
+                # one already fetched is logged by _commit on the way out.
+                log.error("pulled_fetch_abandoned", tenant=self.tenant, grace_s=grace)
+                task.cancel()
                 await asyncio.wait({task})
             if not task.cancelled():
                 task.exception()  # stopping either way: a failed fetch is not news
@@ -236,18 +245,29 @@ class Puller:
         """Store `event`, retrying a refusing store with growing pauses and nothing else
         fetched meanwhile; once stopping, one last attempt, then keep it for the operator."""
         delay = STORE_RETRY_FIRST
+        attempts = 0
         try:
             while not await self._ingest(source, event, delay):
-                if self.stop.is_set():
+                attempts += 1
+                if self.stopping():  # as soon as a shutdown begins, beside the server's drain
                     await self._keep_unstored(source, event)
                     return
-                with contextlib.suppress(TimeoutError):  # a stop cuts the pause short
-                    await asyncio.wait_for(self.stop.wait(), delay)
+                if attempts >= POISON_AFTER and await self._keep_refused(source, event):
+                    return  # the store is up and refuses this record alone: the round goes on
+                await self._pause(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX)
         except BaseException:
             # Cancelled past the grace, or a store bug: the log line is the record's last copy.
             self._log_unstored(source, event, "not kept: the job ended mid-write")
             raise
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, cut short by a stop or by the start of a shutdown."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while not self.stopping() and (left := end - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), min(left, 0.25))
 
     async def _ingest(self, source: str, event: MoEvent | DlrEvent, retry_in: float) -> bool:
         """One store write of a pulled event; False (logged, counted as a pull error) when the
@@ -265,9 +285,20 @@ class Puller:
                 tenant=self.tenant,
                 source=source,
                 error=str(exc)[:200],
-                retry_in_s=None if self.stop.is_set() else retry_in,
+                retry_in_s=None if self.stopping() else retry_in,
             )
             return False
+        return True
+
+    async def _keep_refused(self, source: str, event: MoEvent | DlrEvent) -> bool:
+        """A record the store refused POISON_AFTER times: kept with the rejected webhooks if the
+        store takes that (it is up, and refuses this record alone); False when it refuses that
+        too (down: the record stays held)."""
+        reason = f"{source}_refused"
+        if not await self._reject(json.dumps(webhook_body(event)).encode(), reason):
+            return False
+        self.app[keys.METRICS].rejected_webhooks.labels(reason).inc()
+        log.error("pulled_record_not_stored", tenant=self.tenant, source=source, kept=reason)
         return True
 
     async def _keep_unstored(self, source: str, event: MoEvent | DlrEvent) -> None:
@@ -280,16 +311,27 @@ class Puller:
             self._log_unstored(source, event, "not kept: the store refused it too")
 
     def _log_unstored(self, source: str, event: MoEvent | DlrEvent, kept: str) -> None:
-        # The last copy, as a webhook body to POST to the webhook URL. Phone numbers come out
-        # masked: a report needs none, and an SMS is also recovered by the mo/query sweep.
-        reinject = loggable_body(event)
-        log.error(
-            "pulled_record_not_stored",
-            tenant=self.tenant,
-            source=source,
-            kept=kept,
-            reinject=reinject,
-        )
+        # A report's last copy, as a webhook body to POST to the webhook URL (it holds no phone
+        # number for the log's scrubber to mask). An incoming SMS would come out with its
+        # numbers masked, and re-injected so it would be stored wrong for good: its id only,
+        # as the mo/query sweep stores it again from Connexus.
+        if isinstance(event, DlrEvent):
+            log.error(
+                "pulled_record_not_stored",
+                tenant=self.tenant,
+                source=source,
+                kept=kept,
+                reinject=loggable_body(event),
+            )
+        else:
+            log.error(
+                "pulled_record_not_stored",
+                tenant=self.tenant,
+                source=source,
+                kept=kept,
+                message_id=event.message_id,
+                recovered_by="the mo/query sweep",
+            )
 
     async def _keep_unusable(self, source: str, raw: bytes) -> None:
         """A record we cannot use: kept verbatim with the rejected webhooks (or logged)."""
@@ -298,7 +340,9 @@ class Puller:
             self.app[keys.METRICS].rejected_webhooks.labels(reason).inc()
             log.warning("pulled_record_unusable", tenant=self.tenant, source=source, kept=reason)
             return
-        record = raw.decode("utf-8", "replace")
+        # Decoded, so that the log's scrubber masks the phone numbers in it ("%2B64..." it
+        # would not recognise).
+        record = _fields(raw)
         log.error("pulled_record_unusable", tenant=self.tenant, source=source, record=record)
 
     async def _reject(self, body: bytes, reason: str) -> bool:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 import pytest
 from aiohttp import web
 
-from bc_proxy import keys
+from bc_proxy import keys, pull
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.connexus.models import parse_webhook
 from bc_proxy.metrics import Metrics
@@ -356,3 +356,55 @@ async def test_unusable_pulled_record_is_kept_with_rejected_webhooks(
     assert dict(parse_qsl(kept.body.decode(), keep_blank_values=True))["inReplyToId"] == ""
     labels = {"reason": "sms_status_unusable"}
     assert metrics.registry.get_sample_value("bc_proxy_webhooks_rejected_total", labels) == 1
+
+
+async def test_a_report_the_store_refuses_alone_is_kept_and_the_round_goes_on(
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that takes other writes but refuses one pulled report for good (a row it can
+    never hold) keeps it with the rejected webhooks after a few attempts, and the tenant's
+    next records are pulled and stored: one bad record does not stop the tenant's traffic."""
+    monkeypatch.setattr(pull, "STORE_RETRY_FIRST", 0.01)
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    await send(client, "LEG-7")
+    await send(client, "LEG-8")
+    first, second = connexus.emu.sent[-2:]
+    conn = writer_conn(client)
+    key = f"dlr:{connexus.emu.report_id(first)}:1"
+    conn.execute(
+        "CREATE TEMP TRIGGER refuse_one BEFORE INSERT ON records "
+        f"WHEN NEW.event_key = '{key}' BEGIN SELECT RAISE(ABORT, 'never fits'); END"
+    )
+    await connexus.emu.report(first, 1)
+    await connexus.emu.report(second, 1)
+    assert (await poll_until(client, "status"))["inReplyToId"] == "LEG-8"
+    [kept] = await client.app[keys.STORE].rejected_webhooks()
+    assert kept.reason == "sms_status_refused"
+    assert parse_webhook(kept.body) == DlrEvent(connexus.emu.report_id(first), 1, "")
+
+
+async def test_an_incoming_sms_the_store_refuses_at_shutdown_is_left_to_the_sweep(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """An incoming SMS still refused at shutdown is logged by its id only: its numbers would
+    come out of the log masked, and re-injected so they would be stored wrong. The mo/query
+    sweep of the next start stores it."""
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    conn = writer_conn(client)
+    conn.execute("PRAGMA query_only = ON")
+    await connexus.emu.fire_mo(HANDSET, "552", "call me on 6421555888", deliver=False)
+    await until(lambda: connexus.emu.unread("in", CLIENT_ID) == 0)
+    await asyncio.sleep(0.2)  # its first store attempt has failed
+    await client.close()
+    [lost] = log_events(log_stream, "pulled_record_not_stored")
+    assert lost["source"] == "sms_in"
+    assert lost["recovered_by"] == "the mo/query sweep"
+    assert "reinject" not in lost
+    again = await gateway(cfg)
+    record = await poll_until(again, "in")
+    assert (record["from"], record["body"]) == (HANDSET, "call me on 6421555888")
