@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -37,7 +37,12 @@ async def send(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def create_app(upstream: str) -> web.Application:
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def create_app(upstream: str, handler: Handler = send) -> web.Application:
+    """The proxy's app: one shared ClientSession, `handler` on the legacy send path (the
+    floor, bench/lean_durable.py, passes its own)."""
     app = web.Application()
     app[UPSTREAM] = upstream.rstrip("/") + "/sms/out"
 
@@ -49,7 +54,7 @@ def create_app(upstream: str) -> web.Application:
         await app[SESSION].close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_post("/api/1/sms/out", send)
+    app.router.add_post("/api/1/sms/out", handler)
     return app
 
 
@@ -58,13 +63,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8701)
     parser.add_argument("--upstream", default="http://127.0.0.1:8700/api/connexus")
     args = parser.parse_args()
+    serve(create_app(args.upstream), args.port)
+
+
+def serve(app: web.Application, port: int) -> None:
+    """On 127.0.0.1, uvloop (the gateway's loop), no access log."""
     web.run_app(
-        create_app(args.upstream),
-        host="127.0.0.1",
-        port=args.port,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop(),
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
     )
 
 

@@ -31,16 +31,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
-import uvloop
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+import baseline_proxy as lean
+from aiohttp import web
 
 from bc_proxy.store.sqlite import schema
 from bc_proxy.store.sqlite.helpers import checkpoints, connect
 
-HEADERS = {
-    "Authorization": "Bearer wst_bench",
-    "Content-Type": "application/x-www-form-urlencoded",
-}
 INSERT = (
     "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at) "
     "VALUES (?, ?, ?, '', 'pending', ?, ?)"
@@ -104,8 +100,6 @@ class AccessLog:
         self.stream.flush()
 
 
-SESSION = web.AppKey("session", ClientSession)
-UPSTREAM = web.AppKey("upstream", str)
 WRITER = web.AppKey("writer", Writer)
 LOG = web.AppKey("log", AccessLog)
 
@@ -123,7 +117,7 @@ async def send(request: web.Request) -> web.Response:
     writer = app[WRITER]
     await writer.pending(("bench", form.get("messageId"), to, ref, time.time()))
     data = urllib.parse.urlencode({"to": to, "body": body, "messageId": ref}).encode()
-    async with app[SESSION].post(app[UPSTREAM], data=data, headers=HEADERS) as resp:
+    async with app[lean.SESSION].post(app[lean.UPSTREAM], data=data, headers=lean.HEADERS) as resp:
         answer = json.loads(await resp.read())
     status = 204 if answer.get("success") else 502
     if status == 204:
@@ -143,13 +137,10 @@ async def send(request: web.Request) -> web.Response:
 
 
 def create_app(upstream: str, db: str, log: str) -> web.Application:
-    app = web.Application()
-    app[UPSTREAM] = upstream.rstrip("/") + "/sms/out"
+    """The lean proxy's app with `send` on its path, and the store and log file beside it."""
+    app = lean.create_app(upstream, send)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        app[SESSION] = ClientSession(
-            connector=TCPConnector(limit=100), timeout=ClientTimeout(total=10)
-        )
         conn = connect(db)
         conn.execute("PRAGMA journal_mode = WAL")
         schema.migrate(conn)
@@ -166,10 +157,8 @@ def create_app(upstream: str, db: str, log: str) -> web.Application:
         pool.shutdown(wait=True)
         stream.close()
         conn.close()
-        await app[SESSION].close()
 
     app.cleanup_ctx.append(resources)
-    app.router.add_post("/api/1/sms/out", send)
     return app
 
 
@@ -180,14 +169,7 @@ def main() -> None:
     parser.add_argument("--db", required=True)
     parser.add_argument("--log", required=True)
     args = parser.parse_args()
-    web.run_app(
-        create_app(args.upstream, args.db, args.log),
-        host="127.0.0.1",
-        port=args.port,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop(),
-    )
+    lean.serve(create_app(args.upstream, args.db, args.log), args.port)
 
 
 if __name__ == "__main__":

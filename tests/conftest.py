@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bc_proxy import log
+from bc_proxy import keys, log
 from bc_proxy.app import create_app
 from bc_proxy.config import Settings, parse
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.metrics import Metrics
+from bc_proxy.store.sqlite.store import SQLiteStore
 
 LEGACY_USER = "acme-legacy"
 LEGACY_PASSWORD = "acme-legacy-pass"
@@ -110,6 +112,16 @@ def gateway(aiohttp_client: AiohttpClient) -> GatewayFactory:
         return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
 
     return start
+
+
+def writer_conn(client: GatewayClient) -> sqlite3.Connection:
+    """The gateway's SQLite writer connection (runs on the loop thread, like the test):
+    `PRAGMA query_only` on it makes the store refuse writes, a temp trigger refuse some."""
+    store = client.app[keys.STORE]
+    assert isinstance(store, SQLiteStore)
+    conn = store._engine.conn
+    assert conn is not None
+    return conn
 
 
 def creds(**extra: str) -> dict[str, str]:

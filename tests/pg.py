@@ -150,3 +150,13 @@ def _drop_leftovers() -> None:
 
     if _leftover:
         asyncio.run(drop_all())  # at exit no event loop runs: this thread may run one
+
+
+@pytest.fixture
+async def session(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another session on the test's schema (another replica's, holding locks)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -23,9 +23,15 @@ from bc_proxy.connexus.tokens import BACKOFF_INITIAL
 from bc_proxy.legacy import settling
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import SendIntent, Settlement, StatusRecord
-from bc_proxy.store.sqlite.store import SQLiteStore
 from bc_proxy.translate import UNKNOWN_OUTCOME
-from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict, creds
+from tests.conftest import (
+    WEBHOOK_SECRET,
+    GatewayClient,
+    GatewayFactory,
+    config_dict,
+    creds,
+    writer_conn,
+)
 from tests.sendcalls import post, quiet, sample, send_rows
 from tests.served import free_port
 
@@ -329,15 +335,6 @@ def statuses(db: Path) -> int:
 
 
 # -- the store failing ------------------------------------------------------------------------
-
-
-def writer_conn(client: GatewayClient) -> sqlite3.Connection:
-    """The gateway's SQLite writer connection (runs on the loop thread, like this test)."""
-    store = client.app[keys.STORE]
-    assert isinstance(store, SQLiteStore)
-    conn = store._engine.conn
-    assert conn is not None
-    return conn
 
 
 def mo_payload(n: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from bc_proxy.store import DlrEvent, IngestResult, MoEvent, SendIntent, Settleme
 from bc_proxy.store.postgres import PostgresStore, matching
 from bc_proxy.store.rules import Rules
 from tests import pg
-from tests.pg import pg_url  # noqa: F401  (fixture)
+from tests.pg import pg_url, session  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.postgres
 
@@ -60,16 +60,6 @@ async def pair(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]
         await a.close()
 
 
-@pytest.fixture
-async def session(pg_url: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
-    """Another session on the test's schema, holding locks."""
-    conn = await asyncpg.connect(pg_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 @pytest.mark.parametrize(
     ("body", "webhook_account", "stored", "swept", "tenant"),
     [
@@ -82,7 +72,7 @@ async def session(pg_url: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F8
 )
 async def test_a_message_another_replica_stored_meanwhile_is_assigned_by_the_sweep(
     pair: tuple[PostgresStore, PostgresStore],
-    session: asyncpg.Connection,
+    session: asyncpg.Connection,  # noqa: F811
     pg_url: str,  # noqa: F811
     body: str,
     webhook_account: str | None,
@@ -127,7 +117,7 @@ async def test_a_message_another_replica_stored_meanwhile_is_assigned_by_the_swe
 
 async def test_a_report_whose_recheck_failed_is_matched_by_its_retry(
     pair: tuple[PostgresStore, PostgresStore],
-    session: asyncpg.Connection,
+    session: asyncpg.Connection,  # noqa: F811
     pg_url: str,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -29,23 +29,15 @@ from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.postgres.schema import LOCK_CLASS_SEND
 from bc_proxy.store.rules import Rules, TenantRules
 from tests import pg
-from tests.pg import pg_url  # noqa: F401  (fixture)
+from tests.pg import pg_url, session  # noqa: F401  (fixtures)
 
 RULES = Rules({"t": TenantRules(senders=("552",))})
+
+
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:  # noqa: F811
     async with pg.started_db(pg_url, pool_max=4, migrated=True) as d:
         yield d
-
-
-@pytest.fixture
-async def session(pg_url: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
-    """Another session on the test's schema (another replica's, holding locks)."""
-    conn = await asyncpg.connect(pg_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -424,7 +416,7 @@ async def test_a_call_whose_commit_could_not_be_told_leaves_no_pending_row_behin
 async def test_a_call_cancelled_while_its_group_commits_leaves_no_pending_row_behind(
     store: PostgresStore,
     pg_url: str,  # noqa: F811
-    session: asyncpg.Connection,
+    session: asyncpg.Connection,  # noqa: F811
 ) -> None:
     # The store as the gateway runs it: a begin_send whose caller is cancelled (a shutdown's
     # deadline) while its group waits on the server; the group commits the pending row, its
@@ -542,7 +534,7 @@ async def test_a_row_a_retry_was_answered_from_is_never_rejected(
 async def test_a_retry_whose_pending_row_is_rejected_meanwhile_is_planned_again(
     store: PostgresStore,
     pg_url: str,  # noqa: F811
-    session: asyncpg.Connection,
+    session: asyncpg.Connection,  # noqa: F811
 ) -> None:
     # The rejection (another replica's, uncommitted) holds the row when the retry reads its
     # facts: the retry sees it pending, its mark waits for the row, finds it rejected once the

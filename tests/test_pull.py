@@ -27,7 +27,6 @@ from bc_proxy.pull import (
     webhook_body,
 )
 from bc_proxy.store import DlrEvent, MoEvent
-from bc_proxy.store.sqlite.store import SQLiteStore
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -38,6 +37,7 @@ from tests.conftest import (
     GatewayFactory,
     config_dict,
     creds,
+    writer_conn,
 )
 
 HANDSET = "6421000222"
@@ -83,15 +83,6 @@ async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition never held")
-
-
-def writer_conn(client: GatewayClient) -> sqlite3.Connection:
-    """The gateway's SQLite writer connection: `PRAGMA query_only` makes the store refuse writes."""
-    store = client.app[keys.STORE]
-    assert isinstance(store, SQLiteStore)
-    conn = store._engine.conn
-    assert conn is not None
-    return conn
 
 
 def status_polls(connexus: Connexus) -> int:
