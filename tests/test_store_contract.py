@@ -1046,6 +1046,32 @@ async def test_a_late_push_success_finishes_the_record_another_claim_holds(
     assert await store.dead_letters() == []
 
 
+@pytest.mark.parametrize("acked_first", [False, True])
+async def test_a_late_push_success_of_a_record_kept_for_polling_leaves_its_poll_alone(
+    opened: Opened, acked_first: bool
+) -> None:
+    """A record pushed and kept for polling: its push stalls past the lease and a poll claims
+    it. The push's late success finishes the push without freeing the poll's claim (no second
+    poll gets the record), and whether the poll acked before or after, the record is neither
+    pushed again nor polled again."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store, tenant=BOTH)
+    (pushed,) = await store.claim_pushes(later(), 10)
+    await asyncio.sleep(0.3)
+    polled = await store.claim(BOTH, "status")
+    assert polled is not None
+    assert polled.id == pushed.id
+    if acked_first:
+        assert await store.ack(polled) is True
+    await store.push_done(pushed)
+    assert await store.claim(BOTH, "status") is None
+    if not acked_first:
+        assert await store.ack(polled) is True
+    await asyncio.sleep(0.3)
+    assert await store.claim_pushes(later(HOUR), 10) == []
+    assert await store.claim(BOTH, "status") is None
+
+
 async def test_a_late_ack_or_release_of_a_poll_lands_on_its_claim_alone(
     opened: Opened,
 ) -> None:

@@ -115,15 +115,20 @@ def _wake_next(conn: sqlite3.Connection, wakes: Wakes, record_id: int) -> None:
 _HELD = "id = ? AND lease_owner = ? AND lease_until = ? AND push_due IS NOT NULL"
 
 
-def push_done(conn: sqlite3.Connection, wakes: Wakes, record: LegacyRecord, owner: str) -> bool:
-    # Any claim of this (the only) owner: a success landing after its lease expired and the
-    # record was claimed again still finishes it (the attempt in flight then changes nothing).
-    cur = conn.execute(
-        "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
-        "lease_owner = NULL, lease_until = NULL, consumed = (pollable = 0) "
-        "WHERE id = ? AND lease_owner = ? AND push_due IS NOT NULL",
-        (record.id, owner),
-    )
+# A success finishes the record whoever holds it now: one landing after its lease expired
+# (the record claimed again, or polled and acked meanwhile) still means it was delivered. The
+# lease is ended only where it is surely a push's (this claim's, or a record no poll can
+# hold): a poll's on a record also kept for polling stays with that poll.
+_DONE = (
+    "UPDATE records SET push_due = NULL, push_attempts = push_attempts + 1, push_error = '', "
+    "lease_owner = CASE WHEN lease_until = ? OR pollable = 0 THEN NULL ELSE lease_owner END, "
+    "lease_until = CASE WHEN lease_until = ? OR pollable = 0 THEN NULL ELSE lease_until END, "
+    "consumed = (pollable = 0) WHERE id = ? AND push_due IS NOT NULL"
+)
+
+
+def push_done(conn: sqlite3.Connection, wakes: Wakes, record: LegacyRecord) -> bool:
+    cur = conn.execute(_DONE, (record.lease_end, record.lease_end, record.id))
     if cur.rowcount:
         _wake_next(conn, wakes, record.id)
     return cur.rowcount > 0

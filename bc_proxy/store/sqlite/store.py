@@ -242,7 +242,7 @@ class SQLiteStore:
         return await self._engine.write(op)
 
     async def push_done(self, record: LegacyRecord) -> None:
-        await self._engine.write(lambda c, w: push.push_done(c, w, record, self.replica))
+        await self._engine.write(lambda c, w: push.push_done(c, w, record))
 
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         await self._engine.write(
