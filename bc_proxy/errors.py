@@ -31,6 +31,11 @@ class StoreError(BcProxyError):
     """The store failed (I/O, constraint, closed)."""
 
 
+class StoreRefused(StoreError):
+    """The store is up and refused this write's data (a constraint, a value it cannot hold):
+    the same write would be refused again, unlike a timeout, a lock or a lost connection."""
+
+
 class LegacyError(BcProxyError):
     """An error answer for the legacy client."""
 

@@ -25,7 +25,7 @@ from aiohttp import ClientError, web
 from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo
-from bc_proxy.errors import BcProxyError, GatewayError, StoreError
+from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
 from bc_proxy.log import get_logger
 from bc_proxy.recovery import sweep_tenant
 from bc_proxy.store import DlrEvent, MoEvent
@@ -38,7 +38,7 @@ _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 UNKNOWN_STATUS = 0  # a legacy code no Connexus code maps to: the record says ERR + the code
 STORE_RETRY_FIRST = 0.5  # seconds before a refused store write of a held record is retried,
 STORE_RETRY_MAX = 30.0  # doubling up to this: the record has no other copy, so never give up
-POISON_AFTER = 5  # refusals after which a store that takes other writes has refused this record
+POISON_AFTER = 5  # refusals of a record's data after which it is kept aside (if the store is up)
 
 
 def pull_tenants(app: web.Application) -> list[str]:
@@ -245,14 +245,14 @@ class Puller:
         """Store `event`, retrying a refusing store with growing pauses and nothing else
         fetched meanwhile; once stopping, one last attempt, then keep it for the operator."""
         delay = STORE_RETRY_FIRST
-        attempts = 0
+        refusals = 0  # of the data itself: a timeout or a lock proves nothing about the record
         try:
-            while not await self._ingest(source, event, delay):
-                attempts += 1
+            while (error := await self._ingest(source, event, delay)) is not None:
+                refusals += isinstance(error, StoreRefused)
                 if self.stopping():  # as soon as a shutdown begins, beside the server's drain
                     await self._keep_unstored(source, event)
                     return
-                if attempts >= POISON_AFTER and await self._keep_refused(source, event):
+                if refusals >= POISON_AFTER and await self._keep_refused(source, event):
                     return  # the store is up and refuses this record alone: the round goes on
                 await self._pause(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX)
@@ -269,9 +269,11 @@ class Puller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), min(left, 0.25))
 
-    async def _ingest(self, source: str, event: MoEvent | DlrEvent, retry_in: float) -> bool:
-        """One store write of a pulled event; False (logged, counted as a pull error) when the
-        store refused it."""
+    async def _ingest(
+        self, source: str, event: MoEvent | DlrEvent, retry_in: float
+    ) -> StoreError | None:
+        """One store write of a pulled event; the store's error (logged, counted as a pull
+        error) when it failed."""
         store = self.app[keys.STORE]
         try:
             if isinstance(event, DlrEvent):
@@ -287,13 +289,13 @@ class Puller:
                 error=str(exc)[:200],
                 retry_in_s=None if self.stopping() else retry_in,
             )
-            return False
-        return True
+            return exc
+        return None
 
     async def _keep_refused(self, source: str, event: MoEvent | DlrEvent) -> bool:
-        """A record the store refused POISON_AFTER times: kept with the rejected webhooks if the
-        store takes that (it is up, and refuses this record alone); False when it refuses that
-        too (down: the record stays held)."""
+        """A record whose data the store refused POISON_AFTER times: kept with the rejected
+        webhooks if the store takes that (it is up, and refuses this record alone); False when
+        it refuses that too (the record stays held)."""
         reason = f"{source}_refused"
         if not await self._reject(json.dumps(webhook_body(event)).encode(), reason):
             return False

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bc_proxy.errors import StoreError, StoreRefused
 from bc_proxy.store.postgres.db import Db
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -93,3 +94,15 @@ async def test_kept_connections_lost_by_the_server_are_replaced_not_handed_out(
         for _ in range(4):
             new_pid = await _pid(db)
             assert new_pid not in pids
+
+
+async def test_a_refused_value_is_told_from_an_outage(db: Db) -> None:
+    """The data refused by the server is StoreRefused (the same write would fail again); a
+    statement that runs out of time is a plain StoreError (it may pass later)."""
+    with pytest.raises(StoreRefused):
+        async with db.conn("refused") as conn:
+            await conn.execute("SELECT $1::text", "a\x00b")  # a NUL: no text of PostgreSQL holds it
+    with pytest.raises(StoreError) as timed_out:
+        async with db.conn("slow") as conn:
+            await conn.execute("SELECT pg_sleep(2)", timeout=0.1)
+    assert not isinstance(timed_out.value, StoreRefused)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bc_proxy.errors import StoreError
+from bc_proxy.errors import StoreError, StoreRefused
 from bc_proxy.store import DlrEvent, MoEvent, SendIntent, Settlement, open_store
 from bc_proxy.store.sqlite import SQLiteStore, engine, helpers, push, schema, sends, upkeep
 from tests.push_backlog import push_backlog
@@ -462,3 +462,20 @@ async def test_checkpointer_runs_below_the_loop(db: str) -> None:
 
 def upkeep_nice() -> int:
     return helpers.CHECKPOINT_NICE
+
+
+async def test_a_refused_value_is_told_from_an_outage(tmp_path: Path) -> None:
+    """A write whose data SQLite refuses (a constraint) is StoreRefused; one refused because
+    the store cannot write at all (read-only) is a plain StoreError."""
+    store = SQLiteStore(str(tmp_path / "bc.db"), RULES)
+    await store.open()
+    try:
+        with pytest.raises(StoreRefused):
+            await store._engine.write(lambda c, w: c.execute("INSERT INTO sends (id) VALUES (0)"))
+        store._engine.conn.execute("PRAGMA query_only = ON")  # type: ignore[union-attr]
+        with pytest.raises(StoreError) as read_only:
+            await store.reject_webhook(b"{}", "test")
+        assert not isinstance(read_only.value, StoreRefused)
+    finally:
+        store._engine.conn.execute("PRAGMA query_only = OFF")  # type: ignore[union-attr]
+        await store.close()

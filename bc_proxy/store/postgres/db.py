@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from bc_proxy.errors import StoreError
+from bc_proxy.errors import StoreError, StoreRefused
 from bc_proxy.store.waker import LocalWaker
 
 Conn = Any  # asyncpg.Connection (asyncpg ships no type hints)
@@ -55,9 +55,21 @@ LEASE_SETTINGS = {"synchronous_commit": "off", "enable_bitmapscan": "off"}
 NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
 
 
+# What the server (or the driver, encoding a value) refuses in the data itself: StoreRefused.
+REFUSALS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,  # a value too large for its index, say
+    TypeError,
+    ValueError,
+)
+
+
 def store_error(exc: BaseException, what: str) -> StoreError:
-    """A StoreError naming the operation and the driver's complaint (never the password)."""
-    return StoreError(f"postgresql {what}: {type(exc).__name__}: {exc}".rstrip(": "))
+    """A StoreError naming the operation and the driver's complaint (never the password);
+    StoreRefused where the data itself was refused."""
+    kind = StoreRefused if isinstance(exc, REFUSALS) else StoreError
+    return kind(f"postgresql {what}: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
 def wake_payloads(wakes: Wakes) -> list[str]:

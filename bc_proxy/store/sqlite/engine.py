@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bc_proxy.errors import StoreError
+from bc_proxy.errors import StoreError, StoreRefused
 from bc_proxy.store.sqlite import schema
 from bc_proxy.store.sqlite.helpers import Reader, checkpoints, connect
 
@@ -46,7 +46,13 @@ def is_busy(exc: BaseException) -> bool:
 
 
 def as_store_error(exc: BaseException) -> StoreError:
-    return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
+    """StoreRefused where the data itself was refused (a constraint, a value SQLite or the
+    driver cannot hold), else StoreError (read-only, disk full, I/O)."""
+    if isinstance(exc, StoreError):
+        return exc
+    refused = (sqlite3.IntegrityError, sqlite3.DataError, TypeError, ValueError)
+    kind = StoreRefused if isinstance(exc, refused) else StoreError
+    return kind(f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
