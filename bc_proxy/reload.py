@@ -16,7 +16,7 @@ from aiohttp import web
 from bc_proxy import keys, log
 from bc_proxy.config import Settings, load_usable
 from bc_proxy.connexus.tokens import TokenManager
-from bc_proxy.errors import BcProxyError, StoreError
+from bc_proxy.errors import BcProxyError, ConfigError, StoreError
 from bc_proxy.jobs import supervise
 
 logger = log.get_logger("bc_proxy.reload")
@@ -130,11 +130,26 @@ async def reload(app: web.Application, path: str | Path) -> bool:
     """Read `path` again and apply it; an invalid file is refused (logged), nothing changes."""
     try:
         new = load_usable(path)
+        _within_running_retention(app[CURRENT][0], new)
     except BcProxyError as exc:
         logger.error("config_reload_refused", path=str(path), error=str(exc))
         return False
     await apply(app, new)
     return True
+
+
+def _within_running_retention(old: Settings, new: Settings) -> None:
+    """The store section waits for a restart, so the running retention still purges sends: a
+    tenant's new idempotency window must fit in it (the file's own retention was checked)."""
+    kept = old.store.retention_days * 86400
+    for t in new.tenants:
+        if t.idempotency_window_seconds > kept:
+            raise ConfigError(
+                f"tenants[{t.name}].idempotency_window_seconds: "
+                f"{t.idempotency_window_seconds:g} s is longer than the running "
+                f"store.retention_days ({old.store.retention_days:g} days; a new one needs a "
+                "restart): a retry after its send was purged would be sent again"
+            )
 
 
 def install_sighup(app: web.Application, path: str | Path) -> None:

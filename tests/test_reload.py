@@ -200,6 +200,26 @@ async def test_reload_rekeys_removes_and_keeps_jobs_consistent(
     assert app[keys.CLIENT].tokens["acme"] is mgr
 
 
+async def test_reload_refuses_a_window_longer_than_the_running_retention(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory
+) -> None:
+    """A new file may lengthen store.retention_days and a tenant's idempotency window
+    together, and validate; but the store section waits for a restart, so the running
+    retention would purge sends inside the new window (a retry then sent again): refused."""
+    cfg = config_dict(tmp_path, connexus.base_url)
+    cfg.setdefault("store", {})["retention_days"] = 1
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    new = copy.deepcopy(cfg)
+    new["store"]["retention_days"] = 30
+    new["tenants"][0]["idempotency_window_seconds"] = 7 * 86400
+    assert not await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    assert app[keys.RUNTIME].tenants["acme"].idempotency_window_seconds == 86400
+    new["tenants"][0]["idempotency_window_seconds"] = 86400  # within the running retention
+    assert await reload_config(app, write_config(tmp_path / "ok.yaml", new))
+
+
 async def test_reload_that_stops_pushing_makes_the_waiting_records_pollable(
     tmp_path: Path, connexus: Connexus, gateway: GatewayFactory
 ) -> None:
