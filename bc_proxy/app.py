@@ -122,12 +122,14 @@ async def expire_pending_loop(app: web.Application) -> None:
                     expired = await store.expire_pending(_stale_before(app[keys.SETTINGS]))
                     if expired:
                         log.warning("sends_outcome_unknown", recipients=expired)
-        with contextlib.suppress(StoreError):
+        try:
             async with store.exclusive("match reports") as got:
                 if got:
                     matched = await store.match_waiting_reports()
                     if matched:
                         log.warning("reports_matched_late", reports=matched)
+        except StoreError as exc:
+            log.error("match_waiting_reports_failed", error=str(exc)[:200])
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -60,7 +60,7 @@ STATEMENTS = {
     ),
     "mark seen": (abandoned.MARK_SEEN, "bigint[]", "ARRAY[5::bigint]"),
     "report candidates": (matching.CANDIDATES, "text[]", "ARRAY['cx5']"),
-    "reports waiting, send known": (matching.WAITING_KNOWN, "int", "500"),  # the upkeep pass
+    "reports waiting, send known": (matching.WAITING_KNOWN, "int, float8", "500, 0.0"),
     "mo facts": (
         mo.MO_FACTS,
         "text[], text[], text[], text[], float8[]",
@@ -148,6 +148,9 @@ async def test_hot_statements_plan_index_lookups_in_every_table_state(
         latest_by_time = re.search(r"Index Scan Backward using sends_recent", plan)
         if name == "mo facts" and not latest_by_time:
             problems.append(f"mo facts: the latest send not by sends_recent:\n{plan}")
+        recent_only = re.search(r"Index Scan (?:Backward )?using records_unmatched_recent", plan)
+        if name == "reports waiting, send known" and not recent_only:
+            problems.append(f"{name}: not by records_unmatched_recent:\n{plan}")
         due_in_order = re.search(r"Index Scan using records_push_due on records r\b", plan)
         if name.startswith("push ") and not due_in_order:
             problems.append(f"{name}: due records not read in due order:\n{plan}")

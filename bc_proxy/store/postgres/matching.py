@@ -45,15 +45,19 @@ UNMATCHED = (
     "SELECT DISTINCT ref FROM records WHERE tenant IS NULL AND NOT ambiguous "
     "AND kind = 'status' AND ref = ANY($1::text[])"
 )
-# Unmatched reports whose send is known by now (a look that failed left them): the unmatched
-# reports' partial index, each ref probed in the two send indexes it may name.
+# Recent unmatched reports ($2: stored after) whose send is known by now (a look that failed
+# left them): `records_unmatched_recent`, each ref probed in the two send indexes it may name.
+# Only recent ones: a report for a message sent outside the gateway never matches, and they
+# are kept until purge; the look that failed came right after the report's send settled.
 WAITING_KNOWN = (
-    "SELECT DISTINCT r.ref FROM records r WHERE r.tenant IS NULL AND NOT r.ambiguous "
-    "AND r.kind = 'status' AND r.ref IS NOT NULL "
+    "SELECT r.ref FROM records r WHERE r.tenant IS NULL AND NOT r.ambiguous "
+    "AND r.kind = 'status' AND r.created_at > $2 AND r.ref IS NOT NULL "
     "AND (EXISTS (SELECT 1 FROM sends s WHERE s.connexus_id = r.ref) "
-    "OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref)) LIMIT $1"
+    "OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref)) "
+    "ORDER BY r.created_at DESC LIMIT $1"
 )
 WAITING_CHUNK = 500  # report ids matched by one pass
+WAITING_WINDOW = 3600.0  # seconds: how far back a pass looks (an outage longer is not covered)
 
 
 def facts(row: Any) -> SendFacts:
@@ -84,10 +88,12 @@ async def match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
 
 
 async def match_waiting(db: Db, rules: Rules) -> int:
-    """The upkeep job's pass: reports still unmatched although a send they name is stored (a
-    look after a settle or an ingest failed) get their send; how many ids were matched."""
+    """The upkeep job's pass: reports of the last hour still unmatched although a send they
+    name is stored (a look after a settle or an ingest failed) get their send; how many ids
+    were matched."""
     async with db.conn("match reports") as conn:
-        refs = [r["ref"] for r in await conn.fetch(WAITING_KNOWN, WAITING_CHUNK)]
+        since = time.time() - WAITING_WINDOW
+        refs = list({r["ref"] for r in await conn.fetch(WAITING_KNOWN, WAITING_CHUNK, since)})
     if not refs:
         return 0
     async with db.tx("match reports") as (conn, wakes):

@@ -224,6 +224,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE records ADD COLUMN polled boolean NOT NULL DEFAULT false;
     """,
+    # 8: the upkeep job's pass over delivery reports still unmatched (matching.match_waiting)
+    # reads only the recent ones: reports for messages sent outside the gateway stay unmatched
+    # until purge, and reading all of them every 30 s grew with them (330 ms at 200,000).
+    """
+    CREATE INDEX records_unmatched_recent ON records (created_at)
+        WHERE tenant IS NULL AND NOT ambiguous AND kind = 'status';
+    """,
 )
 
 LATEST = len(MIGRATIONS)
