@@ -399,3 +399,45 @@ async def test_an_incoming_sms_the_store_refuses_at_shutdown_is_left_to_the_swee
     again = await gateway(cfg)
     record = await poll_until(again, "in")
     assert (record["from"], record["body"]) == (HANDSET, "call me on 6421555888")
+
+
+async def test_a_fetch_cut_short_at_shutdown_leaves_a_trace(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """A record whose answer is still on its way when the shutdown's grace ends (half of a
+    0.4 s shutdown timeout, the answer 0.5 s away) cannot be stored: an error line says a
+    fetch was abandoned, so the operator knows a record Connexus handed out may be missing."""
+    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=0.4)
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    emu = slow_connexus.emu
+    await send(client, "LEG-9")
+    await emu.report(emu.sent[-1], 1)
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    await client.close()
+    assert stored_reports(tmp_path / "bc-proxy.db") == []
+    [abandoned] = log_events(log_stream, "pulled_fetch_abandoned")
+    assert (abandoned["level"], abandoned["tenant"]) == ("error", "acme")
+
+
+async def test_an_unusable_record_the_store_cannot_keep_is_logged_with_numbers_masked(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """A pulled record we cannot use, with the store refusing writes too, is logged as its
+    fields: the log's scrubber masks the handset numbers in them (form-encoded, "%2B64..." it
+    would not have recognised)."""
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    writer_conn(client).execute("PRAGMA query_only = ON")
+    # An incoming SMS to no number: unusable, and its sender's number in the record.
+    await connexus.emu.fire_mo("+6421000777", "", "hi", deliver=False)
+    await until(lambda: not connexus.emu.unread("in", None))
+    await until(lambda: bool(log_events(log_stream, "pulled_record_unusable")))
+    writer_conn(client).execute("PRAGMA query_only = OFF")
+    [line] = log_events(log_stream, "pulled_record_unusable")
+    assert line["source"] == "sms_in"
+    record = line["record"]
+    assert isinstance(record, dict)
+    assert record["from"] != "6421000777"
+    assert "*" in record["from"]
+    assert "6421000777" not in log_stream.getvalue()
