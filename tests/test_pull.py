@@ -294,15 +294,23 @@ async def test_shutdown_stores_a_report_still_on_its_way(
     slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
 ) -> None:
     """A shutdown while a consumed sms/status record is on its way back stores it first."""
-    cfg = config_dict(tmp_path, slow_connexus.base_url)
+    await shut_down_with_a_report_on_its_way(slow_connexus, gateway, tmp_path, "LEG-5")
+    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-5"]
+
+
+async def shut_down_with_a_report_on_its_way(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path, legacy_id: str, **server: Any
+) -> None:
+    """A pull gateway sends, its report is consumed from sms/status, and the gateway shuts
+    down while the answer is on its way back."""
+    cfg = config_dict(tmp_path, slow_connexus.base_url, **server)
     cfg["tenants"][0]["inbound"] = PULL
     client = await gateway(cfg)
     emu = slow_connexus.emu
-    await send(client, "LEG-5")
+    await send(client, legacy_id)
     await emu.report(emu.sent[-1], 1)
     await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
     await client.close()
-    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-5"]
 
 
 async def test_shutdown_with_store_refusing_logs_the_report_to_reinject(
@@ -407,14 +415,9 @@ async def test_a_fetch_cut_short_at_shutdown_leaves_a_trace(
     """A record whose answer is still on its way when the shutdown's grace ends (half of a
     0.4 s shutdown timeout, the answer 0.5 s away) cannot be stored: an error line says a
     fetch was abandoned, so the operator knows a record Connexus handed out may be missing."""
-    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=0.4)
-    cfg["tenants"][0]["inbound"] = PULL
-    client = await gateway(cfg)
-    emu = slow_connexus.emu
-    await send(client, "LEG-9")
-    await emu.report(emu.sent[-1], 1)
-    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
-    await client.close()
+    await shut_down_with_a_report_on_its_way(
+        slow_connexus, gateway, tmp_path, "LEG-9", shutdown_timeout_seconds=0.4
+    )
     assert stored_reports(tmp_path / "bc-proxy.db") == []
     [abandoned] = log_events(log_stream, "pulled_fetch_abandoned")
     assert (abandoned["level"], abandoned["tenant"]) == ("error", "acme")
