@@ -2,7 +2,8 @@
 
 Checks in order: optional source allowlist (403, before the body is read), path secret in
 constant time (401), optional HMAC-SHA256 of the raw body (401), fields (400, payload kept);
-503 when the store fails (Connexus retries). Routing and dedupe are the store's rules.
+503 when the store fails (Connexus retries), 400 with the payload kept when it refuses the
+event's data. Routing and dedupe are the store's rules.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from aiohttp import web
 from bc_proxy import keys
 from bc_proxy.connexus.models import Unusable, parse_webhook
 from bc_proxy.edge import edge
-from bc_proxy.errors import StoreError
+from bc_proxy.errors import StoreError, StoreRefused
 from bc_proxy.log import get_logger
 from bc_proxy.store import DlrEvent, IngestResult
 
@@ -122,6 +123,19 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
             result = await store.add_dlr(event)
         else:
             result = await store.add_mo(event, account=account)
+    except StoreRefused as exc:
+        # The store is up and refuses this event's data (PostgreSQL holds no NUL in text):
+        # Connexus's retries would be refused the same way, and then dropped. Kept verbatim
+        # with the rejected webhooks instead, and refused as bad input.
+        log.error("webhook_store_refused", type=wtype, error=str(exc)[:200])
+        metrics.webhooks.labels(wtype, "rejected").inc()
+        try:
+            await store.reject_webhook(raw, "store_refused")
+        except StoreError as err:  # the store is down after all: let Connexus retry it
+            log.error("rejected_webhook_not_kept", reason="store_refused", error=str(err))
+            return _answer(503, b'{"success":false,"error":"storage failure, retry"}')
+        metrics.rejected_webhooks.labels("store_refused").inc()
+        return _answer(400, b'{"success":false,"error":"store_refused: the store cannot hold it"}')
     except StoreError as exc:
         log.error("webhook_store_failed", type=wtype, error=str(exc))
         return _answer(503, b'{"success":false,"error":"storage failure, retry"}')

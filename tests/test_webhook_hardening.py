@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from bc_proxy import cli, log
+from bc_proxy import cli, keys, log
 from bc_proxy.config import parse
 from bc_proxy.errors import ConfigError
 from bc_proxy.metrics import Metrics
 from tests.conftest import WEBHOOK_SECRET, GatewayClient, GatewayFactory, config_dict
+from tests.pg import pg_url  # noqa: F401  (fixture)
 from tests.sendcalls import sample
 from tests.served import write_config
 from tests.test_inbound import db_count, mo
@@ -171,3 +172,24 @@ def test_empty_or_short_hmac_secret_is_a_config_error(tmp_path: Path, value: str
     cfg["webhook"]["hmac_secret"] = value
     with pytest.raises(ConfigError, match="hmac_secret"):
         parse(cfg)
+
+
+@pytest.mark.postgres
+async def test_an_event_postgresql_cannot_hold_is_refused_and_kept(
+    gateway: GatewayFactory, cfg: dict[str, Any], pg_url: str  # noqa: F811
+) -> None:
+    """An incoming SMS whose text holds a NUL, which PostgreSQL cannot store: not 503 (Connexus
+    would retry it, be refused the same way and drop it) but 400, with the payload kept in
+    the rejected webhooks; the next webhook is stored as usual."""
+    cfg["store"]["url"] = pg_url
+    cfg["upstream"]["mo_query_interval_seconds"] = 0
+    client = await gateway(cfg)
+    hook = f"/webhooks/connexus/{WEBHOOK_SECRET}"
+    bad = mo("nul-1", "6421000001", "552", "a\u0000b")
+    resp = await client.post(hook, data=json.dumps(bad))
+    assert resp.status == 400
+    assert "store_refused" in await resp.text()
+    [kept] = await client.app[keys.STORE].rejected_webhooks()
+    assert (kept.reason, json.loads(kept.body)["messageId"]) == ("store_refused", "nul-1")
+    ok = mo("ok-1", "6421000001", "552", "fine")
+    assert (await client.post(hook, data=json.dumps(ok))).status == 200
