@@ -130,7 +130,7 @@ async def reload(app: web.Application, path: str | Path) -> bool:
     """Read `path` again and apply it; an invalid file is refused (logged), nothing changes."""
     try:
         new = load_usable(path)
-        _within_running_retention(app[CURRENT][0], new)
+        _within_running_retention(app[keys.SETTINGS], new)
     except BcProxyError as exc:
         logger.error("config_reload_refused", path=str(path), error=str(exc))
         return False
@@ -138,16 +138,17 @@ async def reload(app: web.Application, path: str | Path) -> bool:
     return True
 
 
-def _within_running_retention(old: Settings, new: Settings) -> None:
-    """The store section waits for a restart, so the running retention still purges sends: a
-    tenant's new idempotency window must fit in it (the file's own retention was checked)."""
-    kept = old.store.retention_days * 86400
+def _within_running_retention(running: Settings, new: Settings) -> None:
+    """The store section waits for a restart, so the retention the process started with still
+    purges sends (a reload's own store section is not in force): a tenant's new idempotency
+    window must fit in it (the file's own retention was checked)."""
+    kept = running.store.retention_days * 86400
     for t in new.tenants:
         if t.idempotency_window_seconds > kept:
             raise ConfigError(
                 f"tenants[{t.name}].idempotency_window_seconds: "
                 f"{t.idempotency_window_seconds:g} s is longer than the running "
-                f"store.retention_days ({old.store.retention_days:g} days; a new one needs a "
+                f"store.retention_days ({running.store.retention_days:g} days; a new one needs a "
                 "restart): a retry after its send was purged would be sent again"
             )
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bc_proxy.errors import StoreError, StoreRefused
-from bc_proxy.store.postgres.db import Db
+from bc_proxy.store.postgres.db import Db, store_error
 from tests import pg
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
@@ -106,3 +107,10 @@ async def test_a_refused_value_is_told_from_an_outage(db: Db) -> None:
         async with db.conn("slow") as conn:
             await conn.execute("SELECT pg_sleep(2)", timeout=0.1)
     assert not isinstance(timed_out.value, StoreRefused)
+    # Neither a full NOTIFY queue (class 54, as a value too long for an index) nor the
+    # driver's configuration (a ValueError) says anything about the data.
+    for outage in (
+        asyncpg.exceptions.ProgramLimitExceededError("too many notifications in the queue"),
+        asyncpg.exceptions.ClientConfigurationError("root certificate file not found"),
+    ):
+        assert not isinstance(store_error(outage, "add mo"), StoreRefused)

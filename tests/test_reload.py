@@ -218,6 +218,10 @@ async def test_reload_refuses_a_window_longer_than_the_running_retention(
     assert app[keys.RUNTIME].tenants["acme"].idempotency_window_seconds == 86400
     new["tenants"][0]["idempotency_window_seconds"] = 86400  # within the running retention
     assert await reload_config(app, write_config(tmp_path / "ok.yaml", new))
+    # That reload's 30 days wait for a restart too: a second reload is held to the running 1.
+    new["tenants"][0]["idempotency_window_seconds"] = 7 * 86400
+    assert not await reload_config(app, write_config(tmp_path / "again.yaml", new))
+    assert app[keys.RUNTIME].tenants["acme"].idempotency_window_seconds == 86400
 
 
 async def test_reload_that_stops_pushing_makes_the_waiting_records_pollable(

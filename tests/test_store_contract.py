@@ -1072,6 +1072,29 @@ async def test_a_late_push_success_of_a_record_kept_for_polling_leaves_its_poll_
     assert await store.claim(BOTH, "status") is None
 
 
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+async def test_a_push_whose_record_a_late_success_finished_frees_it_for_polls(
+    opened: Opened, outcome: str
+) -> None:
+    """A record pushed and kept for polling: push A stalls past its lease, push B claims the
+    record, A's late success finishes it. B's outcome then ends B's lease, so polls get the
+    record at once instead of after B's lease."""
+    store = await opened.open(lease_seconds=0.2)
+    await _pushed_status(store, tenant=BOTH)
+    (first,) = await store.claim_pushes(later(), 10)
+    await asyncio.sleep(0.3)
+    (second,) = await store.claim_pushes(later(), 10)
+    await store.push_done(first)
+    if outcome == "done":
+        await store.push_done(second)
+    else:
+        await store.push_failed(second, next_at=later(), error="HTTP 503")
+    polled = await store.claim(BOTH, "status")
+    assert polled is not None
+    assert polled.id == first.id
+    assert await store.claim_pushes(later(HOUR), 10) == []
+
+
 async def test_a_late_ack_or_release_of_a_poll_lands_on_its_claim_alone(
     opened: Opened,
 ) -> None:

@@ -30,7 +30,7 @@ from bc_proxy.store import (
     Store,
     TenantRules,
 )
-from bc_proxy.store.postgres import PostgresStore
+from bc_proxy.store.postgres import PostgresStore, matching
 from bc_proxy.store.postgres.schema import LATEST
 from bc_proxy.store.rules import Rules
 from tests import pg
@@ -342,6 +342,28 @@ async def test_a_report_left_unmatched_by_a_replica_killed_after_its_settle_is_m
     assert record is not None
     assert (record.in_reply_to, record.msisdn_from) == ("L-late", "6421000009")
     assert await b.match_waiting_reports() == 0
+
+
+async def test_the_upkeep_pass_matches_every_waiting_report_oldest_first(
+    pair: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More reports wait than one statement takes (a chunk of 1 here): the pass goes on while
+    its chunks are full, oldest first, so none is left to age out of its window."""
+    a, b = pair
+    monkeypatch.setattr(matching, "WAITING_CHUNK", 1)
+    for i in range(3):
+        plan = await a.begin_send(
+            SendIntent(POLL, f"L-w{i}", (f"642100001{i}",), "552"), time.time()
+        )
+        assert (await b.add_dlr(DlrEvent(f"cx-w{i}", 1, "DELIVRD"))).outcome == "unmatched"
+        await pg.execute(  # a settle committed, its look lost
+            a.url,
+            "UPDATE sends SET state = 'accepted', connexus_id = $2 WHERE upstream_ref = $1",
+            plan.to_send[0].upstream_ref,
+            f"cx-w{i}",
+        )
+    assert await b.match_waiting_reports() == 3
+    assert await a.queue_depth(POLL) == (0, 3)
 
 
 async def test_open_refuses_a_schema_newer_than_the_code(opener: Opener, pg_url: str) -> None:  # noqa: F811

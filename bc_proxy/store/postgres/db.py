@@ -55,11 +55,12 @@ LEASE_SETTINGS = {"synchronous_commit": "off", "enable_bitmapscan": "off"}
 NOTIFY = f"SELECT count(pg_notify('{CHANNEL}', w)) FROM unnest($1::text[]) AS w"
 
 
-# What the server (or the driver, encoding a value) refuses in the data itself: StoreRefused.
+# What the server (class 22 data exceptions, class 23 constraints) or the driver (encoding a
+# value: TypeError, ValueError) refuses in the data itself: StoreRefused. Not class 54 (it
+# also covers a full NOTIFY queue), nor the driver's configuration errors (ValueErrors too).
 REFUSALS = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.IntegrityConstraintViolationError,
-    asyncpg.exceptions.ProgramLimitExceededError,  # a value too large for its index, say
     TypeError,
     ValueError,
 )
@@ -68,7 +69,10 @@ REFUSALS = (
 def store_error(exc: BaseException, what: str) -> StoreError:
     """A StoreError naming the operation and the driver's complaint (never the password);
     StoreRefused where the data itself was refused."""
-    kind = StoreRefused if isinstance(exc, REFUSALS) else StoreError
+    refused = isinstance(exc, REFUSALS) and not isinstance(
+        exc, asyncpg.exceptions.ClientConfigurationError
+    )
+    kind = StoreRefused if refused else StoreError
     return kind(f"postgresql {what}: {type(exc).__name__}: {exc}".rstrip(": "))
 
 

@@ -54,9 +54,10 @@ WAITING_KNOWN = (
     "AND r.kind = 'status' AND r.created_at > $2 AND r.ref IS NOT NULL "
     "AND (EXISTS (SELECT 1 FROM sends s WHERE s.connexus_id = r.ref) "
     "OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref)) "
-    "ORDER BY r.created_at DESC LIMIT $1"
+    "ORDER BY r.created_at LIMIT $1"
 )
-WAITING_CHUNK = 500  # report ids matched by one pass
+WAITING_CHUNK = 500  # report ids matched by one statement, oldest first
+WAITING_CHUNKS = 20  # statements one pass runs at most (while each fills its chunk)
 WAITING_WINDOW = 3600.0  # seconds: how far back a pass looks (an outage longer is not covered)
 
 
@@ -91,14 +92,21 @@ async def match_waiting(db: Db, rules: Rules) -> int:
     """The upkeep job's pass: reports of the last hour still unmatched although a send they
     name is stored (a look after a settle or an ingest failed) get their send; how many ids
     were matched."""
-    async with db.conn("match reports") as conn:
-        since = time.time() - WAITING_WINDOW
-        refs = list({r["ref"] for r in await conn.fetch(WAITING_KNOWN, WAITING_CHUNK, since)})
-    if not refs:
-        return 0
-    async with db.tx("match reports") as (conn, wakes):
-        matched = await match_reports(conn, rules, sorted(refs), time.time(), wakes)
-    return len(matched)
+    since = time.time() - WAITING_WINDOW
+    total = 0
+    for _ in range(WAITING_CHUNKS):  # oldest first: none ages out of the window behind others
+        async with db.conn("match reports") as conn:
+            rows = await conn.fetch(WAITING_KNOWN, WAITING_CHUNK, since)
+        if not rows:
+            break
+        async with db.tx("match reports") as (conn, wakes):
+            matched = await match_reports(
+                conn, rules, sorted({r["ref"] for r in rows}), time.time(), wakes
+            )
+        total += len(matched)
+        if len(rows) < WAITING_CHUNK:
+            break
+    return total
 
 
 async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None:

@@ -127,10 +127,20 @@ _DONE = (
 )
 
 
+# An attempt whose record another attempt's late success finished meanwhile: its own lease
+# (this claim's, exactly) ends, or polls of a record also kept for polling would wait for it.
+_END_OWN = (
+    "UPDATE records SET lease_owner = NULL, lease_until = NULL "
+    "WHERE id = ? AND lease_until = ? AND push_due IS NULL AND pollable = 1"
+)
+
+
 def push_done(conn: sqlite3.Connection, wakes: Wakes, record: LegacyRecord) -> bool:
     cur = conn.execute(_DONE, (record.lease_end, record.lease_end, record.id))
     if cur.rowcount:
         _wake_next(conn, wakes, record.id)
+    elif conn.execute(_END_OWN, (record.id, record.lease_end)).rowcount:
+        wakes.add((record.tenant, record.kind))
     return cur.rowcount > 0
 
 
@@ -149,6 +159,8 @@ def push_failed(
     )
     if cur.rowcount and next_at is None:
         _wake_next(conn, wakes, record.id)
+    elif not cur.rowcount and conn.execute(_END_OWN, (record.id, record.lease_end)).rowcount:
+        wakes.add((record.tenant, record.kind))
     return cur.rowcount > 0
 
 
