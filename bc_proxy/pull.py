@@ -24,7 +24,7 @@ from aiohttp import ClientError, web
 
 from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
-from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo
+from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo, webhook_body
 from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
 from bc_proxy.log import get_logger
 from bc_proxy.recovery import sweep_tenant
@@ -81,26 +81,6 @@ def dlr_from_record(record: Mapping[str, str], inverse: Mapping[str, int]) -> Dl
     if code is None:
         return DlrEvent(message_id, UNKNOWN_STATUS, (record.get("error") or legacy)[:40])
     return DlrEvent(message_id, code, "")
-
-
-def webhook_body(event: MoEvent | DlrEvent) -> dict[str, object]:
-    """The event as the Connexus webhook that carries it: what an operator POSTs to the
-    webhook URL to re-inject it (ingest dedupes, so a second copy is harmless)."""
-    if isinstance(event, DlrEvent):
-        return {
-            "type": "dlr",
-            "messageId": event.message_id,
-            "statusCode": event.status,
-            "status": event.status_text,
-        }
-    return {
-        "type": "mo",
-        "messageId": event.message_id,
-        "from": event.sender,
-        "to": event.to,
-        "body": event.body,
-        "relatedMessageId": event.related_id,
-    }
 
 
 def loggable_body(event: MoEvent | DlrEvent) -> dict[str, object]:

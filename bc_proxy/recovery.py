@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,8 +20,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.connexus.models import Unusable, parse_mo
-from bc_proxy.errors import BcProxyError, GatewayError
+from bc_proxy.connexus.models import Unusable, parse_mo, webhook_body
+from bc_proxy.errors import BcProxyError, GatewayError, StoreRefused
 from bc_proxy.log import get_logger
 from bc_proxy.store import IngestResult, MoEvent, Store, SweepMark
 
@@ -93,8 +94,23 @@ def _ascending(events: Sequence[MoEvent], after: str) -> bool:
 
 
 async def _store_page(store: Store, tenant: str, events: Sequence[MoEvent]) -> list[IngestResult]:
+    """Store a page's messages. One whose data the store refuses for good (PostgreSQL holds no
+    NUL in text) is kept with the rejected webhooks, so it does not fail every later sweep at
+    the same page; any other store error fails the page (the mark stays put)."""
     # Concurrent adds share the store's commit groups: one page costs a commit or two.
-    return list(await asyncio.gather(*(store.add_mo(e, account=tenant) for e in events)))
+    done = await asyncio.gather(
+        *(store.add_mo(e, account=tenant) for e in events), return_exceptions=True
+    )
+    out: list[IngestResult] = []
+    for event, result in zip(events, done, strict=True):
+        if isinstance(result, StoreRefused):
+            await store.reject_webhook(json.dumps(webhook_body(event)).encode(), "store_refused")
+            log.error("swept_message_refused", tenant=tenant, error=str(result)[:200])
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            out.append(result)
+    return out
 
 
 async def sweep_account(

@@ -128,12 +128,12 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
         # Connexus's retries would be refused the same way, and then dropped. Kept verbatim
         # with the rejected webhooks instead, and refused as bad input.
         log.error("webhook_store_refused", type=wtype, error=str(exc)[:200])
-        metrics.webhooks.labels(wtype, "rejected").inc()
         try:
             await store.reject_webhook(raw, "store_refused")
         except StoreError as err:  # the store is down after all: let Connexus retry it
             log.error("rejected_webhook_not_kept", reason="store_refused", error=str(err))
             return _answer(503, b'{"success":false,"error":"storage failure, retry"}')
+        metrics.webhooks.labels(wtype, "rejected").inc()  # counted once it is kept
         metrics.rejected_webhooks.labels("store_refused").inc()
         return _answer(400, b'{"success":false,"error":"store_refused: the store cannot hold it"}')
     except StoreError as exc:

@@ -103,6 +103,10 @@ async def test_a_refused_value_is_told_from_an_outage(db: Db) -> None:
     with pytest.raises(StoreRefused):
         async with db.conn("refused") as conn:
             await conn.execute("SELECT $1::text", "a\x00b")  # a NUL: no text of PostgreSQL holds it
+    with pytest.raises(StoreRefused) as unencodable:  # the driver refuses a lone surrogate
+        async with db.conn("refused") as conn:
+            await conn.execute("SELECT $1::text", "call 6421000001 \ud800")
+    assert "6421000001" not in str(unencodable.value)  # it quotes the arguments: not passed on
     with pytest.raises(StoreError) as timed_out:
         async with db.conn("slow") as conn:
             await conn.execute("SELECT pg_sleep(2)", timeout=0.1)

@@ -17,14 +17,13 @@ from aiohttp import web
 
 from bc_proxy import keys, pull
 from bc_proxy.connexus.emulator import Emulator, create_emulator_app
-from bc_proxy.connexus.models import parse_webhook
+from bc_proxy.connexus.models import parse_webhook, webhook_body
 from bc_proxy.metrics import Metrics
 from bc_proxy.pull import (
     dlr_from_record,
     inverse_status_map,
     loggable_body,
     mo_from_record,
-    webhook_body,
 )
 from bc_proxy.store import DlrEvent, MoEvent
 from tests.conftest import (

@@ -37,6 +37,7 @@ from tests.conftest import (
     GatewayFactory,
     config_dict,
 )
+from tests.pg import pg_url  # noqa: F401  (fixture)
 
 HOOK = f"/webhooks/connexus/{WEBHOOK_SECRET}"
 OTHER = {"userId": "globex-legacy", "password": "globex-legacy-pass"}
@@ -336,3 +337,28 @@ async def test_page_not_saying_it_is_last_leaves_a_newest_first_mark(
     assert await sweep_tenant(client.app, "acme") == 400
     assert await queue(client, ACME) == "inCount=1010&statusCount=0"
     assert await mark_of(client) == newest
+
+
+@pytest.mark.postgres
+async def test_a_message_the_store_refuses_is_kept_aside_and_the_sweep_goes_on(
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A swept message PostgreSQL cannot hold (a NUL in its text) is kept with the rejected
+    webhooks; the sweep stores the rest, reads every page and moves its mark (before, every
+    sweep failed at that page, and later missed webhooks were never recovered)."""
+    store = open_store(pg_url, Rules({"acme": TenantRules()}))
+    await store.open()
+    try:
+        msgs = messages(400)
+        msgs[10]["body"] = "a\u0000b"
+        result = await sweep_account(store, Upstream(msgs, False), "acme")
+        assert result.recovered == 399
+        assert await store.queue_depth("acme") == (399, 0)
+        mark = await store.sweep_mark("acme")
+        assert mark is not None
+        assert mark.last_id == "x399"
+        [kept] = await store.rejected_webhooks()
+        assert kept.reason == "store_refused"
+        assert json.loads(kept.body)["messageId"] == "x10"
+    finally:
+        await store.close()

@@ -119,3 +119,23 @@ def parse_webhook(raw: bytes) -> DlrEvent | MoEvent:
     if wtype == "mo":
         return parse_mo(data)
     raise Unusable("unknown_type")
+
+
+def webhook_body(event: MoEvent | DlrEvent) -> dict[str, object]:
+    """The event as the Connexus webhook that carries it: what an operator POSTs to the
+    webhook URL to re-inject it (ingest dedupes, so a second copy is harmless)."""
+    if isinstance(event, DlrEvent):
+        return {
+            "type": "dlr",
+            "messageId": event.message_id,
+            "statusCode": event.status,
+            "status": event.status_text,
+        }
+    return {
+        "type": "mo",
+        "messageId": event.message_id,
+        "from": event.sender,
+        "to": event.to,
+        "body": event.body,
+        "relatedMessageId": event.related_id,
+    }

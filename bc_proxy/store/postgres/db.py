@@ -66,14 +66,24 @@ REFUSALS = (
 )
 
 
+def describe(exc: BaseException) -> str:
+    """The driver's complaint for a log line or an error: its type and message, except where
+    the message holds the arguments (the driver refusing to encode a value quotes every value
+    of the statement: a group's message texts and phone numbers)."""
+    text = str(exc)
+    if text.startswith("invalid input for query argument"):  # "...$1: [the values] (why)"
+        return f"{type(exc).__name__}: {text.split(':', 1)[0]}"
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
 def store_error(exc: BaseException, what: str) -> StoreError:
-    """A StoreError naming the operation and the driver's complaint (never the password);
-    StoreRefused where the data itself was refused."""
+    """A StoreError naming the operation and the driver's complaint (never the password, nor
+    the statement's arguments); StoreRefused where the data itself was refused."""
     refused = isinstance(exc, REFUSALS) and not isinstance(
         exc, asyncpg.exceptions.ClientConfigurationError
     )
     kind = StoreRefused if refused else StoreError
-    return kind(f"postgresql {what}: {type(exc).__name__}: {exc}".rstrip(": "))
+    return kind(f"postgresql {what}: {describe(exc)}")
 
 
 def wake_payloads(wakes: Wakes) -> list[str]:

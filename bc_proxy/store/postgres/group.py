@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 from bc_proxy.errors import StoreError
-from bc_proxy.store.postgres.db import Conn, Db, Wakes, store_error
+from bc_proxy.store.postgres.db import Conn, Db, Wakes, describe, store_error
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
@@ -131,7 +131,9 @@ class Batcher(Generic[I, R]):
             try:
                 results = await self.run([item for item, _ in group])
             except Exception as exc:  # whatever it was, each write is retried alone
-                log.info("%s: group of %d failed (%s); one by one", self.what, len(group), exc)
+                log.info(
+                    "%s: group of %d failed (%s); one by one", self.what, len(group), describe(exc)
+                )
                 recovered = await self._recovered(group)
                 if recovered:
                     return
@@ -166,7 +168,11 @@ class Batcher(Generic[I, R]):
         try:
             results = await self.recover([item for item, _ in group])
         except Exception as exc:
-            log.info("%s: could not tell whether a failed group committed (%s)", self.what, exc)
+            log.info(
+                "%s: could not tell whether a failed group committed (%s)",
+                self.what,
+                describe(exc),
+            )
             return None
         if results is None:
             return False
