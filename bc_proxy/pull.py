@@ -318,7 +318,13 @@ class Puller:
     async def _keep_unusable(self, source: str, raw: bytes) -> None:
         """A record we cannot use: kept verbatim with the rejected webhooks (or logged)."""
         reason = f"{source}_unusable"
-        if await self._reject(raw, reason):
+        try:
+            kept = await self._reject(raw, reason)
+        except BaseException:  # cancelled past the shutdown's grace: the log is its last copy
+            record = _fields(raw)
+            log.error("pulled_record_unusable", tenant=self.tenant, source=source, record=record)
+            raise
+        if kept:
             self.app[keys.METRICS].rejected_webhooks.labels(reason).inc()
             log.warning("pulled_record_unusable", tenant=self.tenant, source=source, kept=reason)
             return

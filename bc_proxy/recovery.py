@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -93,6 +94,25 @@ def _ascending(events: Sequence[MoEvent], after: str) -> bool:
     return all(times) and (not times or times[0] >= after) and times == sorted(times)
 
 
+# Messages of a store's sweeps kept aside already, by tenant and messageId: each sweep reads
+# again the 10 minutes before its mark, and would keep another copy every time (the kept
+# table holds the newest 10,000, so copies would push other kept records out).
+_KEPT: weakref.WeakKeyDictionary[Store, set[str]] = weakref.WeakKeyDictionary()
+_KEPT_MAX = 10_000
+
+
+async def _keep_aside(store: Store, tenant: str, key: str, body: bytes, reason: str) -> None:
+    """Keep a swept message the store cannot take with the rejected webhooks, once."""
+    kept = _KEPT.setdefault(store, set())
+    if f"{tenant}:{key}" in kept:
+        return
+    await store.reject_webhook(body, reason)
+    if len(kept) >= _KEPT_MAX:
+        kept.clear()
+    kept.add(f"{tenant}:{key}")
+    log.error("swept_message_kept_aside", tenant=tenant, message_id=key, reason=reason)
+
+
 async def _store_page(store: Store, tenant: str, events: Sequence[MoEvent]) -> list[IngestResult]:
     """Store a page's messages. One whose data the store refuses for good (PostgreSQL holds no
     NUL in text) is kept with the rejected webhooks, so it does not fail every later sweep at
@@ -104,8 +124,8 @@ async def _store_page(store: Store, tenant: str, events: Sequence[MoEvent]) -> l
     out: list[IngestResult] = []
     for event, result in zip(events, done, strict=True):
         if isinstance(result, StoreRefused):
-            await store.reject_webhook(json.dumps(webhook_body(event)).encode(), "store_refused")
-            log.error("swept_message_refused", tenant=tenant, error=str(result)[:200])
+            body = json.dumps(webhook_body(event)).encode()
+            await _keep_aside(store, tenant, event.message_id, body, "store_refused")
         elif isinstance(result, BaseException):
             raise result
         else:
@@ -137,7 +157,14 @@ async def sweep_account(
             # Not the last page but a page we could not read: ending here would let a
             # newest-first sweep move its mark past the older pages it never read.
             raise GatewayError(f"mo/query page {page} answered 200 without a messages list")
-        events = [e for m in messages if (e := _event(m)) is not None]
+        events = []
+        for m in messages:
+            if (e := _event(m)) is not None:
+                events.append(e)
+            else:  # kept as the webhooks keep what they cannot use, not passed over silently
+                key = str(m.get("messageId")) if isinstance(m, dict) else repr(m)[:60]
+                raw = json.dumps(m, default=repr).encode()
+                await _keep_aside(store, tenant, key, raw, "mo_query_unusable")
         outcomes = await _store_page(store, tenant, events)
         result.pages += 1
         result.seen += len(events)

@@ -360,5 +360,31 @@ async def test_a_message_the_store_refuses_is_kept_aside_and_the_sweep_goes_on(
         [kept] = await store.rejected_webhooks()
         assert kept.reason == "store_refused"
         assert json.loads(kept.body)["messageId"] == "x10"
+        # The next sweep reads the last 10 minutes again: nothing kept a second time.
+        msgs.append({**messages(401)[400], "body": "c\u0000d"})
+        await sweep_account(store, Upstream(msgs, False), "acme")
+        assert [json.loads(k.body)["messageId"] for k in await store.rejected_webhooks()] == [
+            "x400",
+            "x10",
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_message_the_sweep_cannot_use_is_kept_aside_once(tmp_path: Path) -> None:
+    """A swept message missing what an incoming SMS needs (no sender) is kept with the rejected
+    webhooks, as a webhook would be, once however often the sweep reads it again."""
+    store = open_store(f"sqlite:///{tmp_path / 'bc.db'}", Rules({"acme": TenantRules()}))
+    await store.open()
+    try:
+        msgs = messages(5)
+        msgs[2]["from"] = ""
+        for _ in range(2):
+            result = await sweep_account(store, Upstream(msgs, False), "acme")
+            assert result.recovered in (4, 0)
+        [kept] = await store.rejected_webhooks()
+        assert kept.reason == "mo_query_unusable"
+        assert json.loads(kept.body)["messageId"] == "x2"
+        assert await store.queue_depth("acme") == (4, 0)
     finally:
         await store.close()
