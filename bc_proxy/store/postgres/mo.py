@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bc_proxy.store import IngestResult, MoEvent
-from bc_proxy.store.postgres.db import CHANNEL, NOTIFY, Conn, Db, Wakes, wake_payloads
+from bc_proxy.store.postgres.db import NOTIFY, Conn, Db, Wakes, wake_payloads
 from bc_proxy.store.postgres.matching import FACTS
-from bc_proxy.store.postgres.records import INSERT_ARRAYS, NewRecord, columns
+from bc_proxy.store.postgres.records import INSERT_ARRAYS, NewRecord, columns, with_notify
 from bc_proxy.store.rules import REPLY_WINDOW_SECONDS, Route, Rules, SendFacts
 
 
@@ -72,14 +72,8 @@ MO_INSERT = (
     "WHERE records.tenant IS NULL AND excluded.tenant IS NOT NULL "
     "RETURNING event_key, receipt_id"
 )
-# The same and its wake-ups in one statement (as records.insert_keyed): the select list of a
-# one-row SELECT is evaluated whole, whatever was inserted.
-MO_INSERT_NOTIFY = (
-    f"WITH ins AS ({MO_INSERT}), n AS (SELECT count(pg_notify('{CHANNEL}', w)) AS c "
-    f"FROM unnest(${len(columns(())) + 1}::text[]) AS w) "
-    "SELECT array(SELECT ARRAY[event_key, receipt_id] FROM ins) AS stored, "
-    "(SELECT c FROM n) AS notified"
-)
+# The same and its wake-ups in one statement (as records.insert_keyed).
+MO_INSERT_NOTIFY = with_notify(MO_INSERT, "ARRAY[event_key, receipt_id]")
 _KEY, _RECEIPT = 2, 6  # positions of event_key and receipt_id in `NewRecord.values`
 
 

@@ -36,13 +36,21 @@ INSERT_ARRAYS = (
     + ")"
 )
 INSERT_KEYED = f"{INSERT_ARRAYS} ON CONFLICT (event_key) DO NOTHING RETURNING event_key"
-# The same and its wake-ups in one statement: both scalar subqueries of a one-row SELECT are
-# evaluated, whether anything was inserted or not.
-_INSERT_KEYED_NOTIFY = (
-    f"WITH ins AS ({INSERT_KEYED}), n AS (SELECT count(pg_notify('{CHANNEL}', w)) AS c "
-    f"FROM unnest(${len(_TYPES) + 1}::text[]) AS w) "
-    "SELECT array(SELECT event_key FROM ins) AS keys, (SELECT c FROM n) AS notified"
-)
+
+
+def with_notify(insert: str, returned: str) -> str:
+    """`insert` (of INSERT_ARRAYS' parameters) and the NOTIFY of its wake-ups (one more
+    parameter, text[]) in one statement: both scalar subqueries of a one-row SELECT are
+    evaluated, whether anything was inserted or not. Its value: `returned` of each row the
+    insert returned, as an array."""
+    return (
+        f"WITH ins AS ({insert}), n AS (SELECT count(pg_notify('{CHANNEL}', w)) AS c "
+        f"FROM unnest(${len(_TYPES) + 1}::text[]) AS w) "
+        f"SELECT array(SELECT {returned} FROM ins) AS stored, (SELECT c FROM n) AS notified"
+    )
+
+
+_INSERT_KEYED_NOTIFY = with_notify(INSERT_KEYED, "event_key")
 
 
 @dataclass(frozen=True, slots=True)
