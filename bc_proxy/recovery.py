@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import weakref
@@ -94,6 +95,15 @@ def _ascending(events: Sequence[MoEvent], after: str) -> bool:
     return all(times) and (not times or times[0] >= after) and times == sorted(times)
 
 
+def _rises(events: Sequence[MoEvent], after: str) -> bool:
+    """Whether the receive times read so far, with this page's, go up somewhere: proof that an
+    ascending answer is oldest first. Equal times alone (a burst in one second filling the
+    first page) are as much newest first, and a mark moved past them would skip the older
+    pages of a newest-first answer that is then cut short."""
+    times = [e.received_at for e in events]
+    return any(a < b for a, b in itertools.pairwise([after, *times] if after else times))
+
+
 # Messages of a store's sweeps kept aside already, by tenant and messageId: each sweep reads
 # again the 10 minutes before its mark, and would keep another copy every time (the kept
 # table holds the newest 10,000, so copies would push other kept records out).
@@ -139,13 +149,15 @@ async def sweep_account(
     """Read one account's `mo/query` from its mark to the last page; store what is new.
 
     The mark advances after each page's messages are committed when Connexus answers oldest
-    first (as documented nowhere, but as the emulator does); otherwise only once a page says
+    first (as documented nowhere, but as the emulator does) and the times read have risen
+    somewhere (equal times prove no order); otherwise only once a page says
     `hasNextPage: false`. A page that is not JSON with a `messages` list raises GatewayError."""
     mark = await store.sweep_mark(tenant)
     start = start_of_window(mark, now or datetime.now(UTC))
     result = SweepResult()
     newest: tuple[str, str] | None = (mark.last_time, mark.last_id) if mark else None
     ordered = True
+    rose = False  # an ascending order is proven by a rise, not by equal times
     last_seen = ""  # receive time of the last message read, in Connexus's page order
     page = 1
     while True:
@@ -171,12 +183,13 @@ async def sweep_account(
         result.recovered += sum(1 for r in outcomes if r.outcome in ("stored", "unmatched"))
         result.assigned += sum(1 for r in outcomes if r.outcome == "assigned")
         ordered = ordered and _ascending(events, last_seen)
+        rose = ordered and (rose or _rises(events, last_seen))
         if events:
             last_seen = events[-1].received_at
         for e in events:
             if e.received_at and (newest is None or e.received_at >= newest[0]):
                 newest = (e.received_at, e.message_id)
-        if ordered and newest is not None:
+        if rose and newest is not None:
             await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
         pagination = answer.get("pagination")
         has_next = pagination.get("hasNextPage") if isinstance(pagination, dict) else None
@@ -185,9 +198,9 @@ async def sweep_account(
             continue
         # Pages read in any other order prove nothing about the ones not read until the
         # answer itself says there are none left; a page that does not say leaves the mark.
-        if not ordered and has_next is not False:
+        if not rose and has_next is not False:
             log.warning("sweep_end_unconfirmed", tenant=tenant, page=page)
-        elif not ordered and newest is not None:
+        elif not rose and newest is not None:
             await store.set_sweep_mark(SweepMark(tenant, newest[0], newest[1], time.time()))
         return result
 

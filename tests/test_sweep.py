@@ -215,6 +215,44 @@ async def test_sweep_killed_mid_way_resumes_without_loss(
         await store.close()
 
 
+@pytest.mark.parametrize("newest_first", [False, True])
+async def test_a_first_page_of_one_second_moves_no_mark_until_the_order_shows(
+    tmp_path: Path, newest_first: bool
+) -> None:
+    """200 messages that came in one second fill page 1: equal times look ascending whichever
+    the order. Read newest first, a mark moved to them after page 1 would put the next sweep's
+    window (mark - 10 min) after the 800 older messages of the pages this sweep never read. So
+    the mark waits for a rise in the times (oldest first, it then follows the pages again) or
+    for the last page."""
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}", Rules({"acme": TenantRules()}))
+    await store.open()
+    try:
+        msgs = messages(1_000)  # 10:00:00 + i s
+        burst = msgs[800:] if newest_first else msgs[:200]  # what page 1 holds
+        second = "2026-05-01 12:00:00" if newest_first else "2026-05-01 09:00:00"
+        for m in burst:
+            m["receivedTime"] = second
+        upstream = Upstream(msgs, newest_first)
+        upstream.fail_page = 2
+        with pytest.raises(GatewayError):
+            await sweep_account(store, upstream, "acme")
+        assert await store.sweep_mark("acme") is None  # page 1 proved no order
+        if not newest_first:  # page 2 rises: the mark follows the pages from then on
+            upstream.fail_page = 4
+            with pytest.raises(GatewayError):
+                await sweep_account(store, upstream, "acme")
+            mark = await store.sweep_mark("acme")
+            assert mark is not None
+            assert mark.last_id == "x599"  # the last message of page 3, committed
+        await sweep_account(store, upstream, "acme")
+        assert await store.queue_depth("acme") == (1_000, 0)
+        mark = await store.sweep_mark("acme")
+        assert mark is not None
+        assert mark.last_time == ("2026-05-01 12:00:00" if newest_first else "2026-05-01 10:16:39")
+    finally:
+        await store.close()
+
+
 class NewestFirst:
     """Connexus answering mo/query newest first, behind the emulator's auth and request log;
     one scripted page answers a malformed 200 once, or once does not say whether more follow."""
