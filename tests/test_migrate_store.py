@@ -235,6 +235,30 @@ async def test_migrate_store_refuses_a_file_a_store_has_open(
     assert report.ok  # the refused copies wrote nothing
 
 
+async def test_migrate_store_refuses_the_open_file_by_another_name(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """The gateway's config names a symlink to the database file (kept on a mounted volume, say)
+    and the operator names the file itself, or the other way round: still the open file, still
+    refused. (A symlinked folder or `..` name the same lock file already.)"""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real, link = volume / "bc-proxy.db", tmp_path / "bc-proxy.db"
+    await _single_node_install(f"sqlite:///{real}")
+    link.symlink_to(real)
+    for opened, named in ((link, real), (real, link)):
+        running = open_store(f"sqlite:///{opened}", RULES)
+        await running.open()
+        try:
+            with pytest.raises(StoreError, match="has this store open"):
+                await transfer.transfer(f"sqlite:///{named}", pg_url, out=lambda line: None)
+        finally:
+            await running.close()
+    assert sorted(os.listdir(tmp_path)) == ["bc-proxy.db", "volume"]  # no lock by the link
+    assert "bc-proxy.db.lock" in os.listdir(volume)  # beside the file, as its -wal is
+
+
 async def test_migrate_store_of_a_missing_file_leaves_no_lock_file(
     tmp_path: Path,
     pg_url: str,  # noqa: F811

@@ -43,7 +43,9 @@ def in_use_lock(path: str, *, exclusive: bool) -> int | None:
     cannot be told (a lock file this user cannot open)."""
     if not path or ":memory:" in path or (exclusive and not os.path.exists(path)):
         return None  # (no database to copy: the copy fails on its own, no lock file is left)
-    lock = f"{path}.lock"
+    # Beside the file itself, as SQLite's own -wal and -shm are: one lock whether a config
+    # names the file or a symlink to it.
+    lock = f"{os.path.realpath(path)}.lock"
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
