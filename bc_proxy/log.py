@@ -1,9 +1,9 @@
 """Structured logging with structlog: JSON off a terminal, console output on one. Owns the
 processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
 request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
-configured secret scrubbed; and the access line's render-once path (`access`), the one line
-per request, which gives the same JSON as the chain at a fraction of its cost. Does not decide
-what is logged."""
+configured secret and every bearer token scrubbed (`mask_tokens`, `loggable`); and the access
+line's render-once path (`access`), the one line per request, which gives the same JSON as the
+chain at a fraction of its cost. Does not decide what is logged."""
 
 from __future__ import annotations
 
@@ -66,6 +66,26 @@ def _add_request_id(
     return event
 
 
+# A credential recognisable by its shape whoever configured it (a bearer token bc-proxy fetched
+# is no configured secret): `Bearer <token>` and an OAuth answer's `access_token` value.
+_TOKEN = re.compile(r"(bearer\s+|access_token['\"]?\s*[:=]\s*['\"]?)[^\s'\",;&}]+", re.IGNORECASE)
+
+
+def mask_tokens(text: str) -> str:
+    """Replace bearer tokens and `access_token` values in `text` with ***."""
+    if "earer" in text or "EARER" in text or "access_token" in text:  # (cheap test first)
+        return _TOKEN.sub(r"\1***", text)
+    return text
+
+
+def loggable(exc: BaseException) -> str:
+    """An exception for a log line: its class and message, tokens masked. Never its repr:
+    aiohttp's ClientResponseError (TooManyRedirects too) reprs its RequestInfo, whose request
+    headers hold the Connexus bearer token."""
+    text = str(exc)
+    return mask_tokens(f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__)
+
+
 def mask_phones(text: str) -> str:
     """Mask every phone number in `text`: a run of 7-15 digits (optionally after `+`) with no
     letter or digit right before or after it keeps only its last three digits. Digits glued to
@@ -94,7 +114,7 @@ class _Scrubber:
         for secret in self.secrets:
             if secret in value:
                 value = value.replace(secret, "***")
-        return value
+        return mask_tokens(value)
 
     def __call__(
         self, logger: Any, name: str, event: MutableMapping[str, Any]
@@ -104,9 +124,9 @@ class _Scrubber:
                 if key in _PHONE_KEYS:
                     event[key] = mask_number(value)
                 else:
-                    event[key] = mask_phones(self._clean(value) if self.secrets else value)
+                    event[key] = mask_phones(self._clean(value))
             elif isinstance(value, BaseException):
-                event[key] = mask_phones(self._clean(repr(value)))
+                event[key] = mask_phones(self._clean(loggable(value)))
             elif isinstance(value, list | tuple | dict):
                 event[key] = self._deep(value)
         return event

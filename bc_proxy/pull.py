@@ -26,7 +26,7 @@ from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo, webhook_body
 from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
-from bc_proxy.log import get_logger
+from bc_proxy.log import get_logger, loggable
 from bc_proxy.recovery import sweep_tenant
 from bc_proxy.store import DlrEvent, MoEvent
 from bc_proxy.translate import form_encode
@@ -148,7 +148,7 @@ class Puller:
             except Exception as exc:  # a bug here must not end the job
                 # Raised out of run(), it would cancel every other tenant's loop (one
                 # TaskGroup), and their held records would be given up as at shutdown.
-                log.exception("pull_round_failed", tenant=self.tenant, error=repr(exc)[:200])
+                log.exception("pull_round_failed", tenant=self.tenant, error=loggable(exc))
             await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
 
     async def pull_once(self) -> dict[str, str]:

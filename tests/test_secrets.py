@@ -19,7 +19,9 @@ import yaml
 from bc_proxy import log
 from bc_proxy.config import parse
 from bc_proxy.connexus.emulator import Emulator
+from bc_proxy.errors import GatewayError
 from bc_proxy.log import mask_number
+from bc_proxy.recovery import sweep_tenant
 from tests.conftest import CLIENT_ID, Connexus, GatewayFactory
 from tests.test_shutdown import free_port, serve
 
@@ -270,3 +272,76 @@ def test_parse_error_patch_is_in_place_and_guarded(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(RequestHandler, "handle_error", changed)
     assert not plain_parse_errors()
     assert RequestHandler.handle_error is changed
+
+
+FETCHED_TOKEN = "wst_Qx9fLk2PzA8bT3mYv7Rw"  # no configured secret: only its shape gives it away
+
+
+async def test_a_malformed_upstream_answer_logs_no_bearer_token(
+    tmp_path: Path, gateway: GatewayFactory, log_stream: io.StringIO
+) -> None:
+    """Connexus (or something in front of it) answers mo/query with a header aiohttp cannot
+    parse: aiohttp's ClientResponseError carries the request's headers, the bearer token
+    bc-proxy fetched among them, and its repr went into the `upstream_failed` line."""
+    token_answer = json.dumps({"access_token": FETCHED_TOKEN, "expires_in": 86400}).encode()
+
+    async def connexus(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(h.split(b":")[1]) for h in head.lower().split(b"\r\n")
+                     if h.startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                if b"/auth/token" in head.split(b"\r\n")[0]:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(token_answer), token_answer)
+                    )
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nbroken header line\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connexus, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cfg = secret_config(tmp_path, f"http://127.0.0.1:{port}/api/connexus")
+        client = await gateway(cfg)
+        with pytest.raises(GatewayError):
+            await sweep_tenant(client.app, "acme")
+    finally:
+        server.close()
+        await server.wait_closed()
+    logs = log_stream.getvalue()
+    failed = [e for e in map(json.loads, logs.splitlines()) if e["event"] == "upstream_failed"]
+    assert failed, logs  # the failure is logged, with its cause
+    assert "ClientResponseError" in failed[0]["cause"]
+    assert FETCHED_TOKEN not in logs
+
+
+def test_bearer_tokens_are_masked_wherever_they_appear(log_stream: io.StringIO) -> None:
+    """A token nobody configured is masked by its shape: in a string, in a nested value, in an
+    exception logged as a value (its class and message, never its repr) and in a traceback."""
+    logger = log.get_logger("bc_proxy.test")
+    header = f"Bearer {FETCHED_TOKEN}"
+    logger.warning("probe", error=f"refused: {{'Authorization': '{header}'}}")
+    logger.warning("probe", headers={"Authorization": header.upper()})
+    logger.warning("probe", answer=f'{{"access_token": "{FETCHED_TOKEN}", "expires_in": 60}}')
+    logger.warning("probe", error=RuntimeError(f"with {header}"))
+    try:
+        raise RuntimeError(f"authorization: bearer {FETCHED_TOKEN}")
+    except RuntimeError:
+        logger.exception("probe")
+    logs = log_stream.getvalue()
+    events = [json.loads(line) for line in logs.splitlines()]
+    assert len(events) == 5
+    assert FETCHED_TOKEN not in logs
+    assert FETCHED_TOKEN.upper() not in logs
+    assert events[0]["error"] == "refused: {'Authorization': 'Bearer ***'}"
+    assert events[3]["error"] == "RuntimeError: with Bearer ***"

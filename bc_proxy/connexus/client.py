@@ -31,7 +31,7 @@ from bc_proxy.connexus.outcomes import (
 from bc_proxy.connexus.tokens import TokenManager
 from bc_proxy.connexus.transport import Upstream
 from bc_proxy.errors import GatewayError, LegacyError
-from bc_proxy.log import get_logger
+from bc_proxy.log import get_logger, loggable
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import PlannedRecipient, SendState
 from bc_proxy.translate import (
@@ -231,7 +231,7 @@ class ConnexusClient:
             raise GatewayError("Connexus did not answer in time") from None
         except ClientError as exc:
             self._count(op, "error", started)
-            log.warning("upstream_failed", operation=op, tenant=tenant, cause=repr(exc))
+            log.warning("upstream_failed", operation=op, tenant=tenant, cause=loggable(exc))
             raise GatewayError(f"Connexus unreachable ({type(exc).__name__})") from None
         self._count(op, str(status), started)
         answer = _json(raw)
@@ -321,7 +321,7 @@ class ConnexusClient:
         except Exception as exc:
             error = exc if isinstance(exc, LegacyError) else GatewayError(type(exc).__name__)
             if not isinstance(exc, LegacyError):
-                log.error("send_call_failed", tenant=tenant, error=repr(exc))
+                log.error("send_call_failed", tenant=tenant, error=loggable(exc))
             if exchange.written:  # a timeout or reset after the request went out
                 error = GatewayError(f"{error.reason}; outcome unknown, not re-sent")
             state: SendState = "unknown" if exchange.written else "rejected"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bc_proxy.errors import StoreError
-from bc_proxy.log import get_logger
+from bc_proxy.log import get_logger, loggable
 from bc_proxy.metrics import Metrics
 from bc_proxy.store import SendIntent, Settlement, StatusRecord, Store
 from bc_proxy.translate import UNKNOWN_OUTCOME, RecipientOutcome, rejection_code
@@ -196,5 +196,5 @@ def _keep(store: Store, work: Coroutine[Any, Any, None]) -> None:
 
 def _done(tasks: set[asyncio.Future[None]], task: asyncio.Future[None]) -> None:
     tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("settle_failed", error=repr(task.exception()))
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("settle_failed", error=loggable(exc))
