@@ -134,8 +134,12 @@ def _one_outcome(item: Mapping[str, Any], fallback_to: str) -> RecipientOutcome:
     if item.get("success") is not False:
         # Accepted; an answer without message_id leaves "" (reports then match by our ref).
         return RecipientOutcome(to, "accepted", str(item.get("message_id") or ""), sender=sender)
+    return RecipientOutcome(to, "rejected", None, error=_refusal(item), sender=sender)
+
+
+def _refusal(item: Mapping[str, Any]) -> str:
     reason = item.get("error") or item.get("message") or item.get("status") or "rejected"
-    return RecipientOutcome(to, "rejected", None, error=str(reason)[:200], sender=sender)
+    return str(reason)[:200]
 
 
 def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
@@ -152,12 +156,17 @@ def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
 def bulk_outcomes(answer: Any, recipients: Sequence[str]) -> list[RecipientOutcome]:
     """Read a Connexus bulk-send answer (any 2xx), one outcome per recipient asked for.
 
-    A 2xx without a `messages` list accepted them all (ids unknown, see `single_outcome`). An
-    item whose `to` is not a number we asked for (Connexus normalised it) is matched by position.
-    A recipient the answer does not mention is `unknown`: nothing says it was not sent.
+    A 2xx without a `messages` list accepted them all (ids unknown, see `single_outcome`),
+    unless it says `"success": false` (a refusal of the whole call, as Connexus words its
+    errors, "Insufficient funds" say): then it refused them all, as a single send's answer would.
+    An item whose `to` is not a number we asked for (Connexus normalised it) is matched by
+    position. A recipient the answer does not mention is `unknown`: nothing says it was not sent.
     """
     items = answer.get("messages") if isinstance(answer, dict) else None
     if not isinstance(items, list):
+        if isinstance(answer, dict) and answer.get("success") is False:
+            reason = _refusal(answer)
+            return [RecipientOutcome(r, "rejected", None, error=reason) for r in recipients]
         return [RecipientOutcome(r, "accepted", "") for r in recipients]
     wanted = set(recipients)
     out: list[RecipientOutcome] = []

@@ -293,6 +293,26 @@ def test_bulk_outcomes_unreadable_answer_accepts_all(answer: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ({"success": False, "error": "Insufficient funds"}, "Insufficient funds"),
+        ({"success": False, "message": "Account suspended", "messages": None}, "Account suspended"),
+        ({"success": False}, "rejected"),
+    ],
+)
+def test_bulk_outcomes_refusal_of_the_whole_call_rejects_all(answer: Any, reason: str) -> None:
+    """A 2xx bulk answer that says `"success": false` and lists no messages refused the call,
+    as the same answer to a single send does: every recipient rejected with the reason (a NUR,
+    INF or ERR record each), never accepted (204, no record, the SMS silently lost)."""
+    out = bulk_outcomes(answer, ["641", "642"])
+    assert out == [
+        RecipientOutcome("641", "rejected", None, error=reason),
+        RecipientOutcome("642", "rejected", None, error=reason),
+    ]
+    assert single_outcome(answer, "641") == out[0]  # the two readings agree
+
+
+@pytest.mark.parametrize(
     ("reason", "code"),
     [
         ("Invalid destination number", "NUR"),
