@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _install_uvloop()
     app = create_app(settings)
     reload.install_sighup(app, _config_path(args))
+    workers.stop_once(app)
     _tune_gc()
     try:
         web.run_app(

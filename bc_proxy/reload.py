@@ -171,8 +171,13 @@ def install_sighup(app: web.Application, path: str | Path) -> None:
     async def on_startup(app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
 
+    def while_stopping() -> None:
+        logger.info("config_reload_ignored", path=str(path), reason="stopping")
+
     async def on_shutdown(app: web.Application) -> None:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        # Not removed: asyncio would put back SIGHUP's default action, and a reload asked for
+        # during the drain (`systemctl reload`, the supervisor) would kill the process there.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, while_stopping)
         for task in list(pending):
             task.cancel()
 

@@ -4,11 +4,15 @@ Owns the supervisor: it starts N `bc-proxy serve` children that each bind the po
 SO_REUSEPORT (the kernel spreads connections), restarts a child that dies with a capped
 backoff, and on SIGTERM/SIGINT forwards SIGTERM to every child, waits for their drain
 (`server.shutdown_timeout_seconds` plus a margin) and kills what is left. Each child is an
-ordinary replica of a shared PostgreSQL store; the supervisor itself serves nothing.
+ordinary replica of a shared PostgreSQL store; the supervisor itself serves nothing. Also owns
+how a serving process takes its stop signals (`stop_once`): the first starts the drain, and
+repeats, which the supervisor's forwarding adds wherever the whole process group is signalled
+(systemd, Ctrl-C, dumb-init), do not cut it short.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,11 +21,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
+from bc_proxy.log import get_logger
+
 ENV_INDEX = "BC_PROXY_WORKER_INDEX"  # set in each child: 0..N-1
 RESTART_INITIAL = 0.5
 RESTART_MAX = 30.0
 HEALTHY_AFTER = 30.0  # a child that ran this long resets its backoff
 TICK = 0.2
+log = get_logger("bc_proxy.workers")
 
 
 @dataclass
@@ -74,6 +83,8 @@ class Supervisor:
                 signal.signal(s, handler)
 
     def _forward_hup(self, signum: int, frame: object) -> None:
+        if self.stopping:  # draining: a reload now would only disturb the drain
+            return
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGHUP)
@@ -110,6 +121,31 @@ class Supervisor:
                 proc.wait()
         self.log("all workers stopped")
         return 0
+
+
+def stop_once(app: web.Application) -> None:
+    """SIGTERM and SIGINT stop `serve` once: the first starts aiohttp's graceful exit (drain
+    within `shutdown_timeout_seconds`); a repeat is logged and ignored. aiohttp's own handler
+    raises again on a repeat, out of the drain, and cancels every handler and the store's
+    close. SIGKILL stays the hard stop. Installed before the store opens (first startup hook),
+    replacing aiohttp's handler for the rest of the run."""
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def on_signal(name: str) -> None:
+            nonlocal stopping
+            if stopping:
+                log.info("stop_signal_ignored", signal=name, reason="already draining")
+                return
+            stopping = True
+            raise web.GracefulExit
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+
+    app.on_startup.insert(0, install)
 
 
 def worker_argv(config_path: str) -> list[str]:
