@@ -361,6 +361,34 @@ def answer_bytes(body: bytes = b'{"success":true}', extra: bytes = b"") -> bytes
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+@pytest.mark.parametrize(("said", "reused"), [(b"timeout=1", False), (b"timeout=5, max=100", True)])
+async def test_an_idle_connection_is_not_reused_near_the_servers_keep_alive(
+    said: bytes, reused: bool
+) -> None:
+    """The server says how long it keeps an idle connection (`Keep-Alive: timeout=N`, Apache
+    sends 5): past that less a margin (1 s, or half of N), the next send takes a new
+    connection instead of racing the server's close (written, then reset: outcome unknown,
+    never re-sent). Within it, the connection is reused as before."""
+    peers: set[object] = set()
+
+    async def script(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        peers.add(writer.get_extra_info("peername"))
+        writer.write(answer_bytes(extra=b"Keep-Alive: " + said + b"\r\n"))
+        return True
+
+    async with raw_peer(script) as (port, seen):
+        p = pool(f"http://127.0.0.1:{port}/api/connexus/sms/out")  # the client's own: 30 s
+        try:
+            assert (await p.post(FORM, b"one", Exchange())).status == 200
+            await asyncio.sleep(0.6)  # past half of 1 s, well inside 5 s less 1 s
+            ex = Exchange()
+            assert (await p.post(FORM, b"two", ex)).status == 200
+        finally:
+            await p.close()
+    assert len(seen) == 2  # each sent once
+    assert len(peers) == (1 if reused else 2)
+
+
 async def test_reset_after_the_write_is_written_and_not_retried() -> None:
     """The peer reads the request and resets: UpstreamDisconnected, written, one request only."""
 

@@ -1,15 +1,17 @@
 """The send path's own HTTP/1.1 client: POSTs to one origin over a pool of keep-alive connections.
 
 Owns connecting (TCP or verified TLS, connect timeout), the pool (at most `limit` connections,
-idle ones expire after `keepalive` seconds, one found closed before anything was written is
-replaced), writing a request from pre-built header bytes, marking its `Exchange` written when
-the bytes go to the transport, and the total timeout. Parsing answers is `wire_answer.py`'s.
-Never repeats a written request. Does not own auth, metrics or what an answer means.
+idle ones expire after `keepalive` seconds or before the server's own `Keep-Alive: timeout`,
+one found closed before anything was written is replaced), writing a request from pre-built
+header bytes, marking its `Exchange` written when the bytes go to the transport, and the total
+timeout. Parsing answers is `wire_answer.py`'s. Never repeats a written request. Does not own
+auth, metrics or what an answer means.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from typing import cast
@@ -34,6 +36,10 @@ __all__ = [
     "wire_capable",
 ]
 
+# Seconds before the server's own keep-alive timeout that an idle connection stops being
+# reused (half the timeout where that is shorter): its FIN may be on the way.
+IDLE_MARGIN = 1.0
+
 
 def wire_capable(url: URL) -> bool:
     """Whether `url` is one WirePool can POST to: http(s), a host, no credentials or query."""
@@ -56,6 +62,12 @@ class _Conn(asyncio.Protocol):
         self.parser = AnswerParser()
         self.waiter: asyncio.Future[Answer] | None = None
         self.idle_since = 0.0
+        # How long it may sit idle and still be reused: the server's own keep-alive timeout
+        # (Keep-Alive: timeout=N) less a margin, once it said one. A request written just as
+        # the server closes an idle connection is reset after the write: its outcome unknown,
+        # never re-sent. A server that closes at 5 s (Apache's default) under a client that
+        # sends every 5 s would meet that race again and again.
+        self.idle_limit = math.inf
         self.broken = False  # closed, EOF seen, or bytes nobody asked for: never reuse
         self.counted = False  # holds one of the pool's slots
 
@@ -116,6 +128,9 @@ class _Conn(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         if not answer.keep_alive or self.parser.leftover():
             self.broken = True
+        elif answer.idle_timeout is not None:
+            t = answer.idle_timeout
+            self.idle_limit = t - min(IDLE_MARGIN, t / 2)
         if waiter is not None and not waiter.done():
             waiter.set_result(answer)
 
@@ -250,9 +265,12 @@ class WirePool:
             )  # idle past the keep-alive: the server may be closing it
         while idle:
             conn = idle.pop()
-            if conn.usable():  # else closed while idle: found before writing, so replaced
+            if not conn.usable():  # closed while idle: found before writing, so replaced
+                conn.retire(graceful=False)
+            elif now - conn.idle_since >= conn.idle_limit:  # the server is about to close it
+                conn.retire(graceful=True)
+            else:
                 return conn
-            conn.retire(graceful=False)
         if self._open < self._limit:
             self._open += 1
             return await self._connect(loop, deadline)

@@ -46,6 +46,8 @@ class Answer:
     body: bytes
     content_type: str
     keep_alive: bool
+    # The server's `Keep-Alive: timeout=N` (seconds it keeps the connection idle), if it said.
+    idle_timeout: float | None = None
 
 
 class AnswerParser:
@@ -56,6 +58,7 @@ class AnswerParser:
         "_buf",
         "_ctype",
         "_encoding",
+        "_idle",
         "_keep",
         "_left",
         "_size",
@@ -73,6 +76,7 @@ class AnswerParser:
         self._status = 0
         self._ctype = ""
         self._keep = True
+        self._idle: float | None = None
         self._encoding = b""
         self._left = 0
         self._body: list[bytes] = []
@@ -190,6 +194,8 @@ class AnswerParser:
                     keep = False
                 elif b"keep-alive" in tokens:
                     keep = True
+            elif name == b"keep-alive":
+                self._idle = _idle_timeout(value)
             elif name == b"content-type":
                 self._ctype = value.decode("latin-1")
             elif name == b"content-encoding":
@@ -220,9 +226,18 @@ class AnswerParser:
         body = b"".join(self._body)
         if self._encoding not in (b"", b"identity") and body:
             body = _decode(body, self._encoding)
-        answer = Answer(self._status, body, self._ctype, self._keep)
+        answer = Answer(self._status, body, self._ctype, self._keep, self._idle)
         self.reset()
         return answer
+
+
+def _idle_timeout(value: bytes) -> float | None:
+    """`timeout=N` of a Keep-Alive header (`timeout=5, max=100`); None when absent or odd."""
+    for part in value.split(b","):
+        key, _, number = part.strip(b" \t").partition(b"=")
+        if key.lower() == b"timeout" and _DIGITS.fullmatch(number.strip(b' \t"')):
+            return float(number.strip(b' \t"'))
+    return None
 
 
 def _decode(body: bytes, encoding: bytes) -> bytes:
