@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 from aiohttp import ClientError, web
 
 from bc_proxy import keys
+from bc_proxy.config import DEFAULT_STATUS_MAP
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo, webhook_body
 from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
@@ -68,6 +69,13 @@ def inverse_status_map(table: Mapping[int, str]) -> dict[str, int]:
     for code in sorted(table):
         out.setdefault(table[code], code)
     return out
+
+
+# Legacy code -> Connexus statusCode, by the table Connexus itself renders `sms/status` records
+# with (Bulletin's: DEFAULT_STATUS_MAP). A tenant's or the global `status_map` applies when the
+# stored code is rendered for the legacy client, as for a webhook's report; inverting the
+# tenant's map instead read the example config's `16: NRCV` back as no code at all (ERR).
+CONNEXUS_CODES = inverse_status_map(DEFAULT_STATUS_MAP)
 
 
 def dlr_from_record(record: Mapping[str, str], inverse: Mapping[str, int]) -> DlrEvent | None:
@@ -178,7 +186,7 @@ class Puller:
         """Take `sms/in` (`in`) or `sms/status` (`status`) records until none is left (or the
         round's limit, or shutdown), each stored before the next is asked for; how many."""
         path = "sms/in" if kind == "in" else "sms/status"
-        inverse = inverse_status_map(self.app[keys.RUNTIME].status_maps.get(self.tenant, {}))
+        inverse = CONNEXUS_CODES  # Connexus renders the record by its own table, not ours
         taken = 0
         while taken < DRAIN_LIMIT and not self.stopping():
             if not await self._unbroken(self._take_one(path, inverse)):

@@ -157,6 +157,45 @@ async def test_same_events_by_pull_and_webhook_are_one_record(
     assert (await client.get("/api/1/sms/in", params=creds())).status == 204
 
 
+@pytest.mark.parametrize(
+    ("where", "status_map", "code", "legacy"),
+    [
+        ("global", {16: "NRCV"}, 16, "NRCV"),  # as config/bc-proxy.example.yaml
+        ("tenant", {4: "INF"}, 4, "INF"),  # as the example's tenant
+        ("none", {}, 2, "NRCV"),
+    ],
+)
+async def test_pulled_reports_follow_the_configured_status_map(
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    where: str,
+    status_map: dict[int, str],
+    code: int,
+    legacy: str,
+) -> None:
+    """Connexus renders sms/status records by its own (Bulletin's) table: undeliverable (16) is
+    NUR there. The gateway reads it back by that table and renders it by the configured map,
+    as a webhook's report: NRCV under the example config's `16: NRCV`, not ERR (the tenant's
+    map, inverted, had no code for NUR), and INF for QUEUED under a tenant's `4: INF`."""
+    if where == "global":
+        cfg["status_map"] = status_map
+    elif where == "tenant":
+        cfg["tenants"][0]["status_map"] = status_map
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    await send(client, f"LEG-{code}")
+    await connexus.emu.report(connexus.emu.sent[-1], code)
+    record = await poll_until(client, "status")
+    assert (record["statusCode"], record["inReplyToId"], record["error"]) == (
+        legacy,
+        f"LEG-{code}",
+        "",
+    )
+    await drained(connexus)
+    assert (await client.get("/api/1/sms/status", params=creds())).status == 204  # one record
+
+
 async def test_webhook_tenant_does_not_pull(
     connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:
