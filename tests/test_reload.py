@@ -15,7 +15,8 @@ import aiohttp
 import yaml
 
 from bc_proxy import keys
-from bc_proxy.reload import TOKEN_JOBS
+from bc_proxy.config import parse
+from bc_proxy.reload import TOKEN_JOBS, apply
 from bc_proxy.reload import reload as reload_config
 from bc_proxy.store import StatusRecord
 from tests.conftest import (
@@ -26,6 +27,7 @@ from tests.conftest import (
     Connexus,
     GatewayFactory,
     config_dict,
+    creds,
 )
 from tests.served import Served, free_port, write_config
 
@@ -265,3 +267,35 @@ async def test_reload_that_stops_pushing_makes_the_waiting_records_pollable(
     async with client.get("/api/1/sms/status", params={**creds, "waitSeconds": "0"}) as resp:
         assert resp.status == 200
         assert "statusCode=NUR" in await resp.text()
+
+
+async def test_a_long_poll_whose_tenant_a_reload_removed_gives_its_record_back(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A long-poll authenticated before a reload that removes its tenant claims a report that
+    lands afterwards: 204 (it rendered the record with the removed tenant's status map: a 500),
+    and the record is given back, not left under the poll's lease: the tenant, configured
+    again, gets it at once."""
+    other = copy.deepcopy(cfg["tenants"][0])
+    other.update(name="other", senders=["999"], default_from="999")
+    other["legacy"] = {"user_id": "other-legacy", "password": "other-pass-123"}
+    cfg["tenants"].append(other)
+    cfg["tenants"][0]["poll_wait_seconds"] = 5
+    client = await gateway(cfg)
+    connexus.emu.webhook_url = str(client.make_url(f"/webhooks/connexus/{WEBHOOK_SECRET}"))
+    sent = await client.post(
+        "/api/1/sms/out", data=creds(to="6421000001", body="hi", messageId="L-1")
+    )
+    assert sent.status == 204
+    poll = asyncio.ensure_future(client.get("/api/1/sms/status", params=creds()))
+    await asyncio.sleep(0.3)  # the poll waits
+    removed = copy.deepcopy(cfg)
+    removed["tenants"] = [other]
+    await apply(client.app, parse(removed))
+    await connexus.emu.report(connexus.emu.sent[-1], 1)
+    resp = await asyncio.wait_for(poll, 10)
+    assert resp.status == 204, await resp.text()
+    await apply(client.app, parse(cfg))  # the tenant back
+    again = await client.get("/api/1/sms/status", params=creds(), timeout=aiohttp.ClientTimeout(3))
+    assert again.status == 200
+    assert "statusCode=RCV" in await again.text()

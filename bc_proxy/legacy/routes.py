@@ -165,11 +165,12 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
         await waker.wait(tenant, kind, seen, min(remaining, recheck))
         if rt.shutting_down or waker.closed or _gone(request):
             return web.Response(status=204)
-    if _gone(request):
+    status_map = app[keys.RUNTIME].status_maps.get(tenant)
+    if _gone(request) or status_map is None:  # gone, or its tenant removed by a reload meanwhile
         await _release(store, record)
         return web.Response(status=204)
     resp = web.Response(
-        body=render_record(record, rt.status_maps[tenant]),
+        body=render_record(record, status_map),
         headers={"Content-Type": FORM_CT},
     )
     try:
