@@ -120,6 +120,27 @@ async def test_hmac_signature(
     assert refused == (1 if expected == 401 else 0)
 
 
+async def test_a_signature_header_of_bytes_no_text_is_401_not_500(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """A signature header whose bytes are not UTF-8 (aiohttp hands them on as surrogates)
+    is a request not signed: 401, nothing stored; it was a 500."""
+    cfg["webhook"].update(hmac_secret=KEY, hmac_header=HEADER)
+    client = await gateway(cfg)
+    raw = body()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + HEADER.encode() + b": \xff\xfe" + sign(raw).encode()[2:] + b"\r\n"
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(raw) + raw
+    )  # fmt: skip
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"401", answer[:200]
+    assert db_count(cfg, "records") == 0
+
+
 async def test_signature_checked_after_the_path_secret(
     gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:
@@ -176,7 +197,9 @@ def test_empty_or_short_hmac_secret_is_a_config_error(tmp_path: Path, value: str
 
 @pytest.mark.postgres
 async def test_an_event_postgresql_cannot_hold_is_refused_and_kept(
-    gateway: GatewayFactory, cfg: dict[str, Any], pg_url: str  # noqa: F811
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    pg_url: str,  # noqa: F811
 ) -> None:
     """An incoming SMS whose text holds a NUL, which PostgreSQL cannot store: not 503 (Connexus
     would retry it, be refused the same way and drop it) but 400, with the payload kept in
