@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Per-request CPU budget of one legacy send (issue 13 point 2), beside the lean proxy's.
 
-    python bench/budget.py [--reps 3] [--duration 6] [--profile-seconds 8]
+    python bench/budget.py [--reps 3] [--duration 6] [--profile-seconds 8] [--connections 32]
 
-Two measurements, both at 32 connections with wrk and the nginx stub of bench/run.py (process
-under test on CPU 0, load on CPU 1):
+Two measurements, both at `--connections` (32) with wrk and the nginx stub of bench/run.py
+(process under test on CPU 0, load on CPU 1):
 
 1. Removal: CPU time per request (utime + stime of every thread, from /proc, over the wrk run)
    of the lean proxy, the gateway as users run it, and the gateway with one part removed at a
@@ -15,6 +15,12 @@ under test on CPU 0, load on CPU 1):
    parsing, auth, translation, upstream client, store, metrics, access log, response), times
    the measured CPU per request.
 
+At `--connections 1` each repetition also measures the stub directly (variant `direct`), and
+the report gives each proxy's added p50 and p99 over it and their ratios to the lean proxy's:
+issue 13's bars at one connection, here with the floor beside them. `--store-dir DIR` puts the
+SQLite files of the floor and the gateway under DIR (a tmpfs such as /dev/shm tells what the
+disk adds to a tail).
+
 Results: bench/results/<UTC time>-<host>-budget.{json,md}. Loopback only, bounded.
 """
 
@@ -23,9 +29,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -120,6 +128,16 @@ def _below_handler(frames: list[str], frame: str) -> bool:
     )
 
 
+# Where the floor's and the gateway's SQLite files go (`--store-dir`); None: the run's temp dir.
+STORE_DIR: list[Path] = []
+
+
+def store_file(ctx: run.Ctx, stem: str) -> Path:
+    base = STORE_DIR[0] if STORE_DIR else ctx.path(stem)
+    base.mkdir(exist_ok=True)
+    return base / f"{stem}-{time.time_ns()}.db"
+
+
 def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], str, Any]:
     """Start the lean proxy or a gateway variant; (process, URL, gateway or None)."""
     if variant == "lean":
@@ -130,6 +148,11 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
     if variant == "floor":
         return start_floor(ctx)
     gw = run.Gateway(ctx, variant.strip("-+"), poll_wait=0)
+    if STORE_DIR:  # the same config with its SQLite file elsewhere (a tmpfs, say)
+        settings = json.loads(gw.config.read_text())
+        gw.db = store_file(ctx, "gw")
+        settings["store"]["url"] = f"sqlite:///{gw.db}"
+        gw.config.write_text(json.dumps(settings, indent=2) + "\n")
     part = "none" if variant == "gateway" else variant[1:]  # "-x": x removed, "+x": x added
     cmd = [
         *ctx.pin.under_test,
@@ -167,7 +190,7 @@ def start_floor(ctx: run.Ctx) -> tuple[subprocess.Popen[bytes], str, Any]:
         "--upstream",
         ctx.upstream,
         "--db",
-        str(d / f"floor-{time.time_ns()}.db"),
+        str(store_file(ctx, "floor")),
         "--log",
         str(d / "access.log"),
     ]
@@ -178,13 +201,18 @@ def start_floor(ctx: run.Ctx) -> tuple[subprocess.Popen[bytes], str, Any]:
     return proc, url, _Floor(ctx, proc)
 
 
-def measure(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
-    proc, url, target = start_target(ctx, variant)
-    try:
-        ctx.wrk(url, 32, run.WARMUP_SECONDS, record=False)
-        res = ctx.wrk(url, 32, seconds, pid=proc.pid)
-    finally:
-        target.stop()
+def measure(ctx: run.Ctx, variant: str, seconds: int, conns: int) -> dict[str, Any]:
+    if variant == "direct":  # the stub itself: the reference the added latency is taken over
+        url = f"{ctx.upstream}/sms/out"
+        ctx.wrk(url, conns, run.WARMUP_SECONDS, record=False)
+        res = ctx.wrk(url, conns, seconds)
+    else:
+        proc, url, target = start_target(ctx, variant)
+        try:
+            ctx.wrk(url, conns, run.WARMUP_SECONDS, record=False)
+            res = ctx.wrk(url, conns, seconds, pid=proc.pid)
+        finally:
+            target.stop()
     cpu = res.get("under_test_cpu")
     return {
         "rps": res["rps"],
@@ -196,12 +224,12 @@ def measure(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
     }
 
 
-def profile(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
+def profile(ctx: run.Ctx, variant: str, seconds: int, conns: int) -> dict[str, Any]:
     proc, url, target = start_target(ctx, variant)
     out = ctx.path(f"pyspy-{variant}.txt")
     try:
-        ctx.wrk(url, 32, run.WARMUP_SECONDS, record=False)
-        wrk_cmd = run.wrk_command(ctx.pin.load, url, 32, seconds + 2)
+        ctx.wrk(url, conns, run.WARMUP_SECONDS, record=False)
+        wrk_cmd = run.wrk_command(ctx.pin.load, url, conns, seconds + 2)
         wrk = ctx.procs.start("wrk", wrk_cmd, ctx.path("wrk-profile.txt"))
         spy = [
             *ctx.pin.load,
@@ -232,27 +260,75 @@ def profile(ctx: run.Ctx, variant: str, seconds: int) -> dict[str, Any]:
     return {"samples": total, "shares": {k: v / total for k, v in cats.most_common()}, "raw": raw}
 
 
+def added_latency(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per proxy: median over repetitions of its p50 and p99 minus the same repetition's direct
+    figure, and that over the lean proxy's (issue 13's one-connection bars)."""
+    direct = results.get("direct") or []
+    out: dict[str, dict[str, float]] = {}
+    for v, rs in results.items():
+        if v == "direct" or len(rs) != len(direct):
+            continue
+        fig: dict[str, float] = {}
+        for q in ("p50", "p99"):
+            fig[f"added_{q}_ms"] = statistics.median(
+                r[f"{q}_ms"] - d[f"{q}_ms"] for r, d in zip(rs, direct, strict=True)
+            )
+        out[v] = fig
+    lean = out.get("lean")
+    if lean is not None:
+        for fig in out.values():
+            for q in ("p50", "p99"):
+                base = lean[f"added_{q}_ms"]
+                fig[f"added_{q}_ratio"] = fig[f"added_{q}_ms"] / base if base > 0 else math.inf
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     med = report["medians"]
-    full = med["gateway"]["cpu_us"]
+    full = med["gateway"]["cpu_us"] if "gateway" in med else None
     lines = [
         f"# CPU budget {report['timestamp']} on {report['hostname']}",
         "",
         f"load average at start {report['load_average_at_start']}, at end "
         f"{report['load_average_at_end']}; {report['pinning']}; {report['reps']} reps of "
-        f"{report['duration']} s at 32 connections, medians",
+        f"{report['duration']} s at {report['connections']} connections, medians; SQLite files "
+        f"in {report.get('store_dir', 'the temp dir')}",
         "",
         "## Removing one part at a time (CPU µs per request)",
         "",
-        "| variant | req/s | CPU µs/request | saved vs the full gateway (µs) |",
-        "|---|---|---|---|",
+        "| variant | req/s | CPU µs/request | p50 ms | p99 ms | saved vs the full gateway (µs) |",
+        "|---|---|---|---|---|---|",
     ]
-    for v in VARIANTS:
+    for v in ("direct", *VARIANTS):
         m = med.get(v)
         if m is None:
             continue
-        cost = "-" if v in ("lean", "floor", "gateway") else f"{full - m['cpu_us']:.0f}"
-        lines.append(f"| {v} | {m['rps']:,.0f} | {m['cpu_us']:.0f} | {cost} |")
+        cost = (
+            "-"
+            if v in ("direct", "lean", "floor", "gateway") or full is None
+            else f"{full - m['cpu_us']:.0f}"
+        )
+        cpu = "-" if m.get("cpu_us") is None else f"{m['cpu_us']:.0f}"
+        lines.append(
+            f"| {v} | {m['rps']:,.0f} | {cpu} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {cost} |"
+        )
+    added = report.get("added_latency") or {}
+    if added:
+        lines += [
+            "",
+            "## Added latency over direct calls (medians of per-repetition differences)",
+            "",
+            "| variant | added p50 ms | / lean | added p99 ms | / lean |",
+            "|---|---|---|---|---|",
+        ]
+        for v, f in added.items():
+            r50, r99 = (
+                "-" if (r := f.get(f"added_{q}_ratio")) is None else f"{r:.2f}x"
+                for q in ("p50", "p99")
+            )
+            lines.append(
+                f"| {v} | {f['added_p50_ms']:.3f} | {r50} | {f['added_p99_ms']:.3f} | {r99} |"
+            )
     for v, prof in report.get("profiles", {}).items():
         us = med[v]["cpu_us"]
         lines += [
@@ -275,12 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-seconds", type=int, default=8)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    p.add_argument(
+        "--store-dir",
+        type=Path,
+        help="put the floor's and the gateway's SQLite files in a new folder here (a tmpfs such "
+        "as /dev/shm, to tell the disk's share of a tail); default: the run's temp dir",
+    )
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     a = p.parse_args(argv)
     for tool in ("wrk", "nginx", "py-spy"):
         if shutil.which(tool) is None:
             print(f"error: {tool} not found", file=sys.stderr)
             return 2
+    signal.signal(signal.SIGTERM, run.on_sigterm)  # stops what it started, as run.py does
     args = run.parse_args(["--duration", str(a.duration)])
     pin = run.choose_pinning()
     if pin.load_cpu is not None:
@@ -288,27 +372,32 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bc-budget-"))
+    if a.store_dir is not None:
+        STORE_DIR.append(Path(tempfile.mkdtemp(prefix="bc-budget-", dir=a.store_dir)))
     procs = run.Procs()
     exe = shutil.which("bc-proxy") or "bc-proxy"
     ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in a.variants}
+    variants = ["direct", *a.variants] if a.connections == 1 else list(a.variants)
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     profiles: dict[str, Any] = {}
     try:
         run.start_nginx(ctx)
         for rep in range(a.reps):
-            for v in a.variants:
+            for v in variants:
                 run.log(f"rep {rep + 1}/{a.reps}: {v}")
-                results[v].append(measure(ctx, v, a.duration))
+                results[v].append(measure(ctx, v, a.duration, a.connections))
         if not a.no_profile:
             for v in [v for v in ("gateway", "lean", "floor") if v in a.variants]:
                 run.log(f"py-spy: {v}")
-                profiles[v] = profile(ctx, v, a.profile_seconds)
+                profiles[v] = profile(ctx, v, a.profile_seconds, a.connections)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in STORE_DIR:
+            shutil.rmtree(d, ignore_errors=True)
     medians = {
         v: {
-            k: statistics.median([r[k] for r in rs if r[k] is not None])
+            k: statistics.median(vals) if (vals := [r[k] for r in rs if r[k] is not None]) else None
             for k in ("rps", "cpu_us", "p50_ms", "p99_ms")
         }
         for v, rs in results.items()
@@ -324,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": pin.description,
         "reps": a.reps,
         "duration": a.duration,
+        "connections": a.connections,
+        "store_dir": str(a.store_dir) if a.store_dir else "the run's temp dir",
         "git_commit": subprocess.run(
             ["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"],
             capture_output=True,
@@ -332,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip(),
         "results": results,
         "medians": medians,
+        "added_latency": added_latency(results) if "direct" in results else {},
         "profiles": {
             k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()
         },

@@ -1637,7 +1637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM as Ctrl-C: the `finally` blocks stop every child started (nginx, wrk, targets)."""
     raise KeyboardInterrupt
 
 
@@ -1656,7 +1657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     pin = choose_pinning()
     if pin.load_cpu is None:
