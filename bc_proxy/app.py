@@ -168,6 +168,8 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [start(job.__name__, functools.partial(job, app)) for job in app[BACKGROUND]]
     reload.start_token_jobs(app)  # per tenant, restarted by a config reload
     yield
+    # The push worker takes the cancel as its stop (it began at on_shutdown already, beside
+    # the server's drain): pushes in flight still end within shutdown_timeout_seconds of it.
     for task in reversed(tasks):
         task.cancel()
     for task in tasks:

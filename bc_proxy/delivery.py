@@ -6,11 +6,17 @@ exponential backoff and full jitter until the record's deadline (48 h by default
 becomes a dead letter. Claims are store leases taken in order per send (the store holds back a
 record while an earlier one of its send awaits its push); this worker claims no more than it
 can start at once, keeps no claim state of its own and never settles a record it cannot push.
+
+At shutdown it claims nothing more and lets the attempts in flight finish, beside the server's
+drain, for up to `server.shutdown_timeout_seconds` from the stop (the background jobs' cancel
+never reaches them); one still running then is abandoned unsettled, its lease kept, so its
+record comes back only once the lease expires, as after a crash (at-least-once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 
@@ -28,6 +34,7 @@ log = get_logger("bc_proxy.delivery")
 CONCURRENCY = 20
 IDLE_NAP = 0.5
 LEASE_SHARE = 0.8  # an attempt ends before its lease does, so no other claim overlaps it
+UNWIND = 0.5  # at most this much of the stop's bound goes to unwinding abandoned attempts
 _RNG = random.Random()
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -45,8 +52,10 @@ class PushWorker:
         self.app = app
         self.rt = app[keys.RUNTIME]
         self.metrics = app[keys.METRICS]
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], LegacyRecord] = {}
         self._freed = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stop_at: float | None = None  # loop time the stop's bound ends (once stopping)
         self._unpushable: set[str] = set()  # tenants already logged as having no push URL
 
     @property
@@ -63,15 +72,33 @@ class PushWorker:
         return min(wanted, lease * LEASE_SHARE)
 
     async def run(self) -> None:
+        """Push until the shutdown. A cancel (the app stopping its jobs) is taken as the stop:
+        it never reaches a claim or an attempt in flight, which get the stop's bound to end."""
+        work = asyncio.create_task(self._work(), name="bc-proxy push loop")
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self._stop()
+            await asyncio.wait({work}, timeout=self._left() + UNWIND)
+            if not work.done():  # stuck in a store call past the bound: cut off
+                for task in (work, *self._inflight):
+                    task.cancel()
+            elif not work.cancelled():
+                work.exception()  # stopping either way: an error of the loop is not news
+            raise
+
+    async def _work(self) -> None:
         store = self.app[keys.STORE]
         async with ClientSession(
             connector=TCPConnector(limit=CONCURRENCY),
             timeout=ClientTimeout(total=self.attempt_timeout()),
         ) as session:
             try:
-                while not self.rt.shutting_down:
+                while not self._stopping():
                     if not self._inflight and not self.pushes:
-                        await asyncio.sleep(IDLE_NAP * 4)  # nobody pushes (a reload may change it)
+                        # Nobody pushes (a reload may change it).
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._stopped.wait(), IDLE_NAP * 4)
                         continue
                     free = CONCURRENCY - len(self._inflight)
                     self._freed.clear()
@@ -81,20 +108,65 @@ class PushWorker:
                             batch = await store.claim_pushes(time.time(), free)
                         except StoreError as exc:
                             log.error("push_claim_failed", error=str(exc))
-                    for record in batch:
+                    for record in batch:  # claimed: pushed, even if the stop began meanwhile
                         task = asyncio.create_task(self._deliver(session, store, record))
-                        self._inflight.add(task)
+                        self._inflight[task] = record
                         task.add_done_callback(self._done)
                     if not batch:
                         await self._idle(store)
             finally:
-                if self._inflight:
-                    await asyncio.gather(*self._inflight, return_exceptions=True)
+                await self._finish()
+
+    def _stopping(self) -> bool:
+        """Whether the stop began (the shutdown's flag, seen here first, begins it too)."""
+        if self.rt.shutting_down:
+            self._stop()
+        return self._stop_at is not None
+
+    def _stop(self) -> None:
+        """Begin the stop (once): no further claims; attempts in flight get the bound."""
+        if self._stop_at is None:
+            bound = self.app[keys.SETTINGS].server.shutdown_timeout_seconds
+            self._stop_at = asyncio.get_running_loop().time() + bound
+            self._stopped.set()
+
+    def _left(self) -> float:
+        """Seconds left of the stop's bound (0 when not stopping or past it)."""
+        if self._stop_at is None:
+            return 0.0
+        return max(self._stop_at - asyncio.get_running_loop().time(), 0.0)
+
+    async def _finish(self) -> None:
+        """The loop ended (the stop, or an error): let the attempts in flight end within the
+        stop's bound; abandon the rest unsettled, their leases kept: each record comes back
+        once its lease expires (given back at once, it would be pushed again right away, maybe
+        to a receiver that already has it)."""
+        if not self._inflight:
+            return
+        self._stop()
+        unwind = min(UNWIND, self.app[keys.SETTINGS].server.shutdown_timeout_seconds / 4)
+        _, late = await asyncio.wait(set(self._inflight), timeout=max(self._left() - unwind, 0))
+        if not late:
+            return
+        for task in late:
+            record = self._inflight.get(task)
+            if record is not None:
+                log.warning(
+                    "push_abandoned",
+                    tenant=record.tenant,
+                    kind=record.kind,
+                    record_id=record.id,
+                    lease_seconds=self.app[keys.SETTINGS].store.lease_seconds,
+                )
+            task.cancel()
+        await asyncio.wait(late, timeout=unwind)
 
     async def _idle(self, store: Store) -> None:
-        """Wait for a new record, a finished push (the next of its send may be due) or a nap."""
+        """Wait for a new record, a finished push (the next of its send may be due), the stop,
+        or a nap."""
         waits = [
             asyncio.ensure_future(self._freed.wait()),
+            asyncio.ensure_future(self._stopped.wait()),
             asyncio.ensure_future(store.waker.wait_any(IDLE_NAP)),
         ]
         try:
@@ -104,7 +176,7 @@ class PushWorker:
                 w.cancel()
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._inflight.pop(task, None)
         self._freed.set()
 
     async def _deliver(self, session: ClientSession, store: Store, record: LegacyRecord) -> None:
@@ -125,9 +197,7 @@ class PushWorker:
         try:
             # A redirect is a failed attempt: following it would turn the POST into a
             # body-less GET (counted as delivered) and could point anywhere, inside networks too.
-            async with session.post(
-                url, data=body, headers=_FORM, allow_redirects=False
-            ) as resp:
+            async with session.post(url, data=body, headers=_FORM, allow_redirects=False) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
                     await store.push_done(record)
@@ -178,5 +248,5 @@ class PushWorker:
 
 
 async def push_worker(app: web.Application) -> None:
-    """Background job: run the push worker until cancelled."""
+    """Background job: run the push worker until the shutdown (or cancelled: see `run`)."""
     await PushWorker(app).run()

@@ -1390,8 +1390,11 @@ async def test_records_waiting_for_a_dropped_push_become_pollable(opened: Opened
     assert (await only(second, PUSH, "status")).in_reply_to == "L1"
 
 
-async def test_push_queue_survives_restart(store: Store, reopen: Reopen) -> None:
-    """Pending pushes, schedules and dead letters outlive close(); an unfinished claim is redone."""
+async def test_push_queue_survives_restart(opened: Opened) -> None:
+    """Pending pushes, schedules and dead letters outlive close(); an unfinished claim keeps its
+    lease through close() (its attempt may have reached the receiver) and is redone once the
+    lease expires, as after a crash."""
+    store = await opened.open(lease_seconds=0.5)
     for i in range(3):
         await _pushed_status(store, n=i)
     a, b, c = await store.claim_pushes(later(), 10)
@@ -1399,7 +1402,9 @@ async def test_push_queue_survives_restart(store: Store, reopen: Reopen) -> None
     next_at = time.time() + 600
     await store.push_failed(b, next_at=next_at, error="HTTP 500")
     await store.close()  # c was claimed but never finished
-    again = await reopen()
+    again = await opened.open(lease_seconds=0.5)
+    assert await again.claim_pushes(later(), 10) == []  # c's lease outlives the close
+    await asyncio.sleep(0.6)
     assert [r.id for r in await again.claim_pushes(later(), 10)] == [c.id]
     assert [r.id for r in await again.claim_pushes(next_at + 1, 10)] == [b.id]
 

@@ -440,11 +440,12 @@ async def test_driver_failures_surface_as_store_error(opener: Opener, pg_url: st
     await down.close()
 
 
-async def test_close_releases_this_replicas_leases_at_once(
-    pair: tuple[PostgresStore, PostgresStore],
-) -> None:
-    """A replica shutting down hands its poll and push claims back without waiting the lease."""
-    a, b = pair
+async def test_close_releases_this_replicas_poll_claims_at_once(opener: Opener) -> None:
+    """A replica shutting down hands its poll claims back without waiting the lease; its push
+    claims stay leased (an attempt abandoned at shutdown may have reached its receiver), so
+    another replica pushes the record only once the lease expired."""
+    a = await opener("A", lease_seconds=0.5)
+    b = await opener("B", lease_seconds=0.5)
     await add_incoming(a, 1)
     await add_push_statuses(a, 1)
     polled = await a.claim(POLL, "in")
@@ -455,6 +456,8 @@ async def test_close_releases_this_replicas_leases_at_once(
     got = await b.claim(POLL, "in")
     assert got is not None
     assert got.id == polled.id
+    assert await b.claim_pushes(time.time(), 5) == []
+    await asyncio.sleep(0.6)
     assert [r.id for r in await b.claim_pushes(time.time(), 5)] == [pushing[0].id]
 
 

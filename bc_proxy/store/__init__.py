@@ -227,7 +227,11 @@ class Store(Protocol):
         """Connect, apply pending schema migrations (refusing a newer schema), start helpers."""
 
     async def close(self) -> None:
-        """Finish pending writes, release this replica's leases, close (idempotent)."""
+        """Finish pending writes, give back this replica's poll claims, close (idempotent).
+
+        Its push leases are kept: an attempt abandoned at shutdown may have reached its
+        receiver, so its record is pushed again (after a restart, or by another replica) only
+        once the lease expires, as after a crash."""
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""

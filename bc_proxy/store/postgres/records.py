@@ -208,16 +208,13 @@ class Polling:
         self.db.fire([(record.tenant, record.kind)])
 
     async def release_all(self) -> None:
-        """Give back every lease this replica holds (close): polls and pushes alike."""
+        """Give back this replica's poll claims (close). Its push leases are kept: an attempt
+        abandoned at shutdown may have reached its receiver, so its record is pushed again
+        (here after a restart, or by another replica) only once the lease expires."""
         async with self.db.tx("release leases", lease=True) as (conn, wakes):
             rows = await conn.fetch(
                 "UPDATE records SET lease_owner = NULL, lease_until = NULL "
                 "WHERE pollable AND lease_owner = $1 RETURNING tenant, kind",
-                self.owner(),
-            )
-            rows += await conn.fetch(
-                "UPDATE records SET push_owner = NULL, push_until = NULL "
-                "WHERE push_due IS NOT NULL AND push_owner = $1 RETURNING tenant, kind",
                 self.owner(),
             )
             wakes.update((r["tenant"], r["kind"]) for r in rows if r["tenant"] is not None)

@@ -126,16 +126,22 @@ def release(
     if row is None:
         return False
     place = rules.placement(row[0], row[1], now)
-    if place.push_only and conn.execute(
-        TO_PUSH, (place.push_due, place.push_deadline, record.id)
-    ).rowcount:
+    if (
+        place.push_only
+        and conn.execute(TO_PUSH, (place.push_due, place.push_deadline, record.id)).rowcount
+    ):
         wakes.add((row[0], row[1]))
     return True
 
 
 def release_all(conn: sqlite3.Connection, owner: str) -> int:
+    """Give back `owner`'s poll claims (close). A push's lease is kept: an attempt abandoned at
+    shutdown may have reached its receiver, so its record comes back only once the lease
+    expires, as after a crash. A poll and a push share a record's lease here: on a record
+    still awaiting its push (and also kept for polling) it may be either, and is kept too."""
     cur = conn.execute(
-        "UPDATE records SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        "UPDATE records SET lease_owner = NULL, lease_until = NULL "
+        "WHERE lease_owner = ? AND pollable = 1 AND push_due IS NULL",
         (owner,),
     )
     return cur.rowcount
