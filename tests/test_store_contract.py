@@ -34,7 +34,11 @@ from bc_proxy.store import (
     TenantRules,
     open_store,
 )
-from bc_proxy.store.rules import BLOCKED_ERROR, DEFAULT_IDEMPOTENCY_WINDOW
+from bc_proxy.store.rules import (
+    BLOCKED_ERROR,
+    DEFAULT_IDEMPOTENCY_WINDOW,
+    REPORT_CLOCK_TOLERANCE_SECONDS,
+)
 from bc_proxy.translate import UNKNOWN_OUTCOME
 from tests import pg
 
@@ -513,6 +517,80 @@ async def test_duplicate_early_dlr_is_stored_once(store: Store) -> None:
     assert not (await store.add_dlr(dlr("cx-1"))).stored
     await sent(store, 1)
     assert len(await drain(store, POLL, "status")) == 1
+
+
+async def test_an_unknown_outcome_of_a_reported_send_is_accepted_without_err(
+    store: Store,
+) -> None:
+    """A report by our ref (it beat the sms/out answer) names a pending row; the answer is
+    then lost (`unknown`, with its ERR record): a report proves Connexus took that one, so it
+    is settled `accepted` with no ERR after its report, and a retry is a repeat of an accepted
+    send. The other recipient, not reported, keeps its unknown outcome and ERR."""
+    plan = await store.begin_send(intent("L21", HANDSET, "6421000002"), time.time())
+    a, b = plan.to_send
+    assert await store.add_dlr(dlr(a.upstream_ref, 2, "UNDELIV")) == IngestResult("stored", POLL)
+    await store.settle_send(
+        [Settlement(a.upstream_ref, "unknown"), Settlement(b.upstream_ref, "unknown")],
+        [
+            StatusRecord(POLL, p.recipient, SENDER, "L21", "ERR", UNKNOWN_OUTCOME, p.upstream_ref)
+            for p in plan.to_send
+        ],
+    )
+    records = await drain(store, POLL, "status")
+    assert [(r.msisdn_from, r.dlr_status, r.status_code) for r in records] == [
+        (HANDSET, 2, ""),
+        ("6421000002", None, "ERR"),
+    ]
+    again = await store.begin_send(intent("L21", HANDSET, "6421000002"), time.time())
+    assert again.to_send == ()
+    assert again.repeats == ((HANDSET, "accepted"), ("6421000002", "unknown"))
+    assert await store.expire_pending(later()) == 0
+
+
+async def test_expiry_of_a_reported_send_accepts_it_without_err(store: Store) -> None:
+    """A pending row a report names (its process died mid-call, or its deferred settle was
+    abandoned) expires `accepted`, with no unknown-outcome ERR after its report, whatever the
+    report's code; an unreported one beside it still expires `unknown` with its ERR."""
+    reported = await store.begin_send(intent("L22"), time.time())
+    (ref,) = [p.upstream_ref for p in reported.to_send]
+    await store.begin_send(intent("L23"), time.time())
+    assert (await store.add_dlr(dlr(ref, 99, "ODD"))).outcome == "stored"
+    assert await store.expire_pending(later()) == 2
+    assert await store.expire_pending(later()) == 0
+    records = await drain(store, POLL, "status")
+    assert [(r.in_reply_to, r.dlr_status, r.status_code) for r in records] == [
+        ("L22", 99, ""),
+        ("L23", None, "ERR"),
+    ]
+    assert (await store.begin_send(intent("L22"), time.time())).repeats == ((HANDSET, "accepted"),)
+    assert (await store.begin_send(intent("L23"), time.time())).repeats == ((HANDSET, "unknown"),)
+
+
+@pytest.mark.parametrize(
+    ("sent_later", "matched"),
+    [(REPORT_CLOCK_TOLERANCE_SECONDS / 2, True), (REPORT_CLOCK_TOLERANCE_SECONDS * 2, False)],
+    ids=["within-the-clock-tolerance", "a-send-written-later"],
+)
+async def test_a_report_kept_from_before_a_send_is_not_given_to_it(
+    store: Store, sent_later: float, matched: bool
+) -> None:
+    """A report kept unmatched goes to a send its id names later only if that send was
+    written before the report was stored (give or take the clocks' tolerance). Otherwise it
+    was about another message with the same id (sent outside the gateway): it stays
+    unmatched, and that send's own report with the same id and code is stored, not dropped
+    as a repeat of it."""
+    assert await store.add_dlr(dlr("cx-31", 2, "UNDELIV")) == IngestResult("unmatched", None)
+    plan = await store.begin_send(intent("L31"), time.time() + sent_later)
+    await store.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-31")])
+    early = await drain(store, POLL, "status")
+    assert [r.in_reply_to for r in early] == (["L31"] if matched else [])
+    own = await store.add_dlr(dlr("cx-31", 2, "UNDELIV"))
+    assert own == IngestResult("duplicate" if matched else "stored", POLL)
+    assert (await store.add_dlr(dlr("cx-31", 2, "UNDELIV"))) == IngestResult("duplicate", POLL)
+    late = await drain(store, POLL, "status")
+    assert [(r.in_reply_to, r.dlr_status) for r in late] == ([] if matched else [("L31", 2)])
+    for tenant in TENANTS:
+        assert await store.claim(tenant, "status") is None
 
 
 async def test_dlrs_with_different_status_are_distinct(store: Store) -> None:

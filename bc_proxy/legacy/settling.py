@@ -92,7 +92,8 @@ async def settle(
     defer_until: float | None = None,
 ) -> None:
     """Settle the pending rows; status records for every recipient not accepted when the call
-    is answered 204, else for the unknown ones only (a retry never re-sends those). With
+    is answered 204, else for the unknown ones only (a retry never re-sends those; the store
+    settles one a delivery report names already `accepted`, without its ERR record). With
     `defer_until` (a time.time()), a failed commit is retried in the background until then
     instead of raising (see the module docstring)."""
     tenant, sender = intent.tenant, intent.sender
@@ -163,7 +164,8 @@ async def _retry(one: _Settle, until: float) -> None:
             )
             one.metrics.settles_deferred.labels(one.tenant, "recovered").inc()
             return
-    # Expiry takes the rows from here: `unknown`, with an ERR status record each.
+    # Expiry takes the rows from here: `unknown`, with an ERR status record each (or
+    # `accepted` without one, where a delivery report names the row already).
     one.metrics.settles_deferred.labels(one.tenant, "abandoned").inc()
     log.error(
         "settle_abandoned",

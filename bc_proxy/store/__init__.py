@@ -262,28 +262,39 @@ class Store(Protocol):
         Only rows still `pending` change: one that expiry made `unknown` meanwhile keeps that
         state (its ERR record is out; a late settle must not contradict it). A status record
         naming a send row (`upstream_ref`) is stored only if this call settles that row, so a
-        settle repeated after a commit whose answer was lost stores nothing twice.
+        settle repeated after a commit whose answer was lost stores nothing twice. A row settled
+        `unknown` that a delivery report names already becomes `accepted` (the report proves
+        Connexus took it: `rules.settled_state`), and its status records are not stored.
+        Reports kept unmatched are matched only to sends written before they were stored
+        (`Rules.attribute_dlr`).
 
         Once called, the commit happens even if the caller is cancelled while it waits (the
         write is queued before the first suspension): a send's outcome is never lost to a
         shutdown's cancellation, and the send path needs no task of its own to shield it."""
 
     async def match_waiting_reports(self) -> int:
-        """Delivery reports still unmatched although a send they name is stored now (the match
-        that follows a settle or an ingest failed, and nobody repeats the report) get their
-        send; how many report ids were matched. Run by the upkeep job, on one replica."""
+        """Delivery reports still unmatched although a send they name, written before them, is
+        stored now (the match that follows a settle or an ingest failed, and nobody repeats the
+        report) get their send; how many report ids were matched. Run by the upkeep job, on
+        one replica."""
 
     async def expire_pending(self, before: float) -> int:
         """Pending rows created before `before` become `unknown` (their call died); how many.
 
         Each gets, in the same commit, the status record a live send writes for an unknown
-        outcome (ERR, `translate.UNKNOWN_OUTCOME`), placed by the rules. A row is expired once,
-        even by several replicas expiring at the same time."""
+        outcome (ERR, `translate.UNKNOWN_OUTCOME`), placed by the rules; one that a delivery
+        report names already becomes `accepted` instead, with no record (`rules.settled_state`;
+        counted all the same). A row is expired once, even by several replicas expiring at the
+        same time."""
 
     # -- inbound --
 
     async def add_dlr(self, event: DlrEvent) -> IngestResult:
-        """Store a delivery report once per (message id, status), matched to its one recipient."""
+        """Store a delivery report once per (message id, status), matched to its one recipient.
+
+        A report kept unmatched with the same id and status is another event when this one
+        names a send written after it was stored (`Rules.other_message`): it then gives up its
+        key, stays unmatched, and this one is stored."""
 
     async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
         """Store an incoming message once per messageId, routed by `Rules.route_mo`.

@@ -1,10 +1,10 @@
 """Business rules of the store, pure and shared by every backend (table-tested, no I/O).
 
 Owns: poll/push placement of a new record, event identity (dedupe keys), routing of an incoming
-SMS to a tenant, attribution of a delivery report to one recipient, send idempotency, which
-status records a settle stores, STOP/START detection, and the ids bc-proxy makes (upstream
-refs, legacy receipt ids). Backends fetch the
-facts these functions need and run the SQL; they decide nothing themselves.
+SMS to a tenant, attribution of a delivery report to one recipient (and which sends a report
+kept unmatched may still be about), send idempotency, which state and status records a settle
+stores, STOP/START detection, and the ids bc-proxy makes (upstream refs, legacy receipt ids).
+Backends fetch the facts these functions need and run the SQL; they decide nothing themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ KINDS: tuple[Kind, Kind] = ("in", "status")
 T = TypeVar("T")
 
 REPLY_WINDOW_SECONDS = 7 * 24 * 3600.0  # a reply belongs to the latest send to its handset within
+# How much later than a report kept unmatched a send may have been written and still be what it
+# reports on: the replicas' clocks (the webhook's and the send's) may differ by this much.
+REPORT_CLOCK_TOLERANCE_SECONDS = 60.0
 DEFAULT_IDEMPOTENCY_WINDOW = 86400.0
 BLOCKED_ERROR = "(Number in Blocked List)"
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT"})
@@ -92,6 +95,7 @@ class SendFacts:
     recipient: str
     sender: str
     legacy_id: str | None
+    created_at: float | None = None  # when the row was written (None: not looked up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,12 @@ class Rules:
         return f"dlr:{message_id}:{status}"
 
     @staticmethod
+    def dlr_key_range(message_id: str) -> tuple[str, str]:
+        """The keys of every report naming `message_id`, whatever its status: those from the
+        first to before the second (in binary order)."""
+        return f"dlr:{message_id}:", f"dlr:{message_id};"
+
+    @staticmethod
     def mo_key(message_id: str) -> str:
         return f"mo:{message_id}"
 
@@ -196,15 +206,42 @@ class Rules:
             return Route(next(iter(self.tenants)), "")
         return Route(None, "")
 
-    @staticmethod
-    def attribute_dlr(candidates: Sequence[SendFacts]) -> SendFacts | Literal["ambiguous"] | None:
-        """The one recipient a report's id names; "ambiguous" when it could be several."""
+    @classmethod
+    def attribute_dlr(
+        cls, candidates: Sequence[SendFacts], stored_at: float | None = None
+    ) -> SendFacts | Literal["ambiguous"] | None:
+        """The one recipient a report's id names; "ambiguous" when it could be several.
+
+        `stored_at`: when a report kept unmatched was stored, for a later match. Only the sends
+        written before it count (`sent_after`): a send written later that has the same id is
+        another message's (a tenant's own numeric messageIds reported by Connexus, per-account
+        Connexus ids), however long the report was kept."""
+        if stored_at is not None:
+            candidates = [c for c in candidates if not cls.sent_after(c, stored_at)]
         recipients = {(c.tenant, c.recipient) for c in candidates}
         if not candidates:
             return None
         if len(recipients) > 1:
             return "ambiguous"
         return max(candidates, key=lambda c: c.id)
+
+    @staticmethod
+    def sent_after(send: SendFacts, stored_at: float) -> bool:
+        """Whether `send` was written after a report stored at `stored_at` (by more than the
+        clocks' tolerance), so that report is not about it: a report comes after its send's
+        row, which is committed before the upstream call."""
+        return (
+            send.created_at is not None
+            and send.created_at > stored_at + REPORT_CLOCK_TOLERANCE_SECONDS
+        )
+
+    @classmethod
+    def other_message(cls, found: SendFacts | str | None, stored_at: float) -> bool:
+        """A report whose event key a report kept unmatched (stored at `stored_at`) already
+        holds is a new event, not a repeat of that one, when it names a send written after
+        that one was stored (`found`: what `attribute_dlr` makes of it now): that one was
+        about another message with the same id. Otherwise it is the same event."""
+        return isinstance(found, SendFacts) and cls.sent_after(found, stored_at)
 
     # -- sends --
 
@@ -273,20 +310,33 @@ class Rules:
         return None
 
 
+def settled_state(state: SendState, reported: bool) -> SendState:
+    """The state a `pending` row is settled in, given whether a delivery report is attributed
+    to it already (`reported`). An unknown outcome (the answer to sms/out lost, the call cut
+    short, the row expired) of a reported row is `accepted`: the report proves Connexus took
+    the message. So it gets no unknown-outcome ERR record after its report, and a retry is
+    answered as a repeat of an accepted send."""
+    return "accepted" if reported and state == "unknown" else state
+
+
 def only_settled(
-    statuses: Sequence[T], ref_of: Callable[[T], str | None], settled: Collection[str]
+    statuses: Sequence[T],
+    ref_of: Callable[[T], str | None],
+    settled: Collection[str],
+    reported: Collection[str] = (),
 ) -> list[T]:
     """The status records a settle stores: each naming no send row, and for each send row this
-    settle changed from `pending` (`settled`, by upstream ref) the first one naming it. So a
+    settle changed from `pending` (`settled`, by upstream ref) the first one naming it, unless
+    a delivery report settled that row `accepted` (`reported`: see `settled_state`). So a
     settle repeated after its commit (its answer lost), one after expiry, or two settles of
-    one row in one group store no record twice."""
+    one row in one group store no record twice, and a reported row no ERR."""
     out: list[T] = []
     seen: set[str] = set()
     for st in statuses:
         ref = ref_of(st)
         if ref is None:
             out.append(st)
-        elif ref in settled and ref not in seen:
+        elif ref in settled and ref not in seen and ref not in reported:
             seen.add(ref)
             out.append(st)
     return out

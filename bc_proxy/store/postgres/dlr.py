@@ -5,7 +5,9 @@ Owns the SQL of add_dlr: the candidate sends of every report in the group in one
 is looked at again after its commit (`matching.recheck_unmatched`, called by the store), as a
 settle looks for unmatched reports after its own: whichever commits second sees the other.
 So is a repeat of a report still stored unmatched: the recheck after the first delivery may
-have failed (the webhook answered 503), and Connexus's retry is the one chance left.
+have failed (the webhook answered 503), and Connexus's retry is the one chance left. Unless it
+names a send written after that row was stored (`Rules.other_message`): that row was about
+another message with the same id, and gives up its key (it stays unmatched) to this report.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ class DlrStored:
 
 
 # Repeats only: the rows stored before, as they are now.
-STORED = "SELECT event_key, tenant, ambiguous FROM records WHERE event_key = ANY($1::text[])"
+STORED = (
+    "SELECT id, event_key, tenant, ambiguous, created_at FROM records "
+    "WHERE event_key = ANY($1::text[])"
+)
+# Rows kept unmatched whose key a report about a later send takes: they stay, keyless (by id:
+# `NOT ambiguous` here would let a plan read every unmatched report, `records_unmatched`).
+RELEASE_KEYS = "UPDATE records SET event_key = NULL WHERE id = ANY($1::bigint[]) AND tenant IS NULL"
 
 
 def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
@@ -66,16 +74,16 @@ async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[DlrSt
     transaction. The candidates are read first; the insert and its NOTIFY are one statement
     (atomic by itself). A settle committing in between is caught by the post-commit checks
     (module docstring), as one committing just after would be. A group with repeats reads
-    their rows once more (a third statement, never on the path of new reports)."""
+    their rows once more (a third statement, never on the path of new reports), and a repeat
+    of a key kept unmatched for another message takes that key (`_take_keys`)."""
     ids = sorted({w.event.message_id for w in writes})
     async with db.conn("add dlr") as conn:
         sends = await candidates(conn, ids)
         found = {i: rules.attribute_dlr(sends.get(i, [])) for i in ids}
         records = [record_of(w, found[w.event.message_id]) for w in writes]
+        values = {w.key: r.values(rules, w.now) for r, w in zip(records, writes, strict=True)}
         # Sorted by key: two replicas inserting the same keys wait on each other in one order.
-        rows = sorted(
-            (r.values(rules, w.now) for r, w in zip(records, writes, strict=True)), key=_key
-        )
+        rows = sorted(values.values(), key=_key)
         wakes: Wakes = {
             (r.tenant, "status")
             for r, w in zip(records, writes, strict=True)
@@ -83,6 +91,18 @@ async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[DlrSt
         }
         inserted = await insert_keyed(conn, rows, notify=wakes)
         before = await _stored_before(conn, [w.key for w in writes if w.key not in inserted])
+        stale = [
+            w.key
+            for w in writes
+            if (old := before.get(w.key)) is not None
+            and old["tenant"] is None
+            and not old["ambiguous"]
+            and rules.other_message(found[w.event.message_id], old["created_at"])
+        ]
+        if stale:
+            taken = await _take_keys(conn, [before[k]["id"] for k in stale], stale, values, wakes)
+            inserted |= taken
+            before.update(await _stored_before(conn, [k for k in stale if k not in taken]))
     results: list[DlrStored] = []
     fired: Wakes = set()
     for w, record in zip(writes, records, strict=True):
@@ -106,6 +126,21 @@ async def _stored_before(conn: Conn, keys: list[str]) -> dict[str, Any]:
     if not keys:
         return {}
     return {r["event_key"]: r for r in await conn.fetch(STORED, keys)}
+
+
+async def _take_keys(
+    conn: Conn,
+    old_ids: list[int],
+    keys: list[str],
+    values: dict[str, tuple[Any, ...]],
+    wakes: Wakes,
+) -> set[str]:
+    """Reports whose keys rows kept unmatched for other messages hold (`old_ids`): those rows
+    give up their keys (they stay, unmatched and keyless) and the reports are inserted, in one
+    transaction; the keys inserted (another replica taking the same key first inserts it)."""
+    async with conn.transaction():
+        await conn.execute(RELEASE_KEYS, old_ids)
+        return await insert_keyed(conn, sorted((values[k] for k in keys), key=_key), notify=wakes)
 
 
 def _repeat(row: Any, tenant: str | None) -> DlrStored:

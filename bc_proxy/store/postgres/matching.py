@@ -8,6 +8,10 @@ sees the other's row (or both do): no report is left unmatched by the race. The 
 itself runs under the ids' advisory locks (`match_reports`), so two matchers of one id run one
 after the other.
 
+A report is matched only to a send written before it was stored (`Rules.attribute_dlr` with
+the report's time, and the same condition in the upkeep pass's SQL): one kept from before is
+about another message that had the same id, and stays unmatched.
+
 A look that fails leaves the report unmatched. After an ingest it fails the ingest (the
 webhook answers 503), and each repeat of the report while its row is unmatched looks again
 (the store's add_dlr), so Connexus's retry repairs it. After a settle (or an ingest of a
@@ -25,16 +29,16 @@ from typing import Any
 from bc_proxy.errors import StoreError
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.schema import LOCK_CLASS_REPORT
-from bc_proxy.store.rules import Rules, SendFacts
+from bc_proxy.store.rules import REPORT_CLOCK_TOLERANCE_SECONDS, Rules, SendFacts
 
 log = logging.getLogger(__name__)
 
 FACTS = "id, tenant, recipient, sender, legacy_id"
 _S_FACTS = ", ".join(f"s.{c.strip()}" for c in FACTS.split(","))
 CANDIDATES = (
-    f"SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s ON s.connexus_id = m "
-    f"UNION SELECT m, {_S_FACTS} FROM unnest($1::text[]) AS m JOIN sends AS s "
-    "ON s.upstream_ref = m"
+    f"SELECT m, {_S_FACTS}, s.created_at FROM unnest($1::text[]) AS m JOIN sends AS s "
+    f"ON s.connexus_id = m UNION SELECT m, {_S_FACTS}, s.created_at "
+    "FROM unnest($1::text[]) AS m JOIN sends AS s ON s.upstream_ref = m"
 )
 # Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
 LOCK_REPORT_IDS = (
@@ -48,12 +52,15 @@ UNMATCHED = (
 # Recent unmatched reports ($2: stored after) whose send is known by now (a look that failed
 # left them): `records_unmatched_recent`, each ref probed in the two send indexes it may name.
 # Only recent ones: a report for a message sent outside the gateway never matches, and they
-# are kept until purge; the look that failed came right after the report's send settled.
+# are kept until purge; the look that failed came right after the report's send settled. Only
+# sends written before the report (Rules.sent_after): a report older than every send its id
+# names is another message's, and would fill every chunk of every pass.
+_BEFORE_REPORT = f"s.created_at <= r.created_at + {REPORT_CLOCK_TOLERANCE_SECONDS!r}"
 WAITING_KNOWN = (
     "SELECT r.ref FROM records r WHERE r.tenant IS NULL AND NOT r.ambiguous "
     "AND r.kind = 'status' AND r.created_at > $2 AND r.ref IS NOT NULL "
-    "AND (EXISTS (SELECT 1 FROM sends s WHERE s.connexus_id = r.ref) "
-    "OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref)) "
+    f"AND (EXISTS (SELECT 1 FROM sends s WHERE s.connexus_id = r.ref AND {_BEFORE_REPORT}) "
+    f"OR EXISTS (SELECT 1 FROM sends s WHERE s.upstream_ref = r.ref AND {_BEFORE_REPORT})) "
     "ORDER BY r.created_at LIMIT $1"
 )
 WAITING_CHUNK = 500  # report ids matched by one statement, oldest first
@@ -62,7 +69,15 @@ WAITING_WINDOW = 3600.0  # seconds: how far back a pass looks (an outage longer 
 
 
 def facts(row: Any) -> SendFacts:
-    return SendFacts(row["id"], row["tenant"], row["recipient"], row["sender"], row["legacy_id"])
+    """The facts of a CANDIDATES row (its send's creation time included)."""
+    return SendFacts(
+        row["id"],
+        row["tenant"],
+        row["recipient"],
+        row["sender"],
+        row["legacy_id"],
+        row["created_at"],
+    )
 
 
 async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
@@ -125,18 +140,19 @@ async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None
 async def match_reports(
     conn: Conn, rules: Rules, message_ids: list[str], now: float, wakes: Wakes
 ) -> dict[str, str]:
-    """Give delivery reports kept unmatched under these ids to the one send they name (under
-    the ids' advisory locks); the tenant each matched id went to."""
+    """Give delivery reports kept unmatched under these ids to the one send they name among
+    those written before each report was stored (under the ids' advisory locks); the tenant
+    each matched id went to."""
     await conn.fetchval(LOCK_REPORT_IDS, message_ids)
     waiting = await conn.fetch(
-        "SELECT id, ref FROM records WHERE tenant IS NULL AND NOT ambiguous AND kind = 'status' "
-        "AND ref = ANY($1::text[]) ORDER BY id",
+        "SELECT id, ref, created_at FROM records WHERE tenant IS NULL AND NOT ambiguous "
+        "AND kind = 'status' AND ref = ANY($1::text[]) ORDER BY id",
         message_ids,
     )
     sends = await candidates(conn, sorted({row["ref"] for row in waiting}))
     matched: dict[str, str] = {}
     for row in waiting:
-        found = rules.attribute_dlr(sends.get(row["ref"], []))
+        found = rules.attribute_dlr(sends.get(row["ref"], []), row["created_at"])
         if found is None:
             continue
         if found == "ambiguous":

@@ -4,7 +4,9 @@ Owns the SQL of begin_send (a group of calls at a time: `bc_send_facts` takes th
 of every (tenant, legacy messageId) pair, so two replicas never both write a pending row for one
 key, and returns the facts `Rules.plan` decides on; then one insert), settle_send (a group of
 settlements in one statement, then the late matching of delivery reports: matching.py),
-expire_pending, and the recovery of a group whose COMMIT answer was lost.
+expire_pending, and the recovery of a group whose COMMIT answer was lost. A row settled or
+expired with an unknown outcome that a delivery report is attributed to already is made
+`accepted` instead, with no ERR record (`settled_state`; looked up for those rows only).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.matching import match_late
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
 from bc_proxy.store.postgres.schema import lock_send_keys
-from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref, only_settled
+from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref, only_settled, settled_state
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,13 @@ _EXPIRE = (
     "ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) AND state = 'pending' "
     "RETURNING id, tenant, recipient, sender, legacy_id, upstream_ref"
 )
+# Of these send rows, those a delivery report is attributed to (`records_reports`).
+REPORTED = (
+    "SELECT DISTINCT send_id FROM records WHERE send_id = ANY($1::bigint[]) "
+    "AND send_id IS NOT NULL AND dlr_status IS NOT NULL"
+)
+# Rows just settled or expired `unknown` in this transaction that a report proves sent.
+PROVEN = "UPDATE sends SET state = 'accepted' WHERE id = ANY($1::bigint[]) AND state = 'unknown'"
 EXPIRE_CHUNK = 500
 
 
@@ -227,8 +236,9 @@ class SettleWrite:
 
 async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None]:
     """Settle a group of calls in one commit: one UPDATE, in autocommit when no status record
-    comes with it; then the late matching of reports (see the module docstring). Status
-    records: `Rules.only_settled`, by the rows the UPDATE changed from `pending`."""
+    nor unknown outcome comes with it; then the late matching of reports (see the module
+    docstring). Status records: `Rules.only_settled`, by the rows the UPDATE changed from
+    `pending`, none for a row it settled `unknown` that a report names (`_proven`)."""
     settlements = sorted((s for w in writes for s in w.settlements), key=lambda s: s.upstream_ref)
     statuses = [(s, w.now) for w in writes for s in w.statuses]
     now = max(w.now for w in writes)
@@ -240,12 +250,14 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
         now,
     )
     rows: list[Any] = []
-    if statuses:
+    unknown = {s.upstream_ref for s in settlements if s.state == "unknown"}
+    if statuses or unknown:
         async with db.tx("settle send") as (conn, wakes):
             if settlements:
                 rows = await conn.fetch(SETTLE, *args)
             send_ids = {r["upstream_ref"]: r["id"] for r in rows}
-            settled = only_settled(statuses, lambda x: x[0].upstream_ref, send_ids)
+            proven = await _proven(conn, {r: i for r, i in send_ids.items() if r in unknown})
+            settled = only_settled(statuses, lambda x: x[0].upstream_ref, send_ids, proven)
             if settled:
                 await insert_statuses(conn, wakes, rules, settled, send_ids)
     elif settlements:
@@ -255,6 +267,20 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
     if known:
         await match_late(db, rules, known)
     return [None] * len(writes)
+
+
+async def _proven(conn: Conn, unknown: Mapping[str, int]) -> set[str]:
+    """Of rows just made `unknown` in this transaction (send id by upstream ref), those a
+    delivery report is attributed to: made `accepted` (`settled_state`); their refs."""
+    if not unknown:
+        return set()
+    reported = {r["send_id"] for r in await conn.fetch(REPORTED, list(unknown.values()))}
+    proven = {
+        ref for ref, i in unknown.items() if settled_state("unknown", i in reported) != "unknown"
+    }
+    if proven:
+        await conn.execute(PROVEN, [unknown[ref] for ref in proven])
+    return proven
 
 
 async def recover_settles(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None] | None:
@@ -332,13 +358,15 @@ async def insert_statuses(
 
 async def expire_pending(db: Db, rules: Rules, before: float) -> int:
     """Pending rows created before `before` become `unknown`, each with the status record a
-    live send writes for an unknown outcome, in one commit per chunk. A row is expired once
+    live send writes for an unknown outcome, in one commit per chunk; a row a delivery report
+    is attributed to becomes `accepted` instead, with no record (`_proven`). A row is expired once
     even by replicas expiring at the same time (locked rows are skipped, state re-checked)."""
     total = 0
     while True:
         now = time.time()
         async with db.tx("expire pending") as (conn, wakes):
             rows = await conn.fetch(_EXPIRE, before, now, EXPIRE_CHUNK)
+            proven = await _proven(conn, {r["upstream_ref"]: r["id"] for r in rows})
             statuses = [
                 (
                     StatusRecord(
@@ -353,6 +381,7 @@ async def expire_pending(db: Db, rules: Rules, before: float) -> int:
                     now,
                 )
                 for r in rows
+                if r["upstream_ref"] not in proven
             ]
             await insert_statuses(
                 conn, wakes, rules, statuses, {r["upstream_ref"]: r["id"] for r in rows}

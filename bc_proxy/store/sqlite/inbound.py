@@ -20,12 +20,22 @@ REJECTED_CAP = 10_000
 def add_dlr(
     conn: sqlite3.Connection, wakes: Wakes, rules: Rules, event: DlrEvent, now: float
 ) -> IngestResult:
-    """Store a report once per (message id, status), attributed to its one recipient."""
+    """Store a report once per (message id, status), attributed to its one recipient.
+
+    A report kept unmatched under the same key is the same event, unless this one names a send
+    written after it was stored (`Rules.other_message`): that one was about another message
+    with the same id, and gives up its key (it stays unmatched) to this one."""
     key = rules.dlr_key(event.message_id, event.status)
-    existing = conn.execute("SELECT tenant FROM records WHERE event_key = ?", (key,)).fetchone()
-    if existing is not None:
-        return IngestResult("duplicate", existing[0])
+    existing = conn.execute(
+        "SELECT id, tenant, ref, created_at FROM records WHERE event_key = ?", (key,)
+    ).fetchone()
+    if existing is not None and (existing[1] is not None or existing[2] is None):
+        return IngestResult("duplicate", existing[1])  # matched, or ambiguous
     facts = rules.attribute_dlr(find_sends(conn, event.message_id))
+    if existing is not None:
+        if not rules.other_message(facts, existing[3]):
+            return IngestResult("duplicate", None)
+        conn.execute("UPDATE records SET event_key = NULL WHERE id = ?", (existing[0],))
     if facts is None or facts == "ambiguous":
         place = rules.placement(None, "status", now)
         ref = event.message_id if facts is None else None  # ambiguous: never matched later

@@ -1,13 +1,15 @@
 """Sends in SQLite: write-ahead `pending` rows (the hot path), settlement, and send facts.
 
-Owns the `sends` table. Idempotency (`Rules.window`, `Rules.is_repeat`), refs (`new_ref`) and
-report attribution (`Rules.attribute_dlr`) are the rules' decisions; this module runs the SQL.
+Owns the `sends` table. Idempotency (`Rules.window`, `Rules.is_repeat`), refs (`new_ref`),
+report attribution (`Rules.attribute_dlr`) and the state of a reported row whose outcome is
+unknown (`settled_state`) are the rules' decisions; this module runs the SQL.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from bc_proxy.store import (
@@ -25,12 +27,14 @@ from bc_proxy.store.rules import (
     SendFacts,
     new_ref,
     only_settled,
+    settled_state,
 )
 from bc_proxy.store.sqlite.engine import Wakes
 from bc_proxy.store.sqlite.records import INSERT, row_values, wake
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
 _FACTS = "id, tenant, recipient, sender, legacy_id"
+_FACTS_AT = f"{_FACTS}, created_at"
 _INSERT_SEND = (
     "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at) "
     "VALUES (?, ?, ?, ?, 'pending', ?, ?)"
@@ -39,10 +43,10 @@ _CHUNK = 500  # bound parameters per IN list
 
 
 def find_sends(conn: sqlite3.Connection, message_id: str) -> list[SendFacts]:
-    """Send rows a Connexus id or one of our upstream refs names."""
+    """Send rows a Connexus id or one of our upstream refs names (with their creation time)."""
     rows = conn.execute(
-        f"SELECT {_FACTS} FROM sends WHERE connexus_id = ? "
-        f"UNION SELECT {_FACTS} FROM sends WHERE upstream_ref = ?",
+        f"SELECT {_FACTS_AT} FROM sends WHERE connexus_id = ? "
+        f"UNION SELECT {_FACTS_AT} FROM sends WHERE upstream_ref = ?",
         (message_id, message_id),
     ).fetchall()
     return [SendFacts(*r) for r in rows]
@@ -143,13 +147,22 @@ def settle(
     match_early: bool,
 ) -> None:
     """Settle pending rows, add the status records (`Rules.only_settled`: those of rows this
-    call changes from `pending`), and match reports that came early."""
+    call changes from `pending`), and match reports that came early. An unknown outcome of a
+    row a delivery report names already is settled `accepted` (`settled_state`), without its
+    ERR record: looked up for unknown outcomes only."""
     send_ids: dict[str, int] | None = None
+    unknown = [s.upstream_ref for s in settlements if s.state == "unknown"]
+    reported = reported_refs(conn, rules, unknown) if unknown else set()
+    if reported:
+        settlements = [
+            replace(s, state=settled_state(s.state, s.upstream_ref in reported))
+            for s in settlements
+        ]
     if statuses:
         settling = {s.upstream_ref for s in settlements}
         named = [st.upstream_ref for st in statuses if st.upstream_ref in settling]
         send_ids = _still_pending(conn, named)
-        statuses = only_settled(statuses, lambda st: st.upstream_ref, send_ids)
+        statuses = only_settled(statuses, lambda st: st.upstream_ref, send_ids, reported)
     conn.executemany(
         "UPDATE sends SET state = ?, connexus_id = coalesce(?, connexus_id), "
         "sender = CASE WHEN sender = '' THEN ? ELSE sender END, settled_at = ? "
@@ -161,6 +174,21 @@ def settle(
         ids = {s.connexus_id for s in settlements if s.connexus_id}
         for cid in ids:
             match_unmatched(conn, wakes, rules, cid, now)
+
+
+def reported_refs(conn: sqlite3.Connection, rules: Rules, refs: Collection[str]) -> set[str]:
+    """Those of `refs` (upstream refs of `pending` rows) that a stored delivery report names:
+    a report naming a pending row is attributed to it at once (its ref names that row only,
+    and the row is committed before the ref goes upstream). One probe of the event key index
+    per ref."""
+    found: set[str] = set()
+    for ref in refs:
+        low, high = rules.dlr_key_range(ref)
+        if conn.execute(
+            "SELECT 1 FROM records WHERE event_key >= ? AND event_key < ? LIMIT 1", (low, high)
+        ).fetchone():
+            found.add(ref)
+    return found
 
 
 def _still_pending(conn: sqlite3.Connection, refs: Sequence[str]) -> dict[str, int]:
@@ -222,28 +250,29 @@ def insert_statuses(
 def match_unmatched(
     conn: sqlite3.Connection, wakes: Wakes, rules: Rules, message_id: str, now: float
 ) -> None:
-    """Give unmatched reports naming `message_id` to the one recipient it now names; a report
-    that turns out ambiguous loses its id, so it is never attributed later."""
+    """Give unmatched reports naming `message_id` to the one recipient it now names, among the
+    sends written before each report was stored (`Rules.attribute_dlr` with its time: an older
+    report is about another message that had the same id, and stays unmatched); a report that
+    turns out ambiguous loses its id, so it is never attributed later."""
     waiting = conn.execute(
-        "SELECT id FROM records WHERE tenant IS NULL AND ref = ? AND kind = 'status'",
+        "SELECT id, created_at FROM records WHERE tenant IS NULL AND ref = ? AND kind = 'status'",
         (message_id,),
     ).fetchall()
     if not waiting:
         return
-    facts = rules.attribute_dlr(find_sends(conn, message_id))
-    if facts is None:
-        return
-    if facts == "ambiguous":
+    sends = find_sends(conn, message_id)
+    for rid, stored_at in waiting:
+        facts = rules.attribute_dlr(sends, stored_at)
+        if facts is None:
+            continue
+        if facts == "ambiguous":
+            conn.execute("UPDATE records SET ref = NULL WHERE id = ?", (rid,))
+            continue
+        place = rules.placement(facts.tenant, "status", now)
         conn.execute(
-            "UPDATE records SET ref = NULL WHERE tenant IS NULL AND ref = ? AND kind = 'status'",
-            (message_id,),
-        )
-        return
-    place = rules.placement(facts.tenant, "status", now)
-    conn.executemany(
-        "UPDATE records SET tenant = ?, send_id = ?, msisdn_from = ?, msisdn_to = ?, "
-        "in_reply_to = ?, pollable = ?, push_due = ?, push_deadline = ?, ref = NULL WHERE id = ?",
-        [
+            "UPDATE records SET tenant = ?, send_id = ?, msisdn_from = ?, msisdn_to = ?, "
+            "in_reply_to = ?, pollable = ?, push_due = ?, push_deadline = ?, ref = NULL "
+            "WHERE id = ?",
             (
                 facts.tenant,
                 facts.id,
@@ -254,27 +283,31 @@ def match_unmatched(
                 place.push_due,
                 place.push_deadline,
                 rid,
-            )
-            for (rid,) in waiting
-        ],
-    )
-    wake(wakes, facts.tenant, "status", place)
+            ),
+        )
+        wake(wakes, facts.tenant, "status", place)
 
 
 def expire_pending(
     conn: sqlite3.Connection, wakes: Wakes, rules: Rules, before: float, now: float, limit: int
 ) -> int:
     """Up to `limit` pending rows created before `before` become `unknown`, each with the
-    status record a live send writes for an unknown outcome, in the caller's transaction."""
+    status record a live send writes for an unknown outcome, in the caller's transaction; a
+    row a delivery report names becomes `accepted` instead, with no record (`settled_state`)."""
     rows = conn.execute(
-        "UPDATE sends SET state = 'unknown', settled_at = ? WHERE id IN (SELECT id FROM sends "
-        "WHERE state = 'pending' AND created_at < ? ORDER BY created_at LIMIT ?) "
-        "RETURNING id, tenant, recipient, sender, legacy_id, upstream_ref",
-        (now, before, limit),
+        "SELECT id, tenant, recipient, sender, legacy_id, upstream_ref FROM sends "
+        "WHERE state = 'pending' AND created_at < ? ORDER BY created_at LIMIT ?",
+        (before, limit),
     ).fetchall()
+    reported = reported_refs(conn, rules, [r[5] for r in rows])
+    conn.executemany(
+        "UPDATE sends SET state = ?, settled_at = ? WHERE id = ? AND state = 'pending'",
+        [(settled_state("unknown", r[5] in reported), now, r[0]) for r in rows],
+    )
     statuses = [
         StatusRecord(tenant, recipient, sender, legacy_id, "ERR", UNKNOWN_OUTCOME, ref)
         for _, tenant, recipient, sender, legacy_id, ref in rows
+        if ref not in reported
     ]
     insert_statuses(conn, wakes, rules, statuses, now, {r[5]: int(r[0]) for r in rows})
     return len(rows)
