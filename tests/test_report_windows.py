@@ -107,12 +107,14 @@ def test_attribute_dlr_by_the_time_a_report_was_stored(
         (send(1, 1000.0), 1000.0 - TOLERANCE / 2, False),
         (send(1, 1000.0), 2000.0, False),
         ("ambiguous", 0.0, False),
-        (None, 0.0, False),
+        (None, 2000.0 - 2 * TOLERANCE, True),  # naming no send yet, under a long-kept key
+        (None, 2000.0 - TOLERANCE / 2, False),  # a repeat within the tolerance
     ],
 )
 def test_other_message(found: SendFacts | str | None, stored_at: float, other: bool) -> None:
-    """A report about a send written after the kept one is a new event, not its repeat."""
-    assert Rules.other_message(found, stored_at) is other
+    """A report about a send written after the kept one, or naming no send yet under a key
+    kept longer than the tolerance, is a new event, not its repeat (now: 2000)."""
+    assert Rules.other_message(found, stored_at, 2000.0) is other
 
 
 def test_dlr_key_range_holds_every_report_of_the_id_and_no_other() -> None:
@@ -216,6 +218,29 @@ async def test_a_report_kept_from_before_a_send_is_not_its_report(
     ]
 
 
+async def test_an_early_report_under_a_key_kept_from_before_is_delivered(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], backend: str
+) -> None:
+    """A send's report beats its sms/out answer (it names no send yet: the row has no Connexus
+    id), and its key (id and code) is held by a report kept long before about another message
+    with the same id. It is a new event, not a repeat (a repeat is answered 200 and never sent
+    again, and the settle passes over the old report as too old: the client heard nothing),
+    so the settle gives it to the send."""
+    client = await gateway(cfg)
+    connexus.emu.webhook_url = str(client.make_url(HOOK))
+    reused = str(FIRST_MESSAGE_ID)  # the id Connexus gives the next message
+    await connexus.emu.fire_dlr(reused, 1)  # DELIVRD, about that other message
+    await aging(client, backend, cfg)(reused, 2 * TOLERANCE)
+    connexus.emu.auto_dlr = 1  # DELIVRD, fired as the message is taken
+    connexus.emu.send_response_delay = 0.3  # the report comes before the answer
+    form = creds(to="6421000001", body="hi", messageId="L-7")
+    async with client.post("/api/1/sms/out", data=form) as resp:
+        assert resp.status == 204, await resp.text()
+    assert [d[1] for d in connexus.emu.webhook_deliveries] == [200, 200]
+    records = await drain(client)
+    assert [(r["statusCode"], r["inReplyToId"]) for r in records] == [("RCV", "L-7")]
+
+
 # -- the upkeep pass (PostgreSQL: SQLite matches in the settle's own transaction) ---------------
 
 
@@ -260,7 +285,12 @@ STATEMENTS = {
     "reported sends": (sends.REPORTED, "bigint[]", "ARRAY[5::bigint]", "records_reports"),
     "proven sends": (sends.PROVEN, "bigint[]", "ARRAY[5::bigint]", "sends_pkey"),
     "stored reports": (dlr.STORED, "text[]", "ARRAY['dlr:cx5:1']", "records_event_key_key"),
-    "release keys": (dlr.RELEASE_KEYS, "bigint[]", "ARRAY[5::bigint]", "records_pkey"),
+    "release keys": (
+        dlr.RELEASE_KEYS,
+        "bigint[], bigint[]",
+        "ARRAY[5::bigint], ARRAY[5::bigint]",
+        "records_pkey",
+    ),
 }
 WHOLE_TABLE = re.compile(r"Seq Scan|Hash Join|Merge Join")
 

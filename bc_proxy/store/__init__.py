@@ -293,8 +293,9 @@ class Store(Protocol):
         """Store a delivery report once per (message id, status), matched to its one recipient.
 
         A report kept unmatched with the same id and status is another event when this one
-        names a send written after it was stored (`Rules.other_message`): it then gives up its
-        key, stays unmatched, and this one is stored."""
+        names a send written after it was stored, or names no send yet and that one was kept
+        longer than the clocks' tolerance (`Rules.other_message`): it then gives up its key
+        (naming no send, its ref too), stays unmatched, and this one is stored."""
 
     async def add_mo(self, event: MoEvent, *, account: str | None) -> IngestResult:
         """Store an incoming message once per messageId, routed by `Rules.route_mo`.

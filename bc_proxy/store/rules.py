@@ -236,12 +236,29 @@ class Rules:
         )
 
     @classmethod
-    def other_message(cls, found: SendFacts | str | None, stored_at: float) -> bool:
+    def other_message(cls, found: SendFacts | str | None, stored_at: float, now: float) -> bool:
         """A report whose event key a report kept unmatched (stored at `stored_at`) already
-        holds is a new event, not a repeat of that one, when it names a send written after
-        that one was stored (`found`: what `attribute_dlr` makes of it now): that one was
-        about another message with the same id. Otherwise it is the same event."""
-        return isinstance(found, SendFacts) and cls.sent_after(found, stored_at)
+        holds is a new event, not a repeat of that one (`found`: what `attribute_dlr` makes of
+        it now):
+        - when it names a send written after that one was stored: that one was about another
+          message with the same id;
+        - when it names no send yet and that one was stored longer ago than the clocks'
+          tolerance (`forgotten`): a send's report that beats its `sms/out` answer, under a key
+          a report of another message kept long before. It would be answered as a repeat
+          (never retried by Connexus), and the settle then passes over the old one as too
+          old: the send's report was lost.
+        Otherwise it is the same event."""
+        if isinstance(found, SendFacts):
+            return cls.sent_after(found, stored_at)
+        return found is None and cls.forgotten(stored_at, now)
+
+    @staticmethod
+    def forgotten(stored_at: float, now: float) -> bool:
+        """Whether a report kept unmatched since `stored_at` gives up its ref as well as its
+        key to a new report naming no send yet (`other_message`): older than the clocks'
+        tolerance, it is not what that send's settle should find (if it was the same event,
+        the new one carries it on)."""
+        return stored_at < now - REPORT_CLOCK_TOLERANCE_SECONDS
 
     # -- sends --
 

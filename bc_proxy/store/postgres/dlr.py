@@ -5,9 +5,10 @@ Owns the SQL of add_dlr: the candidate sends of every report in the group in one
 is looked at again after its commit (`matching.recheck_unmatched`, called by the store), as a
 settle looks for unmatched reports after its own: whichever commits second sees the other.
 So is a repeat of a report still stored unmatched: the recheck after the first delivery may
-have failed (the webhook answered 503), and Connexus's retry is the one chance left. Unless it
-names a send written after that row was stored (`Rules.other_message`): that row was about
-another message with the same id, and gives up its key (it stays unmatched) to this report.
+have failed (the webhook answered 503), and Connexus's retry is the one chance left. Unless
+`Rules.other_message` says it is another event (it names a send written after that row was
+stored, or names no send yet and that row is long past): that row was about another message
+with the same id, and gives up its key (naming no send, its ref too; it stays unmatched).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ STORED = (
 )
 # Rows kept unmatched whose key a report about a later send takes: they stay, keyless (by id:
 # `NOT ambiguous` here would let a plan read every unmatched report, `records_unmatched`).
-RELEASE_KEYS = "UPDATE records SET event_key = NULL WHERE id = ANY($1::bigint[]) AND tenant IS NULL"
+RELEASE_KEYS = (
+    "UPDATE records SET event_key = NULL, ref = CASE WHEN id = ANY($2::bigint[]) THEN NULL "
+    "ELSE ref END WHERE id = ANY($1::bigint[]) AND tenant IS NULL"
+)
 
 
 def record_of(w: DlrWrite, found: SendFacts | str | None) -> NewRecord:
@@ -97,10 +101,14 @@ async def store_dlrs(db: Db, rules: Rules, writes: list[DlrWrite]) -> list[DlrSt
             if (old := before.get(w.key)) is not None
             and old["tenant"] is None
             and not old["ambiguous"]
-            and rules.other_message(found[w.event.message_id], old["created_at"])
+            and rules.other_message(found[w.event.message_id], old["created_at"], w.now)
         ]
         if stale:
-            taken = await _take_keys(conn, [before[k]["id"] for k in stale], stale, values, wakes)
+            named = {w.key: found[w.event.message_id] for w in writes}
+            orphans = [before[k]["id"] for k in stale if named[k] is None]
+            taken = await _take_keys(
+                conn, [before[k]["id"] for k in stale], orphans, stale, values, wakes
+            )
             inserted |= taken
             before.update(await _stored_before(conn, [k for k in stale if k not in taken]))
     results: list[DlrStored] = []
@@ -131,15 +139,17 @@ async def _stored_before(conn: Conn, keys: list[str]) -> dict[str, Any]:
 async def _take_keys(
     conn: Conn,
     old_ids: list[int],
+    orphans: list[int],
     keys: list[str],
     values: dict[str, tuple[Any, ...]],
     wakes: Wakes,
 ) -> set[str]:
     """Reports whose keys rows kept unmatched for other messages hold (`old_ids`): those rows
-    give up their keys (they stay, unmatched and keyless) and the reports are inserted, in one
+    give up their keys (they stay, unmatched and keyless; `orphans`, superseded by a report
+    naming no send yet, give up their refs too) and the reports are inserted, in one
     transaction; the keys inserted (another replica taking the same key first inserts it)."""
     async with conn.transaction():
-        await conn.execute(RELEASE_KEYS, old_ids)
+        await conn.execute(RELEASE_KEYS, old_ids, orphans)
         return await insert_keyed(conn, sorted((values[k] for k in keys), key=_key), notify=wakes)
 
 

@@ -22,9 +22,10 @@ def add_dlr(
 ) -> IngestResult:
     """Store a report once per (message id, status), attributed to its one recipient.
 
-    A report kept unmatched under the same key is the same event, unless this one names a send
-    written after it was stored (`Rules.other_message`): that one was about another message
-    with the same id, and gives up its key (it stays unmatched) to this one."""
+    A report kept unmatched under the same key is the same event, unless `Rules.other_message`
+    says it is another (this one names a send written after it was stored, or names no send
+    yet and it is long past): that one gives up its key (and, naming no send, its ref: it is
+    never matched) and stays, unmatched, beside this one."""
     key = rules.dlr_key(event.message_id, event.status)
     existing = conn.execute(
         "SELECT id, tenant, ref, created_at FROM records WHERE event_key = ?", (key,)
@@ -33,9 +34,13 @@ def add_dlr(
         return IngestResult("duplicate", existing[1])  # matched, or ambiguous
     facts = rules.attribute_dlr(find_sends(conn, event.message_id))
     if existing is not None:
-        if not rules.other_message(facts, existing[3]):
+        if not rules.other_message(facts, existing[3], now):
             return IngestResult("duplicate", None)
-        conn.execute("UPDATE records SET event_key = NULL WHERE id = ?", (existing[0],))
+        keep_ref = facts is not None  # naming no send, the new one carries the ref on
+        conn.execute(
+            "UPDATE records SET event_key = NULL, ref = CASE WHEN ? THEN ref END WHERE id = ?",
+            (keep_ref, existing[0]),
+        )
     if facts is None or facts == "ambiguous":
         place = rules.placement(None, "status", now)
         ref = event.message_id if facts is None else None  # ambiguous: never matched later
