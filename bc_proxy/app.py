@@ -217,6 +217,7 @@ async def _log_stopped(app: web.Application) -> None:
 async def _on_shutdown(app: web.Application) -> None:
     log.info("stopping", in_flight_sends=app[keys.RUNTIME].sends_in_flight)
     app[keys.RUNTIME].shutting_down = True
+    app[keys.RUNTIME].stop_began = asyncio.get_running_loop().time()
     store = app.get(keys.STORE)
     if store is not None:
         store.waker.close()

@@ -124,10 +124,14 @@ class PushWorker:
         return self._stop_at is not None
 
     def _stop(self) -> None:
-        """Begin the stop (once): no further claims; attempts in flight get the bound."""
+        """Begin the stop (once): no further claims; attempts in flight get the bound, counted
+        from the shutdown's start (on_shutdown), not from when this loop noticed it: a loop
+        held in a slow claim through the server's drain would otherwise add a second bound."""
         if self._stop_at is None:
             bound = self.app[keys.SETTINGS].server.shutdown_timeout_seconds
-            self._stop_at = asyncio.get_running_loop().time() + bound
+            began = self.rt.stop_began
+            now = asyncio.get_running_loop().time()
+            self._stop_at = (now if began is None else min(began, now)) + bound
             self._stopped.set()
 
     def _left(self) -> float:
@@ -142,6 +146,10 @@ class PushWorker:
         once its lease expires (given back at once, it would be pushed again right away, maybe
         to a receiver that already has it)."""
         if not self._inflight:
+            return
+        if self._stop_at is None and not self.rt.shutting_down:
+            # The loop failed, nothing is stopping: the attempts end by their own timeouts.
+            await asyncio.wait(set(self._inflight), timeout=self.attempt_timeout() + UNWIND)
             return
         self._stop()
         unwind = min(UNWIND, self.app[keys.SETTINGS].server.shutdown_timeout_seconds / 4)

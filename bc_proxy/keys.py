@@ -18,6 +18,7 @@ class Runtime:
     """Mutable process state shared by handlers."""
 
     shutting_down: bool = False
+    stop_began: float | None = None  # the loop's time at on_shutdown: stop bounds count from it
     status_maps: dict[str, dict[int, str]] = field(default_factory=dict)
     tenants: dict[str, TenantSettings] = field(default_factory=dict)
     sends_in_flight: int = 0  # legacy sends between upstream call and record

@@ -23,7 +23,12 @@ import pytest
 import yaml
 from aiohttp import web
 
-from bc_proxy.store import Delivery, MoEvent, Rules, TenantRules, open_store
+from bc_proxy import keys
+from bc_proxy.app import create_app, store_rules
+from bc_proxy.config import parse
+from bc_proxy.delivery import UNWIND, push_worker
+from bc_proxy.store import Delivery, LegacyRecord, MoEvent, Rules, TenantRules, open_store
+from bc_proxy.store.sqlite.store import SQLiteStore
 from tests import pg
 from tests.conftest import WEBHOOK_SECRET, AiohttpServer, Connexus, config_dict, creds
 from tests.test_shutdown import free_port, serve
@@ -335,3 +340,102 @@ async def test_close_keeps_push_leases_and_gives_back_poll_claims(store_url: str
         assert [r.id for r in await again.claim_pushes(time.time(), 10)] == [pushing.id]
     finally:
         await again.close()
+
+
+class _ClaimsHang(SQLiteStore):
+    """A real SQLite store whose claims hang once its first has returned (the database stalls
+    with the push worker inside a claim)."""
+
+    claims = 0
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        self.claims += 1
+        if self.claims > 1:
+            await asyncio.sleep(3600)
+        return await super().claim_pushes(now, limit)
+
+
+async def test_the_stop_bound_counts_from_the_shutdown_not_from_a_hung_claim(
+    tmp_path: Path, aiohttp_server: AiohttpServer
+) -> None:
+    """The push worker, inside a claim that hangs, does not see the shutdown during the server's
+    drain. Its bound for the push in flight still counts from on_shutdown: cancelled after
+    the drain (shutdown_timeout_seconds), it is done within UNWIND, not another whole bound
+    later (2S + UNWIND, past the supervisor's SIGKILL at S + 5 for S over 5)."""
+    hang = asyncio.Event()
+
+    async def answer(n: int) -> None:
+        await asyncio.wait_for(hang.wait(), 30)  # the receiver never answers
+
+    receiver = await start_receiver(aiohttp_server, answer)
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["server"]["shutdown_timeout_seconds"] = HANG_SHUTDOWN_TIMEOUT
+    cfg["store"]["lease_seconds"] = 30
+    cfg["tenants"][0]["push"] = {"incoming_url": receiver.url, "timeout_seconds": 20}
+    settings = parse(cfg)
+    app = create_app(settings)
+    store = _ClaimsHang(str(tmp_path / "hung.db"), store_rules(settings))
+    await store.open()
+    app[keys.STORE] = store
+    app.freeze()
+    job = asyncio.create_task(push_worker(app))
+    try:
+        await store.add_mo(MoEvent("m-1", HANDSET, "552", "pushed", None), account=None)
+        await receiver.wait_for(1, 5)
+        await asyncio.sleep(0.2)  # the loop is in its second claim, which hangs
+        assert store.claims == 2
+        began = time.monotonic()
+        await app.on_shutdown.send(app)  # the stop begins (the shutdown's own hook)
+        await asyncio.sleep(HANG_SHUTDOWN_TIMEOUT)  # the server's drain, busy to its bound
+        job.cancel()  # the background jobs' cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(job, 4 * HANG_SHUTDOWN_TIMEOUT + 5)
+        took = time.monotonic() - began
+    finally:
+        job.cancel()
+        await store.close()
+    assert took < HANG_SHUTDOWN_TIMEOUT + UNWIND + 0.4, f"the push worker held the stop {took:.2f}s"
+
+
+class _ClaimFails(SQLiteStore):
+    """A real SQLite store whose second claim raises what no store error is (a bug)."""
+
+    claims = 0
+
+    async def claim_pushes(self, now: float, limit: int) -> list[LegacyRecord]:
+        self.claims += 1
+        if self.claims > 1:
+            raise RuntimeError("a bug in the claim")
+        return await super().claim_pushes(now, limit)
+
+
+async def test_a_failing_push_loop_lets_its_pushes_in_flight_finish(
+    tmp_path: Path, aiohttp_server: AiohttpServer
+) -> None:
+    """The push loop fails with nothing stopping: its attempts in flight end by their own
+    timeouts, not by the shutdown's bound (a receiver answering after it would get the record
+    again once the lease expired)."""
+
+    async def answer(n: int) -> None:
+        await asyncio.sleep(1.0)  # answers after the shutdown timeout, inside its own
+
+    receiver = await start_receiver(aiohttp_server, answer)
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["server"]["shutdown_timeout_seconds"] = 0.4
+    cfg["store"]["lease_seconds"] = 30
+    cfg["tenants"][0]["push"] = {"incoming_url": receiver.url, "timeout_seconds": 10}
+    settings = parse(cfg)
+    app = create_app(settings)
+    store = _ClaimFails(str(tmp_path / "fails.db"), store_rules(settings))
+    await store.open()
+    app[keys.STORE] = store
+    try:
+        await store.add_mo(MoEvent("m-1", HANDSET, "552", "pushed", None), account=None)
+        with pytest.raises(RuntimeError, match="a bug in the claim"):
+            await asyncio.wait_for(push_worker(app), 15)
+        url = f"sqlite:///{tmp_path / 'fails.db'}"
+    finally:
+        await store.close()
+    state = await push_state(url)
+    assert (state.due, state.attempts) == (False, 1), state  # delivered, not abandoned
+    assert len(receiver.arrivals) == 1  # pushed once
