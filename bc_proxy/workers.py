@@ -5,9 +5,9 @@ SO_REUSEPORT (the kernel spreads connections), restarts a child that dies with a
 backoff, and on SIGTERM/SIGINT forwards SIGTERM to every child, waits for their drain
 (`server.shutdown_timeout_seconds` plus a margin) and kills what is left. Each child is an
 ordinary replica of a shared PostgreSQL store; the supervisor itself serves nothing. Also owns
-how a serving process takes its stop signals (`stop_once`): the first starts the drain, and
-repeats, which the supervisor's forwarding adds wherever the whole process group is signalled
-(systemd, Ctrl-C, dumb-init), do not cut it short.
+how a serving process takes its stop signals (`stop_once`): the first starts the drain, the
+second (which the supervisor's forwarding adds wherever the whole process group is signalled:
+systemd, Ctrl-C, dumb-init) does not cut it short, a third does.
 """
 
 from __future__ import annotations
@@ -123,23 +123,31 @@ class Supervisor:
         return 0
 
 
+FORCE_AFTER = 3  # the stop signal that cuts a drain short: one more than a group stop sends
+
+
 def stop_once(app: web.Application) -> None:
     """SIGTERM and SIGINT stop `serve` once: the first starts aiohttp's graceful exit (drain
-    within `shutdown_timeout_seconds`); a repeat is logged and ignored. aiohttp's own handler
-    raises again on a repeat, out of the drain, and cancels every handler and the store's
-    close. SIGKILL stays the hard stop. Installed before the store opens (first startup hook),
-    replacing aiohttp's handler for the rest of the run."""
+    within `shutdown_timeout_seconds`); the second is logged and ignored (a process group
+    stopped as a whole, by systemd, Ctrl-C or dumb-init, gets it from the supervisor too).
+    aiohttp's own handler raised again on it, out of the drain, cancelling every handler and
+    the store's close. A third cuts the drain short, as an operator insisting means it (a hung
+    store would otherwise leave only SIGKILL). Installed before the store opens (first startup
+    hook), replacing aiohttp's handler for the rest of the run."""
 
     async def install(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
+        received = 0
 
         def on_signal(name: str) -> None:
-            nonlocal stopping
-            if stopping:
+            nonlocal received
+            received += 1
+            if received >= FORCE_AFTER:
+                log.warning("stop_forced", signal=name, received=received)
+                raise web.GracefulExit
+            if received > 1:
                 log.info("stop_signal_ignored", signal=name, reason="already draining")
                 return
-            stopping = True
             raise web.GracefulExit
 
         for sig in (signal.SIGTERM, signal.SIGINT):

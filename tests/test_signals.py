@@ -9,6 +9,7 @@ drain: the send in flight, answered by Connexus well inside shutdown_timeout_sec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -71,6 +72,34 @@ async def test_a_signal_during_the_drain_does_not_cut_it_short(
         (state,) = db.execute("SELECT state FROM sends WHERE legacy_id = 'drain-1'").fetchone()
     assert (status, state, code) == (204, "accepted", 0), gw.log[-2000:]
     assert logged in gw.log
+
+
+async def test_a_third_stop_signal_cuts_the_drain_short(tmp_path: Path, connexus: Connexus) -> None:
+    """An operator insisting (a third SIGTERM or Ctrl-C; a group stop sends two) ends the drain
+    at once, as a hung store would otherwise leave only SIGKILL: the process is gone long
+    before the send in flight would have been answered."""
+    port = free_port()
+    config = write_config(tmp_path, connexus, port, shutdown_timeout=DRAIN)
+    emu = connexus.emu
+    async with serve(config, port) as gw, aiohttp.ClientSession() as http:
+        warm = creds(to="6421000999", body="warm")
+        assert (await timed(http.post(gw.base + "/api/1/sms/out", data=warm)))[0] == 204
+        emu.latency = 5.0  # inside the drain's bound, far past the test's wait
+        data = creds(to="64210001", body="in flight", messageId="forced-1")
+        send = asyncio.ensure_future(timed(http.post(gw.base + "/api/1/sms/out", data=data)))
+        await wait_for_calls(connexus, 2)
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            gw.proc.send_signal(sig)
+            await asyncio.sleep(0.2)
+        forced = time.monotonic()
+        await asyncio.wait_for(gw.proc.wait(), 3)
+        took = time.monotonic() - forced
+        with contextlib.suppress(aiohttp.ClientError):
+            await asyncio.wait_for(send, 5)
+    emu.latency = 0
+    assert took < 2.0, gw.log[-2000:]
+    assert "stop_signal_ignored" in gw.log
+    assert "stop_forced" in gw.log
 
 
 @pytest.mark.postgres
