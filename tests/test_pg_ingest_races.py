@@ -165,3 +165,71 @@ async def test_a_repeated_report_still_naming_no_send_stays_unmatched(
     assert await a.add_dlr(report) == IngestResult("unmatched", None)
     assert await b.add_dlr(report) == IngestResult("duplicate", None)
     assert await b.claim("acme", "status") is None
+
+
+async def test_a_late_repeat_taking_over_a_report_a_settle_is_matching_is_delivered_once(
+    pg_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report kept unmatched (it beat its send's answer) comes again more than the clocks'
+    tolerance later, read as naming no send just before the send's settle commits: it takes
+    the key over (the old row gives up key and ref, a new row carries the event on). The
+    settle's look had read the old row under its lock a moment before; its UPDATE must not
+    match that row now, or the one report is delivered twice (the old row by the settle, the
+    new one by the repeat's recheck). The steps are ordered by hooks that call through."""
+    from bc_proxy.store.postgres import dlr
+    from bc_proxy.store.rules import REPORT_CLOCK_TOLERANCE_SECONDS
+
+    store = PostgresStore(pg_url, RULES, replica="A")
+    await store.open()
+    try:
+        plan = await store.begin_send(SendIntent("acme", "L-1", (HANDSET,), "552"), time.time())
+        ref = plan.to_send[0].upstream_ref
+        assert (await store.add_dlr(DlrEvent("cx-1", 1, "DELIVRD"))).outcome == "unmatched"
+        aged = 2 * REPORT_CLOCK_TOLERANCE_SECONDS
+        await pg.execute(pg_url, "UPDATE records SET created_at = created_at - $1", aged)
+        await pg.execute(pg_url, "UPDATE sends SET created_at = created_at - $1", aged)
+        settled, looked, taken = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        real_candidates = matching.candidates  # what dlr.py calls too
+        real_take = dlr._take_keys
+
+        async def repeat_reads(conn: asyncpg.Connection, ids: list[str]) -> object:
+            out = await real_candidates(conn, ids)  # before the settle: no send named
+            await pg.execute(  # the settle commits now
+                pg_url,
+                "UPDATE sends SET state = 'accepted', connexus_id = 'cx-1' WHERE upstream_ref = $1",
+                ref,
+            )
+            settled.set()
+            await looked.wait()
+            return out
+
+        async def settle_looks(conn: asyncpg.Connection, ids: list[str]) -> object:
+            if not looked.is_set():  # the settle's look: its lock held, the old row read
+                looked.set()
+                await taken.wait()
+            return await real_candidates(conn, ids)
+
+        async def take(*args: object) -> object:
+            try:
+                return await real_take(*args)  # type: ignore[arg-type]
+            finally:
+                taken.set()
+
+        monkeypatch.setattr(dlr, "candidates", repeat_reads)
+        monkeypatch.setattr(matching, "candidates", settle_looks)
+        monkeypatch.setattr(dlr, "_take_keys", take)
+
+        async def settle_look() -> None:
+            await settled.wait()
+            await matching.match_late(store._db, store.rules, ["cx-1"])
+
+        repeat = asyncio.create_task(store.add_dlr(DlrEvent("cx-1", 1, "DELIVRD")))
+        await asyncio.wait_for(asyncio.gather(repeat, settle_look()), 20)
+        got = []
+        while (record := await store.claim("acme", "status")) is not None:
+            got.append(record.in_reply_to)
+            await store.ack(record)
+        assert got == ["L-1"]
+    finally:
+        await store.close()

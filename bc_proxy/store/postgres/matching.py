@@ -137,6 +137,9 @@ async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None
     return matched.get(message_id)
 
 
+_STILL_WAITING = "tenant IS NULL AND NOT ambiguous AND ref = $2"
+
+
 async def match_reports(
     conn: Conn, rules: Rules, message_ids: list[str], now: float, wakes: Wakes
 ) -> dict[str, str]:
@@ -155,14 +158,23 @@ async def match_reports(
         found = rules.attribute_dlr(sends.get(row["ref"], []), row["created_at"])
         if found is None:
             continue
+        # Each UPDATE repeats the SELECT's conditions: a row a report under its key took over
+        # meanwhile (dlr._take_keys: key and ref given up, the newer row carries the event on)
+        # is not the event any more, and matching it too would deliver the report twice.
         if found == "ambiguous":
-            await conn.execute("UPDATE records SET ambiguous = true WHERE id = $1", row["id"])
+            await conn.execute(
+                f"UPDATE records SET ambiguous = true WHERE id = $1 AND {_STILL_WAITING}",
+                row["id"],
+                row["ref"],
+            )
             continue
         p = rules.placement(found.tenant, "status", now)
-        await conn.execute(
-            "UPDATE records SET tenant = $2, send_id = $3, msisdn_from = $4, msisdn_to = $5, "
-            "in_reply_to = $6, pollable = $7, push_due = $8, push_deadline = $9 WHERE id = $1",
+        done = await conn.execute(
+            "UPDATE records SET tenant = $3, send_id = $4, msisdn_from = $5, msisdn_to = $6, "
+            "in_reply_to = $7, pollable = $8, push_due = $9, push_deadline = $10 "
+            f"WHERE id = $1 AND {_STILL_WAITING}",
             row["id"],
+            row["ref"],
             found.tenant,
             found.id,
             found.recipient,
@@ -172,6 +184,8 @@ async def match_reports(
             p.push_due,
             p.push_deadline,
         )
+        if done != "UPDATE 1":
+            continue
         matched[row["ref"]] = found.tenant
         if p.waiting:
             wakes.add((found.tenant, "status"))
