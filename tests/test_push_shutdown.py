@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import aiohttp
@@ -27,7 +27,7 @@ from bc_proxy import keys
 from bc_proxy.app import create_app, store_rules
 from bc_proxy.config import parse
 from bc_proxy.delivery import UNWIND, push_worker
-from bc_proxy.store import Delivery, LegacyRecord, MoEvent, Rules, TenantRules, open_store
+from bc_proxy.store import Delivery, LegacyRecord, MoEvent, Rules, Store, TenantRules, open_store
 from bc_proxy.store.sqlite.store import SQLiteStore
 from tests import pg
 from tests.conftest import WEBHOOK_SECRET, AiohttpServer, Connexus, config_dict, creds
@@ -342,6 +342,30 @@ async def test_close_keeps_push_leases_and_gives_back_poll_claims(store_url: str
         await again.close()
 
 
+StoreT = TypeVar("StoreT", bound=SQLiteStore)
+
+
+async def worker_app(
+    tmp_path: Path,
+    receiver: Receiver,
+    store_class: type[StoreT],
+    shutdown_timeout: float,
+    push_timeout: float,
+) -> tuple[web.Application, StoreT]:
+    """The gateway's app (not started) for a push worker run by the test, pushing incoming SMS
+    to `receiver`, on an opened SQLite store of `store_class` at tmp_path/push.db (lease 30 s)."""
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["server"]["shutdown_timeout_seconds"] = shutdown_timeout
+    cfg["store"]["lease_seconds"] = 30
+    cfg["tenants"][0]["push"] = {"incoming_url": receiver.url, "timeout_seconds": push_timeout}
+    settings = parse(cfg)
+    app = create_app(settings)
+    store = store_class(str(tmp_path / "push.db"), store_rules(settings))
+    await store.open()
+    app[keys.STORE] = cast(Store, store)
+    return app, store
+
+
 class _ClaimsHang(SQLiteStore):
     """A real SQLite store whose claims hang once its first has returned (the database stalls
     with the push worker inside a claim)."""
@@ -368,15 +392,7 @@ async def test_the_stop_bound_counts_from_the_shutdown_not_from_a_hung_claim(
         await asyncio.wait_for(hang.wait(), 30)  # the receiver never answers
 
     receiver = await start_receiver(aiohttp_server, answer)
-    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
-    cfg["server"]["shutdown_timeout_seconds"] = HANG_SHUTDOWN_TIMEOUT
-    cfg["store"]["lease_seconds"] = 30
-    cfg["tenants"][0]["push"] = {"incoming_url": receiver.url, "timeout_seconds": 20}
-    settings = parse(cfg)
-    app = create_app(settings)
-    store = _ClaimsHang(str(tmp_path / "hung.db"), store_rules(settings))
-    await store.open()
-    app[keys.STORE] = store
+    app, store = await worker_app(tmp_path, receiver, _ClaimsHang, HANG_SHUTDOWN_TIMEOUT, 20)
     app.freeze()
     job = asyncio.create_task(push_worker(app))
     try:
@@ -420,20 +436,12 @@ async def test_a_failing_push_loop_lets_its_pushes_in_flight_finish(
         await asyncio.sleep(1.0)  # answers after the shutdown timeout, inside its own
 
     receiver = await start_receiver(aiohttp_server, answer)
-    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
-    cfg["server"]["shutdown_timeout_seconds"] = 0.4
-    cfg["store"]["lease_seconds"] = 30
-    cfg["tenants"][0]["push"] = {"incoming_url": receiver.url, "timeout_seconds": 10}
-    settings = parse(cfg)
-    app = create_app(settings)
-    store = _ClaimFails(str(tmp_path / "fails.db"), store_rules(settings))
-    await store.open()
-    app[keys.STORE] = store
+    app, store = await worker_app(tmp_path, receiver, _ClaimFails, 0.4, 10)
     try:
         await store.add_mo(MoEvent("m-1", HANDSET, "552", "pushed", None), account=None)
         with pytest.raises(RuntimeError, match="a bug in the claim"):
             await asyncio.wait_for(push_worker(app), 15)
-        url = f"sqlite:///{tmp_path / 'fails.db'}"
+        url = f"sqlite:///{tmp_path / 'push.db'}"
     finally:
         await store.close()
     state = await push_state(url)
