@@ -130,8 +130,7 @@ class PushWorker:
         if self._stop_at is None:
             bound = self.app[keys.SETTINGS].server.shutdown_timeout_seconds
             began = self.rt.stop_began
-            now = asyncio.get_running_loop().time()
-            self._stop_at = (now if began is None else min(began, now)) + bound
+            self._stop_at = (asyncio.get_running_loop().time() if began is None else began) + bound
             self._stopped.set()
 
     def _left(self) -> float:

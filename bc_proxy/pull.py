@@ -78,7 +78,9 @@ def inverse_status_map(table: Mapping[int, str]) -> dict[str, int]:
 CONNEXUS_CODES = inverse_status_map(DEFAULT_STATUS_MAP)
 
 
-def dlr_from_record(record: Mapping[str, str], inverse: Mapping[str, int]) -> DlrEvent | None:
+def dlr_from_record(
+    record: Mapping[str, str], inverse: Mapping[str, int] = CONNEXUS_CODES
+) -> DlrEvent | None:
     """An `sms/status` record as a delivery report about the message in `inReplyToId` (the id
     Connexus's webhook reports carry); None without one."""
     message_id = record.get("inReplyToId", "")
@@ -186,10 +188,9 @@ class Puller:
         """Take `sms/in` (`in`) or `sms/status` (`status`) records until none is left (or the
         round's limit, or shutdown), each stored before the next is asked for; how many."""
         path = "sms/in" if kind == "in" else "sms/status"
-        inverse = CONNEXUS_CODES  # Connexus renders the record by its own table, not ours
         taken = 0
         while taken < DRAIN_LIMIT and not self.stopping():
-            if not await self._unbroken(self._take_one(path, inverse)):
+            if not await self._unbroken(self._take_one(path)):
                 break
             taken += 1
         return taken
@@ -215,13 +216,13 @@ class Puller:
                 task.exception()  # stopping either way: a failed fetch is not news
             raise
 
-    async def _take_one(self, path: str, inverse: Mapping[str, int]) -> bool:
+    async def _take_one(self, path: str) -> bool:
         """Fetch one record of `path` and store it (or keep it if unusable); False when none."""
         raw = await fetch_one(self.app[keys.CLIENT], self.tenant, path)
         if raw is None:
             return False
         record = _fields(raw)
-        event = mo_from_record(record) if path == "sms/in" else dlr_from_record(record, inverse)
+        event = mo_from_record(record) if path == "sms/in" else dlr_from_record(record)
         source = path.replace("/", "_")
         if event is None:
             await self._keep_unusable(source, raw)

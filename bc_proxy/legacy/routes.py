@@ -165,7 +165,7 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
         await waker.wait(tenant, kind, seen, min(remaining, recheck))
         if rt.shutting_down or waker.closed or _gone(request):
             return web.Response(status=204)
-    status_map = app[keys.RUNTIME].status_maps.get(tenant)
+    status_map = rt.status_maps.get(tenant)  # (a reload replaces the maps, not the Runtime)
     if _gone(request) or status_map is None:  # gone, or its tenant removed by a reload meanwhile
         await _release(store, record)
         return web.Response(status=204)
