@@ -132,9 +132,9 @@ def _below_handler(frames: list[str], frame: str) -> bool:
 STORE_DIR: list[Path] = []
 
 
-def store_file(ctx: run.Ctx, stem: str) -> Path:
-    base = STORE_DIR[0] if STORE_DIR else ctx.path(stem)
-    base.mkdir(exist_ok=True)
+def store_file(default_dir: Path, stem: str) -> Path:
+    """A new SQLite file name: under `--store-dir` when given, else in `default_dir`."""
+    base = STORE_DIR[0] if STORE_DIR else default_dir
     return base / f"{stem}-{time.time_ns()}.db"
 
 
@@ -150,7 +150,7 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
     gw = run.Gateway(ctx, variant.strip("-+"), poll_wait=0)
     if STORE_DIR:  # the same config with its SQLite file elsewhere (a tmpfs, say)
         settings = json.loads(gw.config.read_text())
-        gw.db = store_file(ctx, "gw")
+        gw.db = store_file(gw.dir, "gw")
         settings["store"]["url"] = f"sqlite:///{gw.db}"
         gw.config.write_text(json.dumps(settings, indent=2) + "\n")
     part = "none" if variant == "gateway" else variant[1:]  # "-x": x removed, "+x": x added
@@ -190,7 +190,7 @@ def start_floor(ctx: run.Ctx) -> tuple[subprocess.Popen[bytes], str, Any]:
         "--upstream",
         ctx.upstream,
         "--db",
-        str(store_file(ctx, "floor")),
+        str(store_file(d, "floor")),
         "--log",
         str(d / "access.log"),
     ]
