@@ -25,6 +25,7 @@ T = TypeVar("T")
 Wakes = set[tuple[str, str]]
 Op = Callable[[sqlite3.Connection, Wakes], T]
 BatchFn = Callable[[sqlite3.Connection, Wakes, list[Any]], list[Any]]
+Abandoned = Callable[[Any, Any], None]  # (item, result) of a write its caller never got
 
 BUSY_GIVE_UP_SECONDS = 5.0  # a write waits this long for another process's lock, then fails
 BUSY_FIRST_BACKOFF = 0.002
@@ -100,6 +101,9 @@ class Engine:
         self._unsynced_wakes: Wakes = set()
         self._sync_task: asyncio.Task[None] | None = None
         self._droppable: set[BatchFn] = set()
+        # Futures of items whose caller must be told apart from their result (write_batched's
+        # `abandoned`): dropped once answered, or once dropped unwritten.
+        self._abandon: dict[asyncio.Future[Any], tuple[Abandoned, Any]] = {}
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -217,24 +221,47 @@ class Engine:
 
     async def write(self, op: Op[T]) -> T:
         """Run `op` in the next group commit; answered once the commit is durable."""
+        result: T = await self.submit(op)
+        return result
+
+    def submit(self, op: Op[T]) -> asyncio.Future[T]:
+        """Queue `op` for the next group commit without waiting: its future is answered once
+        the commit is durable (for writes nobody awaits, such as a compensation)."""
         fut = self._future()
         self._group.ops.append((op, fut))
         self._schedule_flush()
-        result: T = await fut
-        return result
+        return fut
 
-    async def write_batched(self, fn: BatchFn, item: Any, *, droppable: bool = False) -> Any:
+    async def write_batched(
+        self,
+        fn: BatchFn,
+        item: Any,
+        *,
+        droppable: bool = False,
+        abandoned: Abandoned | None = None,
+    ) -> Any:
         """Queue `item` for `fn`, called once per group with every item queued for it.
 
         `droppable`: an item whose caller was cancelled before its group ran is not written
         (a write-ahead row nobody will act on); otherwise a queued item is written whatever
-        happens to its caller."""
+        happens to its caller. `abandoned(item, result)` is called for an item that was written
+        but whose caller was cancelled before it got the result: while its commit waited for
+        its fsync, or between the answer and the caller's next step."""
         fut = self._future()
         if droppable:
             self._droppable.add(fn)
+        if abandoned is not None:
+            self._abandon[fut] = (abandoned, item)
         self._group.batches.setdefault(fn, []).append((item, fut))
         self._schedule_flush()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Answered, then cancelled before this step ran: the result never reaches anyone.
+            answered = fut.done() and not fut.cancelled() and fut.exception() is None
+            if abandoned is not None and answered:
+                abandoned(item, fut.result())
+            raise
 
     def _future(self) -> asyncio.Future[Any]:
         if self.closed or self.conn is None:
@@ -255,7 +282,12 @@ class Engine:
         self._flush_handle = None
         group, self._group = self._group, _Group()
         for fn in self._droppable.intersection(group.batches):
-            kept = [(item, fut) for item, fut in group.batches[fn] if not fut.cancelled()]
+            kept = []
+            for item, fut in group.batches[fn]:
+                if fut.cancelled():  # never written: nothing to give up
+                    self._abandon.pop(fut, None)
+                else:
+                    kept.append((item, fut))
             if kept:
                 group.batches[fn] = kept
             else:
@@ -276,13 +308,22 @@ class Engine:
         futures = group.futures()
         if self._wal_fd is None:
             for fut, result in zip(futures, results, strict=True):
-                _resolve(fut, result)
+                self._answer(fut, result)
             self._on_wakes(wakes)
             return
         self._unsynced.extend(zip(futures, results, strict=True))
         self._unsynced_wakes |= wakes
         if self._sync_task is None:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync())
+
+    def _answer(self, fut: asyncio.Future[Any], result: Any) -> None:
+        """Answer a write's caller; tell `abandoned` of a written item whose caller is gone."""
+        hook = self._abandon.pop(fut, None)
+        if not fut.done():
+            _resolve(fut, result)
+        elif hook is not None and not isinstance(result, BaseException):
+            abandoned, item = hook
+            abandoned(item, result)
 
     def _retry_busy(self, group: _Group) -> None:
         """Another connection holds the lock: try again soon, without blocking the loop."""
@@ -292,7 +333,7 @@ class Engine:
             self._group = _Group()
             error = StoreError(f"database is locked (waited {BUSY_GIVE_UP_SECONDS:.0f} s)")
             for fut in group.futures():
-                _resolve(fut, error)
+                self._answer(fut, error)
             return
         delay = min(BUSY_FIRST_BACKOFF * 2**self._busy_tries, BUSY_MAX_BACKOFF)
         self._busy_tries += 1
@@ -313,7 +354,7 @@ class Engine:
                 except OSError as exc:
                     error = StoreError(f"fsync: {exc}")
                 for fut, result in group:
-                    _resolve(fut, error or result)
+                    self._answer(fut, error or result)
                 if error is None:
                     self._on_wakes(wakes)
         finally:

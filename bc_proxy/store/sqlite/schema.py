@@ -157,7 +157,17 @@ def _v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE records ADD COLUMN polled INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]  # [n-1]: n-1 -> n
+# -- version 4: a pending row a repeat was answered from is marked ----------------------------
+# A begin_send whose caller was cancelled after its commit leaves pending rows nobody sends;
+# they are rejected (sends.reject_abandoned), except a row a legacy retry was already answered
+# from, which expires with its ERR record. A constant default: no table rewrite.
+
+
+def _v4(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE sends ADD COLUMN repeat_seen INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]  # [n-1]: n-1 -> n
 LATEST = len(MIGRATIONS)
 
 

@@ -92,21 +92,36 @@ def begin_sends(
     """Plan every intent of one group (`Rules.plan`), then write all their pending rows in one
     executemany. Pending rows planned earlier in the group count as earlier sends."""
     send_rows: list[tuple[Any, ...]] = []
-    in_group: dict[tuple[str, str], dict[str, SendState]] = {}  # pending rows not yet inserted
+    # Pending rows not yet inserted, by key and recipient: their refs.
+    in_group: dict[tuple[str, str], dict[str, str]] = {}
     plans: list[SendPlan] = []
+    seen_ids: list[tuple[int]] = []  # pending rows a repeat was answered from (marked seen)
+    seen_refs: list[tuple[str]] = []  # the same, among this group's own rows
     for intent, now in items:
         latest: dict[str, SendState] = {}
+        row_of: dict[str, int] = {}
+        grouped: dict[str, str] = {}
         if intent.legacy_id is not None:
-            for recipient, state in conn.execute(
-                "SELECT recipient, state FROM sends WHERE tenant = ? AND legacy_id = ? "
+            for row_id, recipient, state in conn.execute(
+                "SELECT id, recipient, state FROM sends WHERE tenant = ? AND legacy_id = ? "
                 "AND created_at > ? ORDER BY id",
                 (intent.tenant, intent.legacy_id, now - rules.window(intent.tenant)),
             ):
                 latest[recipient] = _state(state)
-            latest.update(in_group.get((intent.tenant, intent.legacy_id), {}))
+                row_of[recipient] = row_id
+            grouped = in_group.get((intent.tenant, intent.legacy_id), {})
+            latest.update(dict.fromkeys(grouped, "pending"))
         decided = rules.plan(
             intent.recipients, latest, _blocked(conn, intent.tenant, intent.recipients)
         )
+        for recipient, state in decided.repeats:
+            # Answered from an earlier call's pending row: that row must never be rejected as
+            # abandoned (reject_abandoned), or the SMS this client was told of never leaves.
+            if state == "pending" and recipient in latest:
+                if recipient in grouped:
+                    seen_refs.append((grouped[recipient],))
+                else:
+                    seen_ids.append((row_of[recipient],))
         if decided.blocked:  # each blocked handset gets the NUR record a refusal would give
             lid = intent.legacy_id
             nur = [
@@ -120,11 +135,31 @@ def begin_sends(
                 (intent.tenant, intent.legacy_id, p.recipient, intent.sender, p.upstream_ref, now)
             )
             if intent.legacy_id is not None:
-                in_group.setdefault((intent.tenant, intent.legacy_id), {})[p.recipient] = "pending"
+                in_group.setdefault((intent.tenant, intent.legacy_id), {})[p.recipient] = (
+                    p.upstream_ref
+                )
         plans.append(SendPlan(to_send, decided.repeats, decided.blocked))
     if send_rows:
         conn.executemany(_INSERT_SEND, send_rows)
+    if seen_ids:
+        conn.executemany("UPDATE sends SET repeat_seen = 1 WHERE id = ?", seen_ids)
+    if seen_refs:
+        conn.executemany("UPDATE sends SET repeat_seen = 1 WHERE upstream_ref = ?", seen_refs)
     return plans
+
+
+def reject_abandoned(conn: sqlite3.Connection, refs: Sequence[str], now: float) -> int:
+    """Reject the pending rows of a begin whose caller never got its plan (cancelled after
+    the commit): nobody sends them, so a legacy retry must send again, not be answered from
+    them, and expiry must not report an outcome unknown for an SMS that never left. A row a
+    repeat was already answered from (`repeat_seen`) stays pending: it expires with its ERR
+    record, so the client that was answered hears of it. Returns the rows rejected."""
+    cur = conn.executemany(
+        "UPDATE sends SET state = 'rejected', settled_at = ? "
+        "WHERE upstream_ref = ? AND state = 'pending' AND repeat_seen = 0",
+        [(now, ref) for ref in refs],
+    )
+    return cur.rowcount
 
 
 def _state(state: str) -> SendState:

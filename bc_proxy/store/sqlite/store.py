@@ -7,6 +7,7 @@ around a function of `sends`, `inbound`, `records`, `push` or `upkeep`. No SQL a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -36,6 +37,8 @@ from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
 from bc_proxy.store.sqlite.engine import Engine, Wakes
 from bc_proxy.store.sqlite.helpers import in_use_lock
 from bc_proxy.store.waker import LocalWaker, Waker
+
+log = logging.getLogger(__name__)
 
 EXPIRE_CHUNK = 500  # pending rows expired per write (each gets a status record)
 
@@ -126,9 +129,23 @@ class SQLiteStore:
 
     async def begin_send(self, intent: SendIntent, now: float) -> SendPlan:
         plan: SendPlan = await self._engine.write_batched(
-            self._begin_batch, (intent, now), droppable=True
+            self._begin_batch, (intent, now), droppable=True, abandoned=self._abandoned
         )
         return plan
+
+    def _abandoned(self, item: tuple[SendIntent, float], plan: SendPlan) -> None:
+        """A begin whose caller was cancelled after its commit: its rows are rejected in the
+        next group (after any repeat queued meanwhile, which marks what it was answered from).
+        If that write fails, the rows expire as before."""
+        refs = [p.upstream_ref for p in plan.to_send]
+        if not refs or self._engine.closed:
+            return
+        now = time.time()
+        try:
+            done = self._engine.submit(lambda c, w: sends.reject_abandoned(c, refs, now))
+        except StoreError:
+            return
+        done.add_done_callback(_log_abandoned)
 
     async def settle_send(
         self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
@@ -280,3 +297,13 @@ class SQLiteStore:
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
         """One process per SQLite file: the lock is always ours."""
         yield True
+
+
+def _log_abandoned(done: asyncio.Future[int]) -> None:
+    if done.cancelled():
+        return
+    exc = done.exception()
+    if exc is not None:
+        log.warning("abandoned sends: rejection failed (%s); left to expiry", exc)
+    elif done.result():
+        log.info("abandoned sends: %d pending rows rejected", done.result())
