@@ -2,7 +2,8 @@
 
     python bench/ablate.py PART --config gw.yaml
 
-PART is one of: none, metrics, store, auth, upstream, access-log. Each removal replaces that
+PART is one of: none, gc, metrics, store, auth, upstream, access-log (`gc`: the cyclic
+collector switched off after startup, to tell what collections cost). Each removal replaces that
 part with the cheapest stand-in that keeps the rest of the path doing its work (a plan with
 fresh refs instead of the write-ahead commit, an accepted outcome instead of the upstream call,
 ...). Never for production: the guarantees go with the part.
@@ -21,12 +22,22 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-PARTS = ("none", "metrics", "store", "auth", "upstream", "access-log", "structlog-log")
+PARTS = ("none", "gc", "metrics", "store", "auth", "upstream", "access-log", "structlog-log")
 
 
 def remove(part: str) -> None:
     """Monkeypatch `part` away before the app is built."""
-    if part == "metrics":
+    if part == "gc":  # the cyclic collector off once the gateway has tuned it (bc_proxy/cli.py)
+        import gc
+
+        freeze = gc.freeze  # called once by the gateway's tuning, after its startup collection
+
+        def freeze_then_off() -> None:
+            freeze()
+            gc.disable()
+
+        gc.freeze = freeze_then_off
+    elif part == "metrics":
         from bc_proxy.metrics import Metrics
 
         def nothing(*args: Any, **kwargs: Any) -> None:

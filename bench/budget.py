@@ -49,9 +49,11 @@ import run
 BENCH = Path(__file__).resolve().parent
 VARIANTS = (
     "lean",
+    "lean-lowlevel",
     "floor",
     "gateway",
     "-access-log",
+    "-gc",
     "-metrics",
     "-auth",
     "-store",
@@ -147,6 +149,8 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
         return base.proc, f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out", base
     if variant == "floor":
         return start_floor(ctx)
+    if variant == "lean-lowlevel":
+        return start_script(ctx, "lean_lowlevel.py", [])
     gw = run.Gateway(ctx, variant.strip("-+"), poll_wait=0)
     if STORE_DIR:  # the same config with its SQLite file elsewhere (a tmpfs, say)
         settings = json.loads(gw.config.read_text())
@@ -168,7 +172,7 @@ def start_target(ctx: run.Ctx, variant: str) -> tuple[subprocess.Popen[bytes], s
     return gw.proc, f"{gw.base}/api/1/sms/out", gw
 
 
-class _Floor:
+class _Script:
     def __init__(self, ctx: run.Ctx, proc: subprocess.Popen[bytes]) -> None:
         self.ctx, self.proc = ctx, proc
 
@@ -178,27 +182,33 @@ class _Floor:
 
 def start_floor(ctx: run.Ctx) -> tuple[subprocess.Popen[bytes], str, Any]:
     """The lean proxy plus the write-ahead row, its settle and the log line (lean_durable.py)."""
-    port = run.free_port()
     d = ctx.path("floor")
     d.mkdir(exist_ok=True)
+    db = store_file(d, "floor")
+    return start_script(ctx, "lean_durable.py", ["--db", str(db), "--log", str(d / "access.log")])
+
+
+def start_script(
+    ctx: run.Ctx, script: str, extra: list[str]
+) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """One of bench/'s own proxies on a free port, in front of the stub."""
+    port = run.free_port()
+    name = script.removesuffix(".py")
     cmd = [
         *ctx.pin.under_test,
         sys.executable,
-        str(BENCH / "lean_durable.py"),
+        str(BENCH / script),
         "--port",
         str(port),
         "--upstream",
         ctx.upstream,
-        "--db",
-        str(store_file(d, "floor")),
-        "--log",
-        str(d / "access.log"),
+        *extra,
     ]
-    out = d / "stdout.log"
-    proc = ctx.procs.start("floor", cmd, out)
+    out = ctx.path(f"{name}.log")
+    proc = ctx.procs.start(name, cmd, out)
     url = f"http://127.0.0.1:{port}/api/1/sms/out"
-    run.wait_until(proc, "floor", out, lambda: run.http_status(url) is not None, 30)
-    return proc, url, _Floor(ctx, proc)
+    run.wait_until(proc, name, out, lambda: run.http_status(url) is not None, 30)
+    return proc, url, _Script(ctx, proc)
 
 
 def measure(ctx: run.Ctx, variant: str, seconds: int, conns: int) -> dict[str, Any]:
@@ -305,7 +315,7 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         cost = (
             "-"
-            if v in ("direct", "lean", "floor", "gateway") or full is None
+            if v in ("direct", "lean", "lean-lowlevel", "floor", "gateway") or full is None
             else f"{full - m['cpu_us']:.0f}"
         )
         cpu = "-" if m.get("cpu_us") is None else f"{m['cpu_us']:.0f}"
@@ -344,12 +354,32 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def removals_as_values(argv: list[str]) -> list[str]:
+    """argparse takes `-store` for an option: after --variants, pass each removal as
+    `--variants=-store` (the option extends its list)."""
+    out: list[str] = []
+    listing = False
+    for tok in argv:
+        if listing and tok.startswith("-") and tok in VARIANTS:
+            out.append(f"--variants={tok}")
+            continue
+        listing = tok == "--variants" or (listing and tok in VARIANTS)
+        out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=int, default=6)
     p.add_argument("--profile-seconds", type=int, default=8)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        action="extend",
+        choices=VARIANTS,
+        help="default: all; a removal (-x) may follow others: --variants gateway -store",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     p.add_argument(
@@ -359,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         "as /dev/shm, to tell the disk's share of a tail); default: the run's temp dir",
     )
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
-    a = p.parse_args(argv)
+    a = p.parse_args(removals_as_values(sys.argv[1:] if argv is None else argv))
+    a.variants = a.variants or list(VARIANTS)
     for tool in ("wrk", "nginx", "py-spy"):
         if shutil.which(tool) is None:
             print(f"error: {tool} not found", file=sys.stderr)
