@@ -59,6 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bc_proxy import log, reload, tls, workers
     from bc_proxy.app import create_app
 
+    reload.hold_sighup()  # a reload asked for while starting waits for the app (the supervisor
+    # installs its own forwarding below)
     settings = load_usable(_config_path(args))  # what check-config refuses, serve refuses
     count = args.workers if args.workers is not None else settings.server.workers
     if count < 1:

@@ -153,6 +153,23 @@ def _within_running_retention(running: Settings, new: Settings) -> None:
             )
 
 
+_HELD: list[int] = []  # SIGHUPs received while serve was starting (hold_sighup)
+
+
+def hold_sighup() -> None:
+    """From the start of `serve` until its app takes SIGHUP over (`install_sighup`, once the
+    store and the background jobs are up): a SIGHUP is noted and answered by one reload then,
+    instead of killing the process by its default action. Also unblocks SIGHUP, which the
+    workers' supervisor blocks in a child it starts, so that one sent before this point waits
+    (the signal mask survives exec) instead of killing the child while Python starts."""
+    signal.signal(signal.SIGHUP, _note_sighup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
+def _note_sighup(signum: int, frame: object) -> None:
+    _HELD.append(signum)
+
+
 def install_sighup(app: web.Application, path: str | Path) -> None:
     """Reload `path` on SIGHUP while the app runs (one reload at a time, in order)."""
     lock = asyncio.Lock()
@@ -170,6 +187,9 @@ def install_sighup(app: web.Application, path: str | Path) -> None:
 
     async def on_startup(app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+        if _HELD:  # asked for while starting: the file may have changed after it was read
+            _HELD.clear()
+            on_hup()
 
     def while_stopping() -> None:
         logger.info("config_reload_ignored", path=str(path), reason="stopping")

@@ -58,7 +58,14 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, ENV_INDEX: str(child.index)}
-        child.proc = subprocess.Popen(list(self.argv), env=env)
+        # Started with SIGHUP blocked (the mask survives exec): a reload forwarded while the
+        # child's Python starts waits until serve takes it (reload.hold_sighup), instead of
+        # killing the child by SIGHUP's default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            child.proc = subprocess.Popen(list(self.argv), env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.started = time.monotonic()
         self.log(f"worker {child.index} started (pid {child.proc.pid})")
 

@@ -26,7 +26,7 @@ from tests.pg import pg_url  # noqa: F401  (fixture)
 from tests.served import free_port as free_port_of
 from tests.served import write_config as write_file
 from tests.test_scaleout import gateway_config
-from tests.test_shutdown import free_port, serve, timed, write_config
+from tests.test_shutdown import free_port, serve, serve_argv, timed, write_config
 
 LATENCY = 1.5  # Connexus answers the send in flight 1.5 s after the stop began
 DRAIN = 8.0  # shutdown_timeout_seconds: the answer is far inside it
@@ -158,3 +158,106 @@ async def test_workers_stopped_through_their_process_group_drain(
     finally:
         await conn.close()
     assert (status, state, code) == (204, "accepted", 0), (tmp_path / "workers.log").read_text()
+
+
+async def test_a_reload_asked_for_while_starting_runs_once_started(
+    tmp_path: Path, connexus: Connexus
+) -> None:
+    """A SIGHUP that reaches `serve` before its app took the signal over (a supervisor
+    forwarding a reload to a child it just started, `systemctl reload` during a start) used to
+    kill it by SIGHUP's default action. The child is started as the supervisor starts one, with
+    SIGHUP blocked, and signalled at once: it comes up and applies one reload."""
+    port = free_port()
+    config = write_config(tmp_path, connexus, port)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *serve_argv(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    proc.send_signal(signal.SIGHUP)  # while Python starts
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reader = asyncio.ensure_future(read_lines(proc.stderr, lines))
+    try:
+        deadline = time.monotonic() + 20
+        while not any("config_reloaded" in line for line in lines):
+            assert proc.returncode is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http, http.get(f"{gw_base(port)}/readyz") as r:
+            assert r.status == 200
+        assert sum("config_reload_requested" in line for line in lines) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await reader
+
+
+async def read_lines(stream: asyncio.StreamReader, into: list[str]) -> None:
+    async for line in stream:
+        into.append(line.decode(errors="replace"))
+
+
+def gw_base(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.postgres
+async def test_a_reload_forwarded_to_a_restarting_worker_does_not_kill_it(
+    tmp_path: Path,
+    connexus: Connexus,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """`serve --workers 2`: a worker is killed and restarted by the supervisor while reloads
+    keep arriving (every 20 ms). The supervisor starts the new worker with SIGHUP blocked, so
+    no reload forwarded while its Python starts kills it (exit -1, restarted again)."""
+    port = free_port_of()
+    cfg = gateway_config(tmp_path, connexus, pg_url)
+    cfg["server"]["port"] = port
+    config = write_file(tmp_path / "workers.yaml", cfg)
+    log_path = tmp_path / "workers.log"
+    with log_path.open("w") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bc_proxy", "serve", "--config", str(config)),
+            *("--workers", "2"),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while log_path.read_text().count("worker ") < 2 or not await ready(port):
+                assert proc.returncode is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.05)
+            first = int(log_path.read_text().split("(pid ")[1].split(")")[0])
+            os.kill(first, signal.SIGKILL)
+            until = time.monotonic() + 3  # the restart comes after 0.5 s, Python starts in ~1 s
+            while time.monotonic() < until:
+                proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.02)
+            text = log_path.read_text()
+            assert text.count("restarting") == 1, text  # the killed one, and no other
+        finally:
+            if proc.returncode is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 20)
+                except TimeoutError:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+
+
+async def ready(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{gw_base(port)}/readyz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
