@@ -188,5 +188,19 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     return parse(data, env)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's problem and where it is, without the lines it quotes: the line of a
+    rotated password with a typo (a quote left open) would go into the logs of a refused
+    reload in clear, as the scrubber only learns the secrets of a file it accepted."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            parts.append(f"{text}{where}")
+    return "; ".join(parts) or type(exc).__name__

@@ -299,3 +299,37 @@ async def test_a_long_poll_whose_tenant_a_reload_removed_gives_its_record_back(
     again = await client.get("/api/1/sms/status", params=creds(), timeout=aiohttp.ClientTimeout(3))
     assert again.status == 200
     assert "statusCode=RCV" in await again.text()
+
+
+async def test_a_refused_file_with_a_broken_password_line_does_not_log_it(
+    tmp_path: Path, connexus: Connexus
+) -> None:
+    """A rotated password with a typo (its quote left open) makes the file invalid YAML. The
+    refusal names the problem and its line, not the line itself: the scrubber only knows the
+    secrets of the file the process runs with, so the new password would be logged in clear."""
+    port = free_port()
+    cfg = _config(tmp_path, connexus, port)
+    path = write_config(tmp_path / "bc-proxy.yaml", cfg)
+    with (tmp_path / "serve.log").open("w") as log:
+        gw = Served(path, port, log)
+        async with aiohttp.ClientSession() as http:
+            await gw.start(http)
+            try:
+                text = yaml.safe_dump(cfg).replace(
+                    f"password: {LEGACY_PASSWORD}", f'password: "{ROTATED}'
+                )
+                assert ROTATED in text
+                path.write_text(text, encoding="utf-8")
+                gw.signal(signal.SIGHUP)
+
+                async def refused_logged() -> bool:
+                    return "config_reload_refused" in (tmp_path / "serve.log").read_text()
+
+                await until(refused_logged)
+            finally:
+                await gw.stop()
+    logged = (tmp_path / "serve.log").read_text()
+    refusal = next(line for line in logged.splitlines() if "config_reload_refused" in line)
+    assert "not valid YAML" in refusal
+    assert "line " in refusal
+    assert ROTATED not in logged
