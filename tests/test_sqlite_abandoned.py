@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
+from bc_proxy.errors import StoreError
 from bc_proxy.store import SendPlan
 from bc_proxy.store.sqlite import SQLiteStore
 from tests.test_store_contract import HANDSET, RULES, intent
@@ -112,6 +114,58 @@ async def test_a_row_a_call_of_the_same_group_was_answered_from_is_not_rejected(
     finally:
         await store.close()
     assert rows(db)[0] == ("pending", 1)
+
+
+async def test_rows_of_a_begin_whose_fsync_failed_are_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit is in the file, the fsync after it fails: the caller gets a store error (the
+    client 500, nothing sent), and the rows are rejected, so its retry sends."""
+    db = str(tmp_path / "s.db")
+    store = SQLiteStore(db, RULES, fsync=True)
+    await store.open()
+    real, failed = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        with pytest.raises(StoreError, match="fsync"):
+            await store.begin_send(intent("F1"), time.time())
+        await until_state(db, "rejected")
+        retry = await store.begin_send(intent("F1"), time.time())
+        assert retry.repeats == ()
+        assert [p.recipient for p in retry.to_send] == [HANDSET]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_rejection_is_tried_again(tmp_path: Path) -> None:
+    """The rejection's own write fails (a trigger refuses it, standing for a full disk or an
+    I/O error): it is tried again until it commits, not left to expiry."""
+    db = str(tmp_path / "s.db")
+    store = SQLiteStore(db, RULES)
+    await store.open()
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as admin:
+        admin.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF state ON sends "
+            "WHEN NEW.state = 'rejected' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        try:
+            task = asyncio.ensure_future(store.begin_send(intent("R1"), time.time()))
+            await committed_then_cancelled(db, task)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.2)  # the first attempt ran and failed
+            assert rows(db)[0][0] == "pending"
+            admin.execute("DROP TRIGGER refuse")
+            await until_state(db, "rejected")  # the next attempt, 0.5 s after the first
+        finally:
+            await store.close()
 
 
 async def test_a_row_answered_to_its_caller_is_left_alone(tmp_path: Path) -> None:

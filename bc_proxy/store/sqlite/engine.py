@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -26,6 +27,9 @@ Wakes = set[tuple[str, str]]
 Op = Callable[[sqlite3.Connection, Wakes], T]
 BatchFn = Callable[[sqlite3.Connection, Wakes, list[Any]], list[Any]]
 Abandoned = Callable[[Any, Any], None]  # (item, result) of a write its caller never got
+
+log = logging.getLogger(__name__)
+_UNSET: Any = object()  # Engine._answer: no result other than the answer
 
 BUSY_GIVE_UP_SECONDS = 5.0  # a write waits this long for another process's lock, then fails
 BUSY_FIRST_BACKOFF = 0.002
@@ -245,8 +249,9 @@ class Engine:
         `droppable`: an item whose caller was cancelled before its group ran is not written
         (a write-ahead row nobody will act on); otherwise a queued item is written whatever
         happens to its caller. `abandoned(item, result)` is called for an item that was written
-        but whose caller was cancelled before it got the result: while its commit waited for
-        its fsync, or between the answer and the caller's next step."""
+        but whose caller never acts on the result: cancelled while its commit waited for its
+        fsync or between the answer and its next step, or told of a failed fsync after the
+        commit (the rows are in the file all the same)."""
         fut = self._future()
         if droppable:
             self._droppable.add(fn)
@@ -260,7 +265,7 @@ class Engine:
             # Answered, then cancelled before this step ran: the result never reaches anyone.
             answered = fut.done() and not fut.cancelled() and fut.exception() is None
             if abandoned is not None and answered:
-                abandoned(item, fut.result())
+                _tell(abandoned, item, fut.result())
             raise
 
     def _future(self) -> asyncio.Future[Any]:
@@ -316,14 +321,20 @@ class Engine:
         if self._sync_task is None:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync())
 
-    def _answer(self, fut: asyncio.Future[Any], result: Any) -> None:
-        """Answer a write's caller; tell `abandoned` of a written item whose caller is gone."""
+    def _answer(self, fut: asyncio.Future[Any], result: Any, written: Any = _UNSET) -> None:
+        """Answer a write's caller with `result`; tell `abandoned` of an item that was written
+        (`written`: its result when `result` is the error of the fsync after its commit) but
+        whose caller is gone or gets that error."""
         hook = self._abandon.pop(fut, None)
         if not fut.done():
             _resolve(fut, result)
-        elif hook is not None and not isinstance(result, BaseException):
-            abandoned, item = hook
-            abandoned(item, result)
+            if not isinstance(result, BaseException):
+                return
+        if hook is None:
+            return
+        data = result if written is _UNSET else written
+        if not isinstance(data, BaseException):
+            _tell(hook[0], hook[1], data)
 
     def _retry_busy(self, group: _Group) -> None:
         """Another connection holds the lock: try again soon, without blocking the loop."""
@@ -354,7 +365,7 @@ class Engine:
                 except OSError as exc:
                     error = StoreError(f"fsync: {exc}")
                 for fut, result in group:
-                    self._answer(fut, error or result)
+                    self._answer(fut, error or result, written=result)
                 if error is None:
                     self._on_wakes(wakes)
         finally:
@@ -405,6 +416,14 @@ class Engine:
 
 def _single(conn: sqlite3.Connection, wakes: Wakes, ops: list[Any]) -> list[Any]:
     return [ops[0](conn, wakes)]
+
+
+def _tell(abandoned: Abandoned, item: Any, result: Any) -> None:
+    """Call an `abandoned` hook; its failure is logged, never raised into the commit path."""
+    try:
+        abandoned(item, result)
+    except Exception:
+        log.exception("abandoned-write hook failed")
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

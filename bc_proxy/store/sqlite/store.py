@@ -40,6 +40,8 @@ from bc_proxy.store.waker import LocalWaker, Waker
 
 log = logging.getLogger(__name__)
 
+REJECT_RETRY_FIRST = 0.5  # a failed rejection of abandoned rows is tried again after this,
+REJECT_RETRY_MAX = 5.0  # doubling up to this
 EXPIRE_CHUNK = 500  # pending rows expired per write (each gets a status record)
 
 
@@ -134,18 +136,37 @@ class SQLiteStore:
         return plan
 
     def _abandoned(self, item: tuple[SendIntent, float], plan: SendPlan) -> None:
-        """A begin whose caller was cancelled after its commit: its rows are rejected in the
-        next group (after any repeat queued meanwhile, which marks what it was answered from).
-        If that write fails, the rows expire as before."""
+        """A begin whose caller never acts on its plan (cancelled after the commit, or told of
+        a failed fsync): its rows are rejected in the next group, after any repeat queued
+        meanwhile (which marks the row it was answered from)."""
         refs = [p.upstream_ref for p in plan.to_send]
-        if not refs or self._engine.closed:
+        if refs:
+            self._reject(refs, REJECT_RETRY_FIRST)
+
+    def _reject(self, refs: list[str], retry_in: float) -> None:
+        """Reject `refs`' abandoned rows; a failed write is tried again with backoff until the
+        store closes (what is left pending then expires as before)."""
+        if self._closed or self._engine.closed:
             return
         now = time.time()
         try:
             done = self._engine.submit(lambda c, w: sends.reject_abandoned(c, refs, now))
         except StoreError:
             return
-        done.add_done_callback(_log_abandoned)
+
+        def after(done: asyncio.Future[int]) -> None:
+            if done.cancelled():
+                return
+            exc = done.exception()
+            if exc is None:
+                if done.result():
+                    log.info("abandoned sends: %d pending rows rejected", done.result())
+                return
+            log.warning("abandoned sends: rejection failed (%s); again in %gs", exc, retry_in)
+            again = min(retry_in * 2, REJECT_RETRY_MAX)
+            asyncio.get_running_loop().call_later(retry_in, self._reject, refs, again)
+
+        done.add_done_callback(after)
 
     async def settle_send(
         self, settlements: Sequence[Settlement], statuses: Sequence[StatusRecord] = ()
@@ -297,13 +318,3 @@ class SQLiteStore:
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
         """One process per SQLite file: the lock is always ours."""
         yield True
-
-
-def _log_abandoned(done: asyncio.Future[int]) -> None:
-    if done.cancelled():
-        return
-    exc = done.exception()
-    if exc is not None:
-        log.warning("abandoned sends: rejection failed (%s); left to expiry", exc)
-    elif done.result():
-        log.info("abandoned sends: %d pending rows rejected", done.result())
