@@ -57,6 +57,7 @@ class PushWorker:
         self._stopped = asyncio.Event()
         self._stop_at: float | None = None  # loop time the stop's bound ends (once stopping)
         self._unpushable: set[str] = set()  # tenants already logged as having no push URL
+        self._timeouts: dict[float, ClientTimeout] = {}  # _timeout_of, by total seconds
 
     @property
     def pushes(self) -> dict[str, PushSettings]:
@@ -70,6 +71,16 @@ class PushWorker:
         if self.pushes and wanted > lease * LEASE_SHARE:
             log.warning("push_timeout_capped_by_lease", timeout=wanted, lease=lease)
         return min(wanted, lease * LEASE_SHARE)
+
+    def _timeout_of(self, push: PushSettings) -> ClientTimeout:
+        """One attempt's timeout: its tenant's as configured now (a reload may change it), but
+        inside the claim's lease. Cached per value: one object per setting, not per push."""
+        lease = self.app[keys.SETTINGS].store.lease_seconds
+        total = min(push.timeout_seconds, lease * LEASE_SHARE)
+        timeout = self._timeouts.get(total)
+        if timeout is None:
+            timeout = self._timeouts[total] = ClientTimeout(total=total)
+        return timeout
 
     async def run(self) -> None:
         """Push until the shutdown. A cancel (the app stopping its jobs) is taken as the stop:
@@ -204,7 +215,13 @@ class PushWorker:
         try:
             # A redirect is a failed attempt: following it would turn the POST into a
             # body-less GET (counted as delivered) and could point anywhere, inside networks too.
-            async with session.post(url, data=body, headers=_FORM, allow_redirects=False) as resp:
+            async with session.post(
+                url,
+                data=body,
+                headers=_FORM,
+                allow_redirects=False,
+                timeout=self._timeout_of(push),
+            ) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
                     await store.push_done(record)

@@ -1,0 +1,85 @@
+"""A push's timeout follows the configuration in force, reloads included.
+
+The push worker's session took its timeout from the configuration it started with: a tenant's
+`push.timeout_seconds` changed by a reload, or a tenant that only gained push by a reload, kept
+the start-up value (10 s when nobody pushed then). Each attempt now takes its tenant's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import sqlite3
+import time
+from pathlib import Path
+
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from bc_proxy import keys
+from bc_proxy.reload import reload as reload_config
+from bc_proxy.store import StatusRecord
+from tests.conftest import Connexus, GatewayFactory, config_dict
+from tests.served import write_config
+
+SLOW = 1.5  # the receiver answers after this
+
+
+async def test_a_reloaded_push_timeout_applies_to_the_next_attempt(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory, aiohttp_server: AiohttpServer
+) -> None:
+    """Started with a 5 s push timeout and pushing (one record delivered), reloaded to 0.3 s:
+    a receiver answering the next push after 1.5 s is a failed attempt (timed out), not a
+    delivery."""
+    arrivals: list[float] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        if len(arrivals) > 1:
+            await asyncio.sleep(SLOW)
+        return web.Response(text="OK")
+
+    receiver = web.Application()
+    receiver.router.add_post("/status", slow)
+    server = await aiohttp_server(receiver, host="127.0.0.1")
+    cfg = config_dict(tmp_path, connexus.base_url)
+    cfg["tenants"][0]["push"] = {
+        "status_url": str(server.make_url("/status")),
+        "timeout_seconds": 5,
+        "retry_initial_seconds": 60,
+        "retry_max_seconds": 60,
+    }
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    store = app[keys.STORE]
+    db = tmp_path / "bc-proxy.db"
+    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-0", "NUR", "x")])
+    deadline = time.monotonic() + 5
+    while push_state(db, "m-0")[0] == 0:  # delivered under the start-up configuration
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    new = copy.deepcopy(cfg)
+    new["tenants"][0]["push"]["timeout_seconds"] = 0.3
+    assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-1", "NUR", "x")])
+    deadline = time.monotonic() + SLOW + 3
+    while True:  # until the attempt ended: counted (or done), lease given back
+        done, attempts, owner, error = push_state(db, "m-1")
+        if (done or attempts) and owner is None:
+            break
+        assert time.monotonic() < deadline, (attempts, owner, error)
+        await asyncio.sleep(0.05)
+    assert len(arrivals) == 2
+    assert (done, attempts, error) == (0, 1, "TimeoutError")
+
+
+def push_state(db: Path, in_reply_to: str) -> tuple[int, int, str | None, str | None]:
+    """(done, push_attempts, lease_owner, push_error) of one status record."""
+    with sqlite3.connect(db) as conn:
+        row = conn.execute(
+            "SELECT push_due IS NULL, push_attempts, lease_owner, push_error "
+            "FROM records WHERE in_reply_to = ?",
+            (in_reply_to,),
+        ).fetchone()
+    return (int(row[0]), int(row[1]), row[2], row[3])
