@@ -18,7 +18,7 @@ from aiohttp import ClientError, ClientResponse, web
 from bc_proxy import keys
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.edge import TENANT, edge, text
-from bc_proxy.errors import BadRequest, GatewayError
+from bc_proxy.errors import BadRequest, GatewayError, Unauthorized
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import parse_qs_strict, raw_query
 
@@ -93,9 +93,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         parse_qs_strict(form_text.strip("\r\n"), params)  # query first, then the body
     user, password = credentials(params, request.headers.get("Authorization"))
     tenant = await app[keys.AUTH].authenticate(user, password, request.remote)
+    tenant_settings = app[keys.RUNTIME].tenants.get(tenant)
+    if tenant_settings is None:  # removed by a reload since: refused like any unknown user
+        raise Unauthorized("Invalid credentials")
     request[TENANT] = tenant
     path = request.match_info["path"].strip("/")
-    allowed = app[keys.RUNTIME].tenants[tenant].passthrough
+    allowed = tenant_settings.passthrough
     metrics = app[keys.METRICS]
     label = metric_path(path, {p for t in settings.tenants for p in t.passthrough})
     if path not in allowed:

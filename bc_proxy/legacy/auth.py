@@ -9,8 +9,10 @@ dummy verification as a wrong password, so timing does not reveal user names. Ma
 failures for one user from one address, or very many for any users from one address, make
 that address's unproven credentials be refused without any verification (same 401 answer);
 credentials this process has already verified keep working, so one misconfigured client
-behind a NAT or the load balancer does not lock out the others. Does not own what a tenant
-may do.
+behind a NAT or the load balancer does not lock out the others. A reload (`replace_tenants`)
+forgets all of that for credentials it changed, and a check still running when it lands is
+done again by the new tenants: its answer by the old ones is neither remembered nor given.
+Does not own what a tenant may do.
 """
 
 from __future__ import annotations
@@ -65,13 +67,16 @@ class Authenticator:
         self._verified: dict[tuple[str, bytes], str] = {}
         self._refused: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str | None]] = {}
+        self._generation = 0  # bumped by each replace_tenants: a check spanning one is stale
         # Failure times per (address, user) and per (address, None).
         self._failures: OrderedDict[tuple[str, str | None], list[float]] = OrderedDict()
         self.replace_tenants(tenants)
 
     def replace_tenants(self, tenants: Iterable[TenantSettings]) -> None:
         """Use these tenants' credentials from now on (config reload): what was verified or
-        refused under the old ones is forgotten, so a rotated password stops working at once."""
+        refused under the old ones is forgotten, so a rotated password stops working at once;
+        a check in flight is done again by the new ones (`authenticate`), and the failure
+        counts of a user whose credentials changed start again."""
         plain: dict[str, tuple[str, bytes]] = {}
         hashed: dict[str, tuple[str, str]] = {}
         for t in tenants:
@@ -84,9 +89,20 @@ class Authenticator:
         # hash applies): a wrong password and an unknown user then take the same time.
         if hashed and self._dummy_hash is None:
             self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        changed = {
+            user
+            for user in self._plain.keys() | self._hashed.keys() | plain.keys() | hashed.keys()
+            if (self._plain.get(user), self._hashed.get(user))
+            != (plain.get(user), hashed.get(user))
+        }
         self._plain, self._hashed = plain, hashed
         self._verified = {}
         self._refused.clear()
+        self._generation += 1
+        self._inflight = {}  # new callers start their own check (a running one finishes alone)
+        if changed:
+            for key in [k for k in self._failures if k[1] in changed]:
+                del self._failures[key]
 
     def _digest(self, password: str) -> bytes:
         return hmac.new(
@@ -101,19 +117,24 @@ class Authenticator:
         if not user or password is None:
             raise Unauthorized("Missing credentials")
         digest = self._digest(password)
-        tenant = self._verified.get((user, digest))
-        if tenant is not None:  # proven earlier: passes even from a throttled address
-            return tenant
-        if source is not None and self._throttled(source, user):
-            self._on_refusal("throttled")
-            raise Unauthorized("Invalid credentials")
-        plain = self._plain.get(user)
-        if plain is not None and hmac.compare_digest(digest, plain[1]):
-            self._remember(user, digest, plain[0])
-            return plain[0]
-        if plain is None and user not in self._hashed:
-            hmac.compare_digest(digest, self._dummy)  # the same work as a plain tenant's check
-        tenant = await self._slow_check(user, password, digest)
+        while True:
+            tenant = self._verified.get((user, digest))
+            if tenant is not None:  # proven earlier: passes even from a throttled address
+                return tenant
+            if source is not None and self._throttled(source, user):
+                self._on_refusal("throttled")
+                raise Unauthorized("Invalid credentials")
+            plain = self._plain.get(user)
+            if plain is not None and hmac.compare_digest(digest, plain[1]):
+                self._remember(user, digest, plain[0])
+                return plain[0]
+            if plain is None and user not in self._hashed:
+                hmac.compare_digest(digest, self._dummy)  # the same work as a plain check
+            generation = self._generation
+            tenant = await self._slow_check(user, password, digest)
+            if generation == self._generation:
+                break
+            # A reload landed during the check: its answer was by the old tenants.
         if tenant is None:
             self._refuse(source, user)
             raise Unauthorized("Invalid credentials")
@@ -126,7 +147,8 @@ class Authenticator:
 
     async def _slow_check(self, user: str, password: str, digest: bytes) -> str | None:
         """argon2 for a hashed tenant (or a dummy one on every refusal), once per credential
-        however many requests ask at once, and never again for a recently refused one."""
+        however many requests ask at once, and never again for a recently refused one. Its
+        answer is remembered only if no reload landed meanwhile (the caller then asks again)."""
         key = (user, digest)
         refused_at = self._refused.get(key)
         if refused_at is not None and self._clock() - refused_at < NEGATIVE_SECONDS:
@@ -137,7 +159,8 @@ class Authenticator:
         if shared is not None:
             return await asyncio.shield(shared)
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        inflight, generation = self._inflight, self._generation
+        inflight[key] = fut
         try:
             hashed = self._hashed.get(user)
             stored = hashed[1] if hashed is not None else self._dummy_hash
@@ -145,7 +168,9 @@ class Authenticator:
                 self._pool, self._verify, stored, password
             )
             tenant = hashed[0] if ok and hashed is not None else None
-            if tenant is not None:
+            if generation != self._generation:
+                pass  # by the old tenants: not remembered (callers check again)
+            elif tenant is not None:
                 self._remember(user, digest, tenant)
             else:
                 self._refused[key] = self._clock()
@@ -159,7 +184,7 @@ class Authenticator:
             fut.exception()  # mark it retrieved: waiters, if any, re-raise it themselves
             raise
         finally:
-            del self._inflight[key]
+            del inflight[key]  # the dict it joined, replaced if a reload landed meanwhile
 
     def _verify(self, stored: str, password: str) -> bool:
         try:

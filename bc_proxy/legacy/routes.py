@@ -15,8 +15,9 @@ from typing import Final
 from aiohttp import web
 
 from bc_proxy import keys
+from bc_proxy.config import TenantSettings
 from bc_proxy.edge import TENANT, edge
-from bc_proxy.errors import GatewayError, StoreError
+from bc_proxy.errors import GatewayError, StoreError, Unauthorized
 from bc_proxy.legacy.auth import credentials
 from bc_proxy.legacy.forms import read_params
 from bc_proxy.legacy.handover import peer_received
@@ -49,13 +50,17 @@ UNRESOLVED: Final = frozenset({"unknown", "pending"})  # earlier sends a retry c
 log = get_logger("bc_proxy.legacy")
 
 
-async def _authenticated(request: web.Request) -> tuple[str, dict[str, str]]:
+async def _authenticated(request: web.Request) -> tuple[TenantSettings, dict[str, str]]:
+    """The caller's tenant (as the config now in force has it) and the merged params."""
     app = request.app  # no sub-apps: cheaper than config_dict on the hot path
     params = await read_params(request, app[keys.SETTINGS].server.max_body_bytes)
     user, password = credentials(params, request.headers.get("Authorization"))
     tenant = await app[keys.AUTH].authenticate(user, password, source=request.remote)
+    settings = app[keys.RUNTIME].tenants.get(tenant)
+    if settings is None:  # removed by a reload since: refused like any unknown user
+        raise Unauthorized("Invalid credentials")
     request[TENANT] = tenant
-    return tenant, params
+    return settings, params
 
 
 async def send(request: web.Request) -> web.StreamResponse:
@@ -67,12 +72,12 @@ async def send(request: web.Request) -> web.StreamResponse:
     otherwise the first failure's legacy answer. A retry that meets an earlier send of unknown
     outcome (or one still pending) gets `upstream.unknown_retry_status`.
     """
-    tenant, params = await _authenticated(request)
+    settings, params = await _authenticated(request)
+    tenant = settings.name
     app = request.app
-    rt = app[keys.RUNTIME]
     store = app[keys.STORE]
     metrics = app[keys.METRICS]
-    req = parse_send(params, rt.tenants[tenant].default_from)
+    req = parse_send(params, settings.default_from)
     check_send(app, tenant)  # optional per-tenant rate (a 400 costs none): 429, nothing written
     intent = SendIntent(tenant, req.message_id, req.recipients, req.sender)
     began = time.time()
@@ -138,13 +143,14 @@ async def _forward(
 
 async def test_send(request: web.Request) -> web.StreamResponse:
     """POST/GET /api/1/sms/test: validate exactly like `out`, never forward."""
-    tenant, params = await _authenticated(request)
-    parse_send(params, request.config_dict[keys.RUNTIME].tenants[tenant].default_from)
+    settings, params = await _authenticated(request)
+    parse_send(params, settings.default_from)
     return web.Response(status=204)
 
 
 async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
-    tenant, _ = await _authenticated(request)
+    settings, _ = await _authenticated(request)
+    tenant = settings.name
     app = request.app
     rt = app[keys.RUNTIME]
     store = app[keys.STORE]
@@ -153,7 +159,7 @@ async def _poll(request: web.Request, kind: Kind) -> web.StreamResponse:
     # again at least that often.
     recheck = app[keys.SETTINGS].store.lease_seconds
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + rt.tenants[tenant].poll_wait_seconds
+    deadline = loop.time() + settings.poll_wait_seconds
     while True:
         seen = waker.generation(tenant, kind)
         record = await store.claim(tenant, kind)
@@ -215,8 +221,8 @@ async def poll_status(request: web.Request) -> web.StreamResponse:
 
 async def queue(request: web.Request) -> web.StreamResponse:
     """GET/POST /api/1/sms/queue: exactly `inCount=N&statusCount=M`."""
-    tenant, _ = await _authenticated(request)
-    in_count, status_count = await request.config_dict[keys.STORE].queue_depth(tenant)
+    settings, _ = await _authenticated(request)
+    in_count, status_count = await request.config_dict[keys.STORE].queue_depth(settings.name)
     return web.Response(
         body=render_queue(in_count, status_count), headers={"Content-Type": FORM_CT}
     )
