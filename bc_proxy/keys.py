@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from bc_proxy.config import Settings, TenantSettings
+from bc_proxy.config import ConnexusCredentials, Settings, TenantSettings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.metrics import Metrics
@@ -33,3 +34,10 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STORE = web.AppKey("store", Store)
 CLIENT = web.AppKey("client", ConnexusClient)
 AUTH = web.AppKey("auth", Authenticator)
+
+# Per-tenant background jobs a config reload starts and stops (reload.py reconciles them).
+PULL_JOBS = web.AppKey("pull_jobs", dict[str, asyncio.Task[None]])  # tenant -> its pull loop
+# tenant -> (the credentials and webhook URL it registers, its registration job)
+REGISTRATION_JOBS = web.AppKey(
+    "registration_jobs", dict[str, tuple[ConnexusCredentials, str, asyncio.Task[None]]]
+)

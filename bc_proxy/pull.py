@@ -5,14 +5,16 @@ sweep and its marks), then drains Connexus's Bulletin-compatible `sms/in` and `s
 (one record a call, consumed by Connexus as it answers) into the same store ingest as webhooks
 (`add_mo(account=tenant)`, `add_dlr`), so dedupe and translation are the webhooks' own.
 Connexus forgets a poll record as it answers, so a fetched record is held until the store takes
-it (retried with backoff, nothing else fetched meanwhile), and a shutdown lets the fetch and its
-commit finish; what cannot be stored is kept in the rejected-webhooks table or logged.
+it (retried with backoff, nothing else fetched meanwhile), and a shutdown, or a reload that
+stops a tenant's loop (`reconcile`), lets the fetch and its commit finish; what cannot be stored
+is kept in the rejected-webhooks table or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Coroutine, Mapping
@@ -27,6 +29,7 @@ from bc_proxy.config import DEFAULT_STATUS_MAP
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo, webhook_body
 from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
+from bc_proxy.jobs import supervise
 from bc_proxy.log import get_logger, loggable
 from bc_proxy.recovery import sweep_tenant
 from bc_proxy.store import DlrEvent, MoEvent
@@ -43,8 +46,8 @@ POISON_AFTER = 5  # refusals of a record's data after which it is kept aside (if
 
 
 def pull_tenants(app: web.Application) -> list[str]:
-    """The configured tenants in pull mode."""
-    return [t.name for t in app[keys.SETTINGS].tenants if t.inbound.mode == "pull"]
+    """The tenants in pull mode, by the configuration in force (a reload changes it)."""
+    return [t.name for t in app[keys.RUNTIME].tenants.values() if t.inbound.mode == "pull"]
 
 
 def mo_from_record(record: Mapping[str, str]) -> MoEvent | None:
@@ -148,16 +151,16 @@ class Puller:
         return self.stop.is_set() or self.app[keys.RUNTIME].shutting_down
 
     async def run(self) -> None:
-        """A round every `pull_interval_seconds`, until shutdown."""
-        interval = self.app[keys.RUNTIME].tenants[self.tenant].inbound.pull_interval_seconds
+        """A round every `pull_interval_seconds` (as now configured), until shutdown or stop."""
+        interval = 1.0
         loop = asyncio.get_running_loop()
         while not self.stopping():
             started = loop.time()
+            if (t := self.app[keys.RUNTIME].tenants.get(self.tenant)) is not None:
+                interval = t.inbound.pull_interval_seconds
             try:
                 await self.pull_once()
-            except Exception as exc:  # a bug here must not end the job
-                # Raised out of run(), it would cancel every other tenant's loop (one
-                # TaskGroup), and their held records would be given up as at shutdown.
+            except Exception as exc:  # a bug here must not end the job nor wait its restart
                 log.exception("pull_round_failed", tenant=self.tenant, error=loggable(exc))
             await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
 
@@ -352,10 +355,52 @@ class Puller:
 
 
 async def pull_loop(app: web.Application) -> None:
-    """Background job: one loop per pull-mode tenant, until shutdown (returns when none)."""
-    tenants = pull_tenants(app)
-    if not tenants:
-        return
-    async with asyncio.TaskGroup() as group:  # ends by shutdown, cancellation or a loop's error
-        for tenant in tenants:
-            group.create_task(Puller(app, tenant).run(), name=f"bc-proxy pull {tenant}")
+    """Background job: one loop per pull-mode tenant (`keys.PULL_JOBS`, reconciled by a config
+    reload), until cancelled (shutdown), which stops every loop."""
+    try:
+        reconcile(app)
+        await asyncio.Event().wait()
+    finally:
+        await stop(app)
+
+
+def reconcile(app: web.Application) -> list[asyncio.Task[None]]:
+    """Start a loop for each tenant that pulls now and has none (after one still finishing:
+    never two at once); cancel the loop of each tenant that no longer pulls (removed, or back
+    to webhooks). The cancelled loops, to await: each ends the record it holds first."""
+    jobs = app[keys.PULL_JOBS]
+    wanted = set() if app[keys.RUNTIME].shutting_down else set(pull_tenants(app))
+    cancelled = [t for n, t in jobs.items() if n not in wanted and not t.cancelling()]
+    for task in cancelled:
+        task.cancel()
+    for name in sorted(wanted):
+        old = jobs.get(name)
+        if old is None or old.done() or old.cancelling():
+            task = asyncio.create_task(_pull_after(app, name, old), name=f"bc-proxy pull {name}")
+            task.add_done_callback(functools.partial(_forget, jobs, name))
+            jobs[name] = task
+    return cancelled
+
+
+def _forget(jobs: dict[str, asyncio.Task[None]], name: str, task: asyncio.Task[None]) -> None:
+    if jobs.get(name) is task:
+        del jobs[name]
+
+
+async def _pull_after(app: web.Application, tenant: str, before: asyncio.Task[None] | None) -> None:
+    if before is not None:
+        try:
+            await asyncio.wait({before})
+        except asyncio.CancelledError:  # stopped meanwhile: still let that one end its record
+            await asyncio.wait({before})
+            raise
+    await supervise("pull_loop", Puller(app, tenant).run, app[keys.METRICS])
+
+
+async def stop(app: web.Application) -> None:
+    """Cancel every pull loop and wait until each has ended the record it held."""
+    tasks = list(app[keys.PULL_JOBS].values())
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)

@@ -4,6 +4,8 @@ Owns setting each webhook-mode account's webhook to `{public_url}/webhooks/conne
 (a tenant's own `webhook_secret` when it has one) through Connexus `configure`, reading it back
 with `GET configure`, and reporting the outcome in a log line, a metric and `/readyz?verbose`.
 A failure or mismatch is retried in the background with backoff; never fatal, never blocking.
+One job per tenant (`keys.REGISTRATION_JOBS`), reconciled by a config reload: a tenant added,
+re-keyed or back from pull mode is registered as at start; a removed one's job is cancelled.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from aiohttp import ClientError, web
 
 from bc_proxy import keys
-from bc_proxy.config import Settings, TenantSettings
+from bc_proxy.config import ConnexusCredentials, Settings, TenantSettings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.errors import LegacyError
 from bc_proxy.log import get_logger
@@ -84,40 +86,106 @@ async def register(client: ConnexusClient, tenant: str, url: str) -> tuple[str, 
     return "mismatch", f"mismatch: Connexus has {_shown(got)}"
 
 
-async def _register_until_verified(app: web.Application, tenant: TenantSettings) -> None:
-    settings, client, metrics = app[keys.SETTINGS], app[keys.CLIENT], app[keys.METRICS]
+async def _register_until_verified(app: web.Application, tenant: str, url: str) -> None:
+    client, metrics = app[keys.CLIENT], app[keys.METRICS]
     state = app[REGISTRATION]
-    url = webhook_url(settings, tenant)
     delay = BACKOFF_INITIAL
     while True:
-        outcome, line = await register(client, tenant.name, url)
-        metrics.webhook_registrations.labels(tenant.name, outcome).inc()
+        outcome, line = await register(client, tenant, url)
+        metrics.webhook_registrations.labels(tenant, outcome).inc()
         if outcome == "verified":
-            state[tenant.name] = line
-            log.info("webhook_registration", tenant=tenant.name, outcome=outcome)
+            state[tenant] = line
+            log.info("webhook_registration", tenant=tenant, outcome=outcome)
             return
-        state[tenant.name] = f"{line}; retrying in {delay:.0f} s"
+        state[tenant] = f"{line}; retrying in {delay:.0f} s"
         log.warning(
-            "webhook_registration", tenant=tenant.name, outcome=outcome, detail=line, retry_s=delay
+            "webhook_registration", tenant=tenant, outcome=outcome, detail=line, retry_s=delay
         )
         await asyncio.sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
 
 
+def running_url(settings: Settings, tenant: TenantSettings) -> str | None:
+    """The webhook URL the running process answers for `tenant` (a tenant of a reloaded file):
+    the path secret it had at start (its own or the global one: the webhook route's secrets
+    are not reloaded); None for a tenant added with its own webhook_secret, whose path only a
+    restart serves."""
+    started = next((t for t in settings.tenants if t.name == tenant.name), None)
+    if started is not None:
+        return webhook_url(settings, started)
+    if tenant.webhook_secret is not None:
+        return None
+    return webhook_url(settings, tenant)
+
+
+def reconcile(app: web.Application) -> list[asyncio.Task[None]]:
+    """Registration jobs for the tenants in force (start; after a config reload): one is
+    started for each webhook-mode tenant without one for its current Connexus credentials
+    (new, re-keyed, or back from pull mode), with the backoff of the start; the job of a
+    tenant removed, re-keyed or gone to pull mode is cancelled. The cancelled jobs, to await."""
+    settings = app[keys.SETTINGS]  # the running webhook and server sections
+    state, jobs = app[REGISTRATION], app[keys.REGISTRATION_JOBS]
+    rt = app[keys.RUNTIME]
+    tenants = rt.tenants if active(app) and not rt.shutting_down else {}
+    wanted: dict[str, tuple[ConnexusCredentials, str]] = {}
+    for t in tenants.values():
+        url = running_url(settings, t) if t.inbound.mode == "webhook" else None
+        if url is not None:
+            wanted[t.name] = (t.connexus, url)
+    cancelled = []
+    for name, (creds, url, task) in list(jobs.items()):
+        if wanted.get(name) != (creds, url):
+            del jobs[name]
+            task.cancel()
+            cancelled.append(task)
+    for name, (creds, url) in wanted.items():
+        if name not in jobs:
+            state[name] = "pending"
+            task = asyncio.create_task(
+                _register_until_verified(app, name, url), name=f"bc-proxy registration {name}"
+            )
+            jobs[name] = (creds, url, task)
+    for name in list(state):
+        if name not in tenants:
+            del state[name]
+    for t in tenants.values():
+        if t.inbound.mode == "pull":
+            state[t.name] = "pull mode: no webhook"
+        elif t.name not in wanted:
+            state[t.name] = "not registered: its own webhook_secret needs a restart"
+    return cancelled
+
+
 async def registration_job(app: web.Application) -> None:
-    """Background job: register every webhook-mode tenant's webhook until verified."""
-    settings = app[keys.SETTINGS]
-    state = app[REGISTRATION]
-    if not settings.webhook.register_on_start or not settings.server.public_url:
+    """Background job: register every webhook-mode tenant's webhook until verified; a config
+    reload reconciles the jobs (`reconcile`). Cancelled (shutdown): every job is stopped."""
+    if not active(app):
         return
-    tenants = [t for t in settings.tenants if t.inbound.mode == "webhook"]
-    for t in settings.tenants:
-        state[t.name] = "pending" if t.inbound.mode == "webhook" else "pull mode: no webhook"
-    async with asyncio.TaskGroup() as group:
-        for tenant in tenants:
-            group.create_task(_register_until_verified(app, tenant))
+    try:
+        reconcile(app)
+        await asyncio.Event().wait()
+    finally:
+        await stop(app)
+
+
+def active(app: web.Application) -> bool:
+    """Whether registration runs in this process (`webhook.register_on_start`, a public_url)."""
+    settings = app[keys.SETTINGS]
+    return settings.webhook.register_on_start and bool(settings.server.public_url)
+
+
+async def stop(app: web.Application) -> None:
+    """Cancel every registration job and wait for them."""
+    jobs = app[keys.REGISTRATION_JOBS]
+    tasks = [task for _, _, task in jobs.values()]
+    jobs.clear()
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 def setup(app: web.Application) -> None:
-    """Give the app its registration state (shown by /readyz?verbose)."""
+    """Give the app its registration state (shown by /readyz?verbose) and its jobs' registry."""
     app[REGISTRATION] = {}
+    app[keys.REGISTRATION_JOBS] = {}

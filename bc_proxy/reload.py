@@ -1,7 +1,9 @@
 """Configuration reload (SIGHUP): tenants added, removed or re-keyed and passwords rotated in
 place, without dropping open long-polls or in-flight sends; an invalid file is refused and
-logged. Owns swapping what is built from the tenants; sections that shape the process
-(RESTART_SECTIONS, a tenant's webhook_secret or inbound mode) need a restart."""
+logged. Owns swapping what is built from the tenants, and reconciling the per-tenant jobs with
+them (token refresh, pull loops, webhook registration); sections that shape the process
+(RESTART_SECTIONS, a tenant's own webhook_secret) need a restart, and are logged as such while
+they differ from what the process started with."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bc_proxy import keys, log
+from bc_proxy import keys, log, pull, registration
 from bc_proxy.config import Settings, load_usable
 from bc_proxy.connexus.tokens import TokenManager
 from bc_proxy.errors import BcProxyError, ConfigError, StoreError
@@ -33,6 +35,7 @@ CURRENT = web.AppKey("current_settings", list[Settings])  # one item: the settin
 def prepare(app: web.Application) -> None:
     """Called by create_app: the mutable holders a later reload updates."""
     app[TOKEN_JOBS] = {}
+    app[keys.PULL_JOBS] = {}
     app[CURRENT] = [app[keys.SETTINGS]]
 
 
@@ -63,21 +66,22 @@ async def stop_token_jobs(app: web.Application, names: set[str] | None = None) -
             await task
 
 
-def _needs_restart(old: Settings, new: Settings) -> list[str]:
-    changed = [s for s in RESTART_SECTIONS if s != "server" and getattr(old, s) != getattr(new, s)]
+def _needs_restart(running: Settings, new: Settings) -> list[str]:
+    """What of `new` a reload cannot apply, compared with what the process runs: the settings
+    it started with (a reload never applies these), so a later reload still names them."""
+    changed = [
+        s for s in RESTART_SECTIONS if s != "server" and getattr(running, s) != getattr(new, s)
+    ]
     # A worker of `server.workers` runs with metrics_port + its index: not a change.
-    if old.server.model_dump(exclude={"metrics_port"}) != new.server.model_dump(
+    if running.server.model_dump(exclude={"metrics_port"}) != new.server.model_dump(
         exclude={"metrics_port"}
     ):
         changed.insert(0, "server")
-    before = {t.name: t for t in old.tenants}
+    # The webhook route answers the path secrets of the start (webhooks.setup).
+    started = {t.name: t.webhook_secret for t in running.tenants}
     for t in new.tenants:
-        o = before.get(t.name)
-        if o is None:
-            if t.webhook_secret is not None or t.inbound.mode != "webhook":
-                changed.append(f"tenants[{t.name}] (own webhook_secret or pull mode)")
-        elif o.webhook_secret != t.webhook_secret or o.inbound != t.inbound:
-            changed.append(f"tenants[{t.name}].webhook_secret/inbound")
+        if t.webhook_secret != started.get(t.name):
+            changed.append(f"tenants[{t.name}].webhook_secret")
     return changed
 
 
@@ -86,7 +90,7 @@ async def apply(app: web.Application, new: Settings) -> None:
     from bc_proxy.app import store_rules  # app imports this module
 
     old = app[CURRENT][0]
-    restart = _needs_restart(old, new)
+    restart = _needs_restart(app[keys.SETTINGS], new)
     if restart:
         logger.warning("config_reload_needs_restart", sections=", ".join(restart))
     names = {t.name for t in new.tenants}
@@ -107,6 +111,9 @@ async def apply(app: web.Application, new: Settings) -> None:
     app[CURRENT][0] = new
     for name in removed:
         metrics.forget_tenant(name)
+    # Cancelled in this same step: a removed tenant's loop asks Connexus for nothing more
+    # (a fetch already on its way is stored first); new or re-keyed accounts get registered.
+    stopping = pull.reconcile(app) + registration.reconcile(app)
     start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
     await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
     # Records placed by the old rules that the new ones would not reach are placed again (as
@@ -124,6 +131,8 @@ async def apply(app: web.Application, new: Settings) -> None:
         removed=", ".join(sorted(removed)),
         rekeyed=", ".join(sorted(m.tenant for m in fresh if m.tenant in before)),
     )
+    if stopping:  # a pull loop ends the record it holds (up to half the shutdown timeout)
+        await asyncio.wait(stopping)
 
 
 async def reload(app: web.Application, path: str | Path) -> bool:

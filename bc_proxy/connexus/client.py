@@ -263,10 +263,14 @@ class ConnexusClient:
         request is bounded by the session's total timeout; a token fetch or the retry by what
         is left of it. Password-auth tenants' parameters are already in `data`. `exchange`
         (sends): tracks whether the last attempt was written; redirects are not followed.
+        A tenant not configured (any more: a reload removed it) is a GatewayError before
+        anything is sent: no call goes upstream without its tenant's credentials.
         """
         up = self.upstream
         mgr = self.tokens.get(tenant)
         if mgr is None:
+            if tenant not in self._password:
+                raise GatewayError("tenant not configured: no Connexus credentials to call with")
             return await up.request(method, url, data, headers, None, exchange)
         started = asyncio.get_running_loop().time()
         token = mgr.current()

@@ -1,0 +1,282 @@
+"""A config reload reconciles the per-tenant jobs with the tenants in force: webhook
+registration (`register_on_start`) for an added or re-keyed account and none for a removed one;
+pull loops started for a tenant that newly pulls and stopped (its record in flight stored
+once) for one removed or back to webhooks; no Connexus call without a tenant's credentials;
+and a restart-only change is named by every reload until a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+from aiohttp import web
+
+from bc_proxy import keys, registration
+from bc_proxy.config import parse
+from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.connexus.emulator import Emulator, create_emulator_app
+from bc_proxy.errors import GatewayError
+from bc_proxy.metrics import Metrics
+from bc_proxy.reload import apply
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    WEBHOOK_SECRET,
+    AiohttpServer,
+    Connexus,
+    GatewayClient,
+    GatewayFactory,
+    config_dict,
+    creds,
+)
+
+PUBLIC = "https://sms-gw.example.org"
+PULL = {"mode": "pull", "pull_interval_seconds": 0.1}
+HANDSET = "6421000222"
+SLOW_ANSWER = 0.5  # seconds an sms/status answer spends on its way back (slow_connexus)
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registration retries within the test's patience."""
+    monkeypatch.setattr(registration, "BACKOFF_INITIAL", 0.05)
+
+
+@pytest.fixture
+async def slow_connexus(aiohttp_server: AiohttpServer) -> Connexus:
+    """The emulator, whose sms/status answers leave SLOW_ANSWER seconds after the record was
+    consumed (a reload lands while one is on its way)."""
+    emu = Emulator(clients={CLIENT_ID: CLIENT_SECRET})
+
+    @web.middleware
+    async def late(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if request.path.endswith("/sms/status") and response.status == 200:
+            await asyncio.sleep(SLOW_ANSWER)
+        return response
+
+    app = create_emulator_app(emu)
+    app.middlewares.append(late)
+    return Connexus(emu, await aiohttp_server(app, host="127.0.0.1"))
+
+
+def globex(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A second tenant on the emulator's other account."""
+    other: dict[str, Any] = copy.deepcopy(cfg["tenants"][0])
+    other.update(
+        name="globex",
+        legacy={"user_id": "globex-legacy", "password": "globex-pass"},
+        connexus={"client_id": "cid_other", "client_secret": "csk_other"},
+        senders=["3000"],
+        default_from="3000",
+    )
+    other.update(changes)
+    return other
+
+
+def tenants(cfg: dict[str, Any], *chosen: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(cfg)
+    out["tenants"] = [copy.deepcopy(t) for t in chosen]
+    return out
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    for _ in range(int(within / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+def configure_calls(connexus: Connexus) -> int:
+    return sum(r.path.endswith("/configure") for r in connexus.emu.requests)
+
+
+def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, stream.getvalue().splitlines()) if e["event"] == name]
+
+
+async def poll(client: GatewayClient, kind: str, **who: str) -> dict[str, str] | None:
+    resp = await client.get(f"/api/1/sms/{kind}", params=who or creds())
+    if resp.status == 204:
+        return None
+    assert resp.status == 200
+    return dict(parse_qsl(await resp.text(), keep_blank_values=True))
+
+
+# -- webhook registration --------------------------------------------------------------------
+
+
+async def test_reload_registers_added_and_rekeyed_accounts_and_stops_removed_ones(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    cfg["server"]["public_url"] = PUBLIC
+    cfg["webhook"]["register_on_start"] = True
+    acme = cfg["tenants"][0]
+    client = await gateway(cfg)
+    urls = connexus.emu.webhook_urls
+    global_url = f"{PUBLIC}/webhooks/connexus/{WEBHOOK_SECRET}"
+    await until(lambda: urls.get(CLIENT_ID) == global_url)
+
+    # Added: registered as at start. One with its own (not yet served) secret: not registered,
+    # and the reload says it needs a restart.
+    own = globex(
+        cfg,
+        name="initech",
+        legacy={"user_id": "ini", "password": "ini-pass-123"},
+        webhook_secret="initech-own-secret",
+        senders=["4000"],
+        default_from="4000",
+    )
+    await apply(client.app, parse(tenants(cfg, acme, globex(cfg), own)))
+    await until(lambda: urls.get("cid_other") == global_url)
+    state = client.app[registration.REGISTRATION]
+    await until(lambda: state.get("globex", "").startswith("verified"))
+    assert "restart" in state["initech"]
+    [restart] = events(log_stream, "config_reload_needs_restart")
+    assert restart["sections"] == "tenants[initech].webhook_secret"
+
+    # Re-keyed to another account: that account gets the webhook.
+    urls.clear()
+    rekeyed = {**acme, "connexus": {"client_id": "cid_other", "client_secret": "csk_other"}}
+    await apply(client.app, parse(tenants(cfg, rekeyed)))
+    await until(lambda: urls.get("cid_other") == global_url)
+    assert sorted(state) == ["acme"]  # the removed tenants' lines went with them
+
+    # Removed while its registration keeps failing: its retries stop.
+    urls.clear()
+    connexus.emu.webhook_url = "https://elsewhere.example/hook"
+    connexus.emu.configure_ignored = True  # every try is a mismatch, retried every 0.05+ s
+    await apply(client.app, parse(tenants(cfg, rekeyed, globex(cfg))))
+    await until(lambda: state.get("globex", "").startswith("mismatch"))
+    await apply(client.app, parse(tenants(cfg, rekeyed)))
+    await asyncio.sleep(0.2)  # a configure already on its way is answered
+    before = configure_calls(connexus)
+    await asyncio.sleep(1.0)  # the backoff (0.05 s doubling) would have retried 3+ times
+    assert configure_calls(connexus) == before
+    assert client.app[keys.REGISTRATION_JOBS].keys() == {"acme"}
+
+
+# -- pull loops ------------------------------------------------------------------------------
+
+
+async def test_a_removed_pull_tenant_stops_pulling(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    """Its loop ends with the reload: no Connexus call without credentials, no pull_failed."""
+    cfg["tenants"].append(globex(cfg))
+    cfg["tenants"][0]["inbound"] = PULL
+    client = await gateway(cfg)
+    await until(lambda: connexus.emu.requests != [])
+    await asyncio.sleep(0.3)  # a few rounds
+    await apply(client.app, parse(tenants(cfg, cfg["tenants"][1])))
+    before = len(connexus.emu.requests)
+    await asyncio.sleep(0.8)  # eight pull intervals
+    assert [r.path for r in connexus.emu.requests[before:]] == []
+    assert events(log_stream, "pull_failed") == []
+    assert client.app[keys.PULL_JOBS] == {}
+
+
+async def test_a_tenant_that_newly_pulls_gets_its_loop(
+    connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """Added in pull mode by a reload: its sms/in records are taken and pollable."""
+    client = await gateway(cfg)
+    pulling = globex(cfg, inbound=PULL)
+    await apply(client.app, parse(tenants(cfg, cfg["tenants"][0], pulling)))
+    await connexus.emu.fire_mo(HANDSET, "3000", "Hello globex", account="cid_other")
+    await until(lambda: connexus.emu.unread("in", "cid_other") == 0)
+    who = {"userId": "globex-legacy", "password": "globex-pass"}
+    for _ in range(100):
+        record = await poll(client, "in", **who)
+        if record is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert record is not None
+    assert record["body"] == "Hello globex"
+
+
+async def send(client: GatewayClient, legacy_id: str) -> None:
+    data = creds(to=HANDSET, body="Hi", messageId=legacy_id)
+    assert (await client.post("/api/1/sms/out", data=data)).status == 204
+
+
+def stored_reports(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT in_reply_to FROM records WHERE kind = 'status' ORDER BY id")
+        return [r[0] for r in rows]
+
+
+async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goes_on(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Back to webhooks while a consumed report is on its way: the reload lets it be stored,
+    then nothing more is polled; back to pull, the next report is taken by the new loop. Each
+    report is stored exactly once."""
+    emu = slow_connexus.emu
+    cfg = config_dict(tmp_path, slow_connexus.base_url)
+    pulling = copy.deepcopy(cfg)
+    pulling["tenants"][0]["inbound"] = PULL
+    client = await gateway(pulling)
+    await send(client, "LEG-1")
+    await emu.report(emu.sent[-1], 1)
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    await apply(client.app, parse(cfg))  # returns once the loop ended its record
+    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"]
+    before = len(emu.requests)
+    await send(client, "LEG-2")
+    await emu.report(emu.sent[-1], 1)
+    await asyncio.sleep(0.5)  # five pull intervals: nobody polls
+    polls = ("/sms/in", "/sms/status", "/mo/query")
+    assert [r.path for r in emu.requests[before:] if r.path.endswith(polls)] == []
+    assert emu.unread("status", CLIENT_ID) == 1
+
+    await apply(client.app, parse(pulling))
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)
+    await asyncio.sleep(SLOW_ANSWER + 0.3)
+    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1", "LEG-2"]
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+async def test_no_upstream_call_for_a_tenant_not_configured(
+    connexus: Connexus, cfg: dict[str, Any]
+) -> None:
+    """A removed tenant's call (a pull, a send in flight) is a GatewayError, never a request
+    without credentials."""
+    client = ConnexusClient(parse(cfg), Metrics(process=False))
+    await client.start()
+    try:
+        with pytest.raises(GatewayError, match="not configured"):
+            await client.request("ghost", "POST", f"{client.base}/sms/status", b"", {})
+        with pytest.raises(GatewayError, match="not configured"):
+            await client.mo_query("ghost", {"page": "1"})
+    finally:
+        await client.close()
+    assert connexus.emu.requests == []
+
+
+# -- restart-only changes --------------------------------------------------------------------
+
+
+async def test_every_reload_names_what_still_waits_for_a_restart(
+    gateway: GatewayFactory, cfg: dict[str, Any], log_stream: io.StringIO
+) -> None:
+    client = await gateway(cfg)
+    changed = copy.deepcopy(cfg)
+    changed["upstream"]["timeout_seconds"] = 3
+    await apply(client.app, parse(changed))
+    await apply(client.app, parse(changed))  # the running timeout is still the old one
+    logged = [e["sections"] for e in events(log_stream, "config_reload_needs_restart")]
+    assert logged == ["upstream", "upstream"]
+    await apply(client.app, parse(cfg))  # back to what runs: nothing waits
+    assert len(events(log_stream, "config_reload_needs_restart")) == 2
