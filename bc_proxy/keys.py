@@ -36,7 +36,10 @@ CLIENT = web.AppKey("client", ConnexusClient)
 AUTH = web.AppKey("auth", Authenticator)
 
 # Per-tenant background jobs a config reload starts and stops (reload.py reconciles them).
-PULL_JOBS = web.AppKey("pull_jobs", dict[str, asyncio.Task[None]])  # tenant -> its pull loop
+# tenant -> the event that retires its current pull loop; every pull loop still running (a
+# retired one finishing its record included) -> its tenant.
+PULL_JOBS = web.AppKey("pull_jobs", dict[str, asyncio.Event])
+PULL_TASKS = web.AppKey("pull_tasks", dict[asyncio.Task[None], str])
 # tenant -> (the credentials and webhook URL it registers, its registration job)
 REGISTRATION_JOBS = web.AppKey(
     "registration_jobs", dict[str, tuple[ConnexusCredentials, str, asyncio.Task[None]]]

@@ -145,16 +145,24 @@ class Puller:
     tenant: str
     # Set when the job is cancelled: a held record's retries end with one last attempt.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by a reload after which the tenant no longer pulls: nothing more is asked for, and
+    # the record held is stored as usual (its fetch ends by its own timeout, its commit is
+    # retried until it lands): the process goes on, so nothing needs cutting short.
+    retired: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stopping(self) -> bool:
         """No further record is asked for once shutdown began or the job was cancelled."""
         return self.stop.is_set() or self.app[keys.RUNTIME].shutting_down
 
+    def asking(self) -> bool:
+        """Whether to ask Connexus for more: neither stopping nor retired."""
+        return not self.stopping() and not self.retired.is_set()
+
     async def run(self) -> None:
         """A round every `pull_interval_seconds` (as now configured), until shutdown or stop."""
         interval = 1.0
         loop = asyncio.get_running_loop()
-        while not self.stopping():
+        while self.asking():
             started = loop.time()
             if (t := self.app[keys.RUNTIME].tenants.get(self.tenant)) is not None:
                 interval = t.inbound.pull_interval_seconds
@@ -162,7 +170,10 @@ class Puller:
                 await self.pull_once()
             except Exception as exc:  # a bug here must not end the job nor wait its restart
                 log.exception("pull_round_failed", tenant=self.tenant, error=loggable(exc))
-            await asyncio.sleep(max(interval - (loop.time() - started), 0.0))
+            with contextlib.suppress(TimeoutError):  # the next round, or retired meanwhile
+                await asyncio.wait_for(
+                    self.retired.wait(), max(interval - (loop.time() - started), 0.0)
+                )
 
     async def pull_once(self) -> dict[str, str]:
         """One round: mo/query sweep, sms/in, sms/status; outcome per source.
@@ -171,6 +182,8 @@ class Puller:
         metrics = self.app[keys.METRICS]
         outcomes: dict[str, str] = {}
         for source in ("mo_query", "sms_in", "sms_status"):
+            if not self.asking():
+                break
             try:
                 if source == "mo_query":
                     count = await sweep_tenant(self.app, self.tenant)
@@ -192,7 +205,7 @@ class Puller:
         round's limit, or shutdown), each stored before the next is asked for; how many."""
         path = "sms/in" if kind == "in" else "sms/status"
         taken = 0
-        while taken < DRAIN_LIMIT and not self.stopping():
+        while taken < DRAIN_LIMIT and self.asking():
             if not await self._unbroken(self._take_one(path)):
                 break
             taken += 1
@@ -208,7 +221,12 @@ class Puller:
         except asyncio.CancelledError:
             self.stop.set()
             grace = self.app[keys.SETTINGS].server.shutdown_timeout_seconds / 2
-            await asyncio.wait({task}, timeout=grace)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while not task.done() and (left := deadline - loop.time()) > 0:
+                # A further cancel (the app's jobs stopped twice) does not cut the grace short.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task}, timeout=left)
             if not task.done():
                 # A fetch still on its way may be a record Connexus already handed out;
                 # one already fetched is logged by _commit on the way out.
@@ -364,43 +382,48 @@ async def pull_loop(app: web.Application) -> None:
         await stop(app)
 
 
-def reconcile(app: web.Application) -> list[asyncio.Task[None]]:
-    """Start a loop for each tenant that pulls now and has none (after one still finishing:
-    never two at once); cancel the loop of each tenant that no longer pulls (removed, or back
-    to webhooks). The cancelled loops, to await: each ends the record it holds first."""
-    jobs = app[keys.PULL_JOBS]
+def reconcile(app: web.Application) -> None:
+    """Start a loop for each tenant that pulls now and has none (after any of its loops still
+    finishing: never two at once); retire the loop of each tenant that no longer pulls
+    (removed, or back to webhooks): it asks for nothing more and ends once the record it
+    holds is stored."""
+    jobs, live = app[keys.PULL_JOBS], app[keys.PULL_TASKS]
     wanted = set() if app[keys.RUNTIME].shutting_down else set(pull_tenants(app))
-    cancelled = [t for n, t in jobs.items() if n not in wanted and not t.cancelling()]
-    for task in cancelled:
-        task.cancel()
-    for name in sorted(wanted):
-        old = jobs.get(name)
-        if old is None or old.done() or old.cancelling():
-            task = asyncio.create_task(_pull_after(app, name, old), name=f"bc-proxy pull {name}")
-            task.add_done_callback(functools.partial(_forget, jobs, name))
-            jobs[name] = task
-    return cancelled
+    for name in [n for n in jobs if n not in wanted]:
+        jobs.pop(name).set()
+    for name in sorted(wanted - set(jobs)):
+        before = [t for t, n in live.items() if n == name]
+        retired = asyncio.Event()
+        task = asyncio.create_task(
+            _pull_after(app, name, retired, before), name=f"bc-proxy pull {name}"
+        )
+        live[task] = name
+        task.add_done_callback(functools.partial(_forget, live))
+        jobs[name] = retired
 
 
-def _forget(jobs: dict[str, asyncio.Task[None]], name: str, task: asyncio.Task[None]) -> None:
-    if jobs.get(name) is task:
-        del jobs[name]
+def _forget(live: dict[asyncio.Task[None], str], task: asyncio.Task[None]) -> None:
+    live.pop(task, None)
 
 
-async def _pull_after(app: web.Application, tenant: str, before: asyncio.Task[None] | None) -> None:
-    if before is not None:
-        try:
-            await asyncio.wait({before})
-        except asyncio.CancelledError:  # stopped meanwhile: still let that one end its record
-            await asyncio.wait({before})
-            raise
-    await supervise("pull_loop", Puller(app, tenant).run, app[keys.METRICS])
+async def _pull_after(
+    app: web.Application, tenant: str, retired: asyncio.Event, before: list[asyncio.Task[None]]
+) -> None:
+    if before:  # a cancel here ends this one only: `stop` waits for those itself
+        await asyncio.wait(before)
+    if not retired.is_set():
+        run = Puller(app, tenant, retired=retired).run
+        await supervise("pull_loop", run, app[keys.METRICS])
 
 
 async def stop(app: web.Application) -> None:
-    """Cancel every pull loop and wait until each has ended the record it held."""
-    tasks = list(app[keys.PULL_JOBS].values())
+    """Cancel every pull loop, retired ones included, and wait until each has ended the
+    record it held (each within its grace)."""
+    app[keys.PULL_JOBS].clear()
+    live = app[keys.PULL_TASKS]
+    tasks = list(live)
     for task in tasks:
-        task.cancel()
+        if not task.cancelling():
+            task.cancel()
     if tasks:
         await asyncio.wait(tasks)

@@ -36,6 +36,7 @@ def prepare(app: web.Application) -> None:
     """Called by create_app: the mutable holders a later reload updates."""
     app[TOKEN_JOBS] = {}
     app[keys.PULL_JOBS] = {}
+    app[keys.PULL_TASKS] = {}
     app[CURRENT] = [app[keys.SETTINGS]]
 
 
@@ -111,9 +112,11 @@ async def apply(app: web.Application, new: Settings) -> None:
     app[CURRENT][0] = new
     for name in removed:
         metrics.forget_tenant(name)
-    # Cancelled in this same step: a removed tenant's loop asks Connexus for nothing more
-    # (a fetch already on its way is stored first); new or re-keyed accounts get registered.
-    stopping = pull.reconcile(app) + registration.reconcile(app)
+    # In this same step: a removed tenant's pull loop asks Connexus for nothing more (the
+    # record it holds is stored first, at its own pace); new or re-keyed accounts get
+    # registered, removed ones' registrations are cancelled.
+    pull.reconcile(app)
+    stopping = registration.reconcile(app)
     start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
     await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
     # Records placed by the old rules that the new ones would not reach are placed again (as
@@ -131,7 +134,7 @@ async def apply(app: web.Application, new: Settings) -> None:
         removed=", ".join(sorted(removed)),
         rekeyed=", ".join(sorted(m.tenant for m in fresh if m.tenant in before)),
     )
-    if stopping:  # a pull loop ends the record it holds (up to half the shutdown timeout)
+    if stopping:  # the cancelled registrations
         await asyncio.wait(stopping)
 
 

@@ -229,8 +229,8 @@ async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goe
     await send(client, "LEG-1")
     await emu.report(emu.sent[-1], 1)
     await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
-    await apply(client.app, parse(cfg))  # returns once the loop ended its record
-    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"]
+    await apply(client.app, parse(cfg))  # the loop ends its record, then stops
+    await until(lambda: stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"])
     before = len(emu.requests)
     await send(client, "LEG-2")
     await emu.report(emu.sent[-1], 1)
@@ -243,6 +243,50 @@ async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goe
     await until(lambda: emu.unread("status", CLIENT_ID) == 0)
     await asyncio.sleep(SLOW_ANSWER + 0.3)
     assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1", "LEG-2"]
+
+
+async def test_a_shutdown_right_after_a_reload_does_not_lose_the_record_in_hand(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A reload retires the loop while a consumed report is on its way, and the gateway stops
+    50 ms later: the shutdown's cancel gives that fetch its grace (the reload no longer
+    cancels the loop first, which made the shutdown's cancel a second one that cut the grace
+    short), so the report is stored, and no pull task outlives the stop."""
+    emu = slow_connexus.emu
+    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=4)
+    pulling = copy.deepcopy(cfg)
+    pulling["tenants"][0]["inbound"] = PULL
+    client = await gateway(pulling)
+    await send(client, "LEG-1")
+    await emu.report(emu.sent[-1], 1)
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    assert client.app is not None
+    reloading = asyncio.ensure_future(apply(client.app, parse(cfg)))  # as SIGHUP runs it
+    await asyncio.sleep(0.05)
+    await client.close()
+    await reloading
+    assert stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"]
+    assert [t for t in asyncio.all_tasks() if "bc-proxy pull" in t.get_name()] == []
+
+
+async def test_a_reload_lets_a_fetch_slower_than_the_shutdown_grace_finish(
+    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """No shutdown under way: a retired loop's fetch ends by its own upstream timeout, not by
+    the shutdown's grace (here 0.3 s, shorter than the 0.5 s answer). Connexus forgot the
+    record as it answered, so giving up on it would lose it."""
+    emu = slow_connexus.emu
+    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=0.6)
+    pulling = copy.deepcopy(cfg)
+    pulling["tenants"][0]["inbound"] = PULL
+    client = await gateway(pulling)
+    await send(client, "LEG-1")
+    await emu.report(emu.sent[-1], 1)
+    await until(lambda: emu.unread("status", CLIENT_ID) == 0)
+    assert client.app is not None
+    await apply(client.app, parse(cfg))
+    await until(lambda: stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"])
+    assert events(log_stream, "pulled_fetch_abandoned") == []
 
 
 # -- the client ------------------------------------------------------------------------------
