@@ -34,7 +34,7 @@ from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.legacy.settling import pending_expiry_seconds
 from bc_proxy.log import get_logger
 from bc_proxy.metrics import Metrics
-from bc_proxy.pull import pull_loop
+from bc_proxy.pull_jobs import pull_loop
 from bc_proxy.recovery import recovery_loop
 from bc_proxy.store import Delivery, Rules, Store, TenantRules, open_store
 

@@ -1,20 +1,20 @@
 """Pull mode (`tenants[].inbound.mode: pull`): fetch a tenant's traffic instead of taking webhooks.
 
-Owns the per-tenant pull job: every `pull_interval_seconds` it sweeps `mo/query` (the recovery
-sweep and its marks), then drains Connexus's Bulletin-compatible `sms/in` and `sms/status` polls
-(one record a call, consumed by Connexus as it answers) into the same store ingest as webhooks
-(`add_mo(account=tenant)`, `add_dlr`), so dedupe and translation are the webhooks' own.
+Owns what one tenant's pull loop does (pull_jobs.py starts and stops the loops): every
+`pull_interval_seconds` it sweeps `mo/query` (the recovery sweep and its marks), then drains
+Connexus's Bulletin-compatible `sms/in` and `sms/status` polls (one record a call, consumed by
+Connexus as it answers) into the same store ingest as webhooks (`add_mo(account=tenant)`,
+`add_dlr`), so dedupe and translation are the webhooks' own.
 Connexus forgets a poll record as it answers, so a fetched record is held until the store takes
-it (retried with backoff, nothing else fetched meanwhile), and a shutdown, or a reload that
-stops a tenant's loop (`reconcile`), lets the fetch and its commit finish; what cannot be stored
-is kept in the rejected-webhooks table or logged.
+it (retried with backoff, nothing else fetched meanwhile), a shutdown lets the fetch and its
+commit finish within a grace, and a reload that retires a tenant's loop lets them finish at
+their own pace; what cannot be stored is kept in the rejected-webhooks table or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import time
 from collections.abc import Coroutine, Mapping
@@ -29,7 +29,6 @@ from bc_proxy.config import DEFAULT_STATUS_MAP
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.connexus.models import MAX_ID, Unusable, parse_mo, webhook_body
 from bc_proxy.errors import BcProxyError, GatewayError, StoreError, StoreRefused
-from bc_proxy.jobs import supervise
 from bc_proxy.log import get_logger, loggable
 from bc_proxy.recovery import sweep_tenant
 from bc_proxy.store import DlrEvent, MoEvent
@@ -43,11 +42,6 @@ UNKNOWN_STATUS = 0  # a legacy code no Connexus code maps to: the record says ER
 STORE_RETRY_FIRST = 0.5  # seconds before a refused store write of a held record is retried,
 STORE_RETRY_MAX = 30.0  # doubling up to this: the record has no other copy, so never give up
 POISON_AFTER = 5  # refusals of a record's data after which it is kept aside (if the store is up)
-
-
-def pull_tenants(app: web.Application) -> list[str]:
-    """The tenants in pull mode, by the configuration in force (a reload changes it)."""
-    return [t.name for t in app[keys.RUNTIME].tenants.values() if t.inbound.mode == "pull"]
 
 
 def mo_from_record(record: Mapping[str, str]) -> MoEvent | None:
@@ -370,60 +364,3 @@ class Puller:
             log.error("pulled_record_not_kept", tenant=self.tenant, reason=reason, error=str(exc))
             return False
         return True
-
-
-async def pull_loop(app: web.Application) -> None:
-    """Background job: one loop per pull-mode tenant (`keys.PULL_JOBS`, reconciled by a config
-    reload), until cancelled (shutdown), which stops every loop."""
-    try:
-        reconcile(app)
-        await asyncio.Event().wait()
-    finally:
-        await stop(app)
-
-
-def reconcile(app: web.Application) -> None:
-    """Start a loop for each tenant that pulls now and has none (after any of its loops still
-    finishing: never two at once); retire the loop of each tenant that no longer pulls
-    (removed, or back to webhooks): it asks for nothing more and ends once the record it
-    holds is stored."""
-    jobs, live = app[keys.PULL_JOBS], app[keys.PULL_TASKS]
-    wanted = set() if app[keys.RUNTIME].shutting_down else set(pull_tenants(app))
-    for name in [n for n in jobs if n not in wanted]:
-        jobs.pop(name).set()
-    for name in sorted(wanted - set(jobs)):
-        before = [t for t, n in live.items() if n == name]
-        retired = asyncio.Event()
-        task = asyncio.create_task(
-            _pull_after(app, name, retired, before), name=f"bc-proxy pull {name}"
-        )
-        live[task] = name
-        task.add_done_callback(functools.partial(_forget, live))
-        jobs[name] = retired
-
-
-def _forget(live: dict[asyncio.Task[None], str], task: asyncio.Task[None]) -> None:
-    live.pop(task, None)
-
-
-async def _pull_after(
-    app: web.Application, tenant: str, retired: asyncio.Event, before: list[asyncio.Task[None]]
-) -> None:
-    if before:  # a cancel here ends this one only: `stop` waits for those itself
-        await asyncio.wait(before)
-    if not retired.is_set():
-        run = Puller(app, tenant, retired=retired).run
-        await supervise("pull_loop", run, app[keys.METRICS])
-
-
-async def stop(app: web.Application) -> None:
-    """Cancel every pull loop, retired ones included, and wait until each has ended the
-    record it held (each within its grace)."""
-    app[keys.PULL_JOBS].clear()
-    live = app[keys.PULL_TASKS]
-    tasks = list(live)
-    for task in tasks:
-        if not task.cancelling():
-            task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bc_proxy import keys, log, pull, registration
+from bc_proxy import keys, log, pull_jobs, registration
 from bc_proxy.config import Settings, load_usable
 from bc_proxy.connexus.tokens import TokenManager
 from bc_proxy.errors import BcProxyError, ConfigError, StoreError
@@ -115,7 +115,7 @@ async def apply(app: web.Application, new: Settings) -> None:
     # In this same step: a removed tenant's pull loop asks Connexus for nothing more (the
     # record it holds is stored first, at its own pace); new or re-keyed accounts get
     # registered, removed ones' registrations are cancelled.
-    pull.reconcile(app)
+    pull_jobs.reconcile(app)
     stopping = registration.reconcile(app)
     start_token_jobs(app)  # new and re-keyed managers; a replaced manager's job is cancelled
     await stop_token_jobs(app, set(before) - set(client.tokens))  # removed or now password auth
