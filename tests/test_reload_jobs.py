@@ -17,55 +17,33 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from aiohttp import web
 
 from bc_proxy import keys, registration
 from bc_proxy.config import parse
 from bc_proxy.connexus.client import ConnexusClient
-from bc_proxy.connexus.emulator import Emulator, create_emulator_app
 from bc_proxy.errors import GatewayError
 from bc_proxy.metrics import Metrics
 from bc_proxy.reload import apply
 from tests.conftest import (
     CLIENT_ID,
-    CLIENT_SECRET,
     WEBHOOK_SECRET,
-    AiohttpServer,
     Connexus,
     GatewayClient,
     GatewayFactory,
     config_dict,
     creds,
 )
+from tests.test_pull import SLOW_ANSWER, slow_connexus  # noqa: F401  (fixture)
 
 PUBLIC = "https://sms-gw.example.org"
 PULL = {"mode": "pull", "pull_interval_seconds": 0.1}
 HANDSET = "6421000222"
-SLOW_ANSWER = 0.5  # seconds an sms/status answer spends on its way back (slow_connexus)
 
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registration retries within the test's patience."""
     monkeypatch.setattr(registration, "BACKOFF_INITIAL", 0.05)
-
-
-@pytest.fixture
-async def slow_connexus(aiohttp_server: AiohttpServer) -> Connexus:
-    """The emulator, whose sms/status answers leave SLOW_ANSWER seconds after the record was
-    consumed (a reload lands while one is on its way)."""
-    emu = Emulator(clients={CLIENT_ID: CLIENT_SECRET})
-
-    @web.middleware
-    async def late(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        if request.path.endswith("/sms/status") and response.status == 200:
-            await asyncio.sleep(SLOW_ANSWER)
-        return response
-
-    app = create_emulator_app(emu)
-    app.middlewares.append(late)
-    return Connexus(emu, await aiohttp_server(app, host="127.0.0.1"))
 
 
 def globex(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -215,20 +193,32 @@ def stored_reports(db: Path) -> list[str]:
         return [r[0] for r in rows]
 
 
-async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goes_on(
-    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
-) -> None:
-    """Back to webhooks while a consumed report is on its way: the reload lets it be stored,
-    then nothing more is polled; back to pull, the next report is taken by the new loop. Each
-    report is stored exactly once."""
-    emu = slow_connexus.emu
-    cfg = config_dict(tmp_path, slow_connexus.base_url)
+async def report_on_its_way(
+    connexus: Connexus, gateway: GatewayFactory, tmp_path: Path, shutdown: float = 8
+) -> tuple[GatewayClient, dict[str, Any], dict[str, Any]]:
+    """A gateway whose tenant pulls, with LEG-1's report consumed by its loop and on its way
+    back (slow_connexus); (client, the config without pull, the config with it)."""
+    emu = connexus.emu
+    cfg = config_dict(tmp_path, connexus.base_url, shutdown_timeout_seconds=shutdown)
     pulling = copy.deepcopy(cfg)
     pulling["tenants"][0]["inbound"] = PULL
     client = await gateway(pulling)
     await send(client, "LEG-1")
     await emu.report(emu.sent[-1], 1)
     await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    return client, cfg, pulling
+
+
+async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goes_on(
+    slow_connexus: Connexus,  # noqa: F811
+    gateway: GatewayFactory,
+    tmp_path: Path,
+) -> None:
+    """Back to webhooks while a consumed report is on its way: the reload lets it be stored,
+    then nothing more is polled; back to pull, the next report is taken by the new loop. Each
+    report is stored exactly once."""
+    emu = slow_connexus.emu
+    client, cfg, pulling = await report_on_its_way(slow_connexus, gateway, tmp_path)
     await apply(client.app, parse(cfg))  # the loop ends its record, then stops
     await until(lambda: stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"])
     before = len(emu.requests)
@@ -246,20 +236,15 @@ async def test_a_loop_stopped_by_reload_stores_its_record_once_and_a_new_one_goe
 
 
 async def test_a_shutdown_right_after_a_reload_does_not_lose_the_record_in_hand(
-    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path
+    slow_connexus: Connexus,  # noqa: F811
+    gateway: GatewayFactory,
+    tmp_path: Path,
 ) -> None:
     """A reload retires the loop while a consumed report is on its way, and the gateway stops
     50 ms later: the shutdown's cancel gives that fetch its grace (the reload no longer
     cancels the loop first, which made the shutdown's cancel a second one that cut the grace
     short), so the report is stored, and no pull task outlives the stop."""
-    emu = slow_connexus.emu
-    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=4)
-    pulling = copy.deepcopy(cfg)
-    pulling["tenants"][0]["inbound"] = PULL
-    client = await gateway(pulling)
-    await send(client, "LEG-1")
-    await emu.report(emu.sent[-1], 1)
-    await until(lambda: emu.unread("status", CLIENT_ID) == 0)  # consumed, answer under way
+    client, cfg, _ = await report_on_its_way(slow_connexus, gateway, tmp_path, shutdown=4)
     assert client.app is not None
     reloading = asyncio.ensure_future(apply(client.app, parse(cfg)))  # as SIGHUP runs it
     await asyncio.sleep(0.05)
@@ -270,19 +255,15 @@ async def test_a_shutdown_right_after_a_reload_does_not_lose_the_record_in_hand(
 
 
 async def test_a_reload_lets_a_fetch_slower_than_the_shutdown_grace_finish(
-    slow_connexus: Connexus, gateway: GatewayFactory, tmp_path: Path, log_stream: io.StringIO
+    slow_connexus: Connexus,  # noqa: F811
+    gateway: GatewayFactory,
+    tmp_path: Path,
+    log_stream: io.StringIO,
 ) -> None:
     """No shutdown under way: a retired loop's fetch ends by its own upstream timeout, not by
     the shutdown's grace (here 0.3 s, shorter than the 0.5 s answer). Connexus forgot the
     record as it answered, so giving up on it would lose it."""
-    emu = slow_connexus.emu
-    cfg = config_dict(tmp_path, slow_connexus.base_url, shutdown_timeout_seconds=0.6)
-    pulling = copy.deepcopy(cfg)
-    pulling["tenants"][0]["inbound"] = PULL
-    client = await gateway(pulling)
-    await send(client, "LEG-1")
-    await emu.report(emu.sent[-1], 1)
-    await until(lambda: emu.unread("status", CLIENT_ID) == 0)
+    client, cfg, _ = await report_on_its_way(slow_connexus, gateway, tmp_path, shutdown=0.6)
     assert client.app is not None
     await apply(client.app, parse(cfg))
     await until(lambda: stored_reports(tmp_path / "bc-proxy.db") == ["LEG-1"])
