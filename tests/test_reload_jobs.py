@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -33,7 +32,7 @@ from tests.conftest import (
     config_dict,
     creds,
 )
-from tests.test_pull import SLOW_ANSWER, slow_connexus  # noqa: F401  (fixture)
+from tests.test_pull import SLOW_ANSWER, slow_connexus, until  # noqa: F401  (fixture)
 
 PUBLIC = "https://sms-gw.example.org"
 PULL = {"mode": "pull", "pull_interval_seconds": 0.1}
@@ -64,14 +63,6 @@ def tenants(cfg: dict[str, Any], *chosen: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(cfg)
     out["tenants"] = [copy.deepcopy(t) for t in chosen]
     return out
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition never held")
 
 
 def configure_calls(connexus: Connexus) -> int:
