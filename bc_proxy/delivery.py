@@ -57,7 +57,7 @@ class PushWorker:
         self._stopped = asyncio.Event()
         self._stop_at: float | None = None  # loop time the stop's bound ends (once stopping)
         self._unpushable: set[str] = set()  # tenants already logged as having no push URL
-        self._timeouts: dict[float, ClientTimeout] = {}  # _timeout_of, by total seconds
+        self._timeouts: dict[float, ClientTimeout] = {}  # _timeout_of, by configured seconds
 
     @property
     def pushes(self) -> dict[str, PushSettings]:
@@ -77,9 +77,13 @@ class PushWorker:
         inside the claim's lease. Cached per value: one object per setting, not per push."""
         lease = self.app[keys.SETTINGS].store.lease_seconds
         total = min(push.timeout_seconds, lease * LEASE_SHARE)
-        timeout = self._timeouts.get(total)
+        timeout = self._timeouts.get(push.timeout_seconds)
         if timeout is None:
-            timeout = self._timeouts[total] = ClientTimeout(total=total)
+            if total < push.timeout_seconds:  # once per value, a reload's included
+                log.warning(
+                    "push_timeout_capped_by_lease", timeout=push.timeout_seconds, lease=lease
+                )
+            timeout = self._timeouts[push.timeout_seconds] = ClientTimeout(total=total)
         return timeout
 
     async def run(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -55,10 +57,7 @@ async def test_a_reloaded_push_timeout_applies_to_the_next_attempt(
     store = app[keys.STORE]
     db = tmp_path / "bc-proxy.db"
     await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-0", "NUR", "x")])
-    deadline = time.monotonic() + 5
-    while push_state(db, "m-0")[0] == 0:  # delivered under the start-up configuration
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await delivered(db, "m-0")  # under the start-up configuration
     new = copy.deepcopy(cfg)
     new["tenants"][0]["push"]["timeout_seconds"] = 0.3
     assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
@@ -83,3 +82,53 @@ def push_state(db: Path, in_reply_to: str) -> tuple[int, int, str | None, str | 
             (in_reply_to,),
         ).fetchone()
     return (int(row[0]), int(row[1]), row[2], row[3])
+
+
+async def test_a_reloaded_push_timeout_beyond_the_lease_is_capped_and_logged(
+    tmp_path: Path,
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    aiohttp_server: AiohttpServer,
+    log_stream: io.StringIO,
+) -> None:
+    """An attempt must end inside its claim's lease (0.8 of it): a timeout a reload raises
+    beyond that is capped, and said so, as one configured at start is."""
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    receiver = web.Application()
+    receiver.router.add_post("/status", fast)
+    server = await aiohttp_server(receiver, host="127.0.0.1")
+    cfg = config_dict(tmp_path, connexus.base_url)
+    cfg["store"]["lease_seconds"] = 2
+    cfg["tenants"][0]["push"] = {
+        "status_url": str(server.make_url("/status")),
+        "timeout_seconds": 1,
+    }
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    store = app[keys.STORE]
+    db = tmp_path / "bc-proxy.db"
+    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-0", "NUR", "x")])
+    await delivered(db, "m-0")
+    assert "push_timeout_capped_by_lease" not in log_stream.getvalue()
+    new = copy.deepcopy(cfg)
+    new["tenants"][0]["push"]["timeout_seconds"] = 5
+    assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-1", "NUR", "x")])
+    await delivered(db, "m-1")
+    capped = [
+        json.loads(line)
+        for line in log_stream.getvalue().splitlines()
+        if "push_timeout_capped_by_lease" in line
+    ]
+    assert [(c["timeout"], c["lease"]) for c in capped] == [(5, 2)]
+
+
+async def delivered(db: Path, in_reply_to: str) -> None:
+    deadline = time.monotonic() + 5
+    while push_state(db, in_reply_to)[0] == 0:
+        assert time.monotonic() < deadline, push_state(db, in_reply_to)
+        await asyncio.sleep(0.05)
