@@ -124,7 +124,8 @@ async def test_rows_of_a_begin_whose_fsync_failed_are_rejected(
     db = str(tmp_path / "s.db")
     store = SQLiteStore(db, RULES, fsync=True)
     await store.open()
-    real, failed = os.fsync, []
+    real = os.fsync
+    failed: list[int] = []
 
     def fsync(fd: int) -> None:
         if not failed:
