@@ -46,7 +46,9 @@ def _plain(status: int, text: str, **headers: str) -> web.Response:
 
 
 async def _login(request: web.Request) -> bytes | None:
-    return await request.config_dict[AUTH].check(request.headers.get("Authorization"))
+    return await request.config_dict[AUTH].check(
+        request.headers.get("Authorization"), request.remote
+    )
 
 
 def _unauthorized() -> web.Response:
