@@ -3,22 +3,37 @@
 Readiness means this replica can take webhooks, polls and sends: not shutting down and the store
 answers, decided within one second. Connexus token health is never a reason to stop intake (a
 token outage must not stop webhooks and polls, which need no token): it is a metric and a line
-of `/readyz?verbose`. Does not own metrics.
+of `/readyz?verbose`. Also owns making upstream and error text fit to show there and on the
+console (`scrubber`: the logs' rules, the secrets of the tenants in force included). Does not
+own metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
 
-from bc_proxy import keys
+from bc_proxy import keys, log
 from bc_proxy.edge import edge
 from bc_proxy.errors import StoreError
 from bc_proxy.registration import REGISTRATION
 
 STORE_CHECK_SECONDS = 0.8  # the whole answer stays under the 1 s a probe is given
+
+
+def scrubber(app: web.Application | ChainMapProxy) -> Callable[[str], str]:
+    """`log.scrub_text` with every secret of the configuration in force (the started one and
+    the tenants of the last reload): for Connexus and error text shown outside the logs, also
+    when logging was never set up with the secrets (an embedded or test app)."""
+    settings = app[keys.SETTINGS]
+    tenants = (*settings.tenants, *app[keys.RUNTIME].tenants.values())
+    secrets = log.secrets_of(settings.model_copy(update={"tenants": tenants}))
+    return functools.partial(log.scrub_text, secrets=secrets)
 
 
 def _json(status: int, body: dict[str, object]) -> web.Response:
@@ -44,17 +59,18 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         checks["store"] = "unreachable: no answer within 0.8 s"
     except StoreError as exc:
-        checks["store"] = f"unreachable: {exc}"[:200]
+        checks["store"] = f"unreachable: {scrubber(app)(str(exc))}"[:200]
     ready = all(v == "ok" for v in checks.values())
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
     if "verbose" in request.query:
-        body["tenants"] = _tenant_health(request)
-        registered = app.get(REGISTRATION)
-        body["webhook_registration"] = dict(registered) if registered is not None else {}
+        scrub = scrubber(app)
+        body["tenants"] = _tenant_health(request, scrub)
+        registered = app.get(REGISTRATION) or {}
+        body["webhook_registration"] = {name: scrub(line) for name, line in registered.items()}
     return _json(200 if ready else 503, body)
 
 
-def _tenant_health(request: web.Request) -> dict[str, str]:
+def _tenant_health(request: web.Request, scrub: Callable[[str], str]) -> dict[str, str]:
     """Per-tenant Connexus token state, from what the client already knows (no upstream call)."""
     client = request.config_dict[keys.CLIENT]
     out: dict[str, str] = {}
@@ -65,7 +81,7 @@ def _tenant_health(request: web.Request) -> dict[str, str]:
         elif mgr.has_valid_token:
             out[name] = f"ok: token valid for {int(mgr.seconds_left())} s"
         else:
-            problem = mgr.last_error or "no token yet"
+            problem = scrub(mgr.last_error) if mgr.last_error else "no token yet"
             out[name] = f"no token: {problem}"[:200]
     return out
 

@@ -1,9 +1,10 @@
 """Structured logging with structlog: JSON off a terminal, console output on one. Owns the
 processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
 request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
-configured secret and every bearer token scrubbed (`mask_tokens`, `loggable`); and the access
-line's render-once path (`access`), the one line per request, which gives the same JSON as the
-chain at a fraction of its cost. Does not decide what is logged."""
+configured secret and every bearer token scrubbed (`mask_tokens`, `loggable`), by the same
+rules for text shown outside the logs (`scrub_text`); and the access line's render-once path
+(`access`), the one line per request, which gives the same JSON as the chain at a fraction of
+its cost. Does not decide what is logged."""
 
 from __future__ import annotations
 
@@ -101,6 +102,20 @@ def mask_number(value: str) -> str:
     if len(value) <= 3:
         return "*" * len(value)
     return _DIGITS.sub("*", value[:-3]) + value[-3:]
+
+
+def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Text from Connexus or an error message made fit to show (console, `/readyz?verbose`) by
+    the logs' rules: every secret the log scrubber knows and every one of `secrets` (4+
+    characters) replaced with ***, bearer tokens and `access_token` values masked
+    (`mask_tokens`), phone numbers masked (`mask_phones`). Scrub before truncating."""
+    known = {s for s in secrets if len(s) >= 4}
+    for scrub in _SCRUB:
+        known.update(scrub.secrets)
+    for secret in sorted(known, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return mask_phones(mask_tokens(text))
 
 
 class _Scrubber:

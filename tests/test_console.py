@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.console.recent import mask
 from bc_proxy.legacy.auth import hash_password
+from bc_proxy.log import mask_phones as mask
 from tests.conftest import (
     WEBHOOK_SECRET,
     AiohttpServer,
@@ -244,8 +244,8 @@ async def test_recent_requests_hold_no_secrets(
 
 
 def test_mask_hides_phone_numbers() -> None:
-    """Runs of five or more digits keep only their first three and last two."""
-    assert mask("to=6421234567,+6427000111") == "to=642*****67,+64******11"
+    """The console masks as the logs do: a phone number keeps only its last three digits."""
+    assert mask("to=6421234567,+6427000111") == "to=*******567,+*******111"
     assert mask("id 1234 x") == "id 1234 x"
 
 

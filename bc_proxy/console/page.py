@@ -1,4 +1,6 @@
-"""The console page: pure rendering of a `View` into HTML (no I/O), every value escaped.
+"""The console page: pure rendering of a `View` into HTML (no I/O), every value escaped, text
+from Connexus or an error (token state, registration line, push error, rejected webhook body)
+scrubbed by the logs' rules (`bc_proxy.log.scrub_text`) and phone numbers masked as in the logs.
 
 One `string.Template` skeleton; sections are tables built from escaped cells. No JavaScript:
 the page refreshes itself with a meta refresh, and its one stylesheet is inline and allowed by
@@ -11,14 +13,17 @@ import base64
 import hashlib
 import html
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from string import Template
 
-from bc_proxy.console.recent import RecentRequest, mask
+from bc_proxy.console.recent import RecentRequest
+from bc_proxy.log import mask_number, scrub_text
 from bc_proxy.store import LegacyRecord, RejectedWebhook
 
 REFRESH_SECONDS = 5
+SHOWN_CHARS = 200  # of one line of Connexus or error text
+BODY_CHARS = 300  # of a rejected webhook body
 STYLE = (
     "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0 1.5em}"
@@ -129,12 +134,26 @@ def _rate(errors: int, total: int) -> str:
     return f"{errors} of {total} ({errors / total:.1%})" if total else "no requests"
 
 
-def render(view: View, csrf: str, now: float | None = None) -> str:
-    """The whole console page for `view`; `csrf`: the login's token for the replay forms."""
+def render(
+    view: View,
+    csrf: str,
+    now: float | None = None,
+    scrub: Callable[[str], str] = scrub_text,
+) -> str:
+    """The whole console page for `view`; `csrf`: the login's token for the replay forms;
+    `scrub`: makes Connexus and error text fit to show (secrets, tokens, phone numbers hidden),
+    applied before any truncation."""
     now = time.time() if now is None else now
+
+    def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+        return e(scrub(text)[:limit])
+
     tenants = _table(
         ("tenant", "Connexus auth", "inbound", "webhook registration"),
-        ((e(t.name), e(t.auth), e(t.inbound), e(t.webhook or "-")) for t in view.tenants),
+        (
+            (e(t.name), shown(t.auth), e(t.inbound), shown(t.webhook) if t.webhook else "-")
+            for t in view.tenants
+        ),
         "No tenants.",
     )
     waiting = _table(
@@ -153,10 +172,10 @@ def render(view: View, csrf: str, now: float | None = None) -> str:
                 e(r.tenant),
                 e(r.kind),
                 e(r.receipt_id),
-                e(mask(r.msisdn_from)),
-                e(mask(r.msisdn_to)),
+                e(mask_number(r.msisdn_from)),
+                e(mask_number(r.msisdn_to)),
                 e(r.push_attempts),
-                e(mask(r.push_error[:200])),
+                shown(r.push_error),
                 e(_when(r.created_at)),
                 _replay_form(csrf, str(r.id), "Replay"),
             )
@@ -181,7 +200,7 @@ def render(view: View, csrf: str, now: float | None = None) -> str:
             (
                 e(_when(w.received_at)),
                 e(w.reason),
-                "<code>" + e(mask(w.body[:300].decode("utf-8", "replace"))) + "</code>",
+                "<code>" + shown(w.body.decode("utf-8", "replace"), BODY_CHARS) + "</code>",
             )
             for w in view.rejected
         ),

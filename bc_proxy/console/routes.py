@@ -2,7 +2,8 @@
 
 Owns gathering the page's facts from what the gateway already holds (client token state, the
 store's waiting counts, dead letters and rejected webhooks, the recent-requests ring, the
-upstream request counter) and the request checks: Basic login on every path (401 with
+upstream request counter), Connexus and error text scrubbed as in the logs
+(`bc_proxy.health.scrubber`), and the request checks: Basic login on every path (401 with
 WWW-Authenticate), and for the replay a CSRF token bound to the login plus a SameSite cookie.
 """
 
@@ -19,6 +20,7 @@ from bc_proxy.console.auth import REALM, ConsoleAuth
 from bc_proxy.console.page import CSP, ErrorRate, TenantRow, View, WaitingRow, render
 from bc_proxy.console.recent import RECENT, RecentRequests
 from bc_proxy.edge import edge
+from bc_proxy.health import scrubber
 from bc_proxy.registration import REGISTRATION
 
 AUTH = web.AppKey("console_auth", ConsoleAuth)
@@ -87,7 +89,7 @@ def _tenant_rows(app: web.Application) -> list[TenantRow]:
             )
             auth = f"token valid for {mgr.seconds_left():.0f} s (expires {expiry} UTC)"
         else:
-            auth = f"no token: {mgr.last_error or 'none fetched yet'}"[:200]
+            auth = f"no token: {mgr.last_error or 'none fetched yet'}"  # scrubbed by render
         rows.append(TenantRow(name, auth, t.inbound.mode, registered.get(name, "")))
     return rows
 
@@ -131,7 +133,8 @@ async def console_page(request: web.Request) -> web.StreamResponse:
         errors=_upstream_errors(app, now),
     )
     csrf = app[AUTH].csrf_token(login)
-    resp = web.Response(text=render(view, csrf, now), content_type="text/html", headers=_HEADERS)
+    page = render(view, csrf, now, scrubber(app))
+    resp = web.Response(text=page, content_type="text/html", headers=_HEADERS)
     resp.set_cookie(
         COOKIE, csrf, path="/console", httponly=True, samesite="Strict", secure=request.secure
     )
