@@ -18,7 +18,14 @@ from aiohttp.web_protocol import RequestHandler
 from bc_proxy import keys
 from bc_proxy.console.recent import RECENT
 from bc_proxy.errors import ClientGone, LegacyError, StoreError
-from bc_proxy.log import REQUEST_ID, access, get_logger, new_request_id, request_context
+from bc_proxy.log import (
+    REQUEST_ID,
+    access,
+    get_logger,
+    new_request_id,
+    request_context,
+    scrub_text,
+)
 from bc_proxy.metrics import LEGACY_ROUTES, NO_TENANT
 
 log = get_logger("bc_proxy.http")
@@ -43,7 +50,9 @@ async def _answer(request: web.Request, route: str, handler: Handler) -> web.Str
     try:
         return await handler(request)
     except LegacyError as exc:
-        return text(exc.status, exc.reason)
+        # A reason may quote Connexus (a refused token request, a configure answer): never
+        # a configured secret or a bearer token in an answer, as in the logs.
+        return text(exc.status, scrub_text(exc.reason, phones=False))
     except web.HTTPException as exc:
         return text(exc.status, "Request body too large" if exc.status == 413 else exc.reason)
     except StoreError as exc:

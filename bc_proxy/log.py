@@ -104,18 +104,20 @@ def mask_number(value: str) -> str:
     return _DIGITS.sub("*", value[:-3]) + value[-3:]
 
 
-def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Text from Connexus or an error message made fit to show (console, `/readyz?verbose`) by
-    the logs' rules: every secret the log scrubber knows and every one of `secrets` (4+
-    characters) replaced with ***, bearer tokens and `access_token` values masked
-    (`mask_tokens`), phone numbers masked (`mask_phones`). Scrub before truncating."""
+def scrub_text(text: str, secrets: Iterable[str] = (), *, phones: bool = True) -> str:
+    """Text from Connexus or an error message made fit to show (console, `/readyz?verbose`, a
+    legacy error answer) by the logs' rules: every secret the log scrubber knows and every one
+    of `secrets` (4+ characters) replaced with ***, bearer tokens and `access_token` values
+    masked (`mask_tokens`), phone numbers masked (`mask_phones`) unless `phones` is False (an
+    answer to the client that sent them). Scrub before truncating."""
     known = {s for s in secrets if len(s) >= 4}
     for scrub in _SCRUB:
         known.update(scrub.secrets)
     for secret in sorted(known, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
-    return mask_phones(mask_tokens(text))
+    text = mask_tokens(text)
+    return mask_phones(text) if phones else text
 
 
 class _Scrubber:

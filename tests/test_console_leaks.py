@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import logging
 import re
 from typing import Any
 
+import structlog
 from aiohttp import web
 
+from bc_proxy import log
+from bc_proxy.config import parse
 from bc_proxy.metrics import NO_TENANT
 from tests.conftest import (
     CLIENT_SECRET,
@@ -125,3 +130,27 @@ async def test_console_masks_phone_numbers_as_the_logs_do(
     assert f"not json *******{HANDSET[-3:]}" in text
     assert HANDSET[:3] + "*" not in text
     assert HANDSET not in text
+
+
+async def test_a_legacy_error_answer_quoting_connexus_hides_secrets(
+    aiohttp_server: AiohttpServer, gateway: GatewayFactory, tmp_path: Any
+) -> None:
+    """A send whose token request Connexus refuses is answered with Connexus's reason: the
+    configured secret and the bearer token in it are hidden, as `serve` hides them in its logs
+    (it hands the scrubber the configuration's secrets at start)."""
+    cfg = config_dict(tmp_path, await _leaky_connexus(aiohttp_server))
+    root = logging.getLogger()
+    level, handlers, saved = root.level, list(root.handlers), structlog.get_config()
+    log.setup("info", "json", log.secrets_of(parse(cfg)), stream=io.StringIO())
+    try:
+        client = await gateway(cfg)
+        resp = await client.get("/api/1/sms/out", params=creds(to=HANDSET, body="hi"))
+        body = await resp.text()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+    assert resp.status >= 400
+    assert "bad secret ***" in body, body  # the reason is there, scrubbed
+    assert CLIENT_SECRET not in body
+    assert UPSTREAM_TOKEN not in body
