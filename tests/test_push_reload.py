@@ -14,6 +14,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
@@ -51,17 +52,11 @@ async def test_a_reloaded_push_timeout_applies_to_the_next_attempt(
         "retry_initial_seconds": 60,
         "retry_max_seconds": 60,
     }
-    client = await gateway(cfg)
-    app = client.app
-    assert app is not None
-    store = app[keys.STORE]
-    db = tmp_path / "bc-proxy.db"
-    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-0", "NUR", "x")])
-    await delivered(db, "m-0")  # under the start-up configuration
+    app, db = await pushing(gateway, cfg, tmp_path)
     new = copy.deepcopy(cfg)
     new["tenants"][0]["push"]["timeout_seconds"] = 0.3
     assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
-    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-1", "NUR", "x")])
+    await store_status(app, "m-1")
     deadline = time.monotonic() + SLOW + 3
     while True:  # until the attempt ended: counted (or done), lease given back
         done, attempts, owner, error = push_state(db, "m-1")
@@ -106,18 +101,12 @@ async def test_a_reloaded_push_timeout_beyond_the_lease_is_capped_and_logged(
         "status_url": str(server.make_url("/status")),
         "timeout_seconds": 1,
     }
-    client = await gateway(cfg)
-    app = client.app
-    assert app is not None
-    store = app[keys.STORE]
-    db = tmp_path / "bc-proxy.db"
-    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-0", "NUR", "x")])
-    await delivered(db, "m-0")
+    app, db = await pushing(gateway, cfg, tmp_path)
     assert "push_timeout_capped_by_lease" not in log_stream.getvalue()
     new = copy.deepcopy(cfg)
     new["tenants"][0]["push"]["timeout_seconds"] = 5
     assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
-    await store.settle_send([], [StatusRecord("acme", "6421000001", "552", "m-1", "NUR", "x")])
+    await store_status(app, "m-1")
     await delivered(db, "m-1")
     capped = [
         json.loads(line)
@@ -125,6 +114,24 @@ async def test_a_reloaded_push_timeout_beyond_the_lease_is_capped_and_logged(
         if "push_timeout_capped_by_lease" in line
     ]
     assert [(c["timeout"], c["lease"]) for c in capped] == [(5, 2)]
+
+
+async def pushing(
+    gateway: GatewayFactory, cfg: dict[str, Any], tmp_path: Path
+) -> tuple[web.Application, Path]:
+    """The gateway for `cfg`, once it has pushed one status record (m-0): the push worker runs
+    with the start-up configuration. (The app, its SQLite file.)"""
+    client = await gateway(cfg)
+    assert client.app is not None
+    db = tmp_path / "bc-proxy.db"
+    await store_status(client.app, "m-0")
+    await delivered(db, "m-0")
+    return client.app, db
+
+
+async def store_status(app: web.Application, in_reply_to: str) -> None:
+    record = StatusRecord("acme", "6421000001", "552", in_reply_to, "NUR", "x")
+    await app[keys.STORE].settle_send([], [record])
 
 
 async def delivered(db: Path, in_reply_to: str) -> None:
