@@ -1243,6 +1243,8 @@ async def test_push_failed_without_next_at_dead_letters(store: Store) -> None:
         (first.id, "ClientConnectorError", 1)
     ]
     assert await store.dead_letter_count() == 1
+    assert await store.dead_letters(1) == dead
+    assert await store.dead_letters(0) == []
     assert await store.claim_pushes(later(10 * HOUR), 10) == []
     assert await store.claim(PUSH, "status") is None
 
@@ -1406,6 +1408,7 @@ async def test_replay_brings_dead_letters_back(store: Store, select: str) -> Non
     records = await store.claim_pushes(later(), 10)
     for r in records:
         await store.push_failed(r, next_at=None, error="gone")
+    assert [d.id for d in await store.dead_letters(1)] == [records[0].id]  # the oldest first
     target = records[0].id
     ids = None if select == "all" else [target]
     expected = {r.id for r in records} if select == "all" else {target}

@@ -126,7 +126,7 @@ async def console_page(request: web.Request) -> web.StreamResponse:
     view = View(
         tenants=_tenant_rows(app),
         waiting=waiting,
-        dead=(await store.dead_letters())[:DEAD_SHOWN],
+        dead=await store.dead_letters(DEAD_SHOWN),
         dead_count=await store.dead_letter_count(),
         rejected=await store.rejected_webhooks(REJECTED_SHOWN),
         recent=app[RECENT].newest_first(),

@@ -353,7 +353,9 @@ class Store(Protocol):
         """Reschedule a failed push at `next_at`, or dead-letter it when `next_at` is None
         (only while the claim that returned `record` holds it)."""
 
-    async def dead_letters(self) -> list[LegacyRecord]: ...
+    async def dead_letters(self, limit: int | None = None) -> list[LegacyRecord]:
+        """The dead letters, oldest first; the first `limit` of them when given (the console
+        shows 100 of however many there are)."""
 
     async def dead_letter_count(self) -> int: ...
 

@@ -167,9 +167,11 @@ class Pushing:
                 wakes.add((record.tenant, record.kind))  # a dead letter frees its send's next
 
 
-async def dead_letters(db: Db) -> list[LegacyRecord]:
+async def dead_letters(db: Db, limit: int | None = None) -> list[LegacyRecord]:
     async with db.conn("dead letters") as conn:
-        rows = await conn.fetch(f"SELECT {RECORD_COLUMNS} FROM records WHERE dead ORDER BY id")
+        rows = await conn.fetch(  # LIMIT NULL: no limit
+            f"SELECT {RECORD_COLUMNS} FROM records WHERE dead ORDER BY id LIMIT $1::int", limit
+        )
     return [to_record(r) for r in rows]
 
 

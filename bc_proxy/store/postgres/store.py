@@ -297,8 +297,8 @@ class PostgresStore:
     async def push_failed(self, record: LegacyRecord, *, next_at: float | None, error: str) -> None:
         await self._pushing.push_failed(record, next_at=next_at, error=error)
 
-    async def dead_letters(self) -> list[LegacyRecord]:
-        return await push.dead_letters(self._db)
+    async def dead_letters(self, limit: int | None = None) -> list[LegacyRecord]:
+        return await push.dead_letters(self._db, limit)
 
     async def dead_letter_count(self) -> int:
         return await push.dead_letter_count(self._db)

@@ -164,8 +164,11 @@ def push_failed(
     return cur.rowcount > 0
 
 
-def dead_letters(conn: sqlite3.Connection) -> list[LegacyRecord]:
-    rows = conn.execute(f"SELECT {COLUMNS} FROM records WHERE dead = 1 ORDER BY id").fetchall()
+def dead_letters(conn: sqlite3.Connection, limit: int | None = None) -> list[LegacyRecord]:
+    rows = conn.execute(
+        f"SELECT {COLUMNS} FROM records WHERE dead = 1 ORDER BY id LIMIT ?",
+        (-1 if limit is None else limit,),  # -1: no limit
+    ).fetchall()
     return [to_record(r) for r in rows]
 
 

@@ -287,8 +287,8 @@ class SQLiteStore:
             lambda c, w: push.push_failed(c, w, record, self.replica, next_at, error)
         )
 
-    async def dead_letters(self) -> list[LegacyRecord]:
-        return await self._engine.read(push.dead_letters)
+    async def dead_letters(self, limit: int | None = None) -> list[LegacyRecord]:
+        return await self._engine.read(lambda c: push.dead_letters(c, limit))
 
     async def dead_letter_count(self) -> int:
         return await self._engine.read(upkeep.dead_letter_count)
