@@ -192,8 +192,8 @@ async def test_migrate_store_commits_nothing_when_a_count_differs(
     await _single_node_install(source)
     batches = transfer._batches
 
-    def lossy(conn: Any, table: transfer.Table) -> Any:
-        for rows in batches(conn, table):
+    def lossy(conn: Any, table: transfer.Table, *rest: Any) -> Any:
+        for rows in batches(conn, table, *rest):
             yield rows[1:] if table.name == "records" else rows
 
     monkeypatch.setattr(transfer, "_batches", lossy)
@@ -267,3 +267,34 @@ async def test_migrate_store_of_a_missing_file_leaves_no_lock_file(
     with pytest.raises(StoreError):
         await transfer.transfer(f"sqlite:///{tmp_path / 'typo.db'}", pg_url, out=lambda _: None)
     assert os.listdir(tmp_path) == []
+
+
+async def test_migrate_store_moves_what_postgresql_cannot_hold_as_is(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A NUL character in a stored SMS body (SQLite keeps it, PostgreSQL's text cannot) no
+    longer stops the whole move: it becomes U+FFFD and the row is named. A path holding `#`
+    opens the file it names, and a send marked as answered to a retry stays marked."""
+    folder = tmp_path / "bc#proxy"
+    folder.mkdir()
+    source = f"sqlite:///{folder / 'bc-proxy.db'}"
+    await _single_node_install(source)
+    store = open_store(source, RULES, replica="old-node")
+    await store.open()
+    try:
+        nul = MoEvent("mo-nul", "6421000009", "552", "before\x00after")
+        assert (await store.add_mo(nul, account=None)).outcome == "stored"
+        first = await store.begin_send(SendIntent("acme", "L9", ("6421000010",), "552"), 1.0e9)
+        again = await store.begin_send(SendIntent("acme", "L9", ("6421000010",), "552"), 1.0e9)
+        assert again.repeats == (("6421000010", "pending"),)  # marks the first's row
+    finally:
+        await store.close()
+    lines: list[str] = []
+    await transfer.transfer(source, pg_url, out=lines.append)
+    assert any("1 rows held NUL characters" in line for line in lines), lines
+    body = await pg.execute(pg_url, "SELECT body FROM records WHERE event_key LIKE '%mo-nul%'")
+    assert body == "before\ufffdafter"
+    ref = first.to_send[0].upstream_ref
+    seen = await pg.execute(pg_url, f"SELECT repeat_seen FROM sends WHERE upstream_ref = '{ref}'")
+    assert seen is True

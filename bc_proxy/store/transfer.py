@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,7 +30,7 @@ Row = tuple[Any, ...]
 
 SENDS = (
     "id, tenant, legacy_id, recipient, sender, state, upstream_ref, connexus_id, created_at, "
-    "settled_at"
+    "settled_at, repeat_seen"
 )
 RECORD_COLUMNS = (
     "id, tenant, kind, event_key, ref, send_id, ambiguous, receipt_id, msisdn_from, msisdn_to, "
@@ -60,7 +61,8 @@ class Table:
 
 def _send_row(row: Row) -> Row:
     # A send of the first release may have no upstream ref; PostgreSQL needs one per row.
-    return row if row[6] is not None else (*row[:6], f"migrated-{row[0]}", *row[7:])
+    ref = row[6] if row[6] is not None else f"migrated-{row[0]}"
+    return (*row[:6], ref, *row[7:10], bool(row[10]))
 
 
 def _record_row(row: Row) -> Row:
@@ -76,7 +78,7 @@ def _record_row(row: Row) -> Row:
 
 
 TABLES = (
-    Table("sends", SENDS, SENDS, _send_row, identity=True),
+    Table("sends", SENDS, SENDS, _send_row, identity=True),  # repeat_seen: 0/1 -> bool
     Table("records", RECORDS, RECORD_COLUMNS, _record_row, identity=True),
     Table(
         "sweep_marks",
@@ -146,7 +148,9 @@ def lock_source(url: str) -> int | None:
 def _open_source(url: str) -> sqlite3.Connection:
     path = sqlite_path(url)
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # As a URI, quoted: a `#`, `?` or `%` in the path must not cut or change it.
+        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         conn.execute("BEGIN")  # one snapshot for every table (WAL readers do not block writers)
         found = sqlite_schema.version(conn)
     except sqlite3.Error as exc:
@@ -160,10 +164,23 @@ def _open_source(url: str) -> sqlite3.Connection:
     return conn
 
 
-def _batches(source: sqlite3.Connection, table: Table) -> Iterator[list[Row]]:
+def _batches(
+    source: sqlite3.Connection, table: Table, replaced: list[int] | None = None
+) -> Iterator[list[Row]]:
+    """The table's rows, in id order, mapped for PostgreSQL. A NUL character, which SQLite
+    keeps and PostgreSQL's text cannot hold (an SMS body from Connexus, say), becomes U+FFFD,
+    and the row's id is added to `replaced`: one such row no longer stops the whole move."""
     cursor = source.execute(f"SELECT {table.select} FROM {table.name} ORDER BY 1")
     while rows := cursor.fetchmany(BATCH):
-        yield [table.fix(tuple(r)) for r in rows]
+        out = []
+        for r in rows:
+            row = table.fix(tuple(r))
+            if any(isinstance(v, str) and "\x00" in v for v in row):
+                row = tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+                if replaced is not None:
+                    replaced.append(row[0])
+            out.append(row)
+        yield out
 
 
 async def _target_rows(conn: Any) -> bool:
@@ -230,7 +247,8 @@ async def _copy(
 ) -> None:
     columns = [c.strip() for c in table.columns.split(",")]
     moved = 0
-    for rows in _batches(source, table):
+    replaced: list[int] = []
+    for rows in _batches(source, table, replaced):
         await conn.copy_records_to_table(table.name, records=rows, columns=columns)
         moved += len(rows)
     if table.identity:
@@ -242,6 +260,12 @@ async def _copy(
     dst = int(await conn.fetchval(f"SELECT count(*) FROM {table.name}"))
     report.counts.append((table.name, src, dst))
     out(f"{table.name}: {moved} rows copied")
+    if replaced:
+        shown = ", ".join(str(i) for i in replaced[:20]) + (", ..." if len(replaced) > 20 else "")
+        out(
+            f"{table.name}: {len(replaced)} rows held NUL characters, which PostgreSQL cannot "
+            f"store; each became U+FFFD (ids {shown})"
+        )
 
 
 async def _check(source: sqlite3.Connection, conn: Any, report: Report) -> None:
