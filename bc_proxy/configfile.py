@@ -137,6 +137,11 @@ def _store_problems(url: str) -> list[str]:
             out.append(f"store.url: directory {folder} is not writable")
         elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
             out.append(f"store.url: {path} is not readable and writable")
+        elif path.exists():
+            from bc_proxy.store.sqlite.helpers import moved_problem  # the store needs config
+
+            if (problem := moved_problem(str(path))) is not None:
+                out.append(f"store.url: {problem}")
     return out
 
 

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 
 from bc_proxy import keys
-from bc_proxy.errors import StoreError
+from bc_proxy.config import load_usable
+from bc_proxy.errors import ConfigError, StoreError
 from bc_proxy.store import (
     Delivery,
     MoEvent,
@@ -36,6 +37,7 @@ from bc_proxy.store import (
 from tests import pg
 from tests.conftest import AiohttpServer, Connexus, GatewayFactory, config_dict, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
+from tests.served import write_config
 
 pytestmark = pytest.mark.postgres
 
@@ -143,7 +145,11 @@ async def test_migrate_store_moves_100k_records_with_every_count_equal(
     assert (counts["sends pending"], counts["sends accepted"]) == ((1, 1), (1, 1))
 
     code, _, err = await _cli("migrate-store", "--from", source, "--to", pg_url)
-    assert code != 0  # a second run refuses the filled target
+    assert code != 0  # a second run refuses the moved file
+    assert "was moved" in err
+    os.remove(f"{db}.moved")
+    code, _, err = await _cli("migrate-store", "--from", source, "--to", pg_url)
+    assert code != 0  # and, unmarked, the filled target
     assert "not empty" in err
 
     pushed: list[dict[str, str]] = []
@@ -298,3 +304,32 @@ async def test_migrate_store_moves_what_postgresql_cannot_hold_as_is(
     ref = first.to_send[0].upstream_ref
     seen = await pg.execute(pg_url, f"SELECT repeat_seen FROM sends WHERE upstream_ref = '{ref}'")
     assert seen is True
+
+
+async def test_a_moved_file_is_refused_by_a_gateway_started_on_it_again(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """After the move, the SQLite file says where it went: a gateway started on it again (an
+    old unit left enabled, a reboot) refuses it, and check-config says so, instead of both
+    stores delivering the moved records; a second move of it is refused too. Deleting the
+    marker makes the file usable again."""
+    db = tmp_path / "bc-proxy.db"
+    source = f"sqlite:///{db}"
+    await _single_node_install(source)
+    lines: list[str] = []
+    await transfer.transfer(source, pg_url, out=lines.append)
+    assert any("marked as moved" in line for line in lines), lines
+    store = open_store(source, RULES, replica="old-node")
+    with pytest.raises(StoreError, match=r"was moved to postgresql://127\.0\.0\.1:5432/"):
+        await store.open()
+    cfg = config_dict(tmp_path, "http://127.0.0.1:9/api/connexus")
+    cfg["store"]["url"] = source
+    with pytest.raises(ConfigError, match=r"store\.url: .* was moved to postgresql"):
+        load_usable(write_config(tmp_path / "old.yaml", cfg))
+    with pytest.raises(StoreError, match="was moved"):
+        await transfer.transfer(source, pg_url, force=True, out=lines.append)
+    os.remove(f"{db}.moved")
+    store = open_store(source, RULES, replica="old-node")
+    await store.open()
+    await store.close()

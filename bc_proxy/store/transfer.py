@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -23,7 +24,7 @@ from bc_proxy.store.postgres import schema as pg_schema
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, store_error
 from bc_proxy.store.postgres.store import pool_options
 from bc_proxy.store.sqlite import schema as sqlite_schema
-from bc_proxy.store.sqlite.helpers import in_use_lock
+from bc_proxy.store.sqlite.helpers import in_use_lock, moved_marker, moved_problem
 
 BATCH = 20_000
 Row = tuple[Any, ...]
@@ -147,6 +148,9 @@ def lock_source(url: str) -> int | None:
 
 def _open_source(url: str) -> sqlite3.Connection:
     path = sqlite_path(url)
+    problem = moved_problem(path)
+    if problem is not None:
+        raise StoreError(f"sqlite {problem}")
     try:
         # As a URI, quoted: a `#`, `?` or `%` in the path must not cut or change it.
         uri = f"{Path(path).resolve().as_uri()}?mode=ro"
@@ -230,12 +234,27 @@ async def _transfer(
                     out(line)
                 raise StoreError("counts differ: nothing was committed")
         report.seconds = time.monotonic() - started
+        _mark_moved(sqlite_path(source_url), target_url, out)
         return report
     except DRIVER_ERRORS as exc:
         raise store_error(exc, "migrate-store") from exc
     finally:
         source.close()
         await conn.close()
+
+
+def _mark_moved(path: str, target_url: str, out: Callable[[str], None]) -> None:
+    """After the commit: the file says where it went, and a gateway started on it again (an
+    old unit left enabled) refuses it instead of delivering the moved records a second time."""
+    parts = urlsplit(target_url)
+    where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+    try:
+        with open(moved_marker(path), "w", encoding="utf-8") as f:
+            f.write(f"{where} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    except OSError as exc:
+        out(f"warning: could not mark {path} as moved ({exc.strerror}): start no gateway on it")
+        return
+    out(f"{path} marked as moved ({moved_marker(path)}): a gateway started on it refuses it")
 
 
 async def _copy(

@@ -33,6 +33,37 @@ def connect(path: str) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
 
+def moved_marker(path: str) -> str:
+    """`<file>.moved`, beside the database (as its lock): written by migrate-store once the
+    file's content is in PostgreSQL, it makes a store refuse to open the file."""
+    return f"{os.path.realpath(path)}.moved"
+
+
+def moved_to(path: str) -> str | None:
+    """Where migrate-store moved this file's content (the marker's text), or None."""
+    if not path or ":memory:" in path:
+        return None
+    try:
+        with open(moved_marker(path), encoding="utf-8") as f:
+            return f.read().strip() or "PostgreSQL"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"(unreadable marker: {exc.strerror})"
+
+
+def moved_problem(path: str) -> str | None:
+    """The one-line refusal for a moved file, or None: serve's and check-config's words."""
+    where = moved_to(path)
+    if where is None:
+        return None
+    return (
+        f"{path} was moved to {where} by migrate-store: point store.url there (delete "
+        f"{moved_marker(path)} to use this file again; a second gateway on it would deliver "
+        "the moved records twice)"
+    )
+
+
 def in_use_lock(path: str, *, exclusive: bool) -> int | None:
     """An flock on `<path>.lock`, beside the database: shared by every store opened on the file
     (a gateway, a CLI command), exclusive for `migrate-store`, which must not copy a file that

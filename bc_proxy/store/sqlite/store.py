@@ -35,7 +35,7 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
 from bc_proxy.store.sqlite.engine import Engine, Wakes
-from bc_proxy.store.sqlite.helpers import in_use_lock
+from bc_proxy.store.sqlite.helpers import in_use_lock, moved_problem
 from bc_proxy.store.waker import LocalWaker, Waker
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ class SQLiteStore:
                 ) from None
 
     async def open(self) -> None:
+        problem = moved_problem(self.path)
+        if problem is not None:
+            raise StoreError(f"sqlite {problem}")
         self._lock()
         try:
             await self._engine.open()
