@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -34,6 +35,7 @@ from bc_proxy.store import (
     open_store,
     transfer,
 )
+from bc_proxy.store.postgres import schema as pg_schema
 from tests import pg
 from tests.conftest import AiohttpServer, Connexus, GatewayFactory, config_dict, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -333,3 +335,30 @@ async def test_a_moved_file_is_refused_by_a_gateway_started_on_it_again(
     store = open_store(source, RULES, replica="old-node")
     await store.open()
     await store.close()
+
+
+async def test_a_filled_target_is_refused_before_its_schema_is_touched(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A target that holds rows, at an older schema version (a live store), is refused with
+    its schema as it was: upgrading it takes exclusive locks under a running gateway."""
+    source = f"sqlite:///{tmp_path / 'bc-proxy.db'}"
+    await _single_node_install(source)
+    conn = await asyncpg.connect(pg_url, timeout=3)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+        )
+        for version, sql in enumerate(pg_schema.MIGRATIONS[:2], 1):
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await conn.execute(
+            "INSERT INTO sends (tenant, legacy_id, recipient, state, upstream_ref, created_at) "
+            "VALUES ('acme', 'L0', '6421000001', 'accepted', 'live-1', 1)"
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="not empty"):
+        await transfer.transfer(source, pg_url, out=lambda line: None)
+    assert await pg.execute(pg_url, "SELECT max(version) FROM schema_version") == 2

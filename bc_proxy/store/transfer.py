@@ -188,8 +188,14 @@ def _batches(
 
 
 async def _target_rows(conn: Any) -> bool:
-    """Whether any table to fill already holds a row."""
-    exists = " OR ".join(f"EXISTS (SELECT 1 FROM {t.name})" for t in TABLES)
+    """Whether any table to fill already holds a row (a table not made yet holds none)."""
+    present = await conn.fetchval(
+        "SELECT array_agg(n) FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NOT NULL",
+        [t.name for t in TABLES],
+    )
+    if not present:
+        return False
+    exists = " OR ".join(f"EXISTS (SELECT 1 FROM {name})" for name in present)
     return bool(await conn.fetchval(f"SELECT {exists}"))
 
 
@@ -217,6 +223,9 @@ async def _transfer(
         source.close()
         raise store_error(exc, "connect") from exc
     try:
+        # Refused before its schema is touched: the upgrade of a live store takes its locks.
+        if not force and await _target_rows(conn):
+            raise StoreError("the target store is not empty (--force empties it first)")
         before, after = await pg_schema.migrate(conn)
         out(f"target schema version {before} -> {after}")
         report = Report()
