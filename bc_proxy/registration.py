@@ -21,7 +21,7 @@ from bc_proxy import keys
 from bc_proxy.config import ConnexusCredentials, Settings, TenantSettings
 from bc_proxy.connexus.client import ConnexusClient
 from bc_proxy.errors import LegacyError
-from bc_proxy.log import get_logger
+from bc_proxy.log import get_logger, scrub_text
 
 log = get_logger("bc_proxy.registration")
 
@@ -80,7 +80,9 @@ async def register(client: ConnexusClient, tenant: str, url: str) -> tuple[str, 
         await client.configure_webhook(tenant, url)
         got = await read_back(client, tenant)
     except LegacyError as exc:
-        return "error", f"error: {exc.reason}"[:200]
+        # Scrubbed before the cut (a secret Connexus quoted must not be cut in half, where no
+        # later scrubbing could find it), as everything shown on /readyz and the console.
+        return "error", scrub_text(f"error: {exc.reason}")[:200]
     if got == url:
         return "verified", f"verified: {_shown(url)}"
     return "mismatch", f"mismatch: Connexus has {_shown(got)}"

@@ -14,9 +14,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from bc_proxy import log
+from bc_proxy import log, registration
 from bc_proxy.config import parse
-from bc_proxy.metrics import NO_TENANT
+from bc_proxy.connexus.client import ConnexusClient
+from bc_proxy.metrics import NO_TENANT, Metrics
 from tests.conftest import (
     CLIENT_SECRET,
     LEGACY_PASSWORD,
@@ -154,3 +155,42 @@ async def test_a_legacy_error_answer_quoting_connexus_hides_secrets(
     assert "bad secret ***" in body, body  # the reason is there, scrubbed
     assert CLIENT_SECRET not in body
     assert UPSTREAM_TOKEN not in body
+
+
+async def test_a_registration_error_is_scrubbed_before_it_is_cut(
+    aiohttp_server: AiohttpServer, tmp_path: Any
+) -> None:
+    """The registration line keeps 200 characters of Connexus's error. Cut first, a secret
+    crossing that edge was left in part, where no later scrubbing (the console's, /readyz's)
+    could find it: the line is scrubbed before it is cut, wherever the secret falls."""
+    padding: list[int] = [0]
+
+    async def refuse(request: web.Request) -> web.Response:
+        reason = "x" * padding[0] + f" {CLIENT_SECRET} "
+        return web.json_response(
+            {"error": "invalid_client", "error_description": reason}, status=401
+        )
+
+    fake = web.Application()
+    fake.router.add_route("*", "/api/connexus/{tail:.*}", refuse)
+    server = await aiohttp_server(fake, host="127.0.0.1")
+    cfg = config_dict(tmp_path, str(server.make_url("/api/connexus")))
+    root = logging.getLogger()
+    level, handlers, saved = root.level, list(root.handlers), structlog.get_config()
+    log.setup("info", "json", log.secrets_of(parse(cfg)), stream=io.StringIO())
+    client = ConnexusClient(parse(cfg), Metrics(process=False))
+    await client.start()
+    try:
+        lines = []
+        for padding[0] in range(100, 200, 9):
+            outcome, line = await registration.register(client, "acme", "https://gw.example/h")
+            assert outcome == "error"
+            lines.append(line)
+    finally:
+        await client.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+    assert all(len(line) <= 200 for line in lines)
+    assert [line for line in lines if CLIENT_SECRET[:5] in line] == []
+    assert any("***" in line for line in lines)
