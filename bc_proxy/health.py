@@ -11,7 +11,6 @@ own metrics.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ def scrubber(app: web.Application | ChainMapProxy) -> Callable[[str], str]:
     settings = app[keys.SETTINGS]
     tenants = (*settings.tenants, *app[keys.RUNTIME].tenants.values())
     secrets = log.secrets_of(settings.model_copy(update={"tenants": tenants}))
-    return functools.partial(log.scrub_text, secrets=secrets)
+    return log.text_scrubber(secrets)
 
 
 def _json(status: int, body: dict[str, object]) -> web.Response:
