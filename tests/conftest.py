@@ -3,11 +3,12 @@ real gateway app served on 127.0.0.1 through pytest-aiohttp."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,29 @@ def creds(**extra: str) -> dict[str, str]:
     return {"userId": LEGACY_USER, "password": LEGACY_PASSWORD, **extra}
 
 
+@contextlib.contextmanager
+def logging_to(
+    stream: io.StringIO, secrets: Iterable[str] = (), level: str = "debug"
+) -> Iterator[io.StringIO]:
+    """bc-proxy's JSON logs into `stream`, the scrubber told `secrets` (as `serve` tells it
+    the configuration's); the previous logging config is restored afterwards."""
+    root = logging.getLogger()
+    saved_level, handlers = root.level, list(root.handlers)
+    saved = structlog.get_config()
+    log.setup(level, "json", secrets, stream=stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(saved_level)
+        structlog.configure(**saved)
+
+
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """bc-proxy's JSON logs (debug level) into a buffer; the previous logging config is restored.
 
     No secrets are handed to the scrubber: tests see what the code itself logs.
     """
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    log.setup("debug", "json", (), stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**saved)
+    with logging_to(io.StringIO()) as stream:
+        yield stream

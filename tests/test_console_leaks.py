@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import logging
 import re
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from bc_proxy import log, registration
@@ -28,6 +26,7 @@ from tests.conftest import (
     GatewayFactory,
     config_dict,
     creds,
+    logging_to,
 )
 from tests.test_console import HANDSET, HOOK, console_cfg, page
 
@@ -140,17 +139,10 @@ async def test_a_legacy_error_answer_quoting_connexus_hides_secrets(
     configured secret and the bearer token in it are hidden, as `serve` hides them in its logs
     (it hands the scrubber the configuration's secrets at start)."""
     cfg = config_dict(tmp_path, await _leaky_connexus(aiohttp_server))
-    root = logging.getLogger()
-    level, handlers, saved = root.level, list(root.handlers), structlog.get_config()
-    log.setup("info", "json", log.secrets_of(parse(cfg)), stream=io.StringIO())
-    try:
+    with logging_to(io.StringIO(), log.secrets_of(parse(cfg))):  # as serve sets it up
         client = await gateway(cfg)
         resp = await client.get("/api/1/sms/out", params=creds(to=HANDSET, body="hi"))
         body = await resp.text()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**saved)
     assert resp.status >= 400
     assert "bad secret ***" in body, body  # the reason is there, scrubbed
     assert CLIENT_SECRET not in body
@@ -175,22 +167,17 @@ async def test_a_registration_error_is_scrubbed_before_it_is_cut(
     fake.router.add_route("*", "/api/connexus/{tail:.*}", refuse)
     server = await aiohttp_server(fake, host="127.0.0.1")
     cfg = config_dict(tmp_path, str(server.make_url("/api/connexus")))
-    root = logging.getLogger()
-    level, handlers, saved = root.level, list(root.handlers), structlog.get_config()
-    log.setup("info", "json", log.secrets_of(parse(cfg)), stream=io.StringIO())
     client = ConnexusClient(parse(cfg), Metrics(process=False))
     await client.start()
+    lines = []
     try:
-        lines = []
-        for padding[0] in range(100, 200, 9):
-            outcome, line = await registration.register(client, "acme", "https://gw.example/h")
-            assert outcome == "error"
-            lines.append(line)
+        with logging_to(io.StringIO(), log.secrets_of(parse(cfg))):  # as serve sets it up
+            for padding[0] in range(100, 200, 9):
+                outcome, line = await registration.register(client, "acme", "https://x.test/h")
+                assert outcome == "error"
+                lines.append(line)
     finally:
         await client.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**saved)
     assert all(len(line) <= 200 for line in lines)
     assert [line for line in lines if CLIENT_SECRET[:5] in line] == []
     assert any("***" in line for line in lines)

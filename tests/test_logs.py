@@ -163,6 +163,8 @@ def test_mask_rule_boundaries() -> None:
     assert mask_phones("n=1234567") == "n=****567"
     assert mask_phones("id deadbeef12345678") == "id deadbeef12345678"
     assert mask_phones("x" + "1" * 16) == "x" + "1" * 16
+    assert mask_phones("to=6421234567,+6427000111") == "to=*******567,+*******111"
+    assert mask_phones("id 1234 x") == "id 1234 x"
 
 
 def test_generated_request_ids_are_never_masked() -> None:
