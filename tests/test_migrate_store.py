@@ -36,6 +36,7 @@ from bc_proxy.store import (
     transfer,
 )
 from bc_proxy.store.postgres import schema as pg_schema
+from bc_proxy.store.sqlite.helpers import moved_to
 from tests import pg
 from tests.conftest import AiohttpServer, Connexus, GatewayFactory, config_dict, creds
 from tests.pg import pg_url  # noqa: F401  (fixture)
@@ -210,6 +211,7 @@ async def test_migrate_store_commits_nothing_when_a_count_differs(
         await transfer.transfer(source, pg_url, out=lines.append)
     assert any(line.startswith("records ") and "MISMATCH" in line for line in lines), lines
     assert await pg.execute(pg_url, "SELECT count(*) FROM records") == 0
+    assert moved_to(str(tmp_path / "bc-proxy.db")) is None  # not moved: not marked
 
 
 async def test_migrate_store_refuses_a_file_a_store_has_open(

@@ -7,6 +7,7 @@ check that must hold before the transaction commits. The gateway must be stopped
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from bc_proxy.store.sqlite import schema as sqlite_schema
 from bc_proxy.store.sqlite.helpers import in_use_lock, moved_marker, moved_problem
 
 BATCH = 20_000
+NOT_EMPTY = "the target store is not empty (--force empties it first)"
 Row = tuple[Any, ...]
 
 SENDS = (
@@ -168,9 +170,7 @@ def _open_source(url: str) -> sqlite3.Connection:
     return conn
 
 
-def _batches(
-    source: sqlite3.Connection, table: Table, replaced: list[int] | None = None
-) -> Iterator[list[Row]]:
+def _batches(source: sqlite3.Connection, table: Table, replaced: list[int]) -> Iterator[list[Row]]:
     """The table's rows, in id order, mapped for PostgreSQL. A NUL character, which SQLite
     keeps and PostgreSQL's text cannot hold (an SMS body from Connexus, say), becomes U+FFFD,
     and the row's id is added to `replaced`: one such row no longer stops the whole move."""
@@ -181,8 +181,7 @@ def _batches(
             row = table.fix(tuple(r))
             if any(isinstance(v, str) and "\x00" in v for v in row):
                 row = tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
-                if replaced is not None:
-                    replaced.append(row[0])
+                replaced.append(row[0])
             out.append(row)
         yield out
 
@@ -225,25 +224,34 @@ async def _transfer(
     try:
         # Refused before its schema is touched: the upgrade of a live store takes its locks.
         if not force and await _target_rows(conn):
-            raise StoreError("the target store is not empty (--force empties it first)")
+            raise StoreError(NOT_EMPTY)
         before, after = await pg_schema.migrate(conn)
         out(f"target schema version {before} -> {after}")
         report = Report()
-        async with conn.transaction():
-            if await _target_rows(conn):
-                if not force:
-                    raise StoreError("the target store is not empty (--force empties it first)")
-                await conn.execute(f"TRUNCATE {', '.join(t.name for t in TABLES)}")
-                out("target emptied (--force)")
-            for table in TABLES:
-                await _copy(source, conn, table, report, out)
-            await _check(source, conn, report)
-            if not report.ok:
-                for line in report.lines():
-                    out(line)
-                raise StoreError("counts differ: nothing was committed")
+        marker: str | None = None
+        try:
+            async with conn.transaction():
+                if await _target_rows(conn):
+                    if not force:
+                        raise StoreError(NOT_EMPTY)
+                    await conn.execute(f"TRUNCATE {', '.join(t.name for t in TABLES)}")
+                    out("target emptied (--force)")
+                for table in TABLES:
+                    await _copy(source, conn, table, report, out)
+                await _check(source, conn, report)
+                if not report.ok:
+                    for line in report.lines():
+                        out(line)
+                    raise StoreError("counts differ: nothing was committed")
+                # Before the commit: a kill between the two leaves the file refused (delete
+                # the marker to use it), never a moved file a gateway would start on again.
+                marker = _mark_moved(sqlite_path(source_url), target_url, out)
+        except BaseException:
+            if marker is not None:  # the commit failed: the file was not moved
+                with contextlib.suppress(OSError):
+                    os.remove(marker)
+            raise
         report.seconds = time.monotonic() - started
-        _mark_moved(sqlite_path(source_url), target_url, out)
         return report
     except DRIVER_ERRORS as exc:
         raise store_error(exc, "migrate-store") from exc
@@ -252,9 +260,10 @@ async def _transfer(
         await conn.close()
 
 
-def _mark_moved(path: str, target_url: str, out: Callable[[str], None]) -> None:
-    """After the commit: the file says where it went, and a gateway started on it again (an
-    old unit left enabled) refuses it instead of delivering the moved records a second time."""
+def _mark_moved(path: str, target_url: str, out: Callable[[str], None]) -> str | None:
+    """The file says where it went (its marker's path, None if it could not be written): a
+    gateway started on it again (an old unit left enabled) refuses it instead of delivering
+    the moved records a second time."""
     parts = urlsplit(target_url)
     where = f"postgresql://{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
     try:
@@ -262,8 +271,9 @@ def _mark_moved(path: str, target_url: str, out: Callable[[str], None]) -> None:
             f.write(f"{where} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
     except OSError as exc:
         out(f"warning: could not mark {path} as moved ({exc.strerror}): start no gateway on it")
-        return
+        return None
     out(f"{path} marked as moved ({moved_marker(path)}): a gateway started on it refuses it")
+    return moved_marker(path)
 
 
 async def _copy(
