@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REJECT_RETRY_FIRST = 0.5  # a failed rejection of abandoned rows is tried again after this,
 REJECT_RETRY_MAX = 5.0  # doubling up to this
+MAX_ABANDONED = 100_000  # refs of abandoned begins kept for rejection (beyond: left to expiry)
 EXPIRE_CHUNK = 500  # pending rows expired per write (each gets a status record)
 
 
@@ -66,6 +67,8 @@ class SQLiteStore:
         self._maybe_unmatched = True  # reports may wait for a Connexus id (cleared by a probe)
         self._in_use: int | None = None  # the file's shared in-use lock while open
         self._closed = False
+        self._to_reject: set[str] = set()  # refs of abandoned begins, rejected by _reject
+        self._rejecting = False  # a rejection write, or its retry, is under way
 
     def _notify(self, wakes: Wakes) -> None:
         for tenant, kind in wakes:
@@ -141,33 +144,40 @@ class SQLiteStore:
     def _abandoned(self, item: tuple[SendIntent, float], plan: SendPlan) -> None:
         """A begin whose caller never acts on its plan (cancelled after the commit, or told of
         a failed fsync): its rows are rejected in the next group, after any repeat queued
-        meanwhile (which marks the row it was answered from)."""
+        meanwhile (which marks the row it was answered from). One write at a time for every
+        ref waiting, however many begins were abandoned (a failing disk abandons many)."""
         refs = [p.upstream_ref for p in plan.to_send]
-        if refs:
-            self._reject(refs, REJECT_RETRY_FIRST)
-
-    def _reject(self, refs: list[str], retry_in: float) -> None:
-        """Reject `refs`' abandoned rows; a failed write is tried again with backoff until the
-        store closes (what is left pending then expires as before)."""
-        if self._closed or self._engine.closed:
+        if len(self._to_reject) + len(refs) > MAX_ABANDONED:
+            log.warning("abandoned sends: %d refs kept, more left to expiry", MAX_ABANDONED)
             return
-        now = time.time()
+        self._to_reject.update(refs)
+        if refs and not self._rejecting:
+            self._reject(REJECT_RETRY_FIRST)
+
+    def _reject(self, retry_in: float) -> None:
+        """Reject the waiting refs' abandoned rows; a failed write is tried again with backoff
+        until the store closes (what is left pending then expires as before)."""
+        self._rejecting = False
+        if not self._to_reject or self._closed or self._engine.closed:
+            return
+        refs, now = list(self._to_reject), time.time()
         try:
             done = self._engine.submit(lambda c, w: sends.reject_abandoned(c, refs, now))
         except StoreError:
             return
+        self._rejecting = True
 
         def after(done: asyncio.Future[int]) -> None:
-            if done.cancelled():
+            exc = None if done.cancelled() else done.exception()
+            if done.cancelled() or exc is not None:
+                log.warning("abandoned sends: rejection failed (%s); again in %gs", exc, retry_in)
+                again = min(retry_in * 2, REJECT_RETRY_MAX)
+                asyncio.get_running_loop().call_later(retry_in, self._reject, again)
                 return
-            exc = done.exception()
-            if exc is None:
-                if done.result():
-                    log.info("abandoned sends: %d pending rows rejected", done.result())
-                return
-            log.warning("abandoned sends: rejection failed (%s); again in %gs", exc, retry_in)
-            again = min(retry_in * 2, REJECT_RETRY_MAX)
-            asyncio.get_running_loop().call_later(retry_in, self._reject, refs, again)
+            self._to_reject.difference_update(refs)
+            if done.result():
+                log.info("abandoned sends: %d pending rows rejected", done.result())
+            self._reject(REJECT_RETRY_FIRST)  # refs that came meanwhile
 
         done.add_done_callback(after)
 
