@@ -240,6 +240,35 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX records_reports ON records (send_id)
         WHERE send_id IS NOT NULL AND dlr_status IS NOT NULL;
     """,
+    # 10: a group of send calls none of which was seen before, written in one statement (its
+    # own transaction: one round trip instead of BEGIN, facts, insert and COMMIT). The caller
+    # planned the group on the facts of a fresh call (no send with its key in the window, no
+    # blocked handset) and passes the rows that plan writes; the function takes the key locks
+    # as bc_send_facts does, reads the facts, and inserts the rows only if every fact is that
+    # of a fresh call: true, else false with nothing written (the caller plans again on the
+    # facts read, in a transaction). No rule is decided here: the facts are compared with the
+    # ones the plan was made on (postgres/fresh.py).
+    f"""
+    CREATE FUNCTION bc_begin_fresh(
+        p_tenants text[], p_legacy_ids text[], p_recipients text[], p_since float8[],
+        p_row_tenants text[], p_row_legacy_ids text[], p_row_recipients text[],
+        p_row_senders text[], p_row_refs text[], p_row_created float8[]
+    ) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    BEGIN
+        PERFORM {lock_send_keys("p_tenants", "p_legacy_ids")};
+        IF EXISTS (SELECT 1 FROM ({SEND_FACTS_QUERY}) AS f(i, latest, is_blocked)
+                   WHERE f.latest IS NOT NULL OR f.is_blocked) THEN
+            RETURN false;
+        END IF;
+        INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, created_at)
+        SELECT t, l, r, s, 'pending', u, c
+        FROM unnest(p_row_tenants, p_row_legacy_ids, p_row_recipients, p_row_senders,
+                    p_row_refs, p_row_created) AS x(t, l, r, s, u, c);
+        RETURN true;
+    END
+    $fn$;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

@@ -104,17 +104,7 @@ async def begin_sends(
     (abandoned.mark_seen): a pending row abandoned by its own caller is then never rejected,
     and expires with its ERR record. If the row stopped being pending between the facts and
     the mark (rejected meanwhile), the facts are read again and the group planned anew."""
-    tenants: list[str] = []
-    legacy_ids: list[str | None] = []
-    recipients: list[str] = []
-    since: list[float] = []
-    for w in writes:
-        window_start = w.now - rules.window(w.intent.tenant)
-        for recipient in w.intent.recipients:
-            tenants.append(w.intent.tenant)
-            legacy_ids.append(w.intent.legacy_id)
-            recipients.append(recipient)
-            since.append(window_start)
+    tenants, legacy_ids, recipients, since = fact_keys(rules, writes)
     # Each failed mark settled a pending row for good (the key locks, held meanwhile, keep new
     # rows out): a group plans at most once per key it asked about, plus one.
     for _ in range(len(tenants) + 1):
@@ -126,7 +116,7 @@ async def begin_sends(
             recipients,
             since,
         )
-        group = _plan(rules, writes, iter(rows))
+        group = plan_group(rules, writes, iter(rows))
         seen = group.pending_repeats
         if not seen or await mark_seen(conn, seen) == set(seen):
             break
@@ -141,8 +131,31 @@ async def begin_sends(
     return group.plans
 
 
+def fact_keys(
+    rules: Rules, writes: list[BeginWrite]
+) -> tuple[list[str], list[str | None], list[str], list[float]]:
+    """The facts a group is planned on, as bc_send_facts's four arrays: tenant, legacy
+    messageId, recipient and window start, one entry per recipient of each call in order."""
+    tenants: list[str] = []
+    legacy_ids: list[str | None] = []
+    recipients: list[str] = []
+    since: list[float] = []
+    for w in writes:
+        window_start = w.now - rules.window(w.intent.tenant)
+        for recipient in w.intent.recipients:
+            tenants.append(w.intent.tenant)
+            legacy_ids.append(w.intent.legacy_id)
+            recipients.append(recipient)
+            since.append(window_start)
+    return tenants, legacy_ids, recipients, since
+
+
 @dataclass
-class _Group:
+class PlannedGroup:
+    """What a group's plans write: pending rows (send_rows, in _INSERT_SENDS's columns), NUR
+    records for blocked handsets and their event keys (marks), and the pending rows of earlier
+    calls a retry was answered from (pending_repeats: marked, abandoned.mark_seen)."""
+
     plans: list[SendPlan] = field(default_factory=list)
     send_rows: list[tuple[Any, ...]] = field(default_factory=list)
     statuses: list[tuple[StatusRecord, float]] = field(default_factory=list)
@@ -150,8 +163,11 @@ class _Group:
     pending_repeats: list[SeenKey] = field(default_factory=list)
 
 
-def _plan(rules: Rules, writes: list[BeginWrite], rows: Iterator[Any]) -> _Group:
-    group = _Group()
+def plan_group(rules: Rules, writes: list[BeginWrite], rows: Iterator[Any]) -> PlannedGroup:
+    """Plan each call of a group by `Rules.plan` on its facts (`rows`: one mapping with
+    `latest` and `is_blocked` per entry of fact_keys), recording each call's plan and marks on
+    it (recover_begins reads them)."""
+    group = PlannedGroup()
     for w in writes:
         intent = w.intent
         latest: dict[str, SendState] = {}

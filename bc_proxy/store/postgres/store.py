@@ -27,7 +27,7 @@ from bc_proxy.store import (
     WaitingStat,
     new_replica_id,
 )
-from bc_proxy.store.postgres import inbound, matching, push, records, schema, sends
+from bc_proxy.store.postgres import fresh, inbound, matching, push, records, schema, sends
 from bc_proxy.store.postgres.abandoned import PER_GROUP, Abandoned
 from bc_proxy.store.postgres.db import DRIVER_ERRORS, Db, store_error
 from bc_proxy.store.postgres.dlr import DlrStored, DlrWrite, store_dlrs
@@ -139,12 +139,12 @@ class PostgresStore:
         return await store_dlrs(self._db, self.rules, w)
 
     async def _begin_sends(self, w: list[sends.BeginWrite]) -> list[SendPlan]:
-        """One group's transaction, after the rows of abandoned calls are rejected (committed
-        first, so a retry of one of them planned here cannot find its rows pending)."""
+        """One group (postgres/fresh.py), after the rows of abandoned calls are rejected
+        (committed first, so a retry of one of them planned here cannot find its rows
+        pending)."""
         if self._abandoned.fresh:  # on failure the flush tries again; a retry's mark is safe
             await self._abandoned.reject(PER_GROUP, fresh_only=True)
-        async with self._db.tx("begin send") as (conn, wakes):
-            return await sends.begin_sends(conn, wakes, self.rules, w)
+        return await fresh.begin_group(self._db, self.rules, w)
 
     async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
         return await sends.recover_begins(self._db, w)
