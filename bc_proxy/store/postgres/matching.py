@@ -1,10 +1,16 @@
 """Late matching of delivery reports in PostgreSQL: a report that arrived before the Connexus
 id it names was stored with a send is kept unmatched, and given to its send later.
 
-A settle commits the ids first and then looks for unmatched reports naming them (`match_late`);
-an ingest commits an unmatched report first and then looks for a send it names
-(`recheck_unmatched`). Each looks after its own commit, so whichever of the two commits second
-sees the other's row (or both do): no report is left unmatched by the race. The matching
+An ingest commits an unmatched report first and then looks for a send it names
+(`recheck_unmatched`), under the advisory locks of the ids (`locked_candidates`). A settle
+looks for unmatched reports naming the Connexus ids it sets in its own statement
+(`bc_settle_sends`, migration 11): after its update, it takes the same locks, then looks, and
+holds them until its commit. So an ingest whose commit came after the settle's look waits for
+the settle's commit before it looks, and sees its rows; an ingest whose look came first had
+committed before the settle's look began, which sees the report. Either way one of the two
+sees the other (or both do): no report is left unmatched by the race. A settle that runs as a
+transaction (status records, unknown outcomes) or is recovered looks after its commit instead
+(`match_late`), which the ingest's look after its own commit equally covers. The matching
 itself runs under the ids' advisory locks (`match_reports`), so two matchers of one id run one
 after the other.
 
@@ -39,6 +45,12 @@ CANDIDATES = (
     f"SELECT m, {_S_FACTS}, s.created_at FROM unnest($1::text[]) AS m JOIN sends AS s "
     f"ON s.connexus_id = m UNION SELECT m, {_S_FACTS}, s.created_at "
     "FROM unnest($1::text[]) AS m JOIN sends AS s ON s.upstream_ref = m"
+)
+# CANDIDATES under the ids' locks (migration 11).
+LOCKED_CANDIDATES = (
+    "SELECT o_m AS m, o_id AS id, o_tenant AS tenant, o_recipient AS recipient, "
+    "o_sender AS sender, o_legacy_id AS legacy_id, o_created_at AS created_at "
+    "FROM bc_report_candidates($1::text[])"
 )
 # Report ids are locked (sorted, each once) by whoever matches unmatched reports to a send.
 LOCK_REPORT_IDS = (
@@ -82,8 +94,19 @@ def facts(row: Any) -> SendFacts:
 
 async def candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
     """Send rows each report id may name: by Connexus id or by our upstream ref."""
+    return _by_id(await conn.fetch(CANDIDATES, list(message_ids)))
+
+
+async def locked_candidates(conn: Conn, message_ids: Sequence[str]) -> dict[str, list[SendFacts]]:
+    """`candidates` read under the ids' locks, after every settle holding one has committed (an
+    ingest's look after its own commit; see the module docstring). In a transaction the locks
+    are held until its end, else for the statement."""
+    return _by_id(await conn.fetch(LOCKED_CANDIDATES, list(message_ids)))
+
+
+def _by_id(rows: Sequence[Any]) -> dict[str, list[SendFacts]]:
     out: dict[str, list[SendFacts]] = {}
-    for r in await conn.fetch(CANDIDATES, list(message_ids)):
+    for r in rows:
         out.setdefault(r["m"], []).append(facts(r))
     return out
 
@@ -96,9 +119,20 @@ async def match_late(db: Db, rules: Rules, message_ids: list[str]) -> None:
     try:
         async with db.conn("match reports") as conn:
             waiting = [r["ref"] for r in await conn.fetch(UNMATCHED, message_ids)]
-        if waiting:
-            async with db.tx("match reports") as (conn, wakes):
-                await match_reports(conn, rules, sorted(waiting), time.time(), wakes)
+    except StoreError as exc:
+        log.warning("late report matching failed after a settle: %s", exc)
+        return
+    await match_known(db, rules, waiting)
+
+
+async def match_known(db: Db, rules: Rules, message_ids: list[str]) -> None:
+    """After a settle's commit: reports it found waiting under these ids (its own look, in
+    bc_settle_sends, or match_late's) get their send; a failure is logged, as match_late's."""
+    if not message_ids:
+        return
+    try:
+        async with db.tx("match reports") as (conn, wakes):
+            await match_reports(conn, rules, sorted(message_ids), time.time(), wakes)
     except StoreError as exc:
         log.warning("late report matching failed after a settle: %s", exc)
 
@@ -129,7 +163,7 @@ async def recheck_unmatched(db: Db, rules: Rules, message_id: str) -> str | None
     a send it names exists now (its settle committed meanwhile), match it; the tenant it went
     to, else None."""
     async with db.conn("match reports") as conn:
-        sends = await candidates(conn, [message_id])
+        sends = await locked_candidates(conn, [message_id])
     if rules.attribute_dlr(sends.get(message_id, [])) is None:
         return None
     async with db.tx("match reports") as (conn, wakes):

@@ -269,6 +269,62 @@ MIGRATIONS: tuple[str, ...] = (
     END
     $fn$;
     """,
+    # 11: a settle group and its look for reports that beat it, in one statement. A settle
+    # looked for unmatched reports naming its Connexus ids after its commit (a second round
+    # trip), and an ingest of an unmatched report looked for its send after its own commit:
+    # whichever committed second saw the other. Now the two are ordered by the ids' advisory
+    # locks instead (LOCK_CLASS_REPORT, the matchers' locks): bc_settle_sends updates the rows,
+    # takes the locks of the Connexus ids it set, and then (a new snapshot) looks for unmatched
+    # reports naming them, holding the locks until its commit; bc_report_candidates, the
+    # ingest's look after its commit, takes the same locks before it reads the sends. So the
+    # look of an ingest that committed after the settle's look waits for the settle's commit,
+    # and sees its rows. Output columns are prefixed: plain names would be variables that
+    # shadow the tables' columns inside the functions.
+    f"""
+    CREATE FUNCTION bc_settle_sends(
+        p_refs text[], p_states text[], p_connexus_ids text[], p_senders text[], p_now float8
+    ) RETURNS TABLE (o_id bigint, o_ref text, o_connexus_id text, o_waiting boolean)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        v_ids bigint[];
+        v_refs text[];
+        v_cids text[];
+    BEGIN
+        WITH u AS (
+            UPDATE sends SET state = s.state, settled_at = p_now,
+                connexus_id = coalesce(s.connexus_id, sends.connexus_id),
+                sender = CASE WHEN sends.sender = '' THEN s.sender ELSE sends.sender END
+            FROM unnest(p_refs, p_states, p_connexus_ids, p_senders)
+                AS s(ref, state, connexus_id, sender)
+            WHERE sends.upstream_ref = s.ref AND sends.state = 'pending'
+            RETURNING sends.id AS i, sends.upstream_ref AS r, sends.connexus_id AS c)
+        SELECT array_agg(u.i), array_agg(u.r), array_agg(u.c) INTO v_ids, v_refs, v_cids FROM u;
+        PERFORM count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, k.h)) FROM (
+            SELECT DISTINCT hashtext(c) AS h FROM unnest(v_cids) AS c
+            WHERE c IS NOT NULL ORDER BY 1) AS k;
+        RETURN QUERY
+        SELECT x.i, x.r, x.c, x.c IS NOT NULL AND EXISTS (
+            SELECT 1 FROM records AS w WHERE w.tenant IS NULL AND NOT w.ambiguous
+            AND w.kind = 'status' AND w.ref = x.c)
+        FROM unnest(v_ids, v_refs, v_cids) AS x(i, r, c);
+    END
+    $fn$;
+    CREATE FUNCTION bc_report_candidates(p_ids text[])
+    RETURNS TABLE (o_m text, o_id bigint, o_tenant text, o_recipient text, o_sender text,
+        o_legacy_id text, o_created_at float8)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    BEGIN
+        PERFORM count(pg_advisory_xact_lock({LOCK_CLASS_REPORT}, k.h)) FROM (
+            SELECT DISTINCT hashtext(i) AS h FROM unnest(p_ids) AS i ORDER BY 1) AS k;
+        RETURN QUERY
+        SELECT x.m, s.id, s.tenant, s.recipient, s.sender, s.legacy_id, s.created_at
+        FROM unnest(p_ids) AS x(m) JOIN sends AS s ON s.connexus_id = x.m
+        UNION
+        SELECT x.m, s.id, s.tenant, s.recipient, s.sender, s.legacy_id, s.created_at
+        FROM unnest(p_ids) AS x(m) JOIN sends AS s ON s.upstream_ref = x.m;
+    END
+    $fn$;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

@@ -28,7 +28,7 @@ from bc_proxy.store import (
 )
 from bc_proxy.store.postgres.abandoned import SeenKey, mark_seen
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
-from bc_proxy.store.postgres.matching import match_late
+from bc_proxy.store.postgres.matching import match_known, match_late
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
 from bc_proxy.store.postgres.schema import lock_send_keys
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref, only_settled, settled_state
@@ -54,6 +54,11 @@ SETTLE = (
     "AS s(ref, state, connexus_id, sender) WHERE sends.upstream_ref = s.ref "
     "AND sends.state = 'pending' "
     "RETURNING sends.id, sends.upstream_ref, sends.connexus_id"
+)
+# SETTLE and the look for reports that beat it, in one statement (migration 11; matching.py).
+SETTLE_AND_LOOK = (
+    "SELECT o_id AS id, o_ref AS upstream_ref, o_connexus_id AS connexus_id, o_waiting AS waiting "
+    "FROM bc_settle_sends($1::text[], $2::text[], $3::text[], $4::text[], $5::float8)"
 )
 _EXPIRE = (
     "UPDATE sends SET state = 'unknown', settled_at = $2 WHERE id IN ("
@@ -251,10 +256,12 @@ class SettleWrite:
 
 
 async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[None]:
-    """Settle a group of calls in one commit: one UPDATE, in autocommit when no status record
-    nor unknown outcome comes with it; then the late matching of reports (see the module
-    docstring). Status records: `Rules.only_settled`, by the rows the UPDATE changed from
-    `pending`, none for a row it settled `unknown` that a report names (`_proven`)."""
+    """Settle a group of calls in one commit. Without status records or unknown outcomes, one
+    statement in autocommit, which also looks for reports that beat it (bc_settle_sends);
+    else a transaction, with the look after its commit (match_late). Then the late matching of
+    the reports found (see the module docstring). Status records: `Rules.only_settled`, by
+    the rows the UPDATE changed from `pending`, none for a row it settled `unknown` that a
+    report names (`_proven`)."""
     settlements = sorted((s for w in writes for s in w.settlements), key=lambda s: s.upstream_ref)
     statuses = [(s, w.now) for w in writes for s in w.statuses]
     now = max(w.now for w in writes)
@@ -276,12 +283,13 @@ async def settle_sends(db: Db, rules: Rules, writes: list[SettleWrite]) -> list[
             settled = only_settled(statuses, lambda x: x[0].upstream_ref, send_ids, proven)
             if settled:
                 await insert_statuses(conn, wakes, rules, settled, send_ids)
+        known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
+        if known:
+            await match_late(db, rules, known)
     elif settlements:
         async with db.conn("settle send") as conn:
-            rows = await conn.fetch(SETTLE, *args)
-    known = sorted({r["connexus_id"] for r in rows if r["connexus_id"]})
-    if known:
-        await match_late(db, rules, known)
+            rows = await conn.fetch(SETTLE_AND_LOOK, *args)
+        await match_known(db, rules, sorted({r["connexus_id"] for r in rows if r["waiting"]}))
     return [None] * len(writes)
 
 

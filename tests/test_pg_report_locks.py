@@ -1,0 +1,149 @@
+"""A settle's look for reports that beat it, in its own statement (migration 11).
+
+A PostgreSQL settle without status records is one statement (`bc_settle_sends`): it updates the
+rows, takes the advisory locks of the Connexus ids it set, looks for unmatched reports naming
+them, and holds the locks until its commit. The ingest of an unmatched report looks for its send
+after its own commit under the same locks (`bc_report_candidates`). The window this closes: an
+ingest that commits and looks between the settle's look and the settle's commit would see no
+send, and the settle would have seen no report. Two replicas stand for the two sides, on one
+database. The settle is held between its look and its commit by a deferred trigger that waits
+for a lock the test holds: interleavings by locks, not timing (as tests/test_pg_ingest_races.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from bc_proxy.store import DlrEvent, IngestResult, SendIntent, Settlement
+from bc_proxy.store.postgres import PostgresStore, sends
+from bc_proxy.store.rules import Rules, TenantRules
+from tests import pg
+from tests.pg import pg_url, session  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.postgres
+
+RULES = Rules({"acme": TenantRules(senders=("552",))})
+HANDSET = "6421000001"
+HOLD = 4242  # the advisory lock the test holds, and the trigger waits for
+WAITING_FOR = "SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+# A trigger that runs at commit (deferred) and waits there for HOLD: it stops a settle after
+# its statement, its look included, and before its commit, with its locks held.
+HOLD_AT_COMMIT = f"""
+    CREATE FUNCTION test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_advisory_xact_lock({HOLD}); RETURN NULL; END $$;
+    CREATE CONSTRAINT TRIGGER test_hold AFTER UPDATE ON sends
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_hold();
+"""
+
+
+async def _waiter_of(url: str, pid: int) -> int:
+    """The backend pid of a session waiting for a lock `pid` holds (5 s at most)."""
+    for _ in range(100):
+        waiter = await pg.execute(url, WAITING_FOR, pid)
+        if waiter is not None:
+            return int(waiter)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nobody ever waited for backend {pid}")
+
+
+@pytest.fixture
+async def pair(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:  # noqa: F811
+    """Replicas A (settles) and B (ingests), open on the test's schema."""
+    a = PostgresStore(pg_url, RULES, replica="A")
+    b = PostgresStore(pg_url, RULES, replica="B")
+    await a.open()
+    try:
+        await b.open()
+        try:
+            yield a, b
+        finally:
+            await b.close()
+    finally:
+        await a.close()
+
+
+async def test_a_report_ingested_while_its_settle_commits_is_matched_at_once(
+    pair: tuple[PostgresStore, PostgresStore],
+    pg_url: str,  # noqa: F811
+    session: asyncpg.Connection,  # noqa: F811
+) -> None:
+    a, b = pair
+    plan = await a.begin_send(SendIntent("acme", "L-1", (HANDSET,), "552"), time.time())
+    await session.execute(HOLD_AT_COMMIT)
+    await session.execute(f"SELECT pg_advisory_lock({HOLD})")
+    settle = asyncio.create_task(
+        a.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-1")])
+    )
+    try:
+        # The settle has looked (no report yet) and waits to commit, its locks held.
+        settling = await _waiter_of(pg_url, session.get_server_pid())
+        ingest = asyncio.create_task(b.add_dlr(DlrEvent("cx-1", 1, "DELIVRD")))
+        # The report is committed unmatched; its look waits for the settle's lock (or, were it
+        # not ordered by the lock, it is answered at once: unmatched, and the settle, which
+        # looked before the report was there, would not match it either).
+        for _ in range(100):
+            if ingest.done() or await pg.execute(pg_url, WAITING_FOR, settling) is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await session.execute(f"SELECT pg_advisory_unlock({HOLD})")
+    await asyncio.wait_for(settle, 10)
+    # Once the settle committed, the ingest's look saw its send: matched now, not by the upkeep
+    # pass (which does not run here).
+    assert await asyncio.wait_for(ingest, 10) == IngestResult("stored", "acme")
+    record = await a.claim("acme", "status")
+    assert record is not None
+    assert record.in_reply_to == "L-1"
+    await a.ack(record)
+    assert await b.claim("acme", "status") is None  # once
+
+
+async def test_a_settle_finds_a_report_that_beat_it_in_its_own_statement(
+    pair: tuple[PostgresStore, PostgresStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = pair
+    plan = await a.begin_send(SendIntent("acme", "L-2", (HANDSET,), "552"), time.time())
+    assert await b.add_dlr(DlrEvent("cx-2", 1, "DELIVRD")) == IngestResult("unmatched", None)
+    await a.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-2")])
+    record = await b.claim("acme", "status")
+    assert record is not None
+    assert (record.in_reply_to, record.dlr_status) == ("L-2", 1)
+
+
+async def test_a_settle_with_no_report_waiting_is_one_statement(
+    pg_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queries: list[str] = []
+    create_pool = asyncpg.create_pool
+
+    def logging_pool(*args: Any, **kwargs: Any) -> Any:
+        async def init(conn: Any) -> None:
+            conn.add_query_logger(lambda r: queries.append(" ".join(r.query.split())))
+
+        return create_pool(*args, init=init, **kwargs)
+
+    monkeypatch.setattr(asyncpg, "create_pool", logging_pool)
+    store = PostgresStore(pg_url, RULES)
+    await store.open()
+    try:
+        plans = [
+            await store.begin_send(SendIntent("acme", f"L-{n}", (HANDSET,), "552"), time.time())
+            for n in range(2)
+        ]
+        await store.settle_send([Settlement(plans[0].to_send[0].upstream_ref, "accepted", "c0")])
+        await asyncio.sleep(0)  # the driver calls loggers soon after, not at once
+        queries.clear()
+        await store.settle_send([Settlement(plans[1].to_send[0].upstream_ref, "accepted", "c1")])
+        await asyncio.sleep(0)
+        settled = list(queries)
+    finally:
+        await store.close()
+    assert settled == [sends.SETTLE_AND_LOOK]  # no second look after the commit
