@@ -10,12 +10,8 @@ import pytest
 
 from bc_proxy.config import TenantSettings
 from bc_proxy.errors import Unauthorized
-from bc_proxy.legacy.auth import (
-    THROTTLE_ADDRESS_FAILURES,
-    THROTTLE_FAILURES,
-    THROTTLE_SECONDS,
-    Authenticator,
-)
+from bc_proxy.legacy.auth import Authenticator
+from bc_proxy.throttle import THROTTLE_ADDRESS_FAILURES, THROTTLE_FAILURES, THROTTLE_SECONDS
 
 NAT = "203.0.113.7"
 

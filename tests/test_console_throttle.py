@@ -18,7 +18,7 @@ from aiohttp import ClientResponse
 from argon2 import PasswordHasher
 
 from bc_proxy.console.auth import ConsoleAuth
-from bc_proxy.legacy.auth import THROTTLE_ADDRESS_FAILURES, THROTTLE_FAILURES
+from bc_proxy.throttle import THROTTLE_ADDRESS_FAILURES, THROTTLE_FAILURES
 from tests.conftest import GatewayFactory
 from tests.test_console import CONSOLE_USER, basic, console_cfg, console_hash
 

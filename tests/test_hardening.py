@@ -21,7 +21,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bc_proxy.app import BACKGROUND
-from bc_proxy.legacy.auth import THROTTLE_FAILURES, hash_password
+from bc_proxy.legacy.auth import hash_password
+from bc_proxy.throttle import THROTTLE_FAILURES
 from tests.conftest import (
     LEGACY_PASSWORD,
     LEGACY_USER,

@@ -25,8 +25,9 @@ from argon2 import PasswordHasher
 from bc_proxy import keys
 from bc_proxy.config import TenantSettings, parse
 from bc_proxy.errors import Unauthorized
-from bc_proxy.legacy.auth import THROTTLE_FAILURES, Authenticator
+from bc_proxy.legacy.auth import Authenticator
 from bc_proxy.reload import apply
+from bc_proxy.throttle import THROTTLE_FAILURES
 from tests.conftest import LEGACY_USER, Connexus, GatewayClient, GatewayFactory
 
 OLD, NEW = "old-pass-123456", "new-pass-123456"

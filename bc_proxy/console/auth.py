@@ -4,7 +4,7 @@ Owns checking `Authorization: Basic` against `console.user` / `console.password_
 verifies on one dedicated thread (never on the event loop, at most one at a time, and at most
 _WAITING checks wait for it: more are refused at once, unverified); a verified or refused login
 is remembered as a keyed digest (never in clear), a refusal for a minute. Failures are throttled
-like the legacy login's (`bc_proxy.legacy.auth`'s THROTTLE_* policy): many recent failures for
+as the legacy login's are (`bc_proxy.throttle`): many recent failures for
 one user from one address, or very many for any users from one address, make that address's
 unproven credentials be refused without any argon2 run (the same 401 for every user name);
 credentials already verified keep working. Without an address (`source` None) every caller
@@ -20,18 +20,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from bc_proxy.legacy.auth import (
-    THROTTLE_ADDRESS_FAILURES,
-    THROTTLE_FAILURES,
-    THROTTLE_LIMIT,
-    THROTTLE_SECONDS,
-)
+from bc_proxy.throttle import FailureThrottle
 
 REALM = 'Basic realm="bc-proxy console", charset="UTF-8"'
 _REMEMBERED = 16  # verified credential digests kept
@@ -54,8 +48,8 @@ class ConsoleAuth:
         self._queued = 0  # checks holding or waiting for the lock
         self._verified: set[bytes] = set()
         self._refused: dict[bytes, float] = {}
-        # Failure times per (address, keyed digest of the user) and per (address, None).
-        self._failures: OrderedDict[tuple[str, bytes | None], deque[float]] = OrderedDict()
+        # Users by a keyed digest of their name: never kept in clear.
+        self._failures: FailureThrottle[bytes] = FailureThrottle()
 
     def _digest(self, user: str, password: str) -> bytes:
         material = f"{user}\x00{password}".encode("utf-8", "surrogatepass")
@@ -93,7 +87,7 @@ class ConsoleAuth:
             if len(self._refused) >= _REFUSED_KEPT:
                 self._refused.clear()
             self._refused[digest] = time.monotonic()
-            self._fail(pair)
+            self._failures.fail(*pair)
             return None
         if len(self._verified) >= _REMEMBERED:
             self._verified.clear()
@@ -105,10 +99,10 @@ class ConsoleAuth:
         refused lately, the latter counted again), None when argon2 must decide."""
         if digest in self._verified:
             return False
-        if self._throttled(pair):
+        if self._failures.throttled(*pair):
             return True
         if time.monotonic() - self._refused.get(digest, -_REFUSED_SECONDS) < _REFUSED_SECONDS:
-            self._fail(pair)
+            self._failures.fail(*pair)
             return True
         return None
 
@@ -117,31 +111,6 @@ class ConsoleAuth:
             return self._hasher.verify(self._hash, password)
         except (VerificationError, InvalidHashError):
             return False
-
-    def _throttled(self, pair: tuple[str, bytes]) -> bool:
-        return self._recent(pair) >= THROTTLE_FAILURES or (
-            self._recent((pair[0], None)) >= THROTTLE_ADDRESS_FAILURES
-        )
-
-    def _recent(self, key: tuple[str, bytes | None]) -> int:
-        times = self._failures.get(key)
-        if not times:
-            return 0
-        cutoff = time.monotonic() - THROTTLE_SECONDS
-        while times and times[0] < cutoff:
-            times.popleft()
-        return len(times)
-
-    def _fail(self, pair: tuple[str, bytes]) -> None:
-        now = time.monotonic()
-        for key, keep in ((pair, THROTTLE_FAILURES), ((pair[0], None), THROTTLE_ADDRESS_FAILURES)):
-            times = self._failures.get(key)
-            if times is None:
-                times = self._failures[key] = deque(maxlen=keep)
-            self._failures.move_to_end(key)
-            times.append(now)
-        while len(self._failures) > THROTTLE_LIMIT:
-            self._failures.popitem(last=False)
 
     def csrf_token(self, login: bytes) -> str:
         """The CSRF token of a verified login (its digest from `check`)."""

@@ -32,15 +32,12 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from bc_proxy.config import TenantSettings
 from bc_proxy.errors import Unauthorized
+from bc_proxy.throttle import FailureThrottle
 
 HASH_THREADS = 1  # argon2 verifications at once (64 MiB each)
 POSITIVE_LIMIT = 1024  # remembered good credentials
 NEGATIVE_SECONDS = 60.0  # a refused password is refused from memory this long
 NEGATIVE_LIMIT = 4096
-THROTTLE_FAILURES = 20  # failures for one user from one address within THROTTLE_SECONDS,
-THROTTLE_ADDRESS_FAILURES = 100  # or for any users from one address, and its unproven
-THROTTLE_SECONDS = 60.0  # credentials are refused unverified (proven ones still pass)
-THROTTLE_LIMIT = 10_000  # (address, user) pairs and addresses tracked at most (oldest first)
 
 Outcome = Callable[[str], None]  # told "failure" or "throttled" (a metric)
 
@@ -68,8 +65,7 @@ class Authenticator:
         self._refused: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str | None]] = {}
         self._generation = 0  # bumped by each replace_tenants: a check spanning one is stale
-        # Failure times per (address, user) and per (address, None).
-        self._failures: OrderedDict[tuple[str, str | None], list[float]] = OrderedDict()
+        self._failures: FailureThrottle[str] = FailureThrottle(clock)
         self.replace_tenants(tenants)
 
     def replace_tenants(self, tenants: Iterable[TenantSettings]) -> None:
@@ -101,8 +97,7 @@ class Authenticator:
         self._generation += 1
         self._inflight = {}  # new callers start their own check (a running one finishes alone)
         if changed:
-            for key in [k for k in self._failures if k[1] in changed]:
-                del self._failures[key]
+            self._failures.forget(changed)
 
     def _digest(self, password: str) -> bytes:
         return hmac.new(
@@ -121,7 +116,7 @@ class Authenticator:
             tenant = self._verified.get((user, digest))
             if tenant is not None:  # proven earlier: passes even from a throttled address
                 return tenant
-            if source is not None and self._throttled(source, user):
+            if source is not None and self._failures.throttled(source, user):
                 self._on_refusal("throttled")
                 raise Unauthorized("Invalid credentials")
             plain = self._plain.get(user)
@@ -192,35 +187,10 @@ class Authenticator:
         except (VerificationError, InvalidHashError):
             return False
 
-    def _throttled(self, source: str, user: str) -> bool:
-        return self._recent((source, user)) >= THROTTLE_FAILURES or (
-            self._recent((source, None)) >= THROTTLE_ADDRESS_FAILURES
-        )
-
-    def _recent(self, key: tuple[str, str | None]) -> int:
-        times = self._failures.get(key)
-        if not times:
-            return 0
-        cutoff = self._clock() - THROTTLE_SECONDS
-        while times and times[0] < cutoff:
-            times.pop(0)
-        return len(times)
-
     def _refuse(self, source: str | None, user: str) -> None:
         self._on_refusal("failure")
-        if source is None:
-            return
-        now = self._clock()
-        for key, keep in (
-            ((source, user), THROTTLE_FAILURES),
-            ((source, None), THROTTLE_ADDRESS_FAILURES),
-        ):
-            times = self._failures.setdefault(key, [])
-            self._failures.move_to_end(key)
-            times.append(now)
-            del times[:-keep]
-        while len(self._failures) > THROTTLE_LIMIT:
-            self._failures.popitem(last=False)
+        if source is not None:
+            self._failures.fail(source, user)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
