@@ -65,11 +65,10 @@ class PushWorker:
         return {t.name: t.push for t in self.rt.tenants.values() if t.push is not None}
 
     def attempt_timeout(self) -> float:
-        """Per-attempt timeout: the largest configured, but inside the claim's lease."""
+        """Per-attempt timeout: the largest configured, but inside the claim's lease (a cap
+        `_timeout_of` logs, once per configured value)."""
         lease = self.app[keys.SETTINGS].store.lease_seconds
         wanted = max((p.timeout_seconds for p in self.pushes.values()), default=10.0)
-        if self.pushes and wanted > lease * LEASE_SHARE:
-            log.warning("push_timeout_capped_by_lease", timeout=wanted, lease=lease)
         return min(wanted, lease * LEASE_SHARE)
 
     def _timeout_of(self, push: PushSettings) -> ClientTimeout:
@@ -104,6 +103,8 @@ class PushWorker:
 
     async def _work(self) -> None:
         store = self.app[keys.STORE]
+        for push in self.pushes.values():  # a cap is said at start, not at the first push
+            self._timeout_of(push)
         async with ClientSession(
             connector=TCPConnector(limit=CONCURRENCY),
             timeout=ClientTimeout(total=self.attempt_timeout()),

@@ -139,3 +139,36 @@ async def delivered(db: Path, in_reply_to: str) -> None:
     while push_state(db, in_reply_to)[0] == 0:
         assert time.monotonic() < deadline, push_state(db, in_reply_to)
         await asyncio.sleep(0.05)
+
+
+async def test_a_push_timeout_beyond_the_lease_at_start_is_said_once(
+    tmp_path: Path,
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    aiohttp_server: AiohttpServer,
+    log_stream: io.StringIO,
+) -> None:
+    """Configured at start, the cap is logged once, before any push, not again by the
+    pushes that use it."""
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    receiver = web.Application()
+    receiver.router.add_post("/status", fast)
+    server = await aiohttp_server(receiver, host="127.0.0.1")
+    cfg = config_dict(tmp_path, connexus.base_url)
+    cfg["store"]["lease_seconds"] = 2
+    cfg["tenants"][0]["push"] = {
+        "status_url": str(server.make_url("/status")),
+        "timeout_seconds": 5,
+    }
+    app, db = await pushing(gateway, cfg, tmp_path)
+    await store_status(app, "m-1")
+    await delivered(db, "m-1")
+    capped = [
+        json.loads(line)
+        for line in log_stream.getvalue().splitlines()
+        if "push_timeout_capped_by_lease" in line
+    ]
+    assert [(c["timeout"], c["lease"]) for c in capped] == [(5, 2)]
