@@ -30,9 +30,11 @@ async def refresh_gauges(app: web.Application, shown: set[str] | None = None) ->
     Returns the records kept for tenants no longer in the configuration, by tenant. `shown`:
     the unconfigured tenants the gauge has shown so far (updated; a vanished one goes to 0)."""
     store, metrics = app[keys.STORE], app[keys.METRICS]
+    waiting = await store.waiting()
+    # Read after the await: a reload meanwhile dropped a removed tenant's gauges, which this
+    # must not bring back.
     configured = app[keys.RUNTIME].tenants
     now = time.time()
-    waiting = await store.waiting()
     stats = {(s.tenant, s.kind): s for s in waiting}
     for tenant in configured:
         for kind in KINDS:

@@ -341,11 +341,16 @@ class Metrics:
                 self.webhooks.labels(wtype, outcome)
 
     def forget_tenant(self, tenant: str) -> None:
-        """A tenant left the configuration (reload): drop its token gauges, which would
-        otherwise keep reporting the removed tenant's last token."""
+        """A tenant left the configuration (reload): drop its gauges, which would otherwise
+        keep reporting its last token and its last backlog for ever (a backlog alert that
+        never clears). Records still kept for it are counted by `records_unconfigured`."""
         for gauge in (self.token_expiry, self.token_failing):
             with contextlib.suppress(KeyError):
                 gauge.remove(tenant)
+        for kind in RECORD_KINDS:
+            for gauge in (self.records_waiting, self.records_oldest_age):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tenant, kind)
 
     def observe_legacy(self, route: str, tenant: str, status: int, started: float) -> None:
         """Count one legacy request and its duration (label children cached: hot path)."""

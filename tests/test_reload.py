@@ -196,6 +196,10 @@ async def test_reload_rekeys_removes_and_keeps_jobs_consistent(
     assert sorted(jobs) == ["acme"]
     metrics = app[keys.METRICS]
     assert metrics.registry.get_sample_value("bc_proxy_token_failing", {"tenant": "beta"}) is None
+    for kind in ("in", "status"):  # its backlog is not frozen at its last value
+        for name in ("bc_proxy_records_waiting", "bc_proxy_records_oldest_age_seconds"):
+            assert metrics.registry.get_sample_value(name, {"tenant": "beta", "kind": kind}) is None
+            assert metrics.registry.get_sample_value(name, {"tenant": "acme", "kind": kind}) == 0
 
     (tmp_path / "bad.yaml").write_text("tenants: []\n", encoding="utf-8")
     assert not await reload_config(app, tmp_path / "bad.yaml")
