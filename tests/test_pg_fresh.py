@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -24,9 +25,14 @@ from bc_proxy.store.postgres.db import Db
 from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.rules import Rules, TenantRules
 from tests import pg
-from tests.pg import pg_url  # noqa: F401  (fixture)
+from tests.pg import pg_url, session  # noqa: F401  (fixtures)
+from tests.tcpproxy import TcpProxy
 
 RULES = Rules({"t": TenantRules(senders=("552",))})
+_WAITING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+    "AND datname = current_database()"
+)
 
 
 @pytest.fixture
@@ -224,3 +230,59 @@ async def test_the_store_begins_a_fresh_send_in_one_statement(
     assert queries[0] == fresh.BEGIN_FRESH
     assert queries[1:4] == [fresh.BEGIN_FRESH, "BEGIN;", queries[3]]
     assert queries[3].startswith("SELECT latest, is_blocked FROM bc_send_facts(")
+
+
+async def test_a_keyless_group_cut_off_mid_statement_is_recovered_not_written_twice(
+    pg_url: str,  # noqa: F811
+    session: asyncpg.Connection,  # noqa: F811
+) -> None:
+    # Calls without a messageId take no key lock. The connection is lost while the group's one
+    # statement runs on the server (held by a lock, as a slow disk or a table lock holds it):
+    # the server does not notice, and the statement's transaction commits at its end. The
+    # recovery must wait for it (the group's own lock) and find its rows, or each call would
+    # be written again one by one and the first rows left pending, never sent.
+    target = urlsplit(pg.DSN)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    try:
+        async with pg.started_db(pg_url, migrated=True):
+            pass
+        parts = urlsplit(pg_url)
+        auth = parts.netloc.rpartition("@")[0]
+        url = urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}"))
+        async with pg.started_db(url, pool_max=4) as db:
+
+            async def run(writes: list[sends.BeginWrite]) -> list[SendPlan]:
+                return await fresh.begin_group(db, RULES, writes)
+
+            async def recover(writes: list[sends.BeginWrite]) -> list[SendPlan] | None:
+                return await sends.recover_begins(db, writes)
+
+            b: Batcher[sends.BeginWrite, SendPlan] = Batcher(
+                db, "begin send", None, key=sends.BeginWrite.key, run=run, recover=recover
+            )
+            await session.execute("BEGIN; LOCK TABLE blocked IN ACCESS EXCLUSIVE MODE")
+            now = time.time()
+            calls = [
+                asyncio.ensure_future(
+                    b.submit(sends.BeginWrite(SendIntent("t", None, (f"64210{n}",), "552"), now))
+                )
+                for n in range(2)
+            ]
+            await pg.until_blocked_by(pg_url, session)  # the statement runs on the server
+            proxy.cut()  # its connection reset; new ones are let through again at once
+            proxy.restore()
+            # the recovery (or a retry) comes and waits for a lock too, then the statement
+            # may end
+            for _ in range(100):
+                if await pg.execute(pg_url, _WAITING) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            await session.execute("COMMIT")
+            plans = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    finally:
+        await proxy.close()
+    answered = {p.upstream_ref for plan in plans for p in plan.to_send}
+    assert len(answered) == 2
+    stored = await pg.execute(pg_url, "SELECT array_agg(upstream_ref) FROM sends")
+    assert sorted(stored) == sorted(answered)  # each call's row once, and no row nobody sends

@@ -15,6 +15,10 @@ from bc_proxy.store.postgres.db import Conn
 LOCK_CLASS_MIGRATE = 0x6263_0001
 LOCK_CLASS_SEND = 0x6263_0002
 LOCK_CLASS_REPORT = 0x6263_0003
+# A begin group's one statement (bc_begin_fresh), by its first planned ref: held until the
+# statement's transaction ends, so that a recovery waits for it (keyless calls take no key
+# lock to wait on).
+LOCK_CLASS_GROUP = 0x6263_0004
 
 
 def send_key(tenant: str, legacy_id: str, recipient: str) -> str:
@@ -247,7 +251,10 @@ MIGRATIONS: tuple[str, ...] = (
     # as bc_send_facts does, reads the facts, and inserts the rows only if every fact is that
     # of a fresh call: true, else false with nothing written (the caller plans again on the
     # facts read, in a transaction). No rule is decided here: the facts are compared with the
-    # ones the plan was made on (postgres/fresh.py).
+    # ones the plan was made on (postgres/fresh.py). The group's own lock first (its first
+    # planned ref): a connection lost while the statement runs leaves it running, and its
+    # implicit transaction commits at its end; recover_begins waits for that lock before it
+    # looks for the rows, as it waits for the key locks of calls with a messageId.
     f"""
     CREATE FUNCTION bc_begin_fresh(
         p_tenants text[], p_legacy_ids text[], p_recipients text[], p_since float8[],
@@ -256,6 +263,7 @@ MIGRATIONS: tuple[str, ...] = (
     ) RETURNS boolean
     LANGUAGE plpgsql VOLATILE AS $fn$
     BEGIN
+        PERFORM pg_advisory_xact_lock({LOCK_CLASS_GROUP}, hashtext(p_row_refs[1]));
         PERFORM {lock_send_keys("p_tenants", "p_legacy_ids")};
         IF EXISTS (SELECT 1 FROM ({SEND_FACTS_QUERY}) AS f(i, latest, is_blocked)
                    WHERE f.latest IS NOT NULL OR f.is_blocked) THEN

@@ -30,13 +30,14 @@ from bc_proxy.store.postgres.abandoned import SeenKey, mark_seen
 from bc_proxy.store.postgres.db import Conn, Db, Wakes
 from bc_proxy.store.postgres.matching import match_known, match_late
 from bc_proxy.store.postgres.records import NewRecord, insert_timed
-from bc_proxy.store.postgres.schema import lock_send_keys
+from bc_proxy.store.postgres.schema import LOCK_CLASS_GROUP, lock_send_keys
 from bc_proxy.store.rules import BLOCKED_ERROR, Rules, new_ref, only_settled, settled_state
 from bc_proxy.translate import UNKNOWN_OUTCOME
 
 log = logging.getLogger(__name__)
 
 _LOCK_SEND_KEYS = "SELECT " + lock_send_keys("$1::text[]", "$2::text[]")
+_LOCK_GROUP = f"SELECT pg_advisory_xact_lock({LOCK_CLASS_GROUP}, hashtext($1::text))"
 # The event key of a NUR record begin_send writes for a blocked handset (with a new ref): how
 # recover_begins finds a group that stored only those.
 NUR_MARK = "bc-nur:"
@@ -227,7 +228,10 @@ async def recover_begins(db: Db, writes: list[BeginWrite]) -> list[SendPlan] | N
     keyed = [w.intent for w in writes if w.intent.legacy_id is not None]
     async with db.tx("recover begin send") as (conn, _):
         # The group's advisory locks first: if its transaction is still committing on the
-        # server (the connection dropped, the backend not yet done), this waits for its end.
+        # server (the connection dropped, the backend not yet done), this waits for its end:
+        # its own lock (a one-statement group: fresh.py), then its calls' key locks.
+        if refs:
+            await conn.fetchval(_LOCK_GROUP, refs[0])
         await conn.fetchval(
             _LOCK_SEND_KEYS, [i.tenant for i in keyed], [i.legacy_id for i in keyed]
         )
