@@ -20,8 +20,9 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from bc_proxy.store.postgres import schema
+from bc_proxy.store.postgres import PostgresStore, schema
 from bc_proxy.store.postgres.db import Db
+from bc_proxy.store.rules import Rules
 from bc_proxy.store.waker import LocalWaker
 
 DSN = os.environ.get("BC_PROXY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -91,6 +92,51 @@ async def execute(url: str, sql: str, *args: Any) -> Any:
 
 # Sessions waiting for a lock the session with this backend pid holds (no other test's waits).
 BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+
+
+WAITING_FOR = "SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+
+
+async def waiter_of(url: str, pid: int) -> int:
+    """The backend pid of a session waiting for a lock `pid` holds (5 s at most)."""
+    for _ in range(100):
+        waiter = await execute(url, WAITING_FOR, pid)
+        if waiter is not None:
+            return int(waiter)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nobody ever waited for backend {pid}")
+
+
+@contextlib.asynccontextmanager
+async def replicas(url: str, rules: Rules) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Replicas A and B: two stores open on `url`, closed after."""
+    a = PostgresStore(url, rules, replica="A")
+    b = PostgresStore(url, rules, replica="B")
+    await a.open()
+    try:
+        await b.open()
+        try:
+            yield a, b
+        finally:
+            await b.close()
+    finally:
+        await a.close()
+
+
+def log_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement the pools opened from now on send, as asyncpg's query loggers see
+    them (called soon after each statement, not at once: yield to the loop before reading)."""
+    queries: list[str] = []
+    create_pool = asyncpg.create_pool
+
+    def logging_pool(*args: Any, **kwargs: Any) -> Any:
+        async def init(conn: Any) -> None:
+            conn.add_query_logger(lambda r: queries.append(" ".join(r.query.split())))
+
+        return create_pool(*args, init=init, **kwargs)
+
+    monkeypatch.setattr(asyncpg, "create_pool", logging_pool)
+    return queries
 
 
 async def until_blocked_by(url: str, holder: asyncpg.Connection) -> None:

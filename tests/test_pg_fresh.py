@@ -202,16 +202,7 @@ async def test_the_store_begins_a_fresh_send_in_one_statement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The store as the gateway runs it: every pooled connection logs its statements.
-    queries: list[str] = []
-    create_pool = asyncpg.create_pool
-
-    def logging_pool(*args: Any, **kwargs: Any) -> Any:
-        async def init(conn: Any) -> None:
-            conn.add_query_logger(lambda r: queries.append(" ".join(r.query.split())))
-
-        return create_pool(*args, init=init, **kwargs)
-
-    monkeypatch.setattr(asyncpg, "create_pool", logging_pool)
+    queries = pg.log_statements(monkeypatch)
     store = PostgresStore(pg_url, RULES)
     await store.open()
     try:

@@ -31,33 +31,13 @@ pytestmark = pytest.mark.postgres
 # Two tenants, so a message to a number in no tenant's `senders` with no account is unmatched.
 RULES = Rules({"acme": TenantRules(senders=("552",)), "globex": TenantRules(senders=("3000",))})
 HANDSET, OTHER = "6421000001", "6421000002"
-WAITING_FOR = "SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
-
-
-async def _waiter_of(url: str, pid: int) -> int:
-    """The backend pid of a session waiting for a lock `pid` holds (5 s at most)."""
-    for _ in range(100):
-        waiter = await pg.execute(url, WAITING_FOR, pid)
-        if waiter is not None:
-            return int(waiter)
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"nobody ever waited for backend {pid}")
 
 
 @pytest.fixture
 async def pair(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:  # noqa: F811
     """Replicas A and B, open on the test's schema."""
-    a = PostgresStore(pg_url, RULES, replica="A")
-    b = PostgresStore(pg_url, RULES, replica="B")
-    await a.open()
-    try:
-        await b.open()
-        try:
-            yield a, b
-        finally:
-            await b.close()
-    finally:
-        await a.close()
+    async with pg.replicas(pg_url, RULES) as stores:
+        yield stores
 
 
 @pytest.mark.parametrize(
@@ -93,10 +73,10 @@ async def test_a_message_another_replica_stored_meanwhile_is_assigned_by_the_swe
         a.add_mo(event, account=webhook_account),
         a.add_mo(MoEvent("m-stop", OTHER, "3000", "STOP"), account=None),
     )
-    replica_a = await _waiter_of(pg_url, session.get_server_pid())
+    replica_a = await pg.waiter_of(pg_url, session.get_server_pid())
     # B reads the message as not stored (A has not committed), and its insert waits for A's.
     sweep = asyncio.ensure_future(b.add_mo(event, account="acme"))
-    await _waiter_of(pg_url, replica_a)
+    await pg.waiter_of(pg_url, replica_a)
     await tx.rollback()  # A commits, then B's insert meets A's row
     (hook, stop), got = await asyncio.wait_for(webhook, 10), await asyncio.wait_for(sweep, 10)
 
@@ -140,7 +120,7 @@ async def test_a_report_whose_recheck_failed_is_matched_by_its_retry(
     await tx.start()
     await session.execute("LOCK TABLE records IN SHARE MODE")
     webhook = asyncio.ensure_future(a.add_dlr(report))
-    await _waiter_of(pg_url, session.get_server_pid())
+    await pg.waiter_of(pg_url, session.get_server_pid())
     await a.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-1")])
     await tx.rollback()
     with pytest.raises(StoreError):  # stored unmatched, its recheck failed: the webhook's 503

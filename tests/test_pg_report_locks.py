@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -31,7 +30,6 @@ pytestmark = pytest.mark.postgres
 RULES = Rules({"acme": TenantRules(senders=("552",))})
 HANDSET = "6421000001"
 HOLD = 4242  # the advisory lock the test holds, and the trigger waits for
-WAITING_FOR = "SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
 # A trigger that runs at commit (deferred) and waits there for HOLD: it stops a settle after
 # its statement, its look included, and before its commit, with its locks held.
 HOLD_AT_COMMIT = f"""
@@ -42,30 +40,11 @@ HOLD_AT_COMMIT = f"""
 """
 
 
-async def _waiter_of(url: str, pid: int) -> int:
-    """The backend pid of a session waiting for a lock `pid` holds (5 s at most)."""
-    for _ in range(100):
-        waiter = await pg.execute(url, WAITING_FOR, pid)
-        if waiter is not None:
-            return int(waiter)
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"nobody ever waited for backend {pid}")
-
-
 @pytest.fixture
 async def pair(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:  # noqa: F811
     """Replicas A (settles) and B (ingests), open on the test's schema."""
-    a = PostgresStore(pg_url, RULES, replica="A")
-    b = PostgresStore(pg_url, RULES, replica="B")
-    await a.open()
-    try:
-        await b.open()
-        try:
-            yield a, b
-        finally:
-            await b.close()
-    finally:
-        await a.close()
+    async with pg.replicas(pg_url, RULES) as stores:
+        yield stores
 
 
 async def test_a_report_ingested_while_its_settle_commits_is_matched_at_once(
@@ -82,13 +61,13 @@ async def test_a_report_ingested_while_its_settle_commits_is_matched_at_once(
     )
     try:
         # The settle has looked (no report yet) and waits to commit, its locks held.
-        settling = await _waiter_of(pg_url, session.get_server_pid())
+        settling = await pg.waiter_of(pg_url, session.get_server_pid())
         ingest = asyncio.create_task(b.add_dlr(DlrEvent("cx-1", 1, "DELIVRD")))
         # The report is committed unmatched; its look waits for the settle's lock (or, were it
         # not ordered by the lock, it is answered at once: unmatched, and the settle, which
         # looked before the report was there, would not match it either).
         for _ in range(100):
-            if ingest.done() or await pg.execute(pg_url, WAITING_FOR, settling) is not None:
+            if ingest.done() or await pg.execute(pg_url, pg.WAITING_FOR, settling) is not None:
                 break
             await asyncio.sleep(0.05)
     finally:
@@ -121,16 +100,7 @@ async def test_a_settle_with_no_report_waiting_is_one_statement(
     pg_url: str,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    queries: list[str] = []
-    create_pool = asyncpg.create_pool
-
-    def logging_pool(*args: Any, **kwargs: Any) -> Any:
-        async def init(conn: Any) -> None:
-            conn.add_query_logger(lambda r: queries.append(" ".join(r.query.split())))
-
-        return create_pool(*args, init=init, **kwargs)
-
-    monkeypatch.setattr(asyncpg, "create_pool", logging_pool)
+    queries = pg.log_statements(monkeypatch)
     store = PostgresStore(pg_url, RULES)
     await store.open()
     try:
