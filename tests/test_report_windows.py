@@ -166,6 +166,31 @@ async def drain(client: GatewayClient) -> list[dict[str, str]]:
         assert len(out) < 20, out
 
 
+@pytest.mark.parametrize("dlr_id", ["connexus", "client"])
+async def test_a_report_that_beats_the_send_answer_is_matched_once(
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    cfg: dict[str, Any],
+    backend: str,
+    dlr_id: str,
+) -> None:
+    """The report lands while sms/out's answer is still delayed. By the id the gateway sent
+    ("client"), it names the written-ahead row at once; by Connexus's own id, it is kept
+    unmatched, and the settle that brings that id finds it (on PostgreSQL, in the settle's own
+    statement, bc_settle_sends). Either way: one RCV record, right after the 204."""
+    connexus.emu.dlr_id = dlr_id  # type: ignore[assignment]
+    client = await gateway(cfg)
+    connexus.emu.webhook_url = str(client.make_url(HOOK))
+    connexus.emu.auto_dlr = 1  # DELIVRD, fired as the message is taken
+    connexus.emu.send_response_delay = 0.5
+    form = creds(to="6421000001", body="hi", messageId="L-early")
+    async with client.post("/api/1/sms/out", data=form) as resp:
+        assert resp.status == 204, await resp.text()
+    assert [d[1] for d in connexus.emu.webhook_deliveries] == [200]
+    records = await drain(client)
+    assert [(r["statusCode"], r["inReplyToId"]) for r in records] == [("RCV", "L-early")]
+
+
 async def test_a_delivered_sms_whose_answer_timed_out_does_not_end_on_err(
     connexus: Connexus, gateway: GatewayFactory, cfg: dict[str, Any], backend: str
 ) -> None:
