@@ -85,6 +85,12 @@ class PushWorker:
             timeout = self._timeouts[push.timeout_seconds] = ClientTimeout(total=total)
         return timeout
 
+    def _say_caps(self) -> None:
+        """Log each push timeout capped by the lease once, when it is configured (at start or
+        by a reload), not when its tenant next pushes (`_timeout_of` caches each value)."""
+        for push in self.pushes.values():
+            self._timeout_of(push)
+
     async def run(self) -> None:
         """Push until the shutdown. A cancel (the app stopping its jobs) is taken as the stop:
         it never reaches a claim or an attempt in flight, which get the stop's bound to end."""
@@ -103,14 +109,14 @@ class PushWorker:
 
     async def _work(self) -> None:
         store = self.app[keys.STORE]
-        for push in self.pushes.values():  # a cap is said at start, not at the first push
-            self._timeout_of(push)
+        self._say_caps()
         async with ClientSession(
             connector=TCPConnector(limit=CONCURRENCY),
             timeout=ClientTimeout(total=self.attempt_timeout()),
         ) as session:
             try:
                 while not self._stopping():
+                    self._say_caps()  # a reload's, before its tenant's next push
                     if not self._inflight and not self.pushes:
                         # Nobody pushes (a reload may change it).
                         with contextlib.suppress(TimeoutError):

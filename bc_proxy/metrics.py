@@ -101,9 +101,7 @@ class Metrics:
             ["version", "python_version", "aiohttp_version"],
             registry=r,
         )
-        self.build_info.labels(
-            __version__, platform.python_version(), aiohttp.__version__
-        ).set(1)
+        self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
         self.legacy_requests = Counter(
             "bc_proxy_legacy_requests_total",
             "Legacy API requests by route template, tenant and HTTP status.",
@@ -351,6 +349,14 @@ class Metrics:
             for gauge in (self.records_waiting, self.records_oldest_age):
                 with contextlib.suppress(KeyError):
                     gauge.remove(tenant, kind)
+
+    def reset_token(self, tenant: str) -> None:
+        """A tenant no longer holds a token (a reload moved it to password auth): its token
+        gauges read 0, as a password tenant's do, not its last manager's token for ever."""
+        for gauge in (self.token_expiry, self.token_failing):
+            with contextlib.suppress(KeyError):
+                gauge.remove(tenant)
+            gauge.labels(tenant)
 
     def observe_legacy(self, route: str, tenant: str, status: int, started: float) -> None:
         """Count one legacy request and its duration (label children cached: hot path)."""

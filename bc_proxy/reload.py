@@ -112,6 +112,8 @@ async def apply(app: web.Application, new: Settings) -> None:
     app[CURRENT][0] = new
     for name in removed:
         metrics.forget_tenant(name)
+    for name in set(before) - set(client.tokens) - removed:  # now on password auth
+        metrics.reset_token(name)
     # In this same step: a removed tenant's pull loop asks Connexus for nothing more (the
     # record it holds is stored first, at its own pace); new or re-keyed accounts get
     # registered, removed ones' registrations are cancelled.

@@ -144,3 +144,34 @@ async def delivered(db: Path, in_reply_to: str) -> None:
     while push_state(db, in_reply_to)[0] == 0:
         assert time.monotonic() < deadline, push_state(db, in_reply_to)
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("reloaded", [True, False], ids=["by-reload", "at-start"])
+async def test_a_capped_push_timeout_is_said_before_any_push(
+    tmp_path: Path,
+    connexus: Connexus,
+    gateway: GatewayFactory,
+    log_stream: io.StringIO,
+    reloaded: bool,
+) -> None:
+    """Nothing is pushed (no record waits): the cap is still said, once, when it is
+    configured, not hours later when its tenant next pushes."""
+    cfg = config_dict(tmp_path, connexus.base_url)
+    cfg["store"]["lease_seconds"] = 2
+    cfg["tenants"][0]["push"] = {
+        "status_url": "http://127.0.0.1:9/status",  # never called: nothing to push
+        "timeout_seconds": 1 if reloaded else 5,
+    }
+    client = await gateway(cfg)
+    assert client.app is not None
+    if reloaded:
+        await asyncio.sleep(0.5)  # the push worker runs with the start-up timeout
+        new = copy.deepcopy(cfg)
+        new["tenants"][0]["push"]["timeout_seconds"] = 5
+        assert await reload_config(client.app, write_config(tmp_path / "new.yaml", new))
+    for _ in range(100):
+        if "push_timeout_capped_by_lease" in log_stream.getvalue():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and not again
+    assert log_stream.getvalue().count("push_timeout_capped_by_lease") == 1

@@ -337,3 +337,25 @@ async def test_a_refused_file_with_a_broken_password_line_does_not_log_it(
     assert "not valid YAML" in refusal
     assert "line " in refusal
     assert ROTATED not in logged
+
+
+async def test_a_tenant_moved_to_password_auth_stops_reporting_its_old_token(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory
+) -> None:
+    """Its token manager is gone: the expiry gauge reads 0, as a password tenant's does, not
+    the dead manager's token (an expiring-soon alert that would never clear)."""
+    cfg = config_dict(tmp_path, connexus.base_url)
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    send = {"userId": LEGACY_USER, "password": LEGACY_PASSWORD, "to": "6421000001", "body": "x"}
+    assert (await client.post("/api/1/sms/out", data=send)).status == 204
+    metrics = app[keys.METRICS]
+    expiry = "bc_proxy_token_expiry_timestamp_seconds"
+    assert (metrics.registry.get_sample_value(expiry, {"tenant": "acme"}) or 0) > 0
+    new = copy.deepcopy(cfg)
+    new["tenants"][0]["connexus"] = {"user_id": "cx-user", "password": "cx-pass"}
+    assert await reload_config(app, write_config(tmp_path / "new.yaml", new))
+    assert "acme" not in app[keys.CLIENT].tokens
+    assert metrics.registry.get_sample_value(expiry, {"tenant": "acme"}) == 0
+    assert metrics.registry.get_sample_value("bc_proxy_token_failing", {"tenant": "acme"}) == 0
