@@ -80,6 +80,55 @@ def test_promtool_accepts_the_rules() -> None:
     assert f"SUCCESS: {len(rules())} rules found" in res.stdout
 
 
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool missing in CI: .ci/run installs the prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return promtool
+
+
+def test_a_removed_tenants_records_alert_for_a_day_then_stop(tmp_path: Path) -> None:
+    """Records of a removed tenant are kept for good (it may come back): the alert's condition
+    holds once they appear, and no more a day later, so a removal that was meant does not
+    alert for ever (promtool evaluates the shipped expression over a series)."""
+    (rule,) = [r for r in rules() if r["alert"] == "BcProxyRecordsForRemovedTenant"]
+    test = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {  # none for an hour, then 5 records for two days
+                        "series": 'bc_proxy_records_unconfigured_tenant{tenant="gone"}',
+                        "values": "0x59 5x2940",
+                    }
+                ],
+                "promql_expr_test": [
+                    {"expr": rule["expr"], "eval_time": "50m", "exp_samples": []},
+                    {
+                        "expr": rule["expr"],
+                        "eval_time": "2h",
+                        "exp_samples": [{"labels": '{tenant="gone"}', "value": 5}],
+                    },
+                    {"expr": rule["expr"], "eval_time": "1d2h", "exp_samples": []},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(test), encoding="utf-8")
+    res = subprocess.run(
+        [_promtool(), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_alerts_name_only_exported_metrics() -> None:
     """Every bc_proxy_* name in an alert expression is a sample the registry exports."""
     exported = exported_names()
