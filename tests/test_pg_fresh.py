@@ -205,22 +205,38 @@ async def test_the_store_begins_a_fresh_send_in_one_statement(
     queries = pg.log_statements(monkeypatch)
     store = PostgresStore(pg_url, RULES)
     await store.open()
+    other = PostgresStore(pg_url, RULES)  # another replica
+    await other.open()
     try:
         await store.begin_send(SendIntent("t", "m-0", ("642100",), "552"), time.time())
+        await other.begin_send(SendIntent("t", "m-9", ("642109",), "552"), time.time())
         await asyncio.sleep(0)
         queries.clear()
         plan = await store.begin_send(SendIntent("t", "m-1", ("642101",), "552"), time.time())
         await asyncio.sleep(0)
+        fresh_one = list(queries)
+        queries.clear()
         repeat = await store.begin_send(SendIntent("t", "m-1", ("642101",), "552"), time.time())
         await asyncio.sleep(0)
+        retried_here = list(queries)
+        queries.clear()
+        elsewhere = await other.begin_send(SendIntent("t", "m-1", ("642101",), "552"), time.time())
+        await asyncio.sleep(0)
+        retried_elsewhere = list(queries)
     finally:
+        await other.close()
         await store.close()
     assert [p.recipient for p in plan.to_send] == ["642101"]
-    assert repeat.repeats == (("642101", "pending"),)
-    # the fresh call: one statement; the retry: that statement, then the transaction
-    assert queries[0] == fresh.BEGIN_FRESH
-    assert queries[1:4] == [fresh.BEGIN_FRESH, "BEGIN;", queries[3]]
-    assert queries[3].startswith("SELECT latest, is_blocked FROM bc_send_facts(")
+    assert repeat.repeats == elsewhere.repeats == (("642101", "pending"),)
+    facts = "SELECT latest, is_blocked FROM bc_send_facts("
+    # the fresh call: one statement
+    assert fresh_one == [fresh.BEGIN_FRESH]
+    # its retry on the same replica, whose key it began lately: the transaction at once
+    assert retried_here[0] == "BEGIN;"
+    assert retried_here[1].startswith(facts)
+    # on another replica, which does not know the key: the statement, then the transaction
+    assert retried_elsewhere[:2] == [fresh.BEGIN_FRESH, "BEGIN;"]
+    assert retried_elsewhere[2].startswith(facts)
 
 
 async def test_a_keyless_group_cut_off_mid_statement_is_recovered_not_written_twice(

@@ -110,6 +110,7 @@ class PostgresStore:
             self._db, "reject webhook", inbound.store_rejects, key=id
         )
         self._abandoned = Abandoned(self._db)
+        self._seen = fresh.SeenKeys()  # keys begun lately: their retries skip the fresh try
         self._begins: Batcher[sends.BeginWrite, SendPlan] = Batcher(
             self._db,
             "begin send",
@@ -144,7 +145,7 @@ class PostgresStore:
         pending)."""
         if self._abandoned.fresh:  # on failure the flush tries again; a retry's mark is safe
             await self._abandoned.reject(PER_GROUP, fresh_only=True)
-        return await fresh.begin_group(self._db, self.rules, w)
+        return await fresh.begin_group(self._db, self.rules, w, self._seen)
 
     async def _recover_begins(self, w: list[sends.BeginWrite]) -> list[SendPlan] | None:
         return await sends.recover_begins(self._db, w)
