@@ -342,9 +342,7 @@ class Metrics:
         """A tenant left the configuration (reload): drop its gauges, which would otherwise
         keep reporting its last token and its last backlog for ever (a backlog alert that
         never clears). Records still kept for it are counted by `records_unconfigured`."""
-        for gauge in (self.token_expiry, self.token_failing):
-            with contextlib.suppress(KeyError):
-                gauge.remove(tenant)
+        self._drop_token(tenant)
         for kind in RECORD_KINDS:
             for gauge in (self.records_waiting, self.records_oldest_age):
                 with contextlib.suppress(KeyError):
@@ -353,10 +351,14 @@ class Metrics:
     def reset_token(self, tenant: str) -> None:
         """A tenant no longer holds a token (a reload moved it to password auth): its token
         gauges read 0, as a password tenant's do, not its last manager's token for ever."""
+        self._drop_token(tenant)
+        self.token_expiry.labels(tenant)
+        self.token_failing.labels(tenant)
+
+    def _drop_token(self, tenant: str) -> None:
         for gauge in (self.token_expiry, self.token_failing):
             with contextlib.suppress(KeyError):
                 gauge.remove(tenant)
-            gauge.labels(tenant)
 
     def observe_legacy(self, route: str, tenant: str, status: int, started: float) -> None:
         """Count one legacy request and its duration (label children cached: hot path)."""

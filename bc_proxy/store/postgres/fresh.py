@@ -73,9 +73,9 @@ async def begin_group(
     """Plan and write a group of begin_send calls (distinct keys): in one statement when every
     call is fresh, else in a transaction on the facts read (at once when `seen` holds one of
     their keys: a retry, most likely)."""
-    seen = SeenKeys(0) if seen is None else seen
-    plans = await _begin_group(db, rules, writes, retry=seen.any_of(writes))
-    seen.add(writes)
+    plans = await _begin_group(db, rules, writes, retry=seen is not None and seen.any_of(writes))
+    if seen is not None:
+        seen.add(writes)
     return plans
 
 
