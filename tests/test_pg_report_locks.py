@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 
 from bc_proxy.store import DlrEvent, IngestResult, SendIntent, Settlement
-from bc_proxy.store.postgres import PostgresStore, sends
+from bc_proxy.store.postgres import PostgresStore, matching, sends
+from bc_proxy.store.postgres.group import Batcher
 from bc_proxy.store.rules import Rules, TenantRules
 from tests import pg
 from tests.pg import pg_url, session  # noqa: F401  (fixtures)
@@ -84,16 +85,65 @@ async def test_a_report_ingested_while_its_settle_commits_is_matched_at_once(
 
 
 async def test_a_settle_finds_a_report_that_beat_it_in_its_own_statement(
-    pair: tuple[PostgresStore, PostgresStore],
+    pg_url: str,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a, b = pair
-    plan = await a.begin_send(SendIntent("acme", "L-2", (HANDSET,), "552"), time.time())
-    assert await b.add_dlr(DlrEvent("cx-2", 1, "DELIVRD")) == IngestResult("unmatched", None)
-    await a.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-2")])
-    record = await b.claim("acme", "status")
+    queries = pg.log_statements(monkeypatch)
+    async with pg.replicas(pg_url, RULES) as (a, b):
+        plan = await a.begin_send(SendIntent("acme", "L-2", (HANDSET,), "552"), time.time())
+        assert await b.add_dlr(DlrEvent("cx-2", 1, "DELIVRD")) == IngestResult("unmatched", None)
+        await asyncio.sleep(0)
+        queries.clear()
+        await a.settle_send([Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-2")])
+        await asyncio.sleep(0)
+        settled = list(queries)
+        record = await b.claim("acme", "status")
     assert record is not None
     assert (record.in_reply_to, record.dlr_status) == ("L-2", 1)
+    # found by the settle's statement: no second look after its commit
+    assert settled[0] == sends.SETTLE_AND_LOOK
+    assert matching.UNMATCHED not in settled
+
+
+async def test_a_settle_whose_answer_was_lost_still_matches_the_report_that_beat_it(
+    pg_url: str,  # noqa: F811
+) -> None:
+    # The statement committed (the report found, the locks held to its end), its answer lost
+    # before the matching that follows it: the recovery, which finds the settle committed,
+    # matches the report instead of leaving it to the upkeep pass.
+    async with pg.replicas(pg_url, RULES) as (a, b):
+        plan = await a.begin_send(SendIntent("acme", "L-3", (HANDSET,), "552"), time.time())
+        assert await b.add_dlr(DlrEvent("cx-3", 1, "DELIVRD")) == IngestResult("unmatched", None)
+        async with pg.started_db(pg_url, pool_max=2) as db:
+            lost = [True]
+
+            async def run(writes: list[sends.SettleWrite]) -> list[None]:
+                if not lost[0]:
+                    return await sends.settle_sends(db, RULES, writes)
+                lost[0] = False
+                s = writes[0].settlements[0]
+                async with db.conn("settle") as conn:
+                    await conn.fetch(
+                        sends.SETTLE_AND_LOOK,
+                        [s.upstream_ref],
+                        [s.state],
+                        [s.connexus_id],
+                        [s.sender],
+                        writes[0].now,
+                    )
+                raise ConnectionResetError("the answer was lost")
+
+            async def recover(writes: list[sends.SettleWrite]) -> list[None] | None:
+                return await sends.recover_settles(db, RULES, writes)
+
+            settles: Batcher[sends.SettleWrite, None] = Batcher(
+                db, "settle send", None, key=id, run=run, recover=recover
+            )
+            settlement = Settlement(plan.to_send[0].upstream_ref, "accepted", "cx-3")
+            await settles.submit(sends.SettleWrite((settlement,), ()))
+        record = await b.claim("acme", "status")
+    assert record is not None
+    assert (record.in_reply_to, record.dlr_status) == ("L-3", 1)
 
 
 async def test_a_settle_with_no_report_waiting_is_one_statement(

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from bc_proxy import keys
+from bc_proxy.backlog import refresh_gauges
 from bc_proxy.config import parse
 from bc_proxy.reload import TOKEN_JOBS, apply
 from bc_proxy.reload import reload as reload_config
@@ -359,3 +361,34 @@ async def test_a_tenant_moved_to_password_auth_stops_reporting_its_old_token(
     assert "acme" not in app[keys.CLIENT].tokens
     assert metrics.registry.get_sample_value(expiry, {"tenant": "acme"}) == 0
     assert metrics.registry.get_sample_value("bc_proxy_token_failing", {"tenant": "acme"}) == 0
+
+
+async def test_a_gauge_refresh_spanning_a_reload_does_not_bring_a_removed_tenant_back(
+    tmp_path: Path, connexus: Connexus, gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh reads the store, a reload removes tenant beta meanwhile, then the refresh
+    sets the gauges: of the tenants in force after its read (beta's stay gone, acme's stay)."""
+    cfg = _reloaded(config_dict(tmp_path, connexus.base_url))
+    cfg["tenants"][0]["legacy"]["password"] = LEGACY_PASSWORD
+    client = await gateway(cfg)
+    app = client.app
+    assert app is not None
+    store = app[keys.STORE]
+    read, gate = store.waiting, asyncio.Event()
+
+    async def held() -> Any:  # the store read, then a pause: the reload lands here
+        got = await read()
+        await gate.wait()
+        return got
+
+    monkeypatch.setattr(store, "waiting", held)
+    refresh = asyncio.ensure_future(refresh_gauges(app, set()))
+    only_acme = {**cfg, "tenants": cfg["tenants"][:1]}
+    assert await reload_config(app, write_config(tmp_path / "one.yaml", only_acme))
+    gate.set()
+    await asyncio.wait_for(refresh, 10)
+    registry = app[keys.METRICS].registry
+    for kind in ("in", "status"):
+        for tenant, value in (("beta", None), ("acme", 0)):
+            labels = {"tenant": tenant, "kind": kind}
+            assert registry.get_sample_value("bc_proxy_records_waiting", labels) == value
