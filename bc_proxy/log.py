@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from bc_proxy.config import Settings
 
 _PHONE_KEYS = frozenset({"to", "from", "msisdn", "recipient", "handset"})
+_MEMO_MAX = 1024  # scrubbed access-line values remembered (tenants x routes x methods)
 _DIGITS = re.compile(r"\d")
 # A phone number anywhere in a string: 7-15 digits, not glued to letters or digits, so that
 # hex ids, receipt ids like "m-1234" and timestamps inside words stay readable.
@@ -130,7 +131,36 @@ class _Scrubber:
     any secret found in any string."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets: list[str] = []
+        self._memo: dict[str, str] = {}
+        self.set_secrets(secrets)
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        """Scrub these (4+ characters, longest first); what `cached` remembered is forgotten."""
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._memo = {}
+
+    def cached(self, value: str) -> str:
+        """`value` as a string value under a key that is no number key: secrets replaced, tokens
+        and phone numbers masked; remembered (the access line's tenant, route and method recur
+        on every request, and the scrub of each cost more than the rest of the line)."""
+        out = self._memo.get(value)
+        if out is None:
+            out = mask_phones(self.clean(value))
+            if len(self._memo) >= _MEMO_MAX:  # (a client's made-up methods cannot grow it)
+                self._memo = {}
+            self._memo[value] = out
+        return out
+
+    def value(self, key: str, value: Any) -> Any:
+        """One value of a line, scrubbed by its key and type (not remembered)."""
+        if isinstance(value, str):
+            return mask_number(value) if key in _PHONE_KEYS else mask_phones(self.clean(value))
+        if isinstance(value, BaseException):
+            return mask_phones(self.clean(loggable(value)))
+        if isinstance(value, list | tuple | dict):
+            return self._deep(value)
+        return value
 
     def clean(self, value: str) -> str:
         """`value` with every secret replaced by *** and bearer tokens masked."""
@@ -143,15 +173,7 @@ class _Scrubber:
         self, logger: Any, name: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in event.items():
-            if isinstance(value, str):
-                if key in _PHONE_KEYS:
-                    event[key] = mask_number(value)
-                else:
-                    event[key] = mask_phones(self.clean(value))
-            elif isinstance(value, BaseException):
-                event[key] = mask_phones(self.clean(loggable(value)))
-            elif isinstance(value, list | tuple | dict):
-                event[key] = self._deep(value)
+            event[key] = self.value(key, value)
         return event
 
     def _deep(self, value: Any) -> Any:
@@ -205,9 +227,7 @@ def secrets_of(settings: Settings) -> list[str]:
 def add_secrets(secrets: Iterable[str]) -> None:
     """Scrub these too from now on (a reloaded configuration's new passwords)."""
     for scrub in _SCRUB:
-        scrub.secrets = sorted(
-            {*scrub.secrets, *(s for s in secrets if len(s) >= 4)}, key=len, reverse=True
-        )
+        scrub.set_secrets([*scrub.secrets, *secrets])
 
 
 def setup(
@@ -271,10 +291,11 @@ def setup(
 
 
 class _Access:
-    """The access line's writer: the configured scrubber applied once, one `json.dumps`, one
-    write under the handler's lock; the same keys, order and timestamp format as a line that
-    went through structlog's chain and the stdlib formatter (tests/test_logs.py compares them).
-    """
+    """The access line's writer: the configured scrubber's rules applied once per value (the
+    values that recur on every line remembered, `_Scrubber.cached`), one `json.dumps` with the
+    shared encoder, one write under the handler's lock; the same keys, order and timestamp
+    format as a line that went through structlog's chain and the stdlib formatter
+    (tests/test_logs.py compares them)."""
 
     __slots__ = ("_prefix", "_second", "handler", "scrub")
 
@@ -294,13 +315,23 @@ class _Access:
         return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
     def write(self, fields: dict[str, Any]) -> None:
-        fields["event"] = "request"
+        scrub = self.scrub
+        for key, value in fields.items():
+            if type(value) is str and key not in _PHONE_KEYS and key != "request_id":
+                fields[key] = scrub.cached(value)
+            else:  # an id is new on every line: not remembered
+                fields[key] = scrub.value(key, value)
+        fields["event"] = scrub.cached("request")
         rid = REQUEST_ID.get()
         if rid is not None and "request_id" not in fields:
-            fields["request_id"] = rid
-        fields["level"] = "info"
+            fields["request_id"] = scrub.value("request_id", rid)
+        fields["level"] = scrub.cached("info")
+        # Not scrubbed: our own clock, digits and punctuation (as status and duration_ms).
         fields["timestamp"] = self.timestamp()
-        line = json.dumps(self.scrub(None, "info", fields), default=repr) + "\n"
+        try:  # the shared encoder: every value is a str or a number
+            line = json.dumps(fields) + "\n"
+        except TypeError:
+            line = json.dumps(fields, default=repr) + "\n"
         handler = self.handler
         handler.acquire()
         try:

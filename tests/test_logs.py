@@ -207,6 +207,32 @@ def test_access_line_is_the_line_the_structlog_chain_renders() -> None:
     assert list(unmatched) == ["request_id", "route", "status", "event", "level", "timestamp"]
 
 
+def test_access_line_values_seen_before_are_scrubbed_as_the_first_time() -> None:
+    """The access line remembers how it scrubbed a recurring value (a tenant, a route): the
+    second line is the chain's line too, a client's phone-shaped request id is masked on every
+    line, and a secret a reload adds is scrubbed from a value remembered before it."""
+    stream = io.StringIO()
+    log.setup("info", "json", ["hunter2-secret"], stream=stream)
+    fields = {"tenant": "t hunter2-secret", "route": "/api/1/sms/out", "status": 204}
+    for rid in ("6421234567", "6421234568"):
+        with log.request_context(rid):
+            log.access(dict(fields))
+            log.get_logger("bc_proxy.http").info("request", **fields)
+    first, chained1, second, chained2 = lines(stream)
+    for fast, chained in ((first, chained1), (second, chained2)):
+        assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+            k: v for k, v in chained.items() if k != "timestamp"
+        }
+    assert second["tenant"] == "t ***"
+    assert (first["request_id"], second["request_id"]) == ("*******567", "*******568")
+    log.access({"tenant": "t reloaded-secret", "status": 204})
+    log.add_secrets(["reloaded-secret"])
+    log.access({"tenant": "t reloaded-secret", "status": 204})
+    before, after = lines(stream)[-2:]
+    assert before["tenant"] == "t reloaded-secret"  # not yet a secret when it was logged
+    assert after["tenant"] == "t ***"
+
+
 def test_access_line_follows_the_level_and_the_console_format() -> None:
     """At level warning no access line is written; with console output it goes through the
     console renderer (not JSON)."""
