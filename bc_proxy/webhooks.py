@@ -98,7 +98,7 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
         return _answer(403, b'{"success":false,"error":"source not allowed"}')
     matched, account = _account(app[WEBHOOK_SECRETS], request.match_info["secret"].encode())
     if not matched:
-        metrics.webhooks.labels("unknown", "rejected").inc()
+        metrics.observe_webhook("unknown", "rejected")
         return _answer(401, b'{"success":false,"error":"unknown webhook"}')
     raw = await request.read()
     if not guard.signed(raw, request.headers.get(guard.header)):
@@ -109,7 +109,7 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
     try:
         event = parse_webhook(raw)
     except Unusable as exc:
-        metrics.webhooks.labels(exc.wtype, "rejected").inc()
+        metrics.observe_webhook(exc.wtype, "rejected")
         metrics.rejected_webhooks.labels(exc.reason).inc()
         try:
             await store.reject_webhook(raw, exc.reason)
@@ -135,13 +135,13 @@ async def connexus_webhook(request: web.Request) -> web.StreamResponse:
         except StoreError as err:  # the store is down after all: let Connexus retry it
             log.error("rejected_webhook_not_kept", reason="store_refused", error=str(err))
             return _answer(503, b'{"success":false,"error":"storage failure, retry"}')
-        metrics.webhooks.labels(wtype, "rejected").inc()  # counted once it is kept
+        metrics.observe_webhook(wtype, "rejected")  # counted once it is kept
         metrics.rejected_webhooks.labels("store_refused").inc()
         return _answer(400, b'{"success":false,"error":"store_refused: the store cannot hold it"}')
     except StoreError as exc:
         log.error("webhook_store_failed", type=wtype, error=str(exc))
         return _answer(503, b'{"success":false,"error":"storage failure, retry"}')
-    metrics.webhooks.labels(wtype, result.outcome).inc()
+    metrics.observe_webhook(wtype, result.outcome)
     return _answer(200, _OK)
 
 
