@@ -3,6 +3,7 @@
 
     python bench/instructions.py [--requests 400] [--connections 8] [--variants lean gateway]
     python bench/instructions.py --variants gateway gateway_pg --path mo   # webhook ingest
+    python bench/instructions.py --variants gateway --path dlr   # delivery reports, matched
 
 Wall-clock and CPU-time figures move with whatever else the machine runs; instruction counts
 do not (the same binary, input and environment give the same count within a fraction of a
@@ -17,8 +18,9 @@ connections by this script, and the counters are dumped: every thread's instruct
 event loop, the store's threads), divided by the number of requests. The gateway runs as users
 run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQLite store;
 `gateway_pg`: a fresh PostgreSQL schema, the server's own instructions not counted).
-`--path mo` posts incoming-SMS webhooks (each a new messageId) instead of legacy sends; the
-lean proxy has no such path.
+`--path mo` posts incoming-SMS webhooks (each a new messageId) instead of legacy sends;
+`--path dlr` posts delivery reports, each naming one of as many accepted sends pre-filled into
+the gateway's store (bench/run.py's webhook scenario, counted). The lean proxy has neither path.
 
 Loopback only, bounded counts; results printed and written to bench/results/ as JSON + .md.
 """
@@ -73,8 +75,9 @@ def mo_webhook(w: int, i: int) -> bytes:
     ).encode()
 
 
-async def load(url: str, n: int, connections: int, path: str = "send") -> int:
-    """`n` requests at `connections` concurrent connections; how many got a 2xx."""
+async def load(url: str, n: int, connections: int, path: str = "send", first: int = 0) -> int:
+    """`n` requests at `connections` concurrent connections; how many got a 2xx (`dlr`: the
+    reports of the pre-filled sends `first` to `first + n - 1`)."""
     ok = 0
     left = n
     lock = asyncio.Lock()
@@ -89,6 +92,7 @@ async def load(url: str, n: int, connections: int, path: str = "send") -> int:
                 async with lock:
                     if left <= 0:
                         return
+                    k = first + n - left
                     left -= 1
                 i += 1
                 # The request of bench/send.lua (wrk's): the PHP client's form POST.
@@ -101,6 +105,8 @@ async def load(url: str, n: int, connections: int, path: str = "send") -> int:
                 }
                 if path == "mo":
                     post = s.post(url, data=mo_webhook(w, i), headers=run.JSON_CT)
+                elif path == "dlr":
+                    post = s.post(url, data=run.dlr(f"c{k}"), headers=run.JSON_CT)
                 else:
                     post = s.post(url, data=data)
                 async with post as resp:
@@ -138,8 +144,10 @@ def measure(
         gw = run.Gateway(ctx, variant, poll_wait=0, backend=backend)
         cmd = [*callgrind(out), ctx.gateway_exe, "serve", "--config", str(gw.config)]
         url = f"{gw.base}/api/1/sms/out"
-        if path == "mo":
+        if path in ("mo", "dlr"):
             url = f"{gw.base}/webhooks/connexus/{run.SECRET}"
+        if path == "dlr":
+            gw.prefill(WARMUP + requests, 0, "c")
         log = gw.log
         proc = ctx.procs.start("gateway", cmd, log)
         ready = f"{gw.base}/readyz"
@@ -151,12 +159,22 @@ def measure(
         control(proc.pid, "-i", "on")
         control(proc.pid, "-z")
         started = time.monotonic()
-        ok = asyncio.run(load(url, requests, connections, path))
+        ok = asyncio.run(load(url, requests, connections, path, first=WARMUP))
         elapsed = time.monotonic() - started
         control(proc.pid, "-d")
         control(proc.pid, "-i", "off")
         if ok != requests:
             raise run.CheckFailed(f"{variant}: {ok}/{requests} requests answered 2xx")
+        if path == "dlr":  # every report matched its send: the path measured is the matched one
+            matched = gw.count(
+                "SELECT count(*) FROM records WHERE kind='status' AND tenant=? "
+                "AND send_id IS NOT NULL",
+                run.TENANT,
+            )
+            if matched != WARMUP + requests:
+                raise run.CheckFailed(
+                    f"{variant}: {matched} of {WARMUP + requests} reports matched"
+                )
     finally:
         ctx.procs.stop(proc, grace=60)
     total = 0
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         default=["lean", "gateway"],
         choices=["lean", "gateway", "gateway_pg"],
     )
-    p.add_argument("--path", choices=["send", "mo"], default="send")
+    p.add_argument("--path", choices=["send", "mo", "dlr"], default="send")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     p.add_argument("--keep-profiles", type=Path, help="copy callgrind's output files here")
     a = p.parse_args(argv)
