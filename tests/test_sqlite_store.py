@@ -479,3 +479,24 @@ async def test_a_refused_value_is_told_from_an_outage(tmp_path: Path) -> None:
     finally:
         store._engine.conn.execute("PRAGMA query_only = OFF")  # type: ignore[union-attr]
         await store.close()
+
+
+def test_a_send_both_ids_name_is_found_once(db: str) -> None:
+    """A report's id is looked up as a Connexus id and as our ref: a send whose Connexus id is
+    its own ref (Connexus echoing our messageId) is one candidate, not two; sends named by
+    either id are all found."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        schema.migrate(conn)
+        insert = (
+            "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, "
+            "connexus_id, created_at) VALUES ('acme', ?, ?, 'S', 'accepted', ?, ?, 1.0)"
+        )
+        conn.execute(insert, ("L1", "6421000001", "bcsame", "bcsame"))
+        conn.execute(insert, ("L2", "6421000002", "bcother", "c-2"))
+        conn.execute(insert, ("L3", "6421000003", "c-2", "c-3"))  # a ref equal to another's id
+        assert [f.legacy_id for f in sends.find_sends(conn, "bcsame")] == ["L1"]
+        assert sorted(f.legacy_id for f in sends.find_sends(conn, "c-2")) == ["L2", "L3"]
+        assert sends.find_sends(conn, "nothing") == []
+    finally:
+        conn.close()

@@ -44,11 +44,14 @@ _CHUNK = 500  # bound parameters per IN list
 
 def find_sends(conn: sqlite3.Connection, message_id: str) -> list[SendFacts]:
     """Send rows a Connexus id or one of our upstream refs names (with their creation time)."""
+    # UNION ALL: UNION's temp b-tree cost a third of the look (one per delivery report).
     rows = conn.execute(
         f"SELECT {_FACTS_AT} FROM sends WHERE connexus_id = ? "
-        f"UNION SELECT {_FACTS_AT} FROM sends WHERE upstream_ref = ?",
+        f"UNION ALL SELECT {_FACTS_AT} FROM sends WHERE upstream_ref = ?",
         (message_id, message_id),
     ).fetchall()
+    if len(rows) > 1:  # a row both ids name (Connexus echoing our ref as its id) came twice
+        rows = list({r[0]: r for r in rows}.values())
     return [SendFacts(*r) for r in rows]
 
 
