@@ -500,3 +500,45 @@ def test_a_send_both_ids_name_is_found_once(db: str) -> None:
         assert sends.find_sends(conn, "nothing") == []
     finally:
         conn.close()
+
+
+async def test_a_group_runs_its_writes_without_savepoints_until_one_fails(db: str) -> None:
+    """The writes of one tick share one transaction with no savepoint each. When one fails,
+    what it wrote is undone, it fails alone and the others are stored: the group ran again,
+    each write in its own savepoint (so a write may run twice)."""
+    eng = engine.Engine(db, fsync=False, on_wakes=lambda wakes: None)
+    await eng.open()
+    conn = eng.conn
+    assert conn is not None
+    statements: list[str] = []
+    calls: dict[int, int] = {}
+
+    def put(x: int, fail: bool = False) -> Callable[[sqlite3.Connection, Any], int]:
+        def op(c: sqlite3.Connection, wakes: Any) -> int:
+            calls[x] = calls.get(x, 0) + 1
+            c.execute("INSERT INTO t VALUES (?)", (x,))
+            if fail:
+                raise ValueError("refused after it wrote")
+            return x
+
+        return op
+
+    try:
+        await eng.write(lambda c, w: c.execute("CREATE TABLE t (x INTEGER)"))
+        conn.set_trace_callback(statements.append)
+        assert await asyncio.gather(*(eng.write(put(x)) for x in range(3))) == [0, 1, 2]
+        assert statements.count("BEGIN IMMEDIATE") == 1  # one group
+        assert not [s for s in statements if "SAVEPOINT" in s]
+        statements.clear()
+        writes = (eng.write(put(10)), eng.write(put(11, fail=True)), eng.write(put(12)))
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results[0] == 10
+        assert isinstance(results[1], StoreRefused)
+        assert results[2] == 12
+        assert statements.count("SAVEPOINT w") == 3
+        assert sorted(x for (x,) in conn.execute("SELECT x FROM t")) == [0, 1, 2, 10, 12]
+        # 10 and 11 ran twice; 12 once: the first run stopped at 11.
+        assert [calls[x] for x in (0, 10, 11, 12)] == [1, 2, 2, 1]
+    finally:
+        conn.set_trace_callback(None)
+        await eng.close()

@@ -1,8 +1,9 @@
 """The SQLite engine: one writer connection on the event loop, group commit, fsync, checkpoints.
 
-Writes queued during one loop tick share one transaction (a savepoint each, or one per batch
-function) and are answered once the commit is in the OS, or fsynced with `fsync`. A locked
-database is retried with backoff, never waited on. Counts and scans run on a reader thread.
+Writes queued during one loop tick share one transaction (group.py: all at once, or each in a
+savepoint when one fails) and are answered once the commit is in the OS, or fsynced with
+`fsync`. A locked database is retried with backoff, never waited on. Counts and scans run on a
+reader thread.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bc_proxy.errors import StoreError, StoreRefused
+from bc_proxy.errors import StoreError
 from bc_proxy.store.sqlite import schema
+from bc_proxy.store.sqlite.group import (
+    BatchFn,
+    Busy,
+    Group,
+    Op,
+    Wakes,
+    as_store_error,
+    run,
+)
 from bc_proxy.store.sqlite.helpers import Reader, checkpoints, connect
 
 T = TypeVar("T")
-Wakes = set[tuple[str, str]]
-Op = Callable[[sqlite3.Connection, Wakes], T]
-BatchFn = Callable[[sqlite3.Connection, Wakes, list[Any]], list[Any]]
 Abandoned = Callable[[Any, Any], None]  # (item, result) of a write its caller never got
 
 log = logging.getLogger(__name__)
@@ -35,49 +41,6 @@ BUSY_GIVE_UP_SECONDS = 5.0  # a write waits this long for another process's lock
 BUSY_FIRST_BACKOFF = 0.002
 BUSY_MAX_BACKOFF = 0.05
 AUTOCHECKPOINT_PAGES = 10_000  # see Engine._writer
-
-
-class _Busy(Exception):
-    """The database is locked by another connection: retry the whole group later."""
-
-
-def is_busy(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-def as_store_error(exc: BaseException) -> StoreError:
-    """StoreRefused where the data itself was refused (a constraint, a value SQLite or the
-    driver cannot hold), else StoreError (read-only, disk full, I/O)."""
-    if isinstance(exc, StoreError):
-        return exc
-    refused = (sqlite3.IntegrityError, sqlite3.DataError, TypeError, ValueError)
-    kind = StoreRefused if isinstance(exc, refused) else StoreError
-    return kind(f"{type(exc).__name__}: {exc}")
-
-
-@dataclass
-class _Group:
-    """The writes of one tick: single ops, and items of batch functions (one call per fn)."""
-
-    ops: list[tuple[Op[Any], asyncio.Future[Any]]] = field(default_factory=list)
-    batches: dict[BatchFn, list[tuple[Any, asyncio.Future[Any]]]] = field(default_factory=dict)
-    since: float = 0.0  # monotonic time of the first attempt (busy retries give up after 5 s)
-
-    def __len__(self) -> int:
-        return len(self.ops) + sum(len(v) for v in self.batches.values())
-
-    def futures(self) -> list[asyncio.Future[Any]]:
-        return [f for _, f in self.ops] + [f for v in self.batches.values() for _, f in v]
-
-    def merge(self, later: _Group) -> None:
-        self.ops.extend(later.ops)
-        for fn, items in later.batches.items():
-            self.batches.setdefault(fn, []).extend(items)
 
 
 class Engine:
@@ -97,7 +60,7 @@ class Engine:
         self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="bc-store-ckpt")
         self._checkpointer: asyncio.Task[None] | None = None
         self._wal_fd: int | None = None
-        self._group = _Group()
+        self._group = Group()
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._busy_tries = 0
         self._last_group = 0
@@ -285,7 +248,7 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_handle = None
-        group, self._group = self._group, _Group()
+        group, self._group = self._group, Group()
         for fn in self._droppable.intersection(group.batches):
             kept = []
             for item, fut in group.batches[fn]:
@@ -303,8 +266,10 @@ class Engine:
             group.since = time.monotonic()
         self._last_group = len(group)
         try:
-            results, wakes = self._run(group)
-        except _Busy:
+            if self.conn is None:
+                raise StoreError("store is not open")
+            results, wakes = run(self.conn, group)
+        except Busy:
             self._retry_busy(group)
             return
         except BaseException as exc:  # the commit itself failed: every write of it failed
@@ -336,12 +301,12 @@ class Engine:
         if not isinstance(data, BaseException):
             _tell(hook[0], hook[1], data)
 
-    def _retry_busy(self, group: _Group) -> None:
+    def _retry_busy(self, group: Group) -> None:
         """Another connection holds the lock: try again soon, without blocking the loop."""
         group.merge(self._group)
         self._group = group
         if time.monotonic() - group.since > BUSY_GIVE_UP_SECONDS:
-            self._group = _Group()
+            self._group = Group()
             error = StoreError(f"database is locked (waited {BUSY_GIVE_UP_SECONDS:.0f} s)")
             for fut in group.futures():
                 self._answer(fut, error)
@@ -370,52 +335,6 @@ class Engine:
                     self._on_wakes(wakes)
         finally:
             self._sync_task = None
-
-    def _run(self, group: _Group) -> tuple[list[Any], Wakes]:
-        """One transaction for the group; a savepoint per op (or per batch function)."""
-        conn = self.conn
-        if conn is None:
-            raise StoreError("store is not open")
-        results: list[Any] = []
-        wakes: Wakes = set()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, items in group.batches.items():
-                results.extend(self._savepoint(conn, wakes, len(items), fn, [i for i, _ in items]))
-            for op, _ in group.ops:
-                results.extend(self._savepoint(conn, wakes, 1, _single, [op]))
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if is_busy(exc):
-                raise _Busy from exc
-            raise
-        # Batch results came first: put them back in submission order of `group.futures()`.
-        n_batch = sum(len(v) for v in group.batches.values())
-        return results[n_batch:] + results[:n_batch], wakes
-
-    @staticmethod
-    def _savepoint(
-        conn: sqlite3.Connection, wakes: Wakes, n: int, fn: BatchFn, items: list[Any]
-    ) -> list[Any]:
-        conn.execute("SAVEPOINT w")
-        mine: Wakes = set()
-        try:
-            out = fn(conn, mine, items)
-            conn.execute("RELEASE w")
-        except Exception as exc:
-            if is_busy(exc):
-                raise
-            conn.execute("ROLLBACK TO w")
-            conn.execute("RELEASE w")
-            return [as_store_error(exc)] * n
-        wakes |= mine
-        return out
-
-
-def _single(conn: sqlite3.Connection, wakes: Wakes, ops: list[Any]) -> list[Any]:
-    return [ops[0](conn, wakes)]
 
 
 def _tell(abandoned: Abandoned, item: Any, result: Any) -> None:

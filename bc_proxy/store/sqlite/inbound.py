@@ -10,7 +10,7 @@ import sqlite3
 
 from bc_proxy.store import DlrEvent, IngestResult, MoEvent, RejectedWebhook, SweepMark
 from bc_proxy.store.rules import Rules
-from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.group import Wakes
 from bc_proxy.store.sqlite.records import INSERT, row_values, wake
 from bc_proxy.store.sqlite.sends import find_sends, latest_to
 

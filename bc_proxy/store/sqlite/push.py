@@ -13,7 +13,7 @@ from typing import Any
 
 from bc_proxy.store import LegacyRecord
 from bc_proxy.store.rules import KINDS, Rules
-from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.group import Wakes
 from bc_proxy.store.sqlite.records import COLUMNS, to_record
 
 _DUE = (

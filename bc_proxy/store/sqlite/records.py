@@ -12,7 +12,7 @@ from typing import Any
 
 from bc_proxy.store import LegacyRecord
 from bc_proxy.store.rules import Kind, Placement, Rules, receipt_id
-from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.group import Wakes
 
 COLUMNS = (
     "id, tenant, kind, receipt_id, msisdn_from, msisdn_to, body, rate_code, in_reply_to, "

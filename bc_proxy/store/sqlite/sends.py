@@ -29,7 +29,7 @@ from bc_proxy.store.rules import (
     only_settled,
     settled_state,
 )
-from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.group import Wakes
 from bc_proxy.store.sqlite.records import INSERT, row_values, wake
 from bc_proxy.translate import UNKNOWN_OUTCOME
 

@@ -34,7 +34,8 @@ from bc_proxy.store import (
     new_replica_id,
 )
 from bc_proxy.store.sqlite import inbound, push, records, sends, upkeep
-from bc_proxy.store.sqlite.engine import Engine, Wakes
+from bc_proxy.store.sqlite.engine import Engine
+from bc_proxy.store.sqlite.group import Wakes
 from bc_proxy.store.sqlite.helpers import in_use_lock, moved_problem
 from bc_proxy.store.waker import LocalWaker, Waker
 

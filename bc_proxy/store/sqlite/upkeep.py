@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 from bc_proxy.store import KINDS, WaitingStat
-from bc_proxy.store.sqlite.engine import Wakes
+from bc_proxy.store.sqlite.group import Wakes
 
 PURGE_CHUNK = 2000
 
