@@ -144,16 +144,22 @@ class _Scrubber:
         """`value` as a string value under a key that is no number key: secrets replaced, tokens
         and phone numbers masked; remembered (the access line's tenant, route and method recur
         on every request, and the scrub of each cost more than the rest of the line)."""
-        out = self._memo.get(value)
+        # One memo for the whole call: a value scrubbed while a reload sets new secrets goes
+        # into the memo it replaces (set_secrets assigns the secrets first), never the new one.
+        memo = self._memo
+        out = memo.get(value)
         if out is None:
             out = mask_phones(self.clean(value))
-            if len(self._memo) >= _MEMO_MAX:  # (a client's made-up methods cannot grow it)
-                self._memo = {}
-            self._memo[value] = out
+            if len(memo) >= _MEMO_MAX:  # (a client's made-up methods cannot grow it)
+                memo.clear()
+            memo[value] = out
         return out
 
     def value(self, key: str, value: Any) -> Any:
-        """One value of a line, scrubbed by its key and type (not remembered)."""
+        """One value of a line, scrubbed by its key and type (not remembered). The timestamp
+        is our own clock (TimeStamper's, `_Access.timestamp`): left as it is."""
+        if key == "timestamp":
+            return value
         if isinstance(value, str):
             return mask_number(value) if key in _PHONE_KEYS else mask_phones(self.clean(value))
         if isinstance(value, BaseException):
@@ -326,8 +332,7 @@ class _Access:
         if rid is not None and "request_id" not in fields:
             fields["request_id"] = scrub.value("request_id", rid)
         fields["level"] = scrub.cached("info")
-        # Not scrubbed: our own clock, digits and punctuation (as status and duration_ms).
-        fields["timestamp"] = self.timestamp()
+        fields["timestamp"] = self.timestamp()  # not scrubbed, as in the chain (`value`)
         try:  # the shared encoder: every value is a str or a number
             line = json.dumps(fields) + "\n"
         except TypeError:
