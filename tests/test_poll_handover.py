@@ -391,6 +391,7 @@ class Trials:
 
     arrived: int = 0  # the answer reached the client before its reset (received, by the rule)
     stalled: int = 0  # the client was held off its CPU before its reset (either outcome is right)
+    maybe: int = 0  # arrived or stalled: the record may have been consumed
     kept: int = 0  # the record was still there for the next poll
     released_after_write: int = 0  # the gateway wrote the answer, then released it
 
@@ -422,6 +423,7 @@ async def _run_reset_trials(tmp_path: Path, connexus: Connexus, delays: list[flo
                     trials.arrived += arrived
                     trials.stalled += stalled
                     maybe = arrived or stalled
+                    trials.maybe += maybe
                     if maybe and await _settled_queue(http, served.base, empty, 0.3) == empty:
                         continue  # received by its TCP stack before the reset: consumed
                     started = time.monotonic()
@@ -448,9 +450,9 @@ async def test_reset_right_after_the_request_consumes_nothing(
     record then goes, once, to a well-behaved poll, woken at once by the release."""
     trials = await _run_reset_trials(tmp_path, connexus, [0.0] * TRIALS)
     print(f"\nreset right after the request: {trials}")
-    assert trials.stalled <= TRIALS // 2  # most trials test what they say
+    assert trials.stalled <= TRIALS // 4  # most trials test what they say
     assert trials.arrived <= trials.stalled
-    assert trials.kept >= TRIALS - trials.stalled
+    assert trials.kept >= TRIALS - trials.maybe
 
 
 async def test_reset_while_the_gateway_answers_consumes_nothing_unreceived(
@@ -462,7 +464,7 @@ async def test_reset_while_the_gateway_answers_consumes_nothing_unreceived(
     delays = [i * 0.0012 / TRIALS for i in range(TRIALS)]
     trials = await _run_reset_trials(tmp_path, connexus, delays)
     print(f"\nreset 0-1.2 ms after the request: {trials}")
-    assert trials.kept >= TRIALS - trials.arrived - trials.stalled
+    assert trials.kept >= TRIALS - trials.maybe
     assert trials.released_after_write > 0
 
 
