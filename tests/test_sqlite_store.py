@@ -542,3 +542,35 @@ async def test_a_group_runs_its_writes_without_savepoints_until_one_fails(db: st
     finally:
         conn.set_trace_callback(None)
         await eng.close()
+
+
+async def test_a_report_matched_in_a_rolled_back_run_is_matched_again(db: str) -> None:
+    """A settle that matches an early report, in a group whose first run is rolled back (a
+    neighbour failed), matches it again in the second run: what the first run's probe saw of
+    waiting reports is forgotten with the rollback (review of the savepoint-free groups)."""
+    store = SQLiteStore(db, RULES)
+    await store.open()
+    try:
+        now = time.time()
+        p1 = await store.begin_send(SendIntent(POLL, "L1", (HANDSET,), SENDER), now)
+        p2 = await store.begin_send(SendIntent(POLL, "L2", (HANDSET + "1",), SENDER), now)
+        early = await store.add_dlr(DlrEvent("CX1", 1, "DELIVRD"))  # before its settle
+        assert early.outcome == "unmatched"
+
+        def refused(c: sqlite3.Connection, w: Any) -> None:
+            raise ValueError("refused")
+
+        s1 = asyncio.ensure_future(
+            store.settle_send([Settlement(p1.to_send[0].upstream_ref, "accepted", "CX1")])
+        )
+        s2 = asyncio.ensure_future(
+            store.settle_send([Settlement(p2.to_send[0].upstream_ref, "accepted", "CX2")])
+        )
+        await asyncio.sleep(0)  # both settles queued: the failing write joins their group
+        failing = store._engine.submit(refused)
+        results = await asyncio.gather(s1, s2, failing, return_exceptions=True)
+        assert list(results[:2]) == [None, None]
+        assert isinstance(results[2], StoreRefused)
+        assert await store.queue_depth(POLL) == (0, 1)  # (in, status): the report is there
+    finally:
+        await store.close()

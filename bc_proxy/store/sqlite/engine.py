@@ -46,11 +46,19 @@ AUTOCHECKPOINT_PAGES = 10_000  # see Engine._writer
 class Engine:
     """The writer connection and its helpers; `on_wakes` is called once writes are durable."""
 
-    def __init__(self, path: str, *, fsync: bool, on_wakes: Callable[[Wakes], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        fsync: bool,
+        on_wakes: Callable[[Wakes], None],
+        on_rollback: Callable[[], None] = lambda: None,
+    ) -> None:
         self.path = path
         self.memory = path == ":memory:" or path.startswith("file::memory:")
         self._fsync = fsync
         self._on_wakes = on_wakes
+        self._on_rollback = on_rollback  # group.run: what a write learnt may be undone
         self.conn: sqlite3.Connection | None = None
         self._reader = Reader(path)
         self._helpers = ThreadPoolExecutor(1, thread_name_prefix="bc-store-sync")  # fsync
@@ -268,7 +276,7 @@ class Engine:
         try:
             if self.conn is None:
                 raise StoreError("store is not open")
-            results, wakes = run(self.conn, group)
+            results, wakes = run(self.conn, group, self._on_rollback)
         except Busy:
             self._retry_busy(group)
             return

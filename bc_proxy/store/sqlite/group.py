@@ -68,34 +68,53 @@ class _OneFailed(Exception):
     """A write of the group failed: the group runs again, each write in a savepoint."""
 
 
-def run(conn: sqlite3.Connection, group: Group) -> tuple[list[Any], Wakes]:
+def _nothing() -> None:
+    pass
+
+
+def run(
+    conn: sqlite3.Connection, group: Group, on_rollback: Callable[[], None] = _nothing
+) -> tuple[list[Any], Wakes]:
     """One transaction for the group: (results in the order of `group.futures()`, wakes).
 
     The writes run at once, with no savepoint around each: two statements less per write (every
     settle, every webhook). Should one raise, the transaction is rolled back and the group runs
     again with a savepoint per op (or per batch function): that write fails alone, the others
-    are stored, as they would have been at the first run. So a write may run twice: anything it
-    does besides its statements must be harmless to repeat (the store's writes set hints, such
-    as `_maybe_unmatched`, and draw new random ids). Raises Busy where another connection holds
-    the lock; any other exception is the commit's own failure."""
+    are stored, as they would have been at the first run. So a write may run twice, and one
+    may run in a transaction that is then rolled back: what it keeps besides its statements
+    must be told of the rollback (`on_rollback`, called after each; the store forgets what its
+    writes learnt of the database, `SQLiteStore._maybe_unmatched`). A write may only add to
+    `wakes`. Raises Busy where another connection holds the lock; any other exception is the
+    commit's own failure."""
+    if conn.in_transaction:  # a rollback that failed last time: start clean
+        _rollback(conn, on_rollback)
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
             results, wakes = _at_once(conn, group)
         except _OneFailed:
-            conn.execute("ROLLBACK")
-            conn.execute("BEGIN IMMEDIATE")
+            _rollback(conn, on_rollback)
+            conn.execute("BEGIN IMMEDIATE")  # (the lock was let go: Busy retries the group)
             results, wakes = _each_alone(conn, group)
         conn.execute("COMMIT")
     except BaseException as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        _rollback(conn, on_rollback)
         if is_busy(exc):
             raise Busy from exc
         raise
     # Batch results came first: put them back in submission order of `group.futures()`.
     n_batch = sum(len(v) for v in group.batches.values())
     return results[n_batch:] + results[:n_batch], wakes
+
+
+def _rollback(conn: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:
+    """Roll back, where SQLite has not already (a full disk or an I/O error ends the
+    transaction itself), and tell the caller."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    finally:
+        on_rollback()
 
 
 def _at_once(conn: sqlite3.Connection, group: Group) -> tuple[list[Any], Wakes]:
@@ -132,7 +151,7 @@ def _savepoint(
         out = fn(conn, mine, items)
         conn.execute("RELEASE w")
     except Exception as exc:
-        if is_busy(exc):
+        if is_busy(exc) or not conn.in_transaction:  # (SQLite ended it: the group's error)
             raise
         conn.execute("ROLLBACK TO w")
         conn.execute("RELEASE w")

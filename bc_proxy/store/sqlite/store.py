@@ -64,7 +64,9 @@ class SQLiteStore:
         self.replica = replica or new_replica_id()
         self.lease_seconds = lease_seconds
         self.waker: Waker = LocalWaker()
-        self._engine = Engine(path, fsync=fsync, on_wakes=self._notify)
+        self._engine = Engine(
+            path, fsync=fsync, on_wakes=self._notify, on_rollback=self._forget_probe
+        )
         self._maybe_unmatched = True  # reports may wait for a Connexus id (cleared by a probe)
         self._in_use: int | None = None  # the file's shared in-use lock while open
         self._closed = False
@@ -193,6 +195,11 @@ class SQLiteStore:
             )
 
         await self._engine.write(op)
+
+    def _forget_probe(self) -> None:
+        """A transaction was rolled back: what `_probe_unmatched` saw in it may be undone (a
+        report another write of it matched is waiting again), so probe afresh."""
+        self._maybe_unmatched = True
 
     def _probe_unmatched(self, conn: sqlite3.Connection) -> bool:
         """Whether any report waits for its Connexus id: one cheap probe, remembered."""
