@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,55 @@ def start_script(
     url = f"http://127.0.0.1:{port}/api/1/sms/out"
     run.wait_until(proc, name, out, lambda: run.http_status(url) is not None, 30)
     return proc, url, _Script(ctx, proc)
+
+
+@dataclass
+class Bench:
+    """One measuring session of budget.py or offcpu.py: pinned to the load CPU, the SIGTERM
+    handler, a temp dir, the processes started, the reference to bench/run.py's context."""
+
+    ctx: run.Ctx
+    procs: run.Procs
+    tmp: Path
+    started: datetime.datetime
+    load0: tuple[float, float, float]
+
+    @classmethod
+    def start(cls, prefix: str, duration: int, store_dir: Path | None) -> Bench:
+        signal.signal(signal.SIGTERM, run.on_sigterm)  # stops what it started, as run.py does
+        args = run.parse_args(["--duration", str(duration)])
+        pin = run.choose_pinning()
+        if pin.load_cpu is not None:
+            os.sched_setaffinity(0, {pin.load_cpu})
+        started = datetime.datetime.now(datetime.UTC)
+        load0 = os.getloadavg()
+        tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        if store_dir is not None:
+            STORE_DIR.append(Path(tempfile.mkdtemp(prefix=prefix, dir=store_dir)))
+        procs = run.Procs()
+        exe = shutil.which("bc-proxy") or "bc-proxy"
+        ports = (run.free_port(), run.free_port(), run.free_port())
+        return cls(run.Ctx(args, tmp, procs, pin, *ports, exe), procs, tmp, started, load0)
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for d in STORE_DIR:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether (and how) the tree differed from it."""
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(BENCH.parent), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+
+    diff = git("diff", "HEAD", "--", "bc_proxy", "bench")
+    return {
+        "git_commit": git("rev-parse", "HEAD").strip(),
+        "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
 
 
 def measure(ctx: run.Ctx, variant: str, seconds: int, conns: int) -> dict[str, Any]:
@@ -395,19 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"error: {tool} not found", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, run.on_sigterm)  # stops what it started, as run.py does
-    args = run.parse_args(["--duration", str(a.duration)])
-    pin = run.choose_pinning()
-    if pin.load_cpu is not None:
-        os.sched_setaffinity(0, {pin.load_cpu})
-    started = datetime.datetime.now(datetime.UTC)
-    load0 = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="bc-budget-"))
-    if a.store_dir is not None:
-        STORE_DIR.append(Path(tempfile.mkdtemp(prefix="bc-budget-", dir=a.store_dir)))
-    procs = run.Procs()
-    exe = shutil.which("bc-proxy") or "bc-proxy"
-    ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
+    bench = Bench.start("bc-budget-", a.duration, a.store_dir)
+    ctx = bench.ctx
     variants = ["direct", *a.variants] if a.connections == 1 else list(a.variants)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     profiles: dict[str, Any] = {}
@@ -422,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.log(f"py-spy: {v}")
                 profiles[v] = profile(ctx, v, a.profile_seconds, a.connections)
     finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in STORE_DIR:
-            shutil.rmtree(d, ignore_errors=True)
+        bench.stop()
     medians = {
         v: {
             k: statistics.median(vals) if (vals := [r[k] for r in rs if r[k] is not None]) else None
@@ -434,31 +471,26 @@ def main(argv: list[str] | None = None) -> int:
         for v, rs in results.items()
         if rs
     }
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    stamp = bench.started.strftime("%Y%m%dT%H%M%SZ")
     host = socket.gethostname()
     report: dict[str, Any] = {
         "timestamp": stamp,
         "hostname": host,
-        "load_average_at_start": [round(x, 2) for x in load0],
+        "load_average_at_start": [round(x, 2) for x in bench.load0],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "pinning": pin.description,
+        "pinning": ctx.pin.description,
         "reps": a.reps,
         "duration": a.duration,
         "connections": a.connections,
         "store_dir": str(a.store_dir) if a.store_dir else "the run's temp dir",
-        "git_commit": subprocess.run(
-            ["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip(),
+        **git_state(),
         "results": results,
         "medians": medians,
         "added_latency": added_latency(results) if "direct" in results else {},
         "profiles": {
             k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()
         },
-        "commands": procs.commands,
+        "commands": bench.procs.commands,
         "invocation": shlex.join([sys.executable, *sys.argv]),
     }
     md = markdown(report)

@@ -31,17 +31,13 @@ Results: bench/results/<UTC time>-<host>-offcpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,19 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if "sched:sched_switch" not in probe.stdout:
         print("error: perf cannot see the sched tracepoints (run as root)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, run.on_sigterm)
-    args = run.parse_args(["--duration", str(a.seconds)])
-    pin = run.choose_pinning()
-    if pin.load_cpu is not None:
-        os.sched_setaffinity(0, {pin.load_cpu})
-    started = datetime.datetime.now(datetime.UTC)
-    load0 = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="bc-offcpu-"))
-    if a.store_dir is not None:
-        budget.STORE_DIR.append(Path(tempfile.mkdtemp(prefix="bc-offcpu-", dir=a.store_dir)))
-    procs = run.Procs()
-    exe = shutil.which("bc-proxy") or "bc-proxy"
-    ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
+    bench = budget.Bench.start("bc-offcpu-", a.seconds, a.store_dir)
+    ctx = bench.ctx
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in a.variants}
     try:
         run.start_nginx(ctx)
@@ -278,27 +263,19 @@ def main(argv: list[str] | None = None) -> int:
                 run.log(f"rep {rep + 1}/{a.reps}: {v}")
                 results[v].append(measure(ctx, v, a.seconds, a.connections))
     finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in budget.STORE_DIR:
-            shutil.rmtree(d, ignore_errors=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        bench.stop()
+    stamp = bench.started.strftime("%Y%m%dT%H%M%SZ")
     host = socket.gethostname()
     report: dict[str, Any] = {
         "timestamp": stamp,
         "hostname": host,
-        "load_average_at_start": [round(x, 2) for x in load0],
-        "pinning": pin.description,
+        "load_average_at_start": [round(x, 2) for x in bench.load0],
+        "pinning": ctx.pin.description,
         "reps": a.reps,
         "seconds": a.seconds,
         "connections": a.connections,
         "store_dir": str(a.store_dir) if a.store_dir else "the run's temp dir",
-        "git_commit": subprocess.run(
-            ["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip(),
+        **budget.git_state(),
         "results": results,
         "medians": {v: medians(rs) for v, rs in results.items() if rs},
         "invocation": " ".join([sys.executable, *sys.argv]),
