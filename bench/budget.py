@@ -241,6 +241,30 @@ class Bench:
         ports = (run.free_port(), run.free_port(), run.free_port())
         return cls(run.Ctx(args, tmp, procs, pin, *ports, exe), procs, tmp, started, load0)
 
+    @property
+    def stamp(self) -> str:
+        return self.started.strftime("%Y%m%dT%H%M%SZ")
+
+    def header(self) -> dict[str, Any]:
+        """The fields every report of a session opens with."""
+        return {
+            "timestamp": self.stamp,
+            "hostname": socket.gethostname(),
+            "load_average_at_start": [round(x, 2) for x in self.load0],
+            "pinning": self.ctx.pin.description,
+            **git_state(),
+        }
+
+    def write(self, results_dir: Path, kind: str, report: dict[str, Any], md: str) -> Path:
+        """Print the report and write it as `<stamp>-<host>-<kind>.{json,md}`; the base path."""
+        print(md)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        base = results_dir / f"{self.stamp}-{socket.gethostname()}-{kind}"
+        Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(f"{base}.md").write_text(md)
+        run.log(f"wrote {base}.json and .md")
+        return base
+
     def stop(self) -> None:
         self.procs.stop_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -471,19 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         for v, rs in results.items()
         if rs
     }
-    stamp = bench.started.strftime("%Y%m%dT%H%M%SZ")
-    host = socket.gethostname()
     report: dict[str, Any] = {
-        "timestamp": stamp,
-        "hostname": host,
-        "load_average_at_start": [round(x, 2) for x in bench.load0],
+        **bench.header(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "pinning": ctx.pin.description,
         "reps": a.reps,
         "duration": a.duration,
         "connections": a.connections,
         "store_dir": str(a.store_dir) if a.store_dir else "the run's temp dir",
-        **git_state(),
         "results": results,
         "medians": medians,
         "added_latency": added_latency(results) if "direct" in results else {},
@@ -493,15 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         "commands": bench.procs.commands,
         "invocation": shlex.join([sys.executable, *sys.argv]),
     }
-    md = markdown(report)
-    print(md)
-    a.results_dir.mkdir(parents=True, exist_ok=True)
-    base = a.results_dir / f"{stamp}-{host}-budget"
-    Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{base}.md").write_text(md)
+    base = bench.write(a.results_dir, "budget", report, markdown(report))
     for v, prof in profiles.items():
         Path(f"{base}-{v}.pyspy.txt").write_text(prof["raw"])
-    run.log(f"wrote {base}.json and .md")
     return 0
 
 

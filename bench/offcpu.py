@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -264,29 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                 results[v].append(measure(ctx, v, a.seconds, a.connections))
     finally:
         bench.stop()
-    stamp = bench.started.strftime("%Y%m%dT%H%M%SZ")
-    host = socket.gethostname()
     report: dict[str, Any] = {
-        "timestamp": stamp,
-        "hostname": host,
-        "load_average_at_start": [round(x, 2) for x in bench.load0],
-        "pinning": ctx.pin.description,
+        **bench.header(),
         "reps": a.reps,
         "seconds": a.seconds,
         "connections": a.connections,
         "store_dir": str(a.store_dir) if a.store_dir else "the run's temp dir",
-        **budget.git_state(),
         "results": results,
         "medians": {v: medians(rs) for v, rs in results.items() if rs},
         "invocation": " ".join([sys.executable, *sys.argv]),
     }
-    md = markdown(report)
-    print(md)
-    a.results_dir.mkdir(parents=True, exist_ok=True)
-    base = a.results_dir / f"{stamp}-{host}-offcpu"
-    Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{base}.md").write_text(md)
-    run.log(f"wrote {base}.json and .md")
+    bench.write(a.results_dir, "offcpu", report, markdown(report))
     return 0
 
 
