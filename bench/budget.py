@@ -216,11 +216,9 @@ def start_script(
 @dataclass
 class Bench:
     """One measuring session of budget.py or offcpu.py: pinned to the load CPU, the SIGTERM
-    handler, a temp dir, the processes started, the reference to bench/run.py's context."""
+    handler, bench/run.py's context (its temp dir, the processes started), the start."""
 
-    ctx: run.Ctx
-    procs: run.Procs
-    tmp: Path
+    ctx: run.Ctx  # its procs and tmp dir are the session's
     started: datetime.datetime
     load0: tuple[float, float, float]
 
@@ -239,7 +237,7 @@ class Bench:
         procs = run.Procs()
         exe = shutil.which("bc-proxy") or "bc-proxy"
         ports = (run.free_port(), run.free_port(), run.free_port())
-        return cls(run.Ctx(args, tmp, procs, pin, *ports, exe), procs, tmp, started, load0)
+        return cls(run.Ctx(args, tmp, procs, pin, *ports, exe), started, load0)
 
     @property
     def stamp(self) -> str:
@@ -266,8 +264,8 @@ class Bench:
         return base
 
     def stop(self) -> None:
-        self.procs.stop_all()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.ctx.procs.stop_all()
+        shutil.rmtree(self.ctx.tmp, ignore_errors=True)
         for d in STORE_DIR:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -508,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {
             k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()
         },
-        "commands": bench.procs.commands,
+        "commands": ctx.procs.commands,
         "invocation": shlex.join([sys.executable, *sys.argv]),
     }
     base = bench.write(a.results_dir, "budget", report, markdown(report))
