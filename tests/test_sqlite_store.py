@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from bc_proxy.errors import StoreError, StoreRefused
-from bc_proxy.store import DlrEvent, MoEvent, SendIntent, Settlement, open_store
+from bc_proxy.store import (
+    DlrEvent,
+    MoEvent,
+    SendIntent,
+    Settlement,
+    StatusRecord,
+    open_store,
+)
 from bc_proxy.store.sqlite import SQLiteStore, engine, helpers, push, schema, sends, upkeep
 from tests.push_backlog import push_backlog
 from tests.test_store_contract import HANDSET, POLL, PUSH, RULES, SENDER
@@ -479,6 +486,80 @@ async def test_a_refused_value_is_told_from_an_outage(tmp_path: Path) -> None:
     finally:
         store._engine.conn.execute("PRAGMA query_only = OFF")  # type: ignore[union-attr]
         await store.close()
+
+
+async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) -> None:
+    """Version 5 rebuilds `sends` for its state check: every row, id and column is kept, and
+    so is every index the file had (an operator's own included); the check still refuses a
+    state that is not one of the four."""
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute("BEGIN")
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        for n in range(4):
+            schema.MIGRATIONS[n](conn)
+            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (n + 1,))
+        conn.execute("CREATE INDEX operators_own ON sends (sender, tenant)")
+        conn.executemany(
+            "INSERT INTO sends (id, tenant, legacy_id, recipient, sender, state, upstream_ref, "
+            "connexus_id, created_at, settled_at, repeat_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (3, POLL, "L1", HANDSET, SENDER, "pending", "u3", None, 10.5, None, 1),
+                (7, POLL, None, "6421000002", "", "accepted", "u7", "cx-7", 11.0, 12.0, 0),
+                (8, PUSH, "L2", HANDSET, SENDER, "rejected", None, None, 12.0, 12.5, 0),
+                (9, PUSH, "L3", HANDSET, SENDER, "unknown", "u9", None, 13.0, 14.0, 0),
+            ],
+        )
+        conn.execute("COMMIT")
+        before = conn.execute("SELECT * FROM sends ORDER BY id").fetchall()
+        indexes = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sends'"
+        indexes_before = set(conn.execute(indexes))
+    store = SQLiteStore(db, RULES)
+    assert await store.migrate() == (4, schema.LATEST)
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        assert conn.execute("SELECT * FROM sends ORDER BY id").fetchall() == before
+        assert set(conn.execute(indexes)) == indexes_before
+        assert "operators_own" in {name for name, _ in indexes_before}
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE sends SET state = 'sent' WHERE id = 7")
+        # The write-ahead row of a send is still found by its ref, its recipient and its key.
+        assert [f.id for f in sends.find_sends(conn, "cx-7")] == [7]
+        assert [f.id for f in sends.find_sends(conn, "u3")] == [3]
+
+
+def test_a_send_writes_its_rows_without_a_temporary_btree(db: str) -> None:
+    """No statement a send runs (its pending rows, their settles, a status record) builds a
+    temporary b-tree (`OpenEphemeral`). The state check did, per row written, until version
+    5: an IN list of more than two constants in a CHECK is tested against a b-tree of them
+    built every time."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        schema.migrate(conn)
+        ran: list[str] = []
+        conn.set_trace_callback(ran.append)
+        now = time.time()
+        intent = SendIntent(POLL, "L1", (HANDSET, "6421000002", "6421000003"), SENDER)
+        (plan,) = sends.begin_sends(conn, set(), RULES, [(intent, now)])
+        a, b, c = (p.upstream_ref for p in plan.to_send)
+        status = StatusRecord(POLL, "6421000003", SENDER, "L1", "NUR", "refused", c)
+        outcomes = [
+            Settlement(a, "accepted", "cx-1"),
+            Settlement(b, "unknown"),
+            Settlement(c, "rejected"),
+        ]
+        sends.settle(conn, set(), RULES, outcomes, [status], now, match_early=True)
+        conn.set_trace_callback(None)
+        states = conn.execute("SELECT state FROM sends ORDER BY id").fetchall()
+        assert states == [("accepted",), ("unknown",), ("rejected",)]
+        writes = [sql for sql in ran if sql.lstrip().upper().startswith(("INSERT", "UPDATE"))]
+        assert len(writes) >= 3, ran  # the pending rows, the settles, the status record
+        for sql in writes:
+            plan_ops = [row[1] for row in conn.execute("EXPLAIN " + sql)]
+            assert "OpenEphemeral" not in plan_ops, sql
+    finally:
+        conn.close()
 
 
 def test_a_send_both_ids_name_is_found_once(db: str) -> None:
