@@ -4,6 +4,7 @@
     python bench/instructions.py [--requests 400] [--connections 8] [--variants lean gateway]
     python bench/instructions.py --variants gateway gateway_pg --path mo   # webhook ingest
     python bench/instructions.py --variants gateway --path dlr   # delivery reports, matched
+    python bench/instructions.py --variants gateway --ablate store   # one part removed
 
 Wall-clock and CPU-time figures move with whatever else the machine runs; instruction counts
 do not (the same binary, input and environment give the same count within a fraction of a
@@ -21,6 +22,8 @@ run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQ
 `--path mo` posts incoming-SMS webhooks (each a new messageId) instead of legacy sends;
 `--path dlr` posts delivery reports, each naming one of as many accepted sends pre-filled into
 the gateway's store (bench/run.py's webhook scenario, counted). The lean proxy has neither path.
+`--ablate PART` runs the gateway variants through bench/ablate.py with PART removed (the CPU
+budget's removals, counted in instructions instead of timed).
 
 Loopback only, bounded counts; results printed and written to bench/results/ as JSON + .md.
 """
@@ -42,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ablate
 import aiohttp
 import run
 
@@ -122,7 +126,12 @@ def control(pid: int, *args: str) -> None:
 
 
 def measure(
-    ctx: run.Ctx, variant: str, requests: int, connections: int, path: str = "send"
+    ctx: run.Ctx,
+    variant: str,
+    requests: int,
+    connections: int,
+    path: str = "send",
+    part: str = "none",
 ) -> dict[str, Any]:
     out = ctx.tmp / f"callgrind-{variant}.out"
     if variant == "lean":
@@ -143,6 +152,9 @@ def measure(
         backend = "pg" if variant.endswith("_pg") else "sqlite"
         gw = run.Gateway(ctx, variant, poll_wait=0, backend=backend)
         cmd = [*callgrind(out), ctx.gateway_exe, "serve", "--config", str(gw.config)]
+        if part != "none":
+            cmd = [*callgrind(out), sys.executable, str(BENCH / "ablate.py"), part]
+            cmd += ["--config", str(gw.config)]
         url = f"{gw.base}/api/1/sms/out"
         if path in ("mo", "dlr"):
             url = f"{gw.base}/webhooks/connexus/{run.SECRET}"
@@ -202,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["lean", "gateway", "gateway_pg"],
     )
     p.add_argument("--path", choices=["send", "mo", "dlr"], default="send")
+    p.add_argument("--ablate", choices=ablate.PARTS, default="none", help="gateway: part removed")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     p.add_argument("--keep-profiles", type=Path, help="copy callgrind's output files here")
     a = p.parse_args(argv)
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             run.log(f"callgrind: {v}")
             if v == "lean" and a.path != "send":
                 continue  # the lean proxy has only the send path
-            results[v] = measure(ctx, v, a.requests, a.connections, a.path)
+            results[v] = measure(ctx, v, a.requests, a.connections, a.path, a.ablate)
             run.log(f"{v}: {results[v]['instructions_per_request']:,.0f} instructions/request")
     finally:
         procs.stop_all()
@@ -252,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     lines = [
         f"# Instructions per {a.path} request {stamp} "
-        f"(commit {commit}{', dirty tree' if dirty else ''})",
+        f"(commit {commit}{', dirty tree' if dirty else ''})"
+        + ("" if a.ablate == "none" else f", gateway without {a.ablate}"),
         "",
         f"{a.requests} requests at {a.connections} connections after {WARMUP} warm-up; "
         "callgrind, every thread of the process under test",
@@ -274,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "dirty": dirty,
         "path": a.path,
+        "ablate": a.ablate,
         "results": results,
     }
     Path(f"{base}.json").write_text(json.dumps(report, indent=2) + "\n")
