@@ -19,13 +19,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+from bc_proxy.loop_metrics import LoopCounter, LoopHistogram
 
 LEGACY_ROUTES = (
     "/api/1/sms/out",
@@ -103,38 +104,38 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
-        self.legacy_requests = Counter(
+        self.legacy_requests = LoopCounter(
             "bc_proxy_legacy_requests_total",
             "Legacy API requests by route template, tenant and HTTP status.",
             ["route", "tenant", "status"],
-            registry=r,
+            r,
         )
-        self.legacy_duration = Histogram(
+        self.legacy_duration = LoopHistogram(
             "bc_proxy_legacy_request_duration_seconds",
             "Time to answer a legacy API request other than a long-poll (sends, test, queue).",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
-        self.poll_wait = Histogram(
+        self.poll_wait = LoopHistogram(
             "bc_proxy_legacy_poll_wait_seconds",
             "Time a legacy long-poll (in, status) took to answer, waiting included.",
             ["route"],
-            buckets=_POLL_BUCKETS,
-            registry=r,
+            r,
+            _POLL_BUCKETS,
         )
-        self.upstream_requests = Counter(
+        self.upstream_requests = LoopCounter(
             "bc_proxy_upstream_requests_total",
             "Requests to Connexus by operation and HTTP status (or timeout/error).",
             ["operation", "status"],
-            registry=r,
+            r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "bc_proxy_upstream_request_duration_seconds",
             "Connexus request duration by operation.",
             ["operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
         self.token_refreshes = Counter(
             "bc_proxy_token_refreshes_total",
@@ -155,11 +156,11 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
-        self.webhooks = Counter(
+        self.webhooks = LoopCounter(
             "bc_proxy_webhooks_total",
             "Connexus webhooks received by type and outcome.",
             ["type", "outcome"],
-            registry=r,
+            r,
         )
         self.records_waiting = Gauge(
             "bc_proxy_records_waiting",
@@ -184,23 +185,23 @@ class Metrics:
             "Records whose push gave up and wait in the dead-letter list.",
             registry=r,
         )
-        self.messages_sent = Counter(
+        self.messages_sent = LoopCounter(
             "bc_proxy_messages_sent_total",
             "Legacy send calls accepted upstream, by tenant.",
             ["tenant"],
-            registry=r,
+            r,
         )
-        self.recipients_sent = Counter(
+        self.recipients_sent = LoopCounter(
             "bc_proxy_recipients_sent_total",
             "Recipients accepted by Connexus, by tenant.",
             ["tenant"],
-            registry=r,
+            r,
         )
-        self.recipients_rejected = Counter(
+        self.recipients_rejected = LoopCounter(
             "bc_proxy_recipients_rejected_total",
             "Recipients Connexus rejected inside an accepted request, by tenant.",
             ["tenant"],
-            registry=r,
+            r,
         )
         self.recovered = Counter(
             "bc_proxy_recovered_messages_total",

@@ -614,3 +614,51 @@ async def test_long_poll_wait_has_its_own_histogram(
         m, "bc_proxy_legacy_poll_wait_seconds_bucket", route="/api/1/sms/in", le="300.0"
     ) == 1
     assert maybe(m, "bc_proxy_legacy_request_duration_seconds_count", route="/api/1/sms/in") == 0
+
+
+def test_loop_families_render_as_prometheus_client_does() -> None:
+    """The hot-path families (bc_proxy/loop_metrics.py) give the exposition text, in both
+    formats, that prometheus-client's own Counter and Histogram give for the same updates:
+    a value on a bucket bound counts in that bucket, one above the last bound in +Inf."""
+    from prometheus_client import (
+        CollectorRegistry,
+        Counter,
+        Histogram,
+        disable_created_metrics,
+        generate_latest,
+    )
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    from bc_proxy.loop_metrics import LoopCounter, LoopHistogram
+
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # as Metrics() does
+    buckets = (0.0005, 0.001, 0.25, 1.0, 30.0)
+    ours, theirs = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+    counters = (
+        LoopCounter("x_requests_total", "Requests.", ["route", "status"], ours),
+        Counter("x_requests_total", "Requests.", ["route", "status"], registry=theirs),
+    )
+    histograms = (
+        LoopHistogram("x_seconds", "Durations.", ["route"], ours, buckets),
+        Histogram("x_seconds", "Durations.", ["route"], buckets=buckets, registry=theirs),
+    )
+    for counter in counters:
+        counter.labels("/a", 204).inc()
+        counter.labels("/a", "204").inc(2.5)
+        counter.labels("/b", "401")  # a series created at 0
+    for histogram in histograms:
+        histogram.labels("/b")
+        for amount in (0.0, 0.0005, 0.0007, 0.25, 29.0, 30.0, 31.0, 1e6):
+            histogram.labels("/a").observe(amount)
+    assert generate_latest(ours) == generate_latest(theirs)
+    assert openmetrics(ours) == openmetrics(theirs)  # type: ignore[no-untyped-call]
+    text = generate_latest(ours).decode()
+    assert 'x_seconds_bucket{le="0.0005",route="/a"} 2.0' in text
+    assert 'x_seconds_bucket{le="+Inf",route="/a"} 8.0' in text
+    assert 'x_requests_total{route="/a",status="204"} 3.5' in text
+    with pytest.raises(ValueError, match="label count"):
+        counters[0].labels("/a")
+    with pytest.raises(ValueError, match="non-negative"):
+        counters[0].labels("/a", "204").inc(-1)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):  # registered like theirs
+        LoopCounter("x_requests_total", "Again.", ["route"], ours)
