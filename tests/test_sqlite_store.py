@@ -490,8 +490,8 @@ async def test_a_refused_value_is_told_from_an_outage(tmp_path: Path) -> None:
 
 async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) -> None:
     """Version 5 rebuilds `sends` for its state check: every row, id and column is kept, and
-    so is every index the file had (an operator's own included); the check still refuses a
-    state that is not one of the four."""
+    so is every index and trigger the file had (an operator's own included), and a view of
+    the table still reads it; the check still refuses a state that is not one of the four."""
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("BEGIN")
         conn.execute(
@@ -501,6 +501,12 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
             schema.MIGRATIONS[n](conn)
             conn.execute("INSERT INTO schema_version VALUES (?, 0)", (n + 1,))
         conn.execute("CREATE INDEX operators_own ON sends (sender, tenant)")
+        conn.execute("CREATE VIEW operators_view AS SELECT tenant, state FROM sends")
+        conn.execute("CREATE TABLE operators_log (send_id INTEGER)")
+        conn.execute(
+            "CREATE TRIGGER operators_trigger AFTER UPDATE OF state ON sends "
+            "BEGIN INSERT INTO operators_log VALUES (new.id); END"
+        )
         conn.executemany(
             "INSERT INTO sends (id, tenant, legacy_id, recipient, sender, state, upstream_ref, "
             "connexus_id, created_at, settled_at, repeat_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -513,14 +519,18 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
         )
         conn.execute("COMMIT")
         before = conn.execute("SELECT * FROM sends ORDER BY id").fetchall()
-        indexes = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sends'"
+        indexes = "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'sends' AND type != 'table'"
         indexes_before = set(conn.execute(indexes))
     store = SQLiteStore(db, RULES)
     assert await store.migrate() == (4, schema.LATEST)
     with sqlite3.connect(db, isolation_level=None) as conn:
         assert conn.execute("SELECT * FROM sends ORDER BY id").fetchall() == before
         assert set(conn.execute(indexes)) == indexes_before
-        assert "operators_own" in {name for name, _ in indexes_before}
+        assert {"operators_own", "operators_trigger"} <= {name for name, _ in indexes_before}
+        # An operator's view still reads the table, and their trigger still fires.
+        assert conn.execute("SELECT count(*) FROM operators_view").fetchone() == (4,)
+        conn.execute("UPDATE sends SET state = 'accepted' WHERE id = 3")
+        assert conn.execute("SELECT send_id FROM operators_log").fetchall() == [(3,)]
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             conn.execute("UPDATE sends SET state = 'sent' WHERE id = 7")
