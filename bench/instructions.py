@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per legacy send, counted by valgrind's callgrind: the lean proxy and the gateway.
 
-    python bench/instructions.py [--requests 400] [--connections 8] [--variants lean gateway]
+    python bench/instructions.py [--requests 400] [--connections 8] [--variants lean floor gateway]
     python bench/instructions.py --variants gateway gateway_pg --path mo   # webhook ingest
     python bench/instructions.py --variants gateway --path dlr   # delivery reports, matched
     python bench/instructions.py --variants gateway --ablate store   # one part removed
@@ -21,7 +21,9 @@ run it (bench/run.py's Gateway: request log on to a file, metrics on, a fresh SQ
 `gateway_pg`: a fresh PostgreSQL schema, the server's own instructions not counted).
 `--path mo` posts incoming-SMS webhooks (each a new messageId) instead of legacy sends;
 `--path dlr` posts delivery reports, each naming one of as many accepted sends pre-filled into
-the gateway's store (bench/run.py's webhook scenario, counted). The lean proxy has neither path.
+the gateway's store (bench/run.py's webhook scenario, counted). `floor` is bench/lean_durable.py
+(the lean proxy plus the two commits and the log line, with the gateway's schema); it and the
+lean proxy have the send path only.
 `--ablate PART` runs the gateway variants through bench/ablate.py with PART removed (the CPU
 budget's removals, counted in instructions instead of timed).
 
@@ -134,19 +136,22 @@ def measure(
     part: str = "none",
 ) -> dict[str, Any]:
     out = ctx.tmp / f"callgrind-{variant}.out"
-    if variant == "lean":
+    if variant in ("lean", "floor"):
+        script = "baseline_proxy.py" if variant == "lean" else "lean_durable.py"
         cmd = [
             *callgrind(out),
             sys.executable,
-            str(BENCH / "baseline_proxy.py"),
+            str(BENCH / script),
             "--port",
             str(ctx.baseline_port),
             "--upstream",
             ctx.upstream,
         ]
+        if variant == "floor":
+            cmd += ["--db", str(ctx.path("floor.db")), "--log", str(ctx.path("floor-access.log"))]
         url = f"http://127.0.0.1:{ctx.baseline_port}/api/1/sms/out"
-        log = ctx.path("lean.log")
-        proc = ctx.procs.start("lean", cmd, log)
+        log = ctx.path(f"{variant}.log")
+        proc = ctx.procs.start(variant, cmd, log)
         ready = url
     else:
         backend = "pg" if variant.endswith("_pg") else "sqlite"
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=["lean", "gateway"],
-        choices=["lean", "gateway", "gateway_pg"],
+        choices=["lean", "floor", "gateway", "gateway_pg"],
     )
     p.add_argument("--path", choices=["send", "mo", "dlr"], default="send")
     p.add_argument("--ablate", choices=ablate.PARTS, default="none", help="gateway: part removed")
@@ -237,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         run.start_nginx(ctx)
         for v in a.variants:
             run.log(f"callgrind: {v}")
-            if v == "lean" and a.path != "send":
-                continue  # the lean proxy has only the send path
+            if v in ("lean", "floor") and a.path != "send":
+                continue  # the lean proxy and the floor have only the send path
             results[v] = measure(ctx, v, a.requests, a.connections, a.path, a.ablate)
             run.log(f"{v}: {results[v]['instructions_per_request']:,.0f} instructions/request")
     finally:
