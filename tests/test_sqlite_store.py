@@ -489,9 +489,10 @@ async def test_a_refused_value_is_told_from_an_outage(tmp_path: Path) -> None:
 
 
 async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) -> None:
-    """Version 5 rebuilds `sends` for its state check: every row, id and column is kept, and
-    so is every index and trigger the file had (an operator's own included), and a view of
-    the table still reads it; the check still refuses a state that is not one of the four."""
+    """Version 5 rebuilds `sends` for its state check: every row, id and column is kept (an
+    operator's own column too), and so is every index and trigger the file had (an operator's
+    own included, whatever the case of the table's name in it), and a view of the table still
+    reads it; the check still refuses a state that is not one of the four."""
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("BEGIN")
         conn.execute(
@@ -500,30 +501,38 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
         for n in range(4):
             schema.MIGRATIONS[n](conn)
             conn.execute("INSERT INTO schema_version VALUES (?, 0)", (n + 1,))
-        conn.execute("CREATE INDEX operators_own ON sends (sender, tenant)")
+        conn.execute("ALTER TABLE sends ADD COLUMN operators_note TEXT")
+        conn.execute("CREATE INDEX operators_own ON sends (operators_note, tenant)")
         conn.execute("CREATE VIEW operators_view AS SELECT tenant, state FROM sends")
         conn.execute("CREATE TABLE operators_log (send_id INTEGER)")
-        conn.execute(
-            "CREATE TRIGGER operators_trigger AFTER UPDATE OF state ON sends "
+        conn.execute(  # (kept in sqlite_master under the name as written: SENDS)
+            "CREATE TRIGGER operators_trigger AFTER UPDATE OF state ON SENDS "
             "BEGIN INSERT INTO operators_log VALUES (new.id); END"
         )
         conn.executemany(
             "INSERT INTO sends (id, tenant, legacy_id, recipient, sender, state, upstream_ref, "
-            "connexus_id, created_at, settled_at, repeat_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "connexus_id, created_at, settled_at, repeat_seen, operators_note) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             [
-                (3, POLL, "L1", HANDSET, SENDER, "pending", "u3", None, 10.5, None, 1),
-                (7, POLL, None, "6421000002", "", "accepted", "u7", "cx-7", 11.0, 12.0, 0),
-                (8, PUSH, "L2", HANDSET, SENDER, "rejected", None, None, 12.0, 12.5, 0),
-                (9, PUSH, "L3", HANDSET, SENDER, "unknown", "u9", None, 13.0, 14.0, 0),
+                (3, POLL, "L1", HANDSET, SENDER, "pending", "u3", None, 10.5, None, 1, "n3"),
+                (7, POLL, None, "6421000002", "", "accepted", "u7", "cx-7", 11.0, 12.0, 0, None),
+                (8, PUSH, "L2", HANDSET, SENDER, "rejected", None, None, 12.0, 12.5, 0, "n8"),
+                (9, PUSH, "L3", HANDSET, SENDER, "unknown", "u9", None, 13.0, 14.0, 0, None),
             ],
         )
         conn.execute("COMMIT")
         before = conn.execute("SELECT * FROM sends ORDER BY id").fetchall()
-        indexes = "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'sends' AND type != 'table'"
+        indexes = (
+            "SELECT name, sql FROM sqlite_master WHERE lower(tbl_name) = 'sends' "
+            "AND type != 'table'"
+        )
         indexes_before = set(conn.execute(indexes))
     store = SQLiteStore(db, RULES)
     assert await store.migrate() == (4, schema.LATEST)
     with sqlite3.connect(db, isolation_level=None) as conn:
+        (create,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'sends'").fetchone()
+        assert "state = 'pending' OR state = 'accepted'" in create
+        assert " IN (" not in create
         assert conn.execute("SELECT * FROM sends ORDER BY id").fetchall() == before
         assert set(conn.execute(indexes)) == indexes_before
         assert {"operators_own", "operators_trigger"} <= {name for name, _ in indexes_before}
@@ -540,8 +549,9 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
 
 
 def test_a_send_writes_its_rows_without_a_temporary_btree(db: str) -> None:
-    """No statement a send runs (its pending rows, their settles, a status record) builds a
-    temporary b-tree (`OpenEphemeral`). The state check did, per row written, until version
+    """No statement that writes a send's state (its pending rows, their settles, a status
+    record, the rejection of an abandoned row, expiry) builds a temporary b-tree
+    (`OpenEphemeral`). The state check did, per row written, until version
     5: an IN list of more than two constants in a CHECK is tested against a b-tree of them
     built every time."""
     conn = sqlite3.connect(db, isolation_level=None)
@@ -550,21 +560,24 @@ def test_a_send_writes_its_rows_without_a_temporary_btree(db: str) -> None:
         ran: list[str] = []
         conn.set_trace_callback(ran.append)
         now = time.time()
-        intent = SendIntent(POLL, "L1", (HANDSET, "6421000002", "6421000003"), SENDER)
+        handsets = tuple(f"642100000{n}" for n in range(1, 6))
+        intent = SendIntent(POLL, "L1", handsets, SENDER)
         (plan,) = sends.begin_sends(conn, set(), RULES, [(intent, now)])
-        a, b, c = (p.upstream_ref for p in plan.to_send)
-        status = StatusRecord(POLL, "6421000003", SENDER, "L1", "NUR", "refused", c)
+        a, b, c, d, _expired = (p.upstream_ref for p in plan.to_send)
+        status = StatusRecord(POLL, handsets[2], SENDER, "L1", "NUR", "refused", c)
         outcomes = [
             Settlement(a, "accepted", "cx-1"),
             Settlement(b, "unknown"),
             Settlement(c, "rejected"),
         ]
         sends.settle(conn, set(), RULES, outcomes, [status], now, match_early=True)
+        assert sends.reject_abandoned(conn, [d], now) == 1  # a begin nobody acted on
+        assert sends.expire_pending(conn, set(), RULES, now + 1, now, 10) == 1  # the last
         conn.set_trace_callback(None)
         states = conn.execute("SELECT state FROM sends ORDER BY id").fetchall()
-        assert states == [("accepted",), ("unknown",), ("rejected",)]
+        assert [s for (s,) in states] == ["accepted", "unknown", "rejected", "rejected", "unknown"]
         writes = [sql for sql in ran if sql.lstrip().upper().startswith(("INSERT", "UPDATE"))]
-        assert len(writes) >= 3, ran  # the pending rows, the settles, the status record
+        assert len(writes) >= 6, ran  # pending rows, settles, rejection, expiry, status records
         for sql in writes:
             plan_ops = [row[1] for row in conn.execute("EXPLAIN " + sql)]
             assert "OpenEphemeral" not in plan_ops, sql

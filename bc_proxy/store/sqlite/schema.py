@@ -6,6 +6,7 @@ Owns table and index definitions and the upgrade of older files, including the f
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -173,42 +174,43 @@ def _v4(conn: sqlite3.Connection) -> None:
 # row it checks, that is for every pending row inserted and every settle: about 25,000
 # instructions per send, a fifth of SQLite's share of it. The same values compared one by one
 # need none. SQLite cannot alter a CHECK, so the table is rebuilt once (SQLite's own procedure,
-# "Making Other Kinds Of Table Schema Changes"): rows and ids copied, then the table's indexes
-# and triggers (whatever the file has, an operator's own included) created again. The rename
-# runs with `legacy_alter_table` on, so that it leaves views alone: a view of `sends` (an
-# operator's dashboard) names the rebuilt table as it named the old one.
+# "Making Other Kinds Of Table Schema Changes"), from the file's own CREATE TABLE with only the
+# check replaced: rows, ids and every column copied (an operator's own included), then the
+# table's indexes and triggers (whatever the file has) created again. The rename runs with
+# `legacy_alter_table` on, so that it leaves views alone: a view of `sends` (an operator's
+# dashboard) names the rebuilt table as it named the old one. A file whose check is not the
+# one version 1 wrote is left as it is.
 
-_SENDS_V5 = """CREATE TABLE sends_v5 (
-        id INTEGER PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        legacy_id TEXT,
-        recipient TEXT NOT NULL,
-        sender TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL CHECK (
-            state = 'pending' OR state = 'accepted' OR state = 'rejected' OR state = 'unknown'
-        ),
-        upstream_ref TEXT UNIQUE,
-        connexus_id TEXT,
-        created_at REAL NOT NULL,
-        settled_at REAL,
-        repeat_seen INTEGER NOT NULL DEFAULT 0
-    )"""
-_SENDS_COLUMNS = (
-    "id, tenant, legacy_id, recipient, sender, state, upstream_ref, connexus_id, created_at, "
-    "settled_at, repeat_seen"
+_IN_CHECK = re.compile(
+    r"CHECK\s*\(\s*state\s+IN\s*\(\s*'pending'\s*,\s*'accepted'\s*,\s*'rejected'\s*,"
+    r"\s*'unknown'\s*\)\s*\)",
+    re.IGNORECASE,
 )
+_OR_CHECK = (
+    "CHECK (\n            state = 'pending' OR state = 'accepted' OR state = 'rejected' "
+    "OR state = 'unknown'\n        )"
+)
+_SENDS_NAME = re.compile(r"^\s*CREATE\s+TABLE\s+(?:sends|\"sends\"|`sends`|\[sends\])", re.I)
 
 
 def _v5(conn: sqlite3.Connection) -> None:
-    attached = [
+    (create,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'sends'"
+    ).fetchone()
+    if not _IN_CHECK.search(create) or not _SENDS_NAME.match(create):
+        return
+    rebuilt = _SENDS_NAME.sub("CREATE TABLE sends_v5", _IN_CHECK.sub(_OR_CHECK, create, 1), 1)
+    names = [str(row[1]).replace('"', '""') for row in conn.execute("PRAGMA table_info(sends)")]
+    columns = ", ".join(f'"{name}"' for name in names)
+    attached = [  # (a trigger keeps the table's name as its CREATE wrote it: any case)
         sql
         for (sql,) in conn.execute(
             "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
-            "AND tbl_name = 'sends' AND sql IS NOT NULL ORDER BY rowid"
+            "AND lower(tbl_name) = 'sends' AND sql IS NOT NULL ORDER BY rowid"
         )
     ]
-    conn.execute(_SENDS_V5)
-    conn.execute(f"INSERT INTO sends_v5 ({_SENDS_COLUMNS}) SELECT {_SENDS_COLUMNS} FROM sends")
+    conn.execute(rebuilt)
+    conn.execute(f"INSERT INTO sends_v5 ({columns}) SELECT {columns} FROM sends")
     conn.execute("DROP TABLE sends")
     legacy = conn.execute("PRAGMA legacy_alter_table").fetchone()[0]
     conn.execute("PRAGMA legacy_alter_table = ON")
