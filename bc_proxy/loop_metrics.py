@@ -44,8 +44,10 @@ class HistogramChild:
         self.sum = 0.0
 
     def observe(self, amount: float) -> None:
-        # The first bucket whose bound is at least `amount` (prometheus-client: amount <= bound).
-        self.counts[bisect_left(self._bounds, amount)] += 1
+        # The first bucket whose bound is at least `amount` (prometheus-client: amount <= bound;
+        # NaN is in no bucket there, and only in the sum here too).
+        if amount == amount:  # (not NaN)
+            self.counts[bisect_left(self._bounds, amount)] += 1
         self.sum += amount
 
 
@@ -59,6 +61,15 @@ class _Family(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         registry.register(self)
+
+    def _key(self, values: tuple[object, ...], named: dict[str, object]) -> tuple[str, ...]:
+        """Label values as strings, in label order (positional or by name, as
+        prometheus-client takes them)."""
+        if named:
+            if values or set(named) != set(self.labelnames):
+                raise ValueError(f"{self.name}: incorrect label names")
+            values = tuple(named[n] for n in self.labelnames)
+        return tuple(str(v) for v in values)
 
     def _family(self) -> Metric:
         raise NotImplementedError
@@ -76,8 +87,8 @@ class LoopCounter(_Family):
         self._children: dict[tuple[str, ...], CounterChild] = {}
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: object) -> CounterChild:
-        key = tuple(str(v) for v in values)
+    def labels(self, *values: object, **named: object) -> CounterChild:
+        key = self._key(values, named)
         child = self._children.get(key)
         if child is None:
             if len(key) != len(self.labelnames):
@@ -116,8 +127,8 @@ class LoopHistogram(_Family):
         self._children: dict[tuple[str, ...], HistogramChild] = {}
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: object) -> HistogramChild:
-        key = tuple(str(v) for v in values)
+    def labels(self, *values: object, **named: object) -> HistogramChild:
+        key = self._key(values, named)
         child = self._children.get(key)
         if child is None:
             if len(key) != len(self.labelnames):

@@ -643,6 +643,7 @@ def test_loop_families_render_as_prometheus_client_does() -> None:
         Histogram("x_seconds", "Durations.", ["route"], buckets=buckets, registry=theirs),
     )
     for counter in counters:
+        counter.labels(status="401", route="/c").inc()
         counter.labels("/a", 204).inc()
         counter.labels("/a", "204").inc(2.5)
         counter.labels("/b", "401")  # a series created at 0
@@ -650,6 +651,7 @@ def test_loop_families_render_as_prometheus_client_does() -> None:
         histogram.labels("/b")
         for amount in (0.0, 0.0005, 0.0007, 0.25, 29.0, 30.0, 31.0, 1e6):
             histogram.labels("/a").observe(amount)
+        histogram.labels(route="/nan").observe(float("nan"))  # in no bucket, NaN sum
     assert generate_latest(ours) == generate_latest(theirs)
     assert openmetrics(ours) == openmetrics(theirs)  # type: ignore[no-untyped-call]
     text = generate_latest(ours).decode()
