@@ -208,6 +208,26 @@ def test_access_line_is_the_line_the_structlog_chain_renders() -> None:
     assert list(unmatched) == ["request_id", "route", "status", "event", "level", "timestamp"]
 
 
+def test_access_line_text_is_json_dumps_text() -> None:
+    """The access line's encoder, built once, writes what `json.dumps(..., default=repr)`
+    writes: its separators, non-ASCII escaped, None, nested values, and the repr of a value
+    JSON cannot hold."""
+
+    class Odd:
+        def __repr__(self) -> str:
+            return "<odd>"
+
+    stream = io.StringIO()
+    log.setup("info", "json", [], stream=stream)
+    log.access({"tenant": "f\u00fcr \"x\"", "n": None, "list": [1, 2.5, "a"], "odd": Odd()})
+    raw = stream.getvalue().splitlines()[-1]
+    parsed = json.loads(raw)
+    assert raw == json.dumps(parsed)
+    assert "\\u00fc" in raw
+    assert parsed["odd"] == "<odd>"
+    assert (parsed["n"], parsed["list"]) == (None, [1, 2.5, "a"])
+
+
 def test_access_line_values_seen_before_are_scrubbed_as_the_first_time() -> None:
     """The access line remembers how it scrubbed a recurring value (a tenant, a route): the
     second line is the chain's line too, a client's phone-shaped request id is masked on every
