@@ -120,6 +120,20 @@ async def test_hmac_signature(
     assert refused == (1 if expected == 401 else 0)
 
 
+async def test_each_webhook_is_checked_against_its_own_body(
+    gateway: GatewayFactory, cfg: dict[str, Any]
+) -> None:
+    """One gateway checks many signed webhooks: each signature is of its own body alone (the
+    key's HMAC state is copied per webhook, never fed the bodies before it)."""
+    cfg["webhook"].update(hmac_secret=KEY, hmac_header=HEADER)
+    client = await gateway(cfg)
+    for n in range(1, 4):
+        raw = body(n)
+        assert await post(client, raw, {HEADER: sign(raw)}) == 200
+    assert await post(client, body(9), {HEADER: sign(body(8))}) == 401
+    assert db_count(cfg, "records") == 3
+
+
 async def test_a_signature_header_of_bytes_no_text_is_401_not_500(
     gateway: GatewayFactory, cfg: dict[str, Any]
 ) -> None:
