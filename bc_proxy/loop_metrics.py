@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -51,7 +52,10 @@ class HistogramChild:
         self.sum += amount
 
 
-class _Family(Collector):
+Child = TypeVar("Child", CounterChild, HistogramChild)
+
+
+class _Family(Collector, Generic[Child]):
     """Series by label values, registered as one collector."""
 
     def __init__(
@@ -60,16 +64,25 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
         registry.register(self)
 
-    def _key(self, values: tuple[object, ...], named: dict[str, object]) -> tuple[str, ...]:
-        """Label values as strings, in label order (positional or by name, as
-        prometheus-client takes them)."""
+    def labels(self, *values: object, **named: object) -> Child:
+        """The series of these label values (positional, or all by name), created at 0."""
         if named:
             if values or set(named) != set(self.labelnames):
                 raise ValueError(f"{self.name}: incorrect label names")
             values = tuple(named[n] for n in self.labelnames)
-        return tuple(str(v) for v in values)
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: incorrect label count")
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> Child:
+        raise NotImplementedError
 
     def _family(self) -> Metric:
         raise NotImplementedError
@@ -78,23 +91,11 @@ class _Family(Collector):
         return [self._family()]
 
 
-class LoopCounter(_Family):
+class LoopCounter(_Family[CounterChild]):
     """A counter family (`labels(...).inc()`, as prometheus-client's Counter)."""
 
-    def __init__(
-        self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry
-    ) -> None:
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        super().__init__(name, documentation, labelnames, registry)
-
-    def labels(self, *values: object, **named: object) -> CounterChild:
-        key = self._key(values, named)
-        child = self._children.get(key)
-        if child is None:
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name}: incorrect label count")
-            child = self._children[key] = CounterChild()
-        return child
+    def _child(self) -> CounterChild:
+        return CounterChild()
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -106,7 +107,7 @@ class LoopCounter(_Family):
         return [family]
 
 
-class LoopHistogram(_Family):
+class LoopHistogram(_Family[HistogramChild]):
     """A histogram family (`labels(...).observe()`, as prometheus-client's Histogram)."""
 
     def __init__(
@@ -124,17 +125,10 @@ class LoopHistogram(_Family):
             bounds.append(INF)
         self._bounds = tuple(bounds)
         self._le = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: object, **named: object) -> HistogramChild:
-        key = self._key(values, named)
-        child = self._children.get(key)
-        if child is None:
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name}: incorrect label count")
-            child = self._children[key] = HistogramChild(self._bounds)
-        return child
+    def _child(self) -> HistogramChild:
+        return HistogramChild(self._bounds)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
