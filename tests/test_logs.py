@@ -219,7 +219,7 @@ def test_access_line_text_is_json_dumps_text() -> None:
 
     stream = io.StringIO()
     log.setup("info", "json", [], stream=stream)
-    log.access({"tenant": "f\u00fcr \"x\"", "n": None, "list": [1, 2.5, "a"], "odd": Odd()})
+    log.access({"tenant": 'f\u00fcr "x"', "n": None, "list": [1, 2.5, "a"], "odd": Odd()})
     raw = stream.getvalue().splitlines()[-1]
     parsed = json.loads(raw)
     assert raw == json.dumps(parsed)
