@@ -16,11 +16,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from bc_proxy import keys
+from bc_proxy.access_log import access, access_request
 from bc_proxy.console.recent import RECENT
 from bc_proxy.errors import ClientGone, LegacyError, StoreError
 from bc_proxy.log import (
     REQUEST_ID,
-    access,
     get_logger,
     new_request_id,
     request_context,
@@ -114,16 +114,19 @@ def edge(route: str, handler: Handler) -> Handler:
             if recent is not None and not quiet:
                 recent.add(request, route, tenant, resp.status, started)
             if not quiet and app[keys.SETTINGS].log.requests:
-                fields = {
-                    "tenant": tenant,
-                    "route": route,
-                    "method": request.method,
-                    "status": resp.status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                }
+                duration_ms = round((time.perf_counter() - started) * 1000, 2)
                 if resp.status == 401:
-                    fields["client"] = request.remote
-                access(fields)
+                    fields = {
+                        "tenant": tenant,
+                        "route": route,
+                        "method": request.method,
+                        "status": resp.status,
+                        "duration_ms": duration_ms,
+                        "client": request.remote,
+                    }
+                    access(fields)
+                else:
+                    access_request(tenant, route, request.method, resp.status, duration_ms)
         return resp
 
     return at_edge

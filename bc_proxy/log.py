@@ -2,19 +2,16 @@
 processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
 request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
 configured secret and every bearer token scrubbed (`mask_tokens`, `loggable`), by the same
-rules for text shown outside the logs (`scrub_text`); and the access line's render-once path
-(`access`), the one line per request, which gives the same JSON as the chain at a fraction of
-its cost. Does not decide what is logged."""
+rules for text shown outside the logs (`scrub_text`). The access line, one per request, has its
+own writer (bc_proxy/access_log.py), installed by `setup`. Does not decide what is logged."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import re
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
@@ -26,8 +23,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 if TYPE_CHECKING:
     from bc_proxy.config import Settings
 
-_PHONE_KEYS = frozenset({"to", "from", "msisdn", "recipient", "handset"})
-_MEMO_MAX = 1024  # scrubbed access-line values remembered (tenants x routes x methods)
+PHONE_KEYS = frozenset({"to", "from", "msisdn", "recipient", "handset"})
+MEMO_MAX = 1024  # scrubbed access-line values remembered (tenants x routes x methods)
 _DIGITS = re.compile(r"\d")
 # A phone number anywhere in a string: 7-15 digits, not glued to letters or digits, so that
 # hex ids, receipt ids like "m-1234" and timestamps inside words stay readable.
@@ -120,25 +117,27 @@ def scrub_text(text: str, secrets: Iterable[str] = (), *, phones: bool = True) -
 def text_scrubber(secrets: Iterable[str], *, phones: bool = True) -> Callable[[str], str]:
     """`scrub_text` with `secrets` beside the configured ones (longest first across both),
     built once for many texts (a console page)."""
-    scrub = _Scrubber([*secrets, *(s for known in _SCRUB for s in known.secrets)])
+    scrub = Scrubber([*secrets, *(s for known in _SCRUB for s in known.secrets)])
     if phones:
         return lambda text: mask_phones(scrub.clean(text))
     return scrub.clean
 
 
-class _Scrubber:
+class Scrubber:
     """Processor: mask phone numbers (by key, and by shape in every string value) and replace
     any secret found in any string."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets: list[str] = []
         self._memo: dict[str, str] = {}
+        self.generation = 0  # counts set_secrets: what was rendered from `cached` is stale
         self.set_secrets(secrets)
 
     def set_secrets(self, secrets: Iterable[str]) -> None:
         """Scrub these (4+ characters, longest first); what `cached` remembered is forgotten."""
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
         self._memo = {}
+        self.generation += 1
 
     def cached(self, value: str) -> str:
         """`value` as a string value under a key that is no number key: secrets replaced, tokens
@@ -150,7 +149,7 @@ class _Scrubber:
         out = memo.get(value)
         if out is None:
             out = mask_phones(self.clean(value))
-            if len(memo) >= _MEMO_MAX:  # (a client's made-up methods cannot grow it)
+            if len(memo) >= MEMO_MAX:  # (a client's made-up methods cannot grow it)
                 memo.clear()
             memo[value] = out
         return out
@@ -161,7 +160,7 @@ class _Scrubber:
         if key == "timestamp":
             return value
         if isinstance(value, str):
-            return mask_number(value) if key in _PHONE_KEYS else mask_phones(self.clean(value))
+            return mask_number(value) if key in PHONE_KEYS else mask_phones(self.clean(value))
         if isinstance(value, BaseException):
             return mask_phones(self.clean(loggable(value)))
         if isinstance(value, list | tuple | dict):
@@ -205,8 +204,8 @@ class _ParseErrorFilter(logging.Filter):
         return True
 
 
-_SCRUB: list[_Scrubber] = []  # the scrubber of the configured chain (add_secrets extends it)
-_NO_SECRETS = _Scrubber(())  # scrub_text before logging is set up: tokens only
+_SCRUB: list[Scrubber] = []  # the scrubber of the configured chain (add_secrets extends it)
+_NO_SECRETS = Scrubber(())  # scrub_text before logging is set up: tokens only
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -245,7 +244,7 @@ def setup(
     """Configure structlog and the stdlib root logger once for the process."""
     out = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
-    scrub = _Scrubber(secrets)
+    scrub = Scrubber(secrets)
     _SCRUB[:] = [scrub]
     shared: list[Any] = [
         _add_request_id,
@@ -288,91 +287,14 @@ def setup(
     handler._bc_proxy = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(lvl)
-    _ACCESS[:] = [_Access(handler, scrub)] if not console and lvl <= logging.INFO else []
+    from bc_proxy import access_log  # (it imports this module)
+
+    access_log.install(handler, scrub if not console and lvl <= logging.INFO else None)
     # The access log would print the webhook path, secret included: bc-proxy logs requests itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ParseErrorFilter) for f in server.filters):
         server.addFilter(_ParseErrorFilter())
-
-
-class _Access:
-    """The access line's writer: the configured scrubber's rules applied once per value (the
-    values that recur on every line remembered, `_Scrubber.cached`), one encoding by json's C
-    encoder, built once (`_encode`), one write under the handler's lock; the same keys, order
-    and timestamp format as a line that went through structlog's chain and the stdlib
-    formatter (tests/test_logs.py compares them)."""
-
-    __slots__ = ("_prefix", "_second", "handler", "scrub")
-
-    def __init__(self, handler: logging.StreamHandler[TextIO], scrub: _Scrubber) -> None:
-        self.handler = handler
-        self.scrub = scrub
-        self._second = -1
-        self._prefix = ""
-
-    def timestamp(self) -> str:
-        """ISO 8601 in UTC with microseconds and a Z, as structlog's TimeStamper(fmt="iso")."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:  # formatted once a second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
-
-    def write(self, fields: dict[str, Any]) -> None:
-        scrub = self.scrub
-        for key, value in fields.items():
-            if type(value) is str and key not in _PHONE_KEYS and key != "request_id":
-                fields[key] = scrub.cached(value)
-            else:  # an id is new on every line: not remembered
-                fields[key] = scrub.value(key, value)
-        fields["event"] = scrub.cached("request")
-        rid = REQUEST_ID.get()
-        if rid is not None and "request_id" not in fields:
-            fields["request_id"] = scrub.value("request_id", rid)
-        fields["level"] = scrub.cached("info")
-        fields["timestamp"] = self.timestamp()  # not scrubbed, as in the chain (`value`)
-        line = _encode(fields) + "\n"
-        handler = self.handler
-        handler.acquire()
-        try:
-            stream = handler.stream
-            stream.write(line)
-            stream.flush()
-        except Exception:
-            handler.handleError(logging.makeLogRecord({"msg": "request"}))
-        finally:
-            handler.release()
-
-
-def _line_encoder() -> Callable[[dict[str, Any]], str]:
-    """`json.dumps(fields, default=repr)`, without building the C encoder again for every line
-    (`JSONEncoder.iterencode` does: a third of the line's 36,000 instructions, callgrind). No
-    circular check: the scrubber copies every container, so a line holds no cycle."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # a Python without the _json accelerator
-        return lambda fields: json.dumps(fields, default=repr)
-    encoder = make(
-        None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-    return lambda fields: "".join(encoder(fields, 0))
-
-
-_encode = _line_encoder()
-_ACCESS: list[_Access] = []  # set by setup() for JSON output at level info or below
-
-
-def access(fields: dict[str, Any]) -> None:
-    """The one log line of a request (`event: request`, the bound request id added), at info.
-
-    JSON output takes the render-once path; console output and loggers not configured by
-    `setup` go through structlog as any other line. `fields` is consumed."""
-    if _ACCESS:
-        _ACCESS[0].write(fields)
-    else:
-        # A new proxy each time: a cached one would keep the configuration of its first use.
-        structlog.get_logger("bc_proxy.http").info("request", **fields)
 
 
 def get_logger(name: str = "bc_proxy") -> Any:

@@ -9,7 +9,7 @@ fresh refs instead of the write-ahead commit, an accepted outcome instead of the
 ...). Never for production: the guarantees go with the part.
 
 `structlog-log` is not a removal but the access line as it was before the render-once path
-(`bc_proxy.log.access`): through structlog's processor chain, the stdlib LogRecord and the
+(`bc_proxy.access_log`): through structlog's processor chain, the stdlib LogRecord and the
 formatter's second chain, the request id bound through structlog's contextvars; so the
 budget shows what that path saves.
 """
@@ -80,10 +80,11 @@ def remove(part: str) -> None:
     elif part == "access-log":
         from bc_proxy import edge
 
-        def no_line(fields: dict[str, Any]) -> None:
+        def no_line(*args: Any) -> None:
             return None
 
         setattr(edge, "access", no_line)  # noqa: B010 (bench-only monkeypatch)
+        setattr(edge, "access_request", no_line)  # noqa: B010
     elif part == "structlog-log":
         structlog_access()
     elif part != "none":
@@ -105,6 +106,12 @@ def structlog_access() -> None:
     def access(fields: dict[str, Any]) -> None:
         chained.info("request", **fields)
 
+    def access_request(
+        tenant: str, route: str, method: str, status: int, duration_ms: float
+    ) -> None:
+        fields = {"tenant": tenant, "route": route, "method": method, "status": status}
+        chained.info("request", **fields, duration_ms=duration_ms)
+
     @contextlib.contextmanager
     def request_context(request_id: str) -> Iterator[None]:
         bound = structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -115,6 +122,7 @@ def structlog_access() -> None:
             structlog.contextvars.reset_contextvars(**bound)
 
     setattr(edge, "access", access)  # noqa: B010
+    setattr(edge, "access_request", access_request)  # noqa: B010
     setattr(edge, "request_context", request_context)  # noqa: B010
 
 

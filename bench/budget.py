@@ -66,8 +66,11 @@ VARIANTS = (
 # (category, path fragments): a stack is charged to the first category met from the root.
 # Glue (routes.py, edge.py's own lines, asyncio, uvloop) belongs to no category by itself.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("access log line", ("structlog/", "logging/", "bc_proxy/log.py", "secrets.py")),
-    ("metrics", ("prometheus_client/", "bc_proxy/metrics.py")),
+    (
+        "access log line",
+        ("structlog/", "logging/", "bc_proxy/log.py", "bc_proxy/access_log.py", "secrets.py"),
+    ),
+    ("metrics", ("prometheus_client/", "bc_proxy/metrics.py", "bc_proxy/loop_metrics.py")),
     ("store (write-ahead + settle)", ("bc_proxy/store/", "sqlite3/")),
     ("upstream client", ("bc_proxy/connexus/", "aiohttp/client", "aiohttp/connector.py")),
     ("auth", ("bc_proxy/legacy/auth.py", "hmac.py")),

@@ -3,12 +3,14 @@ upstream; warnings with their cause; start and stop lines; phone numbers masked 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import re
 import time
 from typing import Any
 
-from bc_proxy import log
+from bc_proxy import access_log, log
 from bc_proxy.log import mask_phones, new_request_id
 from tests.conftest import WEBHOOK_SECRET, Connexus, GatewayFactory, creds, with_tenant
 
@@ -191,9 +193,9 @@ def test_access_line_is_the_line_the_structlog_chain_renders() -> None:
         "client": "x hunter2-secret 6421234567",
     }
     with log.request_context("rid-1"):
-        log.access(dict(fields))
+        access_log.access(dict(fields))
         log.get_logger("bc_proxy.http").info("request", **fields)
-    log.access({"request_id": "theirs", "route": "unmatched", "status": 404})
+    access_log.access({"request_id": "theirs", "route": "unmatched", "status": 404})
     fast, chained, unmatched = lines(stream)
     assert list(fast) == list(chained)
     assert {k: v for k, v in fast.items() if k != "timestamp"} == {
@@ -219,13 +221,50 @@ def test_access_line_text_is_json_dumps_text() -> None:
 
     stream = io.StringIO()
     log.setup("info", "json", [], stream=stream)
-    log.access({"tenant": 'f\u00fcr "x"', "n": None, "list": [1, 2.5, "a"], "odd": Odd()})
+    access_log.access({"tenant": 'f\u00fcr "x"', "n": None, "list": [1, 2.5, "a"], "odd": Odd()})
     raw = stream.getvalue().splitlines()[-1]
     parsed = json.loads(raw)
     assert raw == json.dumps(parsed)
     assert "\\u00fc" in raw
     assert parsed["odd"] == "<odd>"
     assert (parsed["n"], parsed["list"]) == (None, [1, 2.5, "a"])
+
+
+def test_a_routed_requests_line_is_the_line_of_its_fields() -> None:
+    """`access_request`, which renders a tenant, route and method once, writes the text that
+    `access` writes for the same fields, and the chain's line: secrets, phone-shaped values and
+    non-ASCII scrubbed and escaped alike, with a request id bound or none, on the first line
+    and from memory; a secret a reload adds is scrubbed from a head rendered before it."""
+    stream = io.StringIO()
+    log.setup("info", "json", ["hunter2-secret"], stream=stream)
+    ts = re.compile(r'"timestamp": "[^"]*"')
+
+    def texts(n: int) -> list[str]:
+        return [ts.sub('"timestamp": "T"', t) for t in stream.getvalue().splitlines()[-n:]]
+
+    cases = [
+        ("acme", "/api/1/sms/out", "POST", 204, 1.25, "rid-1"),
+        ("t hunter2-secret", "/r\u00fcte", "6421234567", 401, 0.5, None),
+        ("acme", "/api/1/sms/out", "POST", 500, 12.0, "6421234568"),  # a head from memory
+    ]
+    for tenant, route, method, status, duration, rid in cases:
+        fields = {"tenant": tenant, "route": route, "method": method, "status": status}
+        fields["duration_ms"] = duration
+        with contextlib.ExitStack() as stack:
+            if rid is not None:
+                stack.enter_context(log.request_context(rid))
+            access_log.access_request(tenant, route, method, status, duration)
+            access_log.access(dict(fields))
+            log.get_logger("bc_proxy.http").info("request", **fields)
+        fast, generic, chained = texts(3)
+        assert fast == generic
+        assert json.loads(fast) == json.loads(chained)
+        assert list(json.loads(fast)) == list(json.loads(chained))
+    assert json.loads(texts(3)[0])["request_id"] == "*******568"
+    assert json.loads(stream.getvalue().splitlines()[3])["tenant"] == "t ***"
+    log.add_secrets(["acme"])
+    access_log.access_request("acme", "/api/1/sms/out", "POST", 204, 1.0)
+    assert json.loads(texts(1)[0])["tenant"] == "***"
 
 
 def test_access_line_values_seen_before_are_scrubbed_as_the_first_time() -> None:
@@ -243,7 +282,7 @@ def test_access_line_values_seen_before_are_scrubbed_as_the_first_time() -> None
     }
     for rid in ("6421234567", "6421234568"):
         with log.request_context(rid):
-            log.access(dict(fields))
+            access_log.access(dict(fields))
             log.get_logger("bc_proxy.http").info("request", **fields)
     first, chained1, second, chained2 = lines(stream)
     for fast, chained in ((first, chained1), (second, chained2)):
@@ -255,9 +294,9 @@ def test_access_line_values_seen_before_are_scrubbed_as_the_first_time() -> None
     assert (first["request_id"], second["request_id"]) == ("*******567", "*******568")
     assert second["timestamp"].startswith(year)
     assert chained2["timestamp"].startswith(year)
-    log.access({"tenant": "t reloaded-secret", "status": 204})
+    access_log.access({"tenant": "t reloaded-secret", "status": 204})
     log.add_secrets(["reloaded-secret"])
-    log.access({"tenant": "t reloaded-secret", "status": 204})
+    access_log.access({"tenant": "t reloaded-secret", "status": 204})
     before, after = lines(stream)[-2:]
     assert before["tenant"] == "t reloaded-secret"  # not yet a secret when it was logged
     assert after["tenant"] == "t ***"
@@ -268,10 +307,10 @@ def test_access_line_follows_the_level_and_the_console_format() -> None:
     console renderer (not JSON)."""
     stream = io.StringIO()
     log.setup("warning", "json", [], stream=stream)
-    log.access({"route": "/x", "status": 204})
+    access_log.access({"route": "/x", "status": 204})
     assert stream.getvalue() == ""
     log.setup("info", "console", [], stream=stream)
-    log.access({"route": "/x", "status": 204})
+    access_log.access({"route": "/x", "status": 204})
     text = stream.getvalue()
     assert "request" in text
     assert "/x" in text
