@@ -156,7 +156,7 @@ class Scrubber:
 
     def value(self, key: str, value: Any) -> Any:
         """One value of a line, scrubbed by its key and type (not remembered). The timestamp
-        is our own clock (TimeStamper's, `_Access.timestamp`): left as it is."""
+        is our own clock (TimeStamper's, `AccessWriter.timestamp`): left as it is."""
         if key == "timestamp":
             return value
         if isinstance(value, str):
