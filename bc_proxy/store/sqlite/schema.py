@@ -171,8 +171,8 @@ def _v4(conn: sqlite3.Connection) -> None:
 # -- version 5: the state check without a temporary b-tree per row written -------------------
 # `CHECK (state IN (...four values...))`: SQLite tests an IN list of more than two constants
 # against a temporary b-tree of them, and inside a CHECK it builds that b-tree again for every
-# row it checks, that is for every pending row inserted and every settle: about 25,000
-# instructions per send, a fifth of SQLite's share of it. The same values compared one by one
+# row it checks, that is for every pending row inserted and every settle: about 60,000
+# instructions per send (callgrind), a third of SQLite's share of it. The same values compared one by one
 # need none. SQLite cannot alter a CHECK, so the table is rebuilt once (SQLite's own procedure,
 # "Making Other Kinds Of Table Schema Changes"), from the file's own CREATE TABLE with only the
 # check replaced: rows, ids and every column copied (an operator's own included), then the
