@@ -172,14 +172,14 @@ def _v4(conn: sqlite3.Connection) -> None:
 # `CHECK (state IN (...four values...))`: SQLite tests an IN list of more than two constants
 # against a temporary b-tree of them, and inside a CHECK it builds that b-tree again for every
 # row it checks, that is for every pending row inserted and every settle: about 60,000
-# instructions per send (callgrind), a third of SQLite's share of it. The same values compared one by one
-# need none. SQLite cannot alter a CHECK, so the table is rebuilt once (SQLite's own procedure,
-# "Making Other Kinds Of Table Schema Changes"), from the file's own CREATE TABLE with only the
-# check replaced: rows, ids and every column copied (an operator's own included), then the
-# table's indexes and triggers (whatever the file has) created again. The rename runs with
-# `legacy_alter_table` on, so that it leaves views alone: a view of `sends` (an operator's
-# dashboard) names the rebuilt table as it named the old one. A file whose check is not the
-# one version 1 wrote is left as it is.
+# instructions per send (callgrind), a third of SQLite's share of it. The same values compared
+# one by one need none. SQLite cannot alter a CHECK, so the table is rebuilt once (SQLite's own
+# procedure, "Making Other Kinds Of Table Schema Changes"), from the file's own CREATE TABLE
+# with only the check replaced: rows, ids and every column copied (an operator's own included),
+# then the table's indexes and triggers (whatever the file has) created again. The rename runs
+# with `legacy_alter_table` on, so that it leaves views alone: a view of `sends` (an operator's
+# dashboard) names the rebuilt table as it named the old one. A file whose check is not the one
+# version 1 wrote is left as it is.
 
 _IN_CHECK = re.compile(
     r"CHECK\s*\(\s*state\s+IN\s*\(\s*'pending'\s*,\s*'accepted'\s*,\s*'rejected'\s*,"
