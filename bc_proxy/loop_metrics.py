@@ -11,6 +11,7 @@ metric families, so the exposition is the text its own Counter and Histogram giv
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
@@ -53,6 +54,7 @@ class HistogramChild:
 
 
 Child = TypeVar("Child", CounterChild, HistogramChild)
+_ASKED_MAX = 4096  # spellings of label values remembered per family (series are bounded)
 
 
 class _Family(Collector, Generic[Child]):
@@ -65,13 +67,23 @@ class _Family(Collector, Generic[Child]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Child] = {}
+        # The same series by the values as callers pass them (204 and "204" alike): the hot
+        # paths ask with the same values every time, and find their series in one lookup.
+        self._asked: dict[tuple[object, ...], Child] = {}
         registry.register(self)
 
     def labels(self, *values: object, **named: object) -> Child:
         """The series of these label values (positional, or all by name), created at 0."""
-        if named:
-            if values or set(named) != set(self.labelnames):
-                raise ValueError(f"{self.name}: incorrect label names")
+        if not named:
+            try:
+                child = self._asked.get(values)
+            except TypeError:  # an unhashable value: asked by its text below
+                child = None
+            if child is not None:
+                return child
+        elif values or set(named) != set(self.labelnames):
+            raise ValueError(f"{self.name}: incorrect label names")
+        else:
             values = tuple(named[n] for n in self.labelnames)
         key = tuple(str(v) for v in values)
         child = self._children.get(key)
@@ -79,6 +91,9 @@ class _Family(Collector, Generic[Child]):
             if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: incorrect label count")
             child = self._children[key] = self._child()
+        if not named and len(self._asked) < _ASKED_MAX:
+            with contextlib.suppress(TypeError):
+                self._asked[values] = child
         return child
 
     def _child(self) -> Child:

@@ -89,7 +89,6 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._legacy_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._send_children: dict[str, tuple[Any, Any, Any]] = {}
-        self._webhook_children: dict[tuple[str, str], Any] = {}
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -390,11 +389,8 @@ class Metrics:
             children[2].inc(rejected)
 
     def observe_webhook(self, wtype: str, outcome: str) -> None:
-        """Count one webhook by type and outcome (cached children: hot path)."""
-        child = self._webhook_children.get((wtype, outcome))
-        if child is None:
-            child = self._webhook_children[wtype, outcome] = self.webhooks.labels(wtype, outcome)
-        child.inc()
+        """Count one webhook by type and outcome."""
+        self.webhooks.labels(wtype, outcome).inc()
 
     def handler(self) -> Handler:
         """The /metrics handler (prometheus-client's aiohttp exposition)."""

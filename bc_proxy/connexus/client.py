@@ -77,11 +77,6 @@ class ConnexusClient:
         self._password: dict[str, dict[str, str]] = {}
         self.update_tenants(settings.tenants)
         self._url_out = self.upstream.url_out  # the URL object the wire pool recognises
-        # cached label children, keyed by status: the send path skips labels() lookups
-        self._out_status: dict[str, dict[str, Any]] = {op: {} for op in ("sms_out", "sms_out_bulk")}
-        self._out_duration = {
-            op: metrics.upstream_duration.labels(op) for op in ("sms_out", "sms_out_bulk")
-        }
 
     def update_tenants(self, tenants: Sequence[TenantSettings]) -> list[TokenManager]:
         """Use these tenants' Connexus credentials from now on (start, config reload); the
@@ -124,14 +119,6 @@ class ConnexusClient:
     # -- metrics helpers ---------------------------------------------------------------------
 
     def _count(self, op: str, status: str, started: float) -> None:
-        children = self._out_status.get(op)
-        if children is not None:
-            child = children.get(status)
-            if child is None:
-                child = children[status] = self.metrics.upstream_requests.labels(op, status)
-            child.inc()
-            self._out_duration[op].observe(time.perf_counter() - started)
-            return
         self.metrics.upstream_requests.labels(op, status).inc()
         self.metrics.upstream_duration.labels(op).observe(time.perf_counter() - started)
 
