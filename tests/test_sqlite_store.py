@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -546,6 +549,58 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
         # The write-ahead row of a send is still found by its ref, its recipient and its key.
         assert [f.id for f in sends.find_sends(conn, "cx-7")] == [7]
         assert [f.id for f in sends.find_sends(conn, "u3")] == [3]
+
+
+def test_a_kill_during_the_rebuild_leaves_the_version_4_file_whole(db: str) -> None:
+    """Migration 5 rebuilds `sends` in one transaction: a process killed while it copies
+    (its pages already spilling into the WAL) leaves the file at version 4 with every send and
+    the old check; the next open migrates it."""
+    n = 300_000
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN")
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        for v in range(4):
+            schema.MIGRATIONS[v](conn)
+            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (v + 1,))
+        conn.executemany(
+            "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, "
+            "created_at) VALUES (?, ?, ?, 'S', 'accepted', ?, 1.0)",
+            ((POLL, f"L{i}", f"642{i % 50_000:07d}", f"bc{i:020d}") for i in range(n)),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wal = Path(db + "-wal")
+    start = wal.stat().st_size if wal.exists() else 0
+    code = (
+        "import sqlite3, sys\n"
+        "from bc_proxy.store.sqlite import helpers, schema\n"
+        "conn = helpers.connect(sys.argv[1])\n"
+        "conn.execute('PRAGMA journal_mode = WAL')\n"
+        "schema.migrate(conn)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, db])
+    try:
+        deadline = time.monotonic() + 60
+        while (wal.stat().st_size if wal.exists() else 0) <= start + 4_000_000:
+            assert proc.poll() is None, "the migration ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.kill()  # mid-copy: several MB of the rebuild are in the WAL, uncommitted
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with sqlite3.connect(db) as conn:
+        assert schema.version(conn) == 4
+        assert conn.execute("SELECT count(*) FROM sends").fetchone() == (n,)
+        (create,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'sends'").fetchone()
+        assert "state IN (" in create
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert schema.migrate(conn) == (4, schema.LATEST)
+        assert conn.execute("SELECT count(*) FROM sends").fetchone() == (n,)
 
 
 def test_a_send_writes_its_rows_without_a_temporary_btree(db: str) -> None:
