@@ -81,6 +81,16 @@ def schema_versions(path: str) -> list[int]:
 # -- migrations -------------------------------------------------------------------------------
 
 
+def schema_at(conn: sqlite3.Connection, version: int) -> None:
+    """A file's schema as `version` left it (in the caller's transaction)."""
+    conn.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    for n in range(version):
+        schema.MIGRATIONS[n](conn)
+        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (n + 1,))
+
+
 async def test_fresh_file_gets_the_latest_schema(db: str) -> None:
     """A new file is created at the latest version, and migrate() then has nothing to do."""
     store = SQLiteStore(db, RULES)
@@ -288,11 +298,7 @@ async def test_version_1_file_is_upgraded_to_the_time_keyed_handset_index(db: st
     """A file at version 1 (handset index by id) is upgraded in place, its sends kept."""
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("BEGIN")
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        schema.MIGRATIONS[0](conn)
-        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        schema_at(conn, 1)
         conn.execute(
             "INSERT INTO sends (tenant, recipient, state, upstream_ref, created_at) "
             "VALUES (?, ?, 'accepted', 'u1', ?)",
@@ -498,12 +504,7 @@ async def test_version_4_file_is_rebuilt_keeping_its_sends_and_indexes(db: str) 
     reads it; the check still refuses a state that is not one of the four."""
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("BEGIN")
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        for n in range(4):
-            schema.MIGRATIONS[n](conn)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (n + 1,))
+        schema_at(conn, 4)
         conn.execute("ALTER TABLE sends ADD COLUMN operators_note TEXT")
         conn.execute("CREATE INDEX operators_own ON sends (operators_note, tenant)")
         conn.execute("CREATE VIEW operators_view AS SELECT tenant, state FROM sends")
@@ -559,12 +560,7 @@ def test_a_kill_during_the_rebuild_leaves_the_version_4_file_whole(db: str) -> N
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("BEGIN")
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        for v in range(4):
-            schema.MIGRATIONS[v](conn)
-            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (v + 1,))
+        schema_at(conn, 4)
         conn.executemany(
             "INSERT INTO sends (tenant, legacy_id, recipient, sender, state, upstream_ref, "
             "created_at) VALUES (?, ?, ?, 'S', 'accepted', ?, 1.0)",
