@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -203,6 +204,25 @@ def test_new_ref_is_short_unique_and_time_ordered() -> None:
     later = new_ref()
     assert all(r[:15] <= later[:15] for r in refs)
     assert [r[:15] for r in refs] == sorted(r[:15] for r in refs)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_new_ref_differs_in_a_forked_child() -> None:
+    """A forked worker does not repeat its parent's refs: the random part of a ref comes from
+    a generator the child reseeds (two processes can stamp the same microsecond)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next refs' random parts, then gone
+        os.close(read)
+        os.write(write, ",".join(new_ref()[15:] for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    mine = [new_ref()[15:] for _ in range(20)]
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode().split(",")
+    os.waitpid(pid, 0)
+    assert len(theirs) == 20
+    assert set(mine).isdisjoint(theirs)
 
 
 def test_receipt_id_is_unique_and_short() -> None:

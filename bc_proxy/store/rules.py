@@ -10,6 +10,7 @@ Backends fetch the facts these functions need and run the SQL; they decide nothi
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -363,9 +364,11 @@ def new_ref() -> str:
     """A new upstream messageId: `bc` + microsecond time + random, 23 characters.
 
     Time-ordered (an index on it grows at one end), unique across replicas and restarts, and
-    well under Connexus's 36-character limit.
+    well under Connexus's 36-character limit. The 32 bits come from `random`, seeded from the
+    OS at start and again in a forked child (a ref needs to be unique, not secret): os.urandom
+    cost a system call per ref.
     """
-    return f"bc{time.time_ns() // 1000:013x}{os.urandom(4).hex()}"
+    return f"bc{time.time_ns() // 1000:013x}{random.getrandbits(32):08x}"
 
 
 def receipt_id() -> str:
