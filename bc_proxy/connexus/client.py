@@ -259,7 +259,7 @@ class ConnexusClient:
             if tenant not in self._password:
                 raise GatewayError("tenant not configured: no Connexus credentials to call with")
             return await up.request(method, url, data, headers, None, exchange)
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         token = mgr.current()
         if token is not None:
             answer = await up.request(method, url, data, headers, token, exchange)
@@ -268,7 +268,7 @@ class ConnexusClient:
             mgr.invalidate(token)
             if exchange is not None:
                 exchange.written = False  # refused: that attempt sent nothing
-        left = self.timeout - (asyncio.get_running_loop().time() - started)
+        left = self.timeout - (time.monotonic() - started)
         async with asyncio.timeout(max(left, 0.001)):
             token = await mgr.get()
             return await up.request(method, url, data, headers, token, exchange)

@@ -189,6 +189,7 @@ class WirePool:
         self._open = 0  # connections open or being opened (each a slot of `limit`)
         self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # its connections' loop
 
     @property
     def open_connections(self) -> int:
@@ -216,7 +217,9 @@ class WirePool:
         if request_id is not None:
             parts.append(b"X-Request-Id: %s\r\n" % _header_value(request_id))
         parts += (b"\r\n", body)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # bound at first use (asyncio.get_running_loop is a getpid call)
+            loop = self._loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._timeout
         conn = await self._acquire(loop, deadline)

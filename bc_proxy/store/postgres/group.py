@@ -69,11 +69,14 @@ class Batcher(Generic[I, R]):
         self.groups = 0  # committed groups (diagnostics, tests)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: I) -> R:
         if not self.db.started:
             raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # bound at first use (asyncio.get_running_loop is a getpid call)
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
         if len(self._running) < self.writers:

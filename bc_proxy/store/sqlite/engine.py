@@ -80,6 +80,9 @@ class Engine:
         # `abandoned`): dropped once answered, or once dropped unwritten.
         self._abandon: dict[asyncio.Future[Any], tuple[Abandoned, Any]] = {}
         self.closed = False
+        # The loop that opened the store; every write is queued from it. Kept because
+        # asyncio.get_running_loop() makes a getpid system call on Python 3.11, three per send.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class Engine:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self.conn = conn
+        self._loop = asyncio.get_running_loop()
         if not self.memory:
             if self._fsync:
                 self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
@@ -240,19 +244,26 @@ class Engine:
             raise
 
     def _future(self) -> asyncio.Future[Any]:
-        if self.closed or self.conn is None:
+        loop = self._loop
+        if self.closed or self.conn is None or loop is None:
             raise StoreError("store is closed")
-        return asyncio.get_running_loop().create_future()
+        return loop.create_future()
+
+    def _call_soon(self, callback: Callable[[], None]) -> asyncio.Handle:
+        loop = self._loop
+        if loop is None:  # (writes are queued only once open: _future)
+            raise StoreError("store is not open")
+        return loop.call_soon(callback)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             # Under load one more loop iteration lets I/O that is already readable join this
             # group (bigger groups for microseconds); a lone writer commits at once.
             step = self._flush_next_tick if self._last_group > 1 else self._flush
-            self._flush_handle = asyncio.get_running_loop().call_soon(step)
+            self._flush_handle = self._call_soon(step)
 
     def _flush_next_tick(self) -> None:
-        self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_handle = self._call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
