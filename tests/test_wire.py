@@ -450,6 +450,9 @@ async def test_reset_mid_answer_and_answer_until_close() -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "larger than"),
         (b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n", "header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}", "header line"),
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\n{}", "header line"),
+        (b"HTTP/1.1 200 OK\r\nServer: x\r\n: empty\r\n\r\n", "header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc", "gzip"),
     ],
 )

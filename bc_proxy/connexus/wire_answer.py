@@ -18,9 +18,24 @@ MAX_HEAD = 65536  # status line and headers
 MAX_BODY = 4 << 20  # a 200-recipient bulk answer is ~20 KB; anything near this is not Connexus
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?:[ \t][^\r\n]*)?")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Header lines after the status line: each a token, a colon and a value up to CRLF (a bare CR
+# or LF inside a value is kept as part of it). One match checks them all.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_VALUE = rb"[^\r]*(?:\r(?!\n)[^\r]*)*"
+_FIELDS = re.compile(rb"%s:%s(?:\r\n%s:%s)*" % (_TOKEN, _VALUE, _TOKEN, _VALUE))
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _DIGITS = re.compile(rb"[0-9]{1,15}")
+
+_READ = frozenset(  # the header fields _head acts on (lower case)
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"content-type",
+        b"content-encoding",
+    )
+)
 
 # parser states
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _TO_CLOSE = range(7)
@@ -166,19 +181,21 @@ class AnswerParser:
             raise UpstreamBadAnswer(f"answer larger than {MAX_BODY} bytes")
 
     def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        m = _STATUS.fullmatch(lines[0])
+        status_line, crlf, fields = head.partition(b"\r\n")
+        m = _STATUS.fullmatch(status_line)
         if m is None:
             raise UpstreamBadAnswer("not an HTTP/1.x status line")
+        if crlf and not _FIELDS.fullmatch(fields):
+            raise UpstreamBadAnswer("malformed header line")
         status = int(m.group(2))
         keep = m.group(1) == b"1"  # HTTP/1.0 closes unless it says keep-alive
         length: bytes | None = None
         chunked = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.fullmatch(name):
-                raise UpstreamBadAnswer("malformed header line")
+        for line in fields.split(b"\r\n") if crlf else ():
+            name, _, value = line.partition(b":")
             name = name.lower()
+            if name not in _READ:
+                continue
             value = value.strip(b" \t")
             if name == b"content-length":
                 if not _DIGITS.fullmatch(value) or (length is not None and length != value):
