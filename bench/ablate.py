@@ -17,9 +17,8 @@ budget shows what that path saves.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 PARTS = ("none", "gc", "metrics", "store", "auth", "upstream", "access-log", "structlog-log")
@@ -101,29 +100,27 @@ def structlog_access() -> None:
     from bc_proxy import log as bclog
 
     chained = structlog.get_logger("bc_proxy.http")
-    plain_context = bclog.request_context
+
+    def bound_info(fields: dict[str, Any]) -> None:
+        # The request id bound through structlog's contextvars for the line, as then (edge.py
+        # binds it in bc_proxy.log's own context variable now).
+        bound = structlog.contextvars.bind_contextvars(request_id=bclog.REQUEST_ID.get())
+        try:
+            chained.info("request", **fields)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
 
     def access(fields: dict[str, Any]) -> None:
-        chained.info("request", **fields)
+        bound_info(fields)
 
     def access_request(
         tenant: str, route: str, method: str, status: int, duration_ms: float
     ) -> None:
         fields = {"tenant": tenant, "route": route, "method": method, "status": status}
-        chained.info("request", **fields, duration_ms=duration_ms)
-
-    @contextlib.contextmanager
-    def request_context(request_id: str) -> Iterator[None]:
-        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
-        try:
-            with plain_context(request_id):
-                yield
-        finally:
-            structlog.contextvars.reset_contextvars(**bound)
+        bound_info({**fields, "duration_ms": duration_ms})
 
     setattr(edge, "access", access)  # noqa: B010
     setattr(edge, "access_request", access_request)  # noqa: B010
-    setattr(edge, "request_context", request_context)  # noqa: B010
 
 
 def main(argv: Sequence[str] | None = None) -> int:
