@@ -127,9 +127,13 @@ def bulk_bodies(req: SendRequest, recipients: Sequence[str]) -> list[dict[str, A
     return [{**base, "to": rs[i : i + BULK_LIMIT]} for i in range(0, len(rs), BULK_LIMIT)]
 
 
-def _one_outcome(item: Mapping[str, Any], fallback_to: str) -> RecipientOutcome:
-    """A 2xx item is a sent message unless it says `"success": false`."""
-    to = str(item.get("to") or fallback_to).lstrip("+")
+def _one_outcome(
+    item: Mapping[str, Any], fallback_to: str, to: str | None = None
+) -> RecipientOutcome:
+    """A 2xx item is a sent message unless it says `"success": false`; for `to` (else the
+    item's own `to`, else `fallback_to`)."""
+    if to is None:
+        to = str(item.get("to") or fallback_to).lstrip("+")
     sender = str(item.get("from") or "")
     if item.get("success") is not False:
         # Accepted; an answer without message_id leaves "" (reports then match by our ref).
@@ -147,10 +151,11 @@ def single_outcome(answer: Any, recipient: str) -> RecipientOutcome:
 
     A 2xx without a JSON body (connexus-api.txt also lists "204 Success - Message sent") means
     the message went out: calling it a failure would make the legacy client send it again.
+    The outcome names `recipient`, the one number asked for, however the answer writes it.
     """
     if not isinstance(answer, dict):
         return RecipientOutcome(recipient, "accepted", "")
-    return _one_outcome(answer, recipient)
+    return _one_outcome(answer, recipient, recipient)
 
 
 def bulk_outcomes(answer: Any, recipients: Sequence[str]) -> list[RecipientOutcome]:

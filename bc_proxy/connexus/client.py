@@ -10,7 +10,6 @@ legacy input and what is stored are not this module's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -330,8 +329,7 @@ class ConnexusClient:
                 )
             return all_failed(recipients, failed, error.reason), error
         if form is not None:
-            one = single_outcome(answer, recipients[0])
-            return [dataclasses.replace(one, recipient=recipients[0])], None
+            return [single_outcome(answer, recipients[0])], None
         return bulk_outcomes(answer, recipients), None
 
     async def mo_query(self, tenant: str, params: Mapping[str, str]) -> Any:
