@@ -101,7 +101,7 @@ def edge(route: str, handler: Handler) -> Handler:
     async def at_edge(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         rid = new_request_id(request.headers.get(RID_HEADER))
-        token = REQUEST_ID.set(rid)  # log.request_context, without a generator per request
+        token = REQUEST_ID.set(rid)  # every log line and upstream call of this request
         try:
             resp = await _answer(request, route, handler)
             if not resp.prepared:

@@ -1,18 +1,18 @@
 """Structured logging with structlog: JSON off a terminal, console output on one. Owns the
 processor chain shared by structlog and stdlib loggers: the request id bound to every line of a
-request (`request_context`), phone numbers masked in every string value (`mask_phones`), every
-configured secret and every bearer token scrubbed (`mask_tokens`, `loggable`), by the same
-rules for text shown outside the logs (`scrub_text`). The access line, one per request, has its
-own writer (bc_proxy/access_log.py), installed by `setup`. Does not decide what is logged."""
+request (`REQUEST_ID`, set by bc_proxy/edge.py for the request a route handles), phone numbers
+masked in every string value (`mask_phones`), every configured secret and every bearer token
+scrubbed (`mask_tokens`, `loggable`), by the same rules for text shown outside the logs
+(`scrub_text`). The access line, one per request, has its own writer (bc_proxy/access_log.py),
+installed by `setup`. Does not decide what is logged."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -43,16 +43,6 @@ def new_request_id(incoming: str | None = None) -> str:
         return incoming
     # Not a secret (it is echoed to the client): the fast PRNG, no system call.
     return random.randbytes(16).translate(_RID_TABLE).decode("ascii")
-
-
-@contextlib.contextmanager
-def request_context(request_id: str) -> Iterator[None]:
-    """Bind `request_id` to every log line (and upstream call) made inside the block."""
-    token = REQUEST_ID.set(request_id)  # added to each line by _add_request_id
-    try:
-        yield
-    finally:
-        REQUEST_ID.reset(token)
 
 
 def _add_request_id(

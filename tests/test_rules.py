@@ -212,10 +212,12 @@ def test_new_ref_differs_in_a_forked_child() -> None:
     a generator the child reseeds (two processes can stamp the same microsecond)."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: its next refs' random parts, then gone
-        os.close(read)
-        os.write(write, ",".join(new_ref()[15:] for _ in range(20)).encode())
-        os._exit(0)
+    if pid == 0:  # the child: its next refs' random parts, then gone (never back into pytest)
+        try:
+            os.close(read)
+            os.write(write, ",".join(new_ref()[15:] for _ in range(20)).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     mine = [new_ref()[15:] for _ in range(20)]
     with os.fdopen(read, "rb") as pipe:

@@ -365,8 +365,9 @@ def new_ref() -> str:
 
     Time-ordered (an index on it grows at one end), unique across replicas and restarts, and
     well under Connexus's 36-character limit. The 32 bits come from `random`, seeded from the
-    OS at start and again in a forked child (a ref needs to be unique, not secret): os.urandom
-    cost a system call per ref.
+    OS when a process starts (workers are new interpreters) and again in a forked child. A ref
+    needs to be unique, not secret (webhooks are authenticated by their secret and signature,
+    never by a ref); os.urandom cost a system call per ref.
     """
     return f"bc{time.time_ns() // 1000:013x}{random.getrandbits(32):08x}"
 
