@@ -11,7 +11,6 @@ metric families, so the exposition is the text its own Counter and Histogram giv
 
 from __future__ import annotations
 
-import contextlib
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
@@ -67,8 +66,9 @@ class _Family(Collector, Generic[Child]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Child] = {}
-        # The same series by the values as callers pass them (204 and "204" alike): the hot
-        # paths ask with the same values every time, and find their series in one lookup.
+        # The same series by the values as callers pass them, when every value is a str: the
+        # hot paths ask with the same strings every time, and find their series in one lookup.
+        # (Only strings: 1, True and 1.0 are one dict key, but three series by their text.)
         self._asked: dict[tuple[object, ...], Child] = {}
         registry.register(self)
 
@@ -91,9 +91,8 @@ class _Family(Collector, Generic[Child]):
             if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: incorrect label count")
             child = self._children[key] = self._child()
-        if not named and len(self._asked) < _ASKED_MAX:
-            with contextlib.suppress(TypeError):
-                self._asked[values] = child
+        if not named and len(self._asked) < _ASKED_MAX and all(type(v) is str for v in values):
+            self._asked[values] = child
         return child
 
     def _child(self) -> Child:

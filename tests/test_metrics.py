@@ -647,6 +647,11 @@ def test_loop_families_render_as_prometheus_client_does() -> None:
         counter.labels("/a", 204).inc()
         counter.labels("/a", "204").inc(2.5)
         counter.labels("/b", "401")  # a series created at 0
+        # Values equal as Python values name different series by their text, as theirs do.
+        counter.labels("/t", 1).inc()
+        counter.labels("/t", True).inc()
+        counter.labels("/t", 200).inc()
+        counter.labels("/t", 200.0).inc()
     for histogram in histograms:
         histogram.labels("/b")
         for amount in (0.0, 0.0005, 0.0007, 0.25, 29.0, 30.0, 31.0, 1e6):
