@@ -276,13 +276,15 @@ class Bench:
 def git_state() -> dict[str, Any]:
     """The commit measured, and whether (and how) the tree differed from it."""
 
+    source, commit, _ = run.measured_tree()  # (PYTHONPATH may name another checkout)
+
     def git(*args: str) -> str:
-        cmd = ["git", "-C", str(BENCH.parent), *args]
+        cmd = ["git", "-C", str(source), *args]
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
 
     diff = git("diff", "HEAD", "--", "bc_proxy", "bench")
     return {
-        "git_commit": git("rev-parse", "HEAD").strip(),
+        "git_commit": commit,
         "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
     }
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.util
 import json
 import os
 import re
@@ -209,20 +208,6 @@ def measure(
     }
 
 
-def measured_tree() -> tuple[Path, str, bool]:
-    """The tree whose bc_proxy the gateway runs (PYTHONPATH may name another checkout than
-    this script's), its commit and whether it differs from it, read before measuring."""
-    spec = importlib.util.find_spec("bc_proxy")
-    origin = spec.origin if spec is not None else None
-    source = Path(origin).resolve().parent.parent if origin else BENCH.parent
-
-    def git(*args: str) -> str:
-        cmd = ["git", "-C", str(source), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
-
-    return source, git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "-uno"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=400)
@@ -252,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     exe = shutil.which("bc-proxy") or str(Path(sys.executable).parent / "bc-proxy")
     ctx = run.Ctx(args, tmp, procs, pin, run.free_port(), run.free_port(), run.free_port(), exe)
     started = datetime.datetime.now(datetime.UTC)
-    source, commit, dirty = measured_tree()
+    source, commit, dirty = run.measured_tree()
+    commit = commit[:7]
     results: dict[str, Any] = {}
     try:
         run.start_nginx(ctx)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -1362,6 +1363,24 @@ def run_memory(ctx: Ctx) -> dict[str, Any]:
 # -- environment and reporting ---------------------------------------------------------------------
 
 
+def measured_tree() -> tuple[Path, str, bool]:
+    """The checkout whose bc_proxy the gateway runs (PYTHONPATH may name another one than this
+    script's: an A/B of two commits), its commit and whether its tracked files differ from it."""
+    spec = importlib.util.find_spec("bc_proxy")
+    origin = spec.origin if spec is not None else None
+    source = Path(origin).resolve().parent.parent if origin else BENCH.parent
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(source), *args]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return p.stdout.strip()
+
+    return source, git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "-uno"))
+
+
 def versions() -> dict[str, Any]:
     def pkg(name: str) -> str | None:
         try:
@@ -1380,10 +1399,7 @@ def versions() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         cpu = m.group(1).strip() if m else cpu
-    git = cmd_out(["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"])
-    dirty = cmd_out(
-        ["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"]
-    )
+    source, git, dirty = measured_tree()
     return {
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
@@ -1391,7 +1407,8 @@ def versions() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "bc_proxy": pkg("bc-proxy"),
         "git_commit": git,
-        "git_dirty": bool(dirty),
+        "git_dirty": dirty,
+        "source": str(source),
         "wrk": cmd_out(["wrk", "-v"]).split(" Copyright")[0],
         "nginx": cmd_out(["nginx", "-v"]),
         "kernel": platform.release(),
